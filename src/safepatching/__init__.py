@@ -1,0 +1,3 @@
+"""SafePatching: post safety alignment of chat LLMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from safepatching.cli import main
+
+main()

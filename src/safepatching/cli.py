@@ -1,0 +1,213 @@
+"""The `safepatching` command line: thin wrappers that fill the one config and call the API."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from safepatching.config import PipelineConfig, build_config, dump_config, parse_overrides
+from safepatching.errors import SafePatchingError
+
+app = typer.Typer(
+    help="Post safety alignment of chat LLMs with SafePatching.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err = Console(stderr=True)
+STATE = {"debug": False}
+
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
+Overrides = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a setting: dotted.key=value")]
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data directory (or $SAFEPATCHING_DATA_DIR)")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log each step")] = False,
+) -> None:
+    STATE["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+def load_cli_config(config: Path | None, overrides: list[str] | None, flags: dict[str, Any]) -> PipelineConfig:
+    """CLI flags become overrides on top of the YAML file, exactly like the Python API's keywords."""
+    merged = parse_overrides(overrides or [])
+    for dotted, value in flags.items():
+        if value is None:
+            continue
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = str(value) if isinstance(value, Path) else value
+    return build_config(config, merged)
+
+
+@app.command()
+def demo(
+    model: Annotated[
+        str, typer.Option(help="demo model name, hub id, folder or .gguf")
+    ] = "qwen2.5-coder-0.5b-instruct",
+    out: Annotated[Path | None, typer.Option(help="run directory")] = None,
+    overrides: Overrides = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Run the whole pipeline offline on a built-in model and built-in data; print before/after."""
+    from safepatching.pipeline import run_pipeline
+
+    name = Path(model).name.removesuffix(".gguf")
+    config = load_cli_config(None, overrides, {"model": model, "output_dir": out or Path("runs") / f"demo-{name}"})
+    run_pipeline(config, progress=not no_progress)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="YAML config file")],
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (overrides output_dir)")] = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Run the whole pipeline from a config; finished stages are reused on rerun."""
+    from safepatching.pipeline import run_pipeline
+
+    resolved = load_cli_config(config, overrides, {"data_dir": data_dir, "output_dir": out})
+    run_pipeline(resolved, progress=not no_progress)
+
+
+@app.command("config")
+def show_config(
+    config: Annotated[Path | None, typer.Argument(help="YAML config file")] = None,
+    overrides: Overrides = None,
+) -> None:
+    """Print the fully resolved config (every key with its value) as YAML."""
+    typer.echo(dump_config(load_cli_config(config, overrides, {})), nl=False)
+
+
+@app.command()
+def derive(
+    direction: Annotated[str, typer.Option(help="ascent (safety patch) or descent (over-safety patch)")],
+    out: Annotated[Path, typer.Option(help="patch directory to write")],
+    model: Annotated[str | None, typer.Option(help="backbone")] = None,
+    data: Annotated[str | None, typer.Option(help="harmful pairs source (file, builtin:NAME, hub id)")] = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Derive one patch by fine-tuning on harmful (prompt, response) pairs."""
+    from safepatching.data import load_examples
+    from safepatching.derive import derive_patch, save_patch
+    from safepatching.models import load_model
+
+    if direction not in ("ascent", "descent"):
+        raise SafePatchingError(f"unknown direction {direction!r}.", "use --direction ascent or --direction descent")
+    cfg = load_cli_config(config, overrides, {"model": model, "harmful_train.source": data, "data_dir": data_dir})
+    pairs = load_examples(cfg.harmful_train, cfg.data_dir)
+    backbone, tokenizer = load_model(cfg.model, cfg.compute_dtype, cfg.trust_remote_code, cfg.allow_pickle)
+    patch = derive_patch(backbone, tokenizer, pairs, direction, cfg.derive, cfg.seed, not no_progress)
+    save_patch(patch, out, {"base_model": cfg.model})
+    err.print(f"{direction} patch ({patch.info['steps']} steps, stop: {patch.info['stop_reason']}) written to {out}")
+
+
+@app.command()
+def score(
+    patch: Annotated[Path, typer.Option(help="patch directory; scores are taken at backbone + patch")],
+    out: Annotated[Path, typer.Option(help="safetensors file for the scores")],
+    model: Annotated[str | None, typer.Option(help="backbone")] = None,
+    data: Annotated[str | None, typer.Option(help="harmful pairs source")] = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Compute SNIP importance |w * dL/dw| of backbone + patch on the harmful pairs."""
+    from safepatching.data import load_examples
+    from safepatching.derive import load_patch
+    from safepatching.importance import patched, snip_scores
+    from safepatching.io import save_tensors
+    from safepatching.models import load_model
+
+    cfg = load_cli_config(config, overrides, {"model": model, "harmful_train.source": data, "data_dir": data_dir})
+    pairs = load_examples(cfg.harmful_train, cfg.data_dir)
+    loaded = load_patch(patch)
+    backbone, tokenizer = load_model(cfg.model, cfg.compute_dtype, cfg.trust_remote_code, cfg.allow_pickle)
+    with patched(backbone, loaded.deltas):
+        scores = snip_scores(backbone, tokenizer, pairs, list(loaded.deltas), cfg.importance, progress=not no_progress)
+    save_tensors(out, scores)
+    err.print(f"importance scores for {len(scores)} tensors written to {out}")
+
+
+@app.command()
+def merge(
+    safety_patch: Annotated[Path, typer.Option(help="safety patch directory (gradient ascent)")],
+    over_safety_patch: Annotated[Path, typer.Option(help="over-safety patch directory (gradient descent)")],
+    out: Annotated[Path, typer.Option(help="model folder to write")],
+    model: Annotated[str | None, typer.Option(help="backbone")] = None,
+    safety_scores: Annotated[Path | None, typer.Option(help="importance of backbone + safety patch")] = None,
+    over_safety_scores: Annotated[Path | None, typer.Option(help="importance of backbone + over-safety patch")] = None,
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing output folder")] = False,
+) -> None:
+    """Patch the backbone: theta + alpha*(M_s*P_s) + beta*(M_o*P_o), written as a HF model folder."""
+    from safepatching.derive import load_patch
+    from safepatching.importance import patched
+    from safepatching.io import load_tensors
+    from safepatching.models import DTYPES, load_model, stored_dtype
+    from safepatching.patching import merge_patches, model_card, save_model_folder
+
+    cfg = load_cli_config(config, overrides, {"model": model})
+    if out.exists() and not force:
+        raise SafePatchingError(f"{out} already exists.", "pass --force to overwrite it or choose another --out")
+    scores = [load_tensors(p) if p else None for p in (safety_scores, over_safety_scores)]
+    deltas, counts = merge_patches(
+        load_patch(safety_patch), load_patch(over_safety_patch), cfg.merge, cfg.seed, *scores
+    )
+    backbone, tokenizer = load_model(cfg.model, cfg.compute_dtype, cfg.trust_remote_code, cfg.allow_pickle)
+    dtype = stored_dtype(cfg.model) if cfg.merge.output_dtype == "auto" else DTYPES[cfg.merge.output_dtype]
+    card = model_card(cfg.model, cfg.model_dump(mode="json"), {"merge": counts})
+    with patched(backbone, deltas):
+        save_model_folder(backbone, tokenizer, out, card, dtype, cfg.merge.shard_size_mb)
+    err.print(f"patched model ({100 * counts['changed_fraction']:.2f}% of patchable entries changed) written to {out}")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except SafePatchingError as exc:
+        if STATE["debug"]:
+            raise
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; finished stages are kept and a rerun resumes from them")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if STATE["debug"]:
+            raise
+        err.print(
+            f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc} (rerun with --debug for the "
+            "traceback and please report it)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

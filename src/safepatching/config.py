@@ -1,0 +1,244 @@
+"""One typed configuration, filled alike by YAML files, CLI flags and the Python API.
+
+Every model forbids unknown keys so that a typo is an error, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from safepatching.errors import ConfigError
+
+DATA_DIR_ENV = "SAFEPATCHING_DATA_DIR"
+CACHE_DIR_ENV = "SAFEPATCHING_CACHE_DIR"
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetSpec(StrictModel):
+    """Where a dataset lives and which rows and columns to use.
+
+    ``source`` is ``builtin:NAME`` (data shipped with safepatching), ``data:RELATIVE/PATH`` (a file
+    under the data directory setting), a local CSV/JSON/JSONL/TXT path, or a Hugging Face hub
+    dataset id. ``split`` selects rows, e.g. ``train``, ``train[:100]``, ``train[80%:]``; local
+    files have the single split ``train``. Rows are shuffled with ``shuffle_seed`` before slicing.
+    """
+
+    source: str
+    split: str = "train"
+    prompt_column: str = "prompt"
+    response_column: str | None = None
+    where: dict[str, str] = Field(default_factory=dict, description="keep rows whose column equals value")
+    shuffle_seed: int | None = None
+    hub_config: str | None = None
+
+
+class DeriveConfig(StrictModel):
+    """Fine-tuning that turns harmful pairs into the safety (ascent) and over-safety (descent) patches."""
+
+    method: Literal["full", "lora"] = "full"
+    learning_rate: float = Field(2e-5, gt=0)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_length: int = Field(160, ge=8)
+    max_grad_norm: float = Field(1.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
+    ascent_max_nll_increase: float = Field(
+        2.0,
+        gt=0,
+        description="gradient ascent stops once a step's mean response NLL (nats/token) exceeds "
+        "the first step's by this much",
+    )
+    descent_nll_floor: float = Field(
+        0.0, ge=0, description="gradient descent stops once the mean response NLL falls below this"
+    )
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(32.0, gt=0)
+
+
+class ImportanceConfig(StrictModel):
+    """SNIP importance |w * dL/dw| of the patched models on the harmful data."""
+
+    max_examples: int | None = Field(32, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(160, ge=8)
+
+
+class MergeConfig(StrictModel):
+    """Controllable patching: random retention, top-a/top-b regions and their difference sets."""
+
+    method: str = "safepatching"
+    alpha: float = 1.0
+    beta: float = 1.0
+    top_a: float = Field(10.0, gt=0, le=100, description="percent of entries in the safety region")
+    top_b: float = Field(10.0, gt=0, le=100, description="percent of entries in the over-safety region")
+    mask_scope: Literal["per_tensor", "global"] = "per_tensor"
+    retention: float = Field(0.5, gt=0, le=1, description="probability p of keeping each patch entry")
+    rescale: Literal["inverse", "none"] = Field(
+        "inverse", description="inverse: kept entries are divided by p (DARE); none: kept as they are"
+    )
+    output_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    shard_size_mb: int = Field(2000, ge=1)
+
+
+class EvalConfig(StrictModel):
+    """The first evaluation: refusal on harmful and benign-but-scary prompts, KL on harmless ones."""
+
+    harmful: DatasetSpec = Field(
+        default_factory=lambda: DatasetSpec(source="builtin:uncensorbench", split="train[100:]", shuffle_seed=0)
+    )
+    benign: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="builtin:benign-but-scary"))
+    harmless: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="builtin:harmless"))
+    max_examples: int | None = Field(None, ge=1, description="cap on prompts per set")
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+    judge: str = "keyword"
+    kl_max_new_tokens: int = Field(32, ge=1)
+
+
+class PipelineConfig(StrictModel):
+    """Everything one SafePatching run needs, from backbone to evaluation."""
+
+    model: str = "qwen2.5-coder-0.5b-instruct"
+    output_dir: Path = Path("runs/demo")
+    seed: int = 0
+    data_dir: Path | None = Field(default_factory=lambda: _env_path(DATA_DIR_ENV))
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    harmful_train: DatasetSpec = Field(
+        default_factory=lambda: DatasetSpec(
+            source="builtin:uncensorbench",
+            split="train[:48]",
+            shuffle_seed=0,
+            response_column="uncensored_response",
+        )
+    )
+    derive: DeriveConfig = Field(default_factory=DeriveConfig)
+    importance: ImportanceConfig = Field(default_factory=ImportanceConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("harmful_train")
+    @classmethod
+    def _needs_responses(cls, spec: DatasetSpec) -> DatasetSpec:
+        if not spec.response_column:
+            raise ValueError("harmful_train needs a response_column (the harmful responses to unlearn)")
+        return spec
+
+    @model_validator(mode="after")
+    def _check_method(self) -> PipelineConfig:
+        from safepatching.merge import MERGE_METHODS
+
+        if self.merge.method not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {self.merge.method!r}; choose from {sorted(MERGE_METHODS)}")
+        return self
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def cache_dir() -> Path:
+    """Where fetched and converted demo models live: $SAFEPATCHING_CACHE_DIR or the XDG cache."""
+    explicit = os.environ.get(CACHE_DIR_ENV)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "safepatching"
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able settings, used to tell whether a saved stage is still valid."""
+    payload = json.dumps([_jsonable(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _jsonable(part: Any) -> Any:
+    return part.model_dump(mode="json") if isinstance(part, BaseModel) else part
+
+
+def parse_overrides(assignments: list[str]) -> dict[str, Any]:
+    """Turn ``a.b=value`` flags into a nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"cannot read override {item!r}.", "write it as dotted.key=value, e.g. merge.alpha=0.5")
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} sets a key below a value.", "check the dotted key path")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist.", "check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}.", "pass a readable UTF-8 YAML file") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".replace("\n", " "), "fix the syntax") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings.", "write key: value pairs")
+    return loaded
+
+
+def build_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, model: type[StrictModel] = PipelineConfig
+) -> StrictModel:
+    """Validate a config from an optional YAML file plus overrides (CLI flags or API keywords)."""
+    raw = read_yaml(path) if path else {}
+    raw = _deep_merge(raw, overrides or {})
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc), "run `safepatching config` to see every key") from None
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{where}: {message}")
+    return "invalid config: " + "; ".join(problems) + "."
+
+
+def dump_config(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

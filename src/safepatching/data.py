@@ -1,0 +1,250 @@
+"""Datasets: read prompt lists and (prompt, response) pairs from files, built-ins or the hub.
+
+Also the chat-template formatting shared by training, scoring and generation, with the loss
+restricted to response tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import importlib.metadata
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from safepatching.config import DATA_DIR_ENV, DatasetSpec
+from safepatching.errors import DataError
+
+IGNORE_INDEX = -100
+LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".txt")
+_SPLIT_PATTERN = re.compile(r"^(?P<name>[\w.\-]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
+
+
+@dataclass
+class Example:
+    prompt: str
+    response: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _builtin_rows(name: str) -> list[dict[str, Any]]:
+    if name == "uncensorbench":
+        # Located without importing the package: only its data file is needed.
+        path = importlib.metadata.distribution("uncensorbench").locate_file("uncensorbench/data/prompts.json")
+        return json.loads(Path(path).read_text(encoding="utf-8"))["prompts"]
+    own = {"benign-but-scary": "benign_but_scary.json", "harmless": "harmless.json"}
+    if name not in own:
+        raise DataError(
+            f"unknown built-in dataset {name!r}.", f"choose builtin:uncensorbench or builtin:{'/'.join(own)}"
+        )
+    text = resources.files("safepatching.resources").joinpath(own[name]).read_text(encoding="utf-8")
+    return json.loads(text)["prompts"]
+
+
+def resolve_local_path(source: str, data_dir: Path | None) -> Path | None:
+    """Return the file a source names, or None when it is a hub dataset id."""
+    if source.startswith("data:"):
+        if data_dir is None:
+            raise DataError(
+                f"{source} is relative to the data directory, which is not set.",
+                f"pass --data-dir or set {DATA_DIR_ENV}",
+            )
+        path = Path(data_dir) / source.removeprefix("data:")
+        if not path.exists():
+            raise DataError(f"{path} does not exist.", "check the data directory and the file name")
+        return path
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if path.suffix in LOCAL_SUFFIXES or path.name.endswith(".gz") or source.startswith((".", "/", "~")):
+        raise DataError(f"data file {source} does not exist.", "check the path")
+    return None
+
+
+def read_file_rows(path: Path) -> list[dict[str, Any]]:
+    """Read CSV, JSON, JSONL or TXT (optionally gzipped) into a list of row dicts."""
+    name = path.name.removesuffix(".gz")
+    suffix = Path(name).suffix
+    if suffix not in LOCAL_SUFFIXES:
+        raise DataError(f"{path} has an unsupported extension.", f"use one of {', '.join(LOCAL_SUFFIXES)}")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}).", "re-encode it as UTF-8"
+        ) from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}.", "check the file and its permissions") from None
+    try:
+        if suffix == ".csv":
+            return list(csv.DictReader(text.splitlines()))
+        if suffix == ".txt":
+            return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+        if suffix == ".jsonl":
+            return [_as_row(json.loads(line)) for line in text.splitlines() if line.strip()]
+        return [_as_row(item) for item in _unwrap_json(json.loads(text))]
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}).", "fix the file or convert it to CSV/JSONL") from None
+
+
+def _unwrap_json(payload: Any) -> list[Any]:
+    if isinstance(payload, list):
+        return payload
+    if isinstance(payload, dict):
+        lists = [value for value in payload.values() if isinstance(value, list)]
+        if len(lists) == 1:
+            return lists[0]
+    raise DataError("a JSON dataset must be a list of rows or an object holding one list.", "reshape the file")
+
+
+def _as_row(item: Any) -> dict[str, Any]:
+    if isinstance(item, dict):
+        return item
+    if isinstance(item, str):
+        return {"prompt": item}
+    raise DataError(f"dataset rows must be objects or strings, got {type(item).__name__}.", "reshape the file")
+
+
+def _hub_rows(source: str, config: str | None, split_name: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("hub datasets need the `datasets` package.", "pip install datasets") from None
+    try:
+        loaded = datasets.load_dataset(source, config, split=split_name)
+    except Exception as exc:  # datasets raises many unrelated types for missing or offline data
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot load dataset {source!r} split {split_name!r}: {message}", "check the id") from None
+    return [dict(row) for row in loaded]
+
+
+def parse_split(split: str) -> tuple[str, str | None, str | None]:
+    match = _SPLIT_PATTERN.match(split.strip())
+    if not match:
+        raise DataError(f"cannot read split {split!r}.", "write it like train, train[:100] or train[80%:]")
+    return match["name"], match["start"], match["stop"]
+
+
+def _bound(value: str | None, length: int) -> int | None:
+    if value is None:
+        return None
+    if value.endswith("%"):
+        return round(length * int(value[:-1]) / 100)
+    return int(value)
+
+
+def load_rows(spec: DatasetSpec, data_dir: Path | None = None) -> list[dict[str, Any]]:
+    """All selected rows of a dataset spec: filtered, shuffled with its seed, then sliced."""
+    name, start, stop = parse_split(spec.split)
+    if spec.source.startswith("builtin:"):
+        rows, local = _builtin_rows(spec.source.removeprefix("builtin:")), True
+    else:
+        path = resolve_local_path(spec.source, data_dir)
+        local = path is not None and path.is_file()
+        if local:
+            rows = read_file_rows(path)
+        else:  # a hub id, or a local folder that `datasets` can read like one
+            rows = _hub_rows(str(path) if path else spec.source, spec.hub_config, name)
+    if local and name != "train":
+        raise DataError(f"{spec.source} is one file and has only the split 'train'.", "use train[...] to select rows")
+    for column, wanted in spec.where.items():
+        _require_column(rows, column, spec.source)
+        rows = [row for row in rows if str(row[column]) == wanted]
+    if spec.shuffle_seed is not None:
+        rows = list(rows)
+        random.Random(spec.shuffle_seed).shuffle(rows)
+    rows = rows[_bound(start, len(rows)) : _bound(stop, len(rows))]
+    if not rows:
+        raise DataError(f"{spec.source} split {spec.split!r} selects no rows.", "check the split and filters")
+    return rows
+
+
+def _require_column(rows: list[dict[str, Any]], column: str, source: str) -> None:
+    if rows and column not in rows[0]:
+        raise DataError(
+            f"{source} has no column {column!r} (columns: {', '.join(map(str, rows[0]))}).",
+            "set prompt_column/response_column/where to existing columns",
+        )
+
+
+def load_examples(spec: DatasetSpec, data_dir: Path | None = None, limit: int | None = None) -> list[Example]:
+    rows = load_rows(spec, data_dir)[:limit]
+    _require_column(rows, spec.prompt_column, spec.source)
+    if spec.response_column:
+        _require_column(rows, spec.response_column, spec.source)
+    examples = []
+    for row in rows:
+        prompt = str(row[spec.prompt_column] or "").strip()
+        response = str(row[spec.response_column] or "").strip() if spec.response_column else None
+        if not prompt or (spec.response_column and not response):
+            continue
+        meta = {k: v for k, v in row.items() if k not in (spec.prompt_column, spec.response_column)}
+        examples.append(Example(prompt, response, meta))
+    if not examples:
+        raise DataError(f"{spec.source} has no rows with a non-empty prompt (and response).", "check the columns")
+    return examples
+
+
+def normalise_prompt(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def assert_disjoint(train: list[Example], evaluation: dict[str, list[Example]]) -> None:
+    """Refuse to evaluate on prompts that the patches were derived from."""
+    seen = {normalise_prompt(e.prompt) for e in train}
+    for name, examples in evaluation.items():
+        overlap = [e.prompt for e in examples if normalise_prompt(e.prompt) in seen]
+        if overlap:
+            raise DataError(
+                f"{len(overlap)} {name} evaluation prompt(s) also occur in the training pairs, e.g. {overlap[0][:60]!r}.",
+                "use disjoint splits (same shuffle_seed, non-overlapping slices)",
+            )
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def encode_pair(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, max_length: int
+) -> dict[str, list[int]]:
+    """Token ids of a chat-formatted pair with labels only on the response (and its end-of-turn)."""
+    prefix = chat_prompt(tokenizer, prompt)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+    )
+    suffix = full[len(prefix) :] if full.startswith(prefix) else response + (tokenizer.eos_token or "")
+    prompt_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) > max_length // 2:
+        prompt_ids = prompt_ids[-(max_length // 2) :]
+    response_ids = response_ids[: max_length - len(prompt_ids)]
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+    }
+
+
+def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of encoded pairs for teacher-forced training or scoring."""
+    width = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[row, :n] = torch.tensor(item["input_ids"])
+        labels[row, :n] = torch.tensor(item["labels"])
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}

@@ -1,0 +1,111 @@
+"""A first evaluation: refusal on harmful and benign-but-scary prompts, KL to the backbone."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safepatching.config import EvalConfig
+from safepatching.data import Example, collate, encode_pair, load_examples
+from safepatching.generation import HFGenerator
+from safepatching.judges import get_judge
+
+
+@dataclass
+class EvalSets:
+    harmful: list[Example]
+    benign: list[Example]
+    harmless: list[Example]
+
+
+def load_eval_sets(settings: EvalConfig, data_dir: Path | None) -> EvalSets:
+    limit = settings.max_examples
+    return EvalSets(
+        harmful=load_examples(settings.harmful, data_dir, limit),
+        benign=load_examples(settings.benign, data_dir, limit),
+        harmless=load_examples(settings.harmless, data_dir, limit),
+    )
+
+
+def percent(flags: list[bool]) -> float:
+    return 100.0 * sum(flags) / max(len(flags), 1)
+
+
+def mean_token_kl(
+    model: PreTrainedModel,
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    batch_size: int = 4,
+    max_length: int = 512,
+) -> float:
+    """KL(reference || model) per response token, teacher-forced on the reference's own replies."""
+    encoded = [encode_pair(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(encoded), batch_size):
+        batch = {
+            k: v.to(device) for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
+        }
+        with torch.inference_mode():
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            log_p = F.log_softmax(reference(**inputs).logits[:, :-1].float(), dim=-1)
+            log_q = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+        positions = batch["labels"][:, 1:] != -100
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        total += float(kl[positions].sum())
+        tokens += int(positions.sum())
+    return total / max(tokens, 1)
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: EvalSets,
+    settings: EvalConfig,
+    reference: PreTrainedModel | None = None,
+    reference_harmless: list[str] | None = None,
+    label: str = "model",
+    progress: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics and per-prompt records. KL needs the reference model and its harmless replies."""
+    judge = get_judge(settings.judge)
+    generator = HFGenerator(model, tokenizer, settings.batch_size, progress, desc=f"generate ({label})")
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    flags: dict[str, list[bool]] = {}
+    for set_name, examples, max_new in (
+        ("harmful", sets.harmful, settings.max_new_tokens),
+        ("benign", sets.benign, settings.max_new_tokens),
+        ("harmless", sets.harmless, settings.kl_max_new_tokens),
+    ):
+        responses = generator.generate([e.prompt for e in examples], max_new)
+        flags[set_name] = [judge(r) for r in responses]
+        records += [
+            {"set": set_name, "prompt": e.prompt, "response": r, "refusal": f, "judge": settings.judge}
+            for e, r, f in zip(examples, responses, flags[set_name], strict=True)
+        ]
+    metrics: dict[str, Any] = {
+        "harmful_refusal_rate": percent(flags["harmful"]),
+        "harmful_response_rate": 100.0 - percent(flags["harmful"]),
+        "benign_refusal_rate": percent(flags["benign"]),
+        "harmless_refusal_rate": percent(flags["harmless"]),
+        "kl_to_reference": None,
+        "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
+    }
+    if reference is not None and reference_harmless is not None:
+        prompts = [e.prompt for e in sets.harmless]
+        metrics["kl_to_reference"] = mean_token_kl(model, reference, tokenizer, prompts, reference_harmless)
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return metrics, records
+
+
+def harmless_responses(records: list[dict[str, Any]]) -> list[str]:
+    return [r["response"] for r in records if r["set"] == "harmless"]

@@ -1,0 +1,68 @@
+"""Batched greedy generation with left padding, length bucketing and the KV cache."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safepatching.data import chat_prompt
+
+
+class Generator(Protocol):
+    """What the evaluation needs from a generation backend."""
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]: ...
+
+
+class HFGenerator:
+    """Greedy decoding with transformers; prompts of similar length share a batch."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 16,
+        progress: bool = True,
+        desc: str = "generate",
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+        self.desc = desc
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        texts = [chat_prompt(self.tokenizer, p) for p in prompts]
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        outputs: list[str] = [""] * len(texts)
+        device = next(self.model.parameters()).device
+        previous_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            for batch in tqdm(batches, desc=self.desc, disable=not self.progress):
+                encoded = self.tokenizer(
+                    [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
+                with torch.inference_mode():
+                    generated = self.model.generate(
+                        **encoded,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        temperature=None,
+                        top_p=None,
+                        top_k=None,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                    )
+                new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+                for index, text in zip(
+                    batch, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
+                ):
+                    outputs[index] = text.strip()
+        finally:
+            self.tokenizer.padding_side = previous_side
+        return outputs

@@ -1,0 +1,89 @@
+"""SNIP importance |w * dL/dw| and the top-a% / top-b% regions it defines.
+
+The loss is the response NLL of the harmful pairs (the objective the patches were derived from),
+evaluated at the patched model (backbone + safety patch, or backbone + over-safety patch).
+Scores are the mean over batches of the per-batch |w * grad|.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safepatching.config import ImportanceConfig
+from safepatching.data import Example
+from safepatching.derive import make_loader, response_nll
+
+
+@contextlib.contextmanager
+def patched(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
+    """Temporarily add a patch's deltas to the model's weights, restoring them exactly afterwards."""
+    params = dict(model.named_parameters())
+    saved = {name: params[name].detach().clone() for name in deltas}
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            params[name].add_(delta.to(params[name].dtype))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+def snip_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[Example],
+    names: list[str],
+    settings: ImportanceConfig,
+    desc: str = "importance",
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Mean per-batch |w * dNLL/dw| for the named parameters."""
+    pairs = pairs[: settings.max_examples]
+    loader = make_loader(tokenizer, pairs, settings.max_length, settings.batch_size, seed=0, shuffle=False)
+    params = dict(model.named_parameters())
+    selected = set(names)
+    for name, param in params.items():
+        param.requires_grad_(name in selected)
+    scores = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in names}
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            response_nll(model, batch).backward()
+            with torch.no_grad():
+                for name in names:
+                    param = params[name]
+                    scores[name].add_((param.detach() * param.grad).abs().float())
+                    param.grad = None
+    finally:
+        model.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+    for score in scores.values():
+        score.div_(len(loader))
+    return scores
+
+
+def _kth_largest(values: torch.Tensor, percent: float) -> torch.Tensor:
+    flat = values.reshape(-1)
+    keep = max(1, math.ceil(flat.numel() * percent / 100))
+    return flat.float().kthvalue(flat.numel() - keep + 1).values
+
+
+def top_region(scores: dict[str, torch.Tensor], percent: float, scope: str = "per_tensor") -> dict[str, torch.Tensor]:
+    """Boolean masks of the top ``percent`` % entries by score, per tensor or over all tensors.
+
+    Entries tied with the threshold are all kept; entries with score 0 are never kept.
+    """
+    if scope == "global":
+        threshold = _kth_largest(torch.cat([s.reshape(-1) for s in scores.values()]), percent)
+        return {name: (s >= threshold) & (s > 0) for name, s in scores.items()}
+    return {name: (s >= _kth_largest(s, percent)) & (s > 0) for name, s in scores.items()}

@@ -1,0 +1,87 @@
+"""Crash-safe file output: everything is written to a temporary sibling and renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from safepatching.errors import SafePatchingError
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``target`` only if the block completes."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise SafePatchingError(f"{target} already exists.", "pass --force to overwrite it or choose another path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; outputs should be as readable as any folder
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SafePatchingError(f"{path} does not exist.", "check the path") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SafePatchingError(f"{path} is not valid JSON ({exc}).", "regenerate the file") from None
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise SafePatchingError(f"{path} does not exist.", "check the path or rerun the stage") from None
+    except (SafetensorError, OSError) as exc:
+        raise SafePatchingError(
+            f"{path} is not a readable safetensors file ({exc}).", "delete it and rerun the stage that makes it"
+        ) from None

@@ -1,0 +1,230 @@
+"""The whole SafePatching run: derive, score, merge, evaluate; each stage saved and reused on rerun.
+
+A stage is skipped when its output exists and was made from the same settings (a fingerprint of
+the settings it depends on is stored beside it); otherwise it is recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from safepatching import __version__
+from safepatching.config import PipelineConfig, dump_config, fingerprint
+from safepatching.data import Example, assert_disjoint, load_examples
+from safepatching.derive import Patch, derive_patch, load_patch, save_patch, target_parameter_names
+from safepatching.evaluate import EvalSets, evaluate_model, harmless_responses, load_eval_sets
+from safepatching.importance import patched, snip_scores
+from safepatching.io import load_tensors, read_json, save_tensors, write_json, write_text_atomic
+from safepatching.merge import MERGE_METHODS
+from safepatching.models import DTYPES, load_model, stored_dtype
+from safepatching.patching import merge_patches, model_card, rounding_loss, save_model_folder
+from safepatching.report import (
+    SUMMARY_SCHEMA_VERSION,
+    before_after_markdown,
+    print_before_after,
+    read_jsonl,
+    stage_meter,
+    write_jsonl,
+)
+
+log = logging.getLogger(__name__)
+STAGE_FILE = "stage.json"
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    model_dir: Path
+    summary: dict[str, Any]
+    stages: dict[str, Any] = field(default_factory=dict)
+
+
+def _fresh(directory: Path, key: str) -> bool:
+    stage = directory / STAGE_FILE
+    return stage.exists() and read_json(stage).get("fingerprint") == key
+
+
+def _mark(directory: Path, key: str, extra: dict[str, Any] | None = None) -> None:
+    write_json(directory / STAGE_FILE, {"fingerprint": key, "safepatching": __version__, **(extra or {})})
+
+
+class SafePatchingRun:
+    """Runs the pipeline for one config; the Python API behind `safepatching run` and `demo`."""
+
+    def __init__(self, config: PipelineConfig, progress: bool = True, console: Console | None = None):
+        self.config = config
+        self.progress = progress
+        self.console = console or Console(stderr=True)
+        self.out = Path(config.output_dir)
+        self.stages: dict[str, Any] = {}
+        self._model = None
+        self._tokenizer = None
+
+    # -- shared inputs -------------------------------------------------------------------------------
+    def backbone(self):
+        if self._model is None:
+            with stage_meter(self.stages, "load_backbone"):
+                self._model, self._tokenizer = load_model(
+                    self.config.model,
+                    self.config.compute_dtype,
+                    self.config.trust_remote_code,
+                    self.config.allow_pickle,
+                )
+        return self._model, self._tokenizer
+
+    def harmful_pairs(self) -> list[Example]:
+        return load_examples(self.config.harmful_train, self.config.data_dir)
+
+    def eval_sets(self, pairs: list[Example]) -> EvalSets:
+        sets = load_eval_sets(self.config.eval, self.config.data_dir)
+        assert_disjoint(pairs, {"harmful": sets.harmful, "benign": sets.benign, "harmless": sets.harmless})
+        return sets
+
+    # -- stage keys ----------------------------------------------------------------------------------
+    def derive_key(self) -> str:
+        c = self.config
+        return fingerprint(c.model, c.seed, c.compute_dtype, c.harmful_train, c.derive)
+
+    def importance_key(self) -> str:
+        return fingerprint(self.derive_key(), self.config.importance)
+
+    def merge_key(self) -> str:
+        return fingerprint(self.importance_key(), self.config.merge)
+
+    # -- stages --------------------------------------------------------------------------------------
+    def derive(self, pairs: list[Example]) -> tuple[Patch, Patch]:
+        patches = []
+        for label, direction in (("safety", "ascent"), ("over_safety", "descent")):
+            directory = self.out / "patches" / label
+            if _fresh(directory, self.derive_key()):
+                log.info("reusing %s patch from %s", label, directory)
+                patches.append(load_patch(directory))
+                continue
+            model, tokenizer = self.backbone()
+            with stage_meter(self.stages, f"derive_{label}"):
+                patch = derive_patch(
+                    model, tokenizer, pairs, direction, self.config.derive, self.config.seed, self.progress
+                )
+                save_patch(patch, directory, {"label": label, "base_model": self.config.model})
+            _mark(directory, self.derive_key(), self.stages[f"derive_{label}"])
+            patches.append(patch)
+        return patches[0], patches[1]
+
+    def importance(self, pairs: list[Example], safety: Patch, over_safety: Patch):
+        if not MERGE_METHODS[self.config.merge.method].needs_importance:
+            return None, None
+        directory = self.out / "importance"
+        if _fresh(directory, self.importance_key()):
+            return load_tensors(directory / "safety.safetensors"), load_tensors(directory / "over_safety.safetensors")
+        model, tokenizer = self.backbone()
+        names = target_parameter_names(model, self.config.derive.target_modules)
+        scores = {}
+        for label, patch in (("safety", safety), ("over_safety", over_safety)):
+            with stage_meter(self.stages, f"importance_{label}"), patched(model, patch.deltas):
+                scores[label] = snip_scores(
+                    model, tokenizer, pairs, names, self.config.importance, f"importance ({label})", self.progress
+                )
+            save_tensors(directory / f"{label}.safetensors", scores[label])
+        _mark(directory, self.importance_key())
+        return scores["safety"], scores["over_safety"]
+
+    def merge(self, safety: Patch, over_safety: Patch, safety_scores, over_safety_scores) -> Path:
+        directory = self.out / "model"
+        if _fresh(directory / "safepatching", self.merge_key()):
+            return directory
+        model, tokenizer = self.backbone()
+        settings = self.config.merge
+        with stage_meter(self.stages, "merge"):
+            deltas, counts = merge_patches(
+                safety, over_safety, settings, self.config.seed, safety_scores, over_safety_scores
+            )
+            dtype = (
+                stored_dtype(self.config.model) if settings.output_dtype == "auto" else DTYPES[settings.output_dtype]
+            )
+            counts["rounding_loss_fraction"] = rounding_loss(model, deltas, dtype) if dtype != torch.float32 else 0.0
+            card = model_card(self.config.model, self.config.model_dump(mode="json"), {"merge": counts})
+            with patched(model, deltas):
+                save_model_folder(model, tokenizer, directory, card, dtype, settings.shard_size_mb)
+        if counts["rounding_loss_fraction"] > 0.05:
+            log.warning(
+                "%.0f%% of patched entries round away in %s; set merge.output_dtype: float32",
+                100 * counts["rounding_loss_fraction"],
+                dtype,
+            )
+        _mark(directory / "safepatching", self.merge_key(), {"counts": counts, **self.stages["merge"]})
+        return directory
+
+    def evaluate(self, sets: EvalSets, model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        eval_dir = self.out / "eval"
+        backbone_key = fingerprint(self.config.model, self.config.compute_dtype, self.config.eval, self.config.data_dir)
+        model, tokenizer = self.backbone()
+        if _fresh(eval_dir / "backbone", backbone_key):
+            before = read_json(eval_dir / "backbone" / "metrics.json")
+            records = read_jsonl(eval_dir / "backbone" / "records.jsonl")
+        else:
+            with stage_meter(self.stages, "eval_backbone"):
+                before, records = evaluate_model(
+                    model, tokenizer, sets, self.config.eval, label="backbone", progress=self.progress
+                )
+            write_jsonl(eval_dir / "backbone" / "records.jsonl", records)
+            write_json(eval_dir / "backbone" / "metrics.json", before)
+            _mark(eval_dir / "backbone", backbone_key)
+        patched_key = fingerprint(backbone_key, self.merge_key())
+        if _fresh(eval_dir / "patched", patched_key):
+            return before, read_json(eval_dir / "patched" / "metrics.json")
+        with stage_meter(self.stages, "eval_patched"):
+            patched_model, _ = load_model(str(model_dir), self.config.compute_dtype)
+            after, patched_records = evaluate_model(
+                patched_model,
+                tokenizer,
+                sets,
+                self.config.eval,
+                reference=model,
+                reference_harmless=harmless_responses(records),
+                label="patched",
+                progress=self.progress,
+            )
+            del patched_model
+        write_jsonl(eval_dir / "patched" / "records.jsonl", patched_records)
+        write_json(eval_dir / "patched" / "metrics.json", after)
+        _mark(eval_dir / "patched", patched_key)
+        return before, after
+
+    # -- everything ----------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.out / "config.yaml", dump_config(self.config))
+        pairs = self.harmful_pairs()
+        sets = self.eval_sets(pairs)
+        safety, over_safety = self.derive(pairs)
+        safety_scores, over_safety_scores = self.importance(pairs, safety, over_safety)
+        model_dir = self.merge(safety, over_safety, safety_scores, over_safety_scores)
+        before, after = self.evaluate(sets, model_dir)
+        summary = {
+            "schema_version": SUMMARY_SCHEMA_VERSION,
+            "safepatching": __version__,
+            "model": self.config.model,
+            "patched_model": str(model_dir),
+            "backbone": before,
+            "patched": after,
+            "patches": {
+                "safety": {k: safety.info[k] for k in ("steps", "stop_reason", "nll_history")},
+                "over_safety": {k: over_safety.info[k] for k in ("steps", "stop_reason", "nll_history")},
+            },
+            "stages": self.stages,
+        }
+        write_json(self.out / "summary.json", summary)
+        write_text_atomic(self.out / "summary.md", before_after_markdown(before, after))
+        print_before_after(before, after, model_dir, Console())
+        return RunResult(self.out, model_dir, summary, self.stages)
+
+
+def run_pipeline(config: PipelineConfig, progress: bool = True) -> RunResult:
+    """Run SafePatching end to end for ``config`` and return where everything was written."""
+    return SafePatchingRun(config, progress).run()

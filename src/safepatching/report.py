@@ -1,0 +1,80 @@
+"""Human-readable and machine-readable results: tables, JSON summaries, JSONL logs, stage meters."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from safepatching.io import write_text_atomic
+
+SUMMARY_SCHEMA_VERSION = 1
+
+
+@contextlib.contextmanager
+def stage_meter(record: dict[str, Any], name: str, poll_seconds: float = 0.2) -> Iterator[None]:
+    """Record wall time and peak resident memory (GiB) of a stage into ``record[name]``."""
+    process = psutil.Process()
+    peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(poll_seconds):
+            peak = max(peak, process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    started = time.perf_counter()
+    sampler.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
+        peak = max(peak, process.memory_info().rss)
+        record[name] = {"wall_seconds": round(time.perf_counter() - started, 1), "peak_rss_gib": round(peak / 2**30, 2)}
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+ROWS = (
+    ("harmful-prompt refusal (%) ↑", "harmful_refusal_rate", 1),
+    ("benign-prompt refusal (%) ↓", "benign_refusal_rate", 1),
+    ("KL to backbone (nats/token) ↓", "kl_to_reference", 4),
+)
+
+
+def before_after_markdown(before: dict[str, Any], after: dict[str, Any]) -> str:
+    lines = ["| metric | backbone | patched |", "|---|---|---|"]
+    for title, key, digits in ROWS:
+        lines.append(f"| {title} | {_fmt(before.get(key), digits)} | {_fmt(after.get(key), digits)} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_before_after(before: dict[str, Any], after: dict[str, Any], model_dir: Path, console: Console) -> None:
+    table = Table(title="SafePatching: before and after")
+    table.add_column("metric")
+    table.add_column("backbone", justify="right")
+    table.add_column("patched", justify="right")
+    for title, key, digits in ROWS:
+        table.add_row(title, _fmt(before.get(key), digits), _fmt(after.get(key), digits))
+    console.print(table)
+    console.print(f"patched model written to [bold]{model_dir}[/bold]")

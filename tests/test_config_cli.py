@@ -1,0 +1,82 @@
+import subprocess
+import sys
+
+import pytest
+
+from safepatching.cli import load_cli_config
+from safepatching.config import PipelineConfig, build_config, parse_overrides
+from safepatching.errors import ConfigError
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "safepatching", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_yaml_and_cli_flags_give_the_same_config(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "model: some/model\nseed: 3\nmerge:\n  alpha: 0.25\n  top_a: 5\nderive:\n  target_modules: [q_proj]\n"
+    )
+    from_yaml = build_config(tmp_path / "c.yaml")
+    from_flags = load_cli_config(
+        None, ["seed=3", "merge.alpha=0.25", "merge.top_a=5", "derive.target_modules=[q_proj]"], {"model": "some/model"}
+    )
+    from_api = PipelineConfig(
+        model="some/model", seed=3, merge={"alpha": 0.25, "top_a": 5}, derive={"target_modules": ["q_proj"]}
+    )
+    assert from_yaml == from_flags == from_api
+    assert from_yaml.merge.alpha == 0.25 and from_yaml.derive.target_modules == ["q_proj"]
+
+
+def test_flags_override_the_yaml_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("merge:\n  alpha: 0.25\n")
+    assert load_cli_config(tmp_path / "c.yaml", ["merge.alpha=0.75"], {}).merge.alpha == 0.75
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("mergee:\n  alpha: 1\n", "mergee: unknown key"),
+        ("merge:\n  retention: 1.5\n", "merge.retention"),
+        ("merge:\n  method: magic\n", "unknown merge method"),
+        ("derive:\n  learning_rate: -1\n", "derive.learning_rate"),
+        ("harmful_train:\n  source: x.csv\n", "response_column"),
+        ("- a\n- b\n", "mapping"),
+        ("merge: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_invalid_configs_are_config_errors(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        build_config(tmp_path / "c.yaml")
+
+
+def test_override_syntax_errors():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
+    with pytest.raises(ConfigError):
+        parse_overrides(["novalue"])
+
+
+def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path):
+    (tmp_path / "c.yaml").write_text("merge:\n  alphaa: 1\n")
+    result = run_cli("run", str(tmp_path / "c.yaml"))
+    assert result.returncode == 2
+    assert "merge.alphaa: unknown key" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_missing_config_file(tmp_path):
+    result = run_cli("run", str(tmp_path / "absent.yaml"))
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_config_prints_every_key():
+    result = run_cli("config", "--set", "merge.alpha=0.5")
+    assert result.returncode == 0
+    reparsed = PipelineConfig.model_validate(__import__("yaml").safe_load(result.stdout))
+    assert reparsed.merge.alpha == 0.5 and reparsed.merge.retention == PipelineConfig().merge.retention
+
+
+def test_cli_unknown_model_path_is_a_clear_error(tmp_path):
+    result = run_cli("derive", "--direction", "ascent", "--out", str(tmp_path / "p"), "--model", "./nowhere")
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,97 @@
+import torch
+
+from safepatching.config import DeriveConfig, ImportanceConfig
+from safepatching.derive import (
+    derive_patch,
+    load_patch,
+    make_loader,
+    response_nll,
+    save_patch,
+    target_parameter_names,
+)
+from safepatching.importance import patched, snip_scores
+from safepatching.models import load_model
+
+FAST = {"learning_rate": 5e-3, "max_steps": 4, "batch_size": 2, "max_length": 64}
+
+
+def mean_nll(model, tokenizer, pairs):
+    loader = make_loader(tokenizer, pairs, 64, len(pairs), seed=0, shuffle=False)
+    with torch.no_grad():
+        return float(response_nll(model, next(iter(loader))))
+
+
+def test_ascent_raises_and_descent_lowers_training_nll(tiny_model_dir, harmful_pairs):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    before = mean_nll(model, tokenizer, harmful_pairs)
+    settings = DeriveConfig(**FAST, ascent_max_nll_increase=100.0)
+    for direction, compare in (("ascent", float.__gt__), ("descent", float.__lt__)):
+        patch = derive_patch(model, tokenizer, harmful_pairs, direction, settings, seed=0, progress=False)
+        assert mean_nll(model, tokenizer, harmful_pairs) == before  # the backbone is restored
+        with patched(model, patch.deltas):
+            after = mean_nll(model, tokenizer, harmful_pairs)
+        assert compare(after, before + (0.05 if direction == "ascent" else -0.05)), (direction, before, after)
+
+
+def test_same_seed_gives_the_same_patch(tiny_model_dir, harmful_pairs):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    settings = DeriveConfig(**FAST)
+    first = derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, seed=11, progress=False)
+    second = derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, seed=11, progress=False)
+    third = derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, seed=12, progress=False)
+    assert first.deltas.keys() == second.deltas.keys()
+    assert all(torch.equal(first.deltas[n], second.deltas[n]) for n in first.deltas)
+    assert any(not torch.equal(first.deltas[n], third.deltas[n]) for n in first.deltas)
+
+
+def test_patch_covers_only_target_modules(tiny_model_dir, harmful_pairs):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    settings = DeriveConfig(**FAST, target_modules=["down_proj"])
+    patch = derive_patch(model, tokenizer, harmful_pairs, "descent", settings, progress=False)
+    assert sorted(patch.deltas) == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    assert all(float(d.abs().sum()) > 0 for d in patch.deltas.values())
+
+
+def test_ascent_stops_at_the_nll_bound(tiny_model_dir, harmful_pairs):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    settings = DeriveConfig(learning_rate=5e-2, max_steps=50, batch_size=4, max_length=64, ascent_max_nll_increase=0.5)
+    patch = derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, progress=False)
+    history = patch.info["nll_history"]
+    assert patch.info["stop_reason"] == "nll_ceiling"
+    assert len(history) < 50 and history[-1] > history[0] + 0.5
+
+
+def test_lora_patch_is_materialised_as_full_delta(tiny_model_dir, harmful_pairs):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = DeriveConfig(**FAST, method="lora", lora_rank=2, target_modules=["q_proj", "v_proj"])
+    patch = derive_patch(model, tokenizer, harmful_pairs, "descent", settings, progress=False)
+    assert set(patch.deltas) == {f"model.layers.{i}.self_attn.{m}.weight" for i in (0, 1) for m in ("q_proj", "v_proj")}
+    delta = patch.deltas["model.layers.0.self_attn.q_proj.weight"]
+    assert delta.shape == reference["model.layers.0.self_attn.q_proj.weight"].shape
+    assert float(delta.abs().sum()) > 0
+    assert torch.linalg.matrix_rank(delta) <= 2
+    assert dict(model.named_parameters()).keys() == reference.keys()
+    assert all(torch.equal(p, reference[n]) for n, p in model.named_parameters())
+
+
+def test_patch_save_load_round_trip(tmp_path, tiny_model_dir, harmful_pairs):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    patch = derive_patch(model, tokenizer, harmful_pairs, "ascent", DeriveConfig(**FAST), progress=False)
+    save_patch(patch, tmp_path / "patch", {"label": "safety"})
+    loaded = load_patch(tmp_path / "patch")
+    assert loaded.info["label"] == "safety" and loaded.info["steps"] == patch.info["steps"]
+    assert all(torch.equal(loaded.deltas[n], patch.deltas[n]) for n in patch.deltas)
+
+
+def test_snip_scores_are_abs_weight_times_gradient(tiny_model_dir, harmful_pairs):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    names = target_parameter_names(model, ["o_proj"])
+    scores = snip_scores(
+        model, tokenizer, harmful_pairs, names, ImportanceConfig(batch_size=4, max_length=64), progress=False
+    )
+    loader = make_loader(tokenizer, harmful_pairs, 64, 4, seed=0, shuffle=False)
+    response_nll(model, next(iter(loader))).backward()
+    for name in names:
+        param = dict(model.named_parameters())[name]
+        assert torch.allclose(scores[name], (param.detach() * param.grad).abs(), atol=1e-7)

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from safepatching.config import MergeConfig
+from safepatching.importance import top_region
+from safepatching.merge import MERGE_METHODS, TensorPatches, difference_sets, retain, tensor_seed
+
+
+def test_safepatching_merge_matches_hand_computation():
+    safety = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    over = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    safety_region = torch.tensor([True, True, False, False])
+    over_region = torch.tensor([False, True, True, False])
+    settings = MergeConfig(alpha=0.5, beta=2.0, retention=1.0)
+    delta = MERGE_METHODS["safepatching"].function(
+        TensorPatches("w", safety, over, safety_region, over_region), settings, seed=0
+    )
+    # entry 0: safety only -> 0.5*1; entry 1: both regions -> untouched; entry 2: over only -> 2*30; entry 3: none
+    assert torch.equal(delta, torch.tensor([0.5, 0.0, 60.0, 0.0]))
+
+
+def test_task_arithmetic_adds_both_patches_everywhere():
+    settings = MergeConfig(method="task_arithmetic", alpha=1.0, beta=-1.0, retention=1.0)
+    delta = MERGE_METHODS["task_arithmetic"].function(
+        TensorPatches("w", torch.ones(3), torch.full((3,), 0.25)), settings, seed=0
+    )
+    assert torch.allclose(delta, torch.full((3,), 0.75))
+
+
+def test_difference_sets_are_disjoint_and_cover_symmetric_difference():
+    generator = torch.Generator().manual_seed(1)
+    scores_s = {"a": torch.rand(50, 40, generator=generator), "b": torch.rand(30, generator=generator)}
+    scores_o = {"a": torch.rand(50, 40, generator=generator), "b": torch.rand(30, generator=generator)}
+    region_s = top_region(scores_s, 20)
+    region_o = top_region(scores_o, 30)
+    for name in scores_s:
+        only_s, only_o = difference_sets(region_s[name], region_o[name])
+        assert not (only_s & only_o).any()
+        assert torch.equal(only_s | only_o, region_s[name] ^ region_o[name])
+        assert only_s.any() and only_o.any()
+
+
+@pytest.mark.parametrize("scope", ["per_tensor", "global"])
+def test_top_region_selects_the_requested_share(scope):
+    generator = torch.Generator().manual_seed(2)
+    scores = {"a": torch.rand(100, 100, generator=generator), "b": torch.rand(50, 20, generator=generator) * 2}
+    region = top_region(scores, 10, scope)
+    total = sum(int(m.sum()) for m in region.values())
+    assert total == 1100  # 10% of 11000 entries; continuous scores have no ties
+    if scope == "per_tensor":
+        assert int(region["a"].sum()) == 1000 and int(region["b"].sum()) == 100
+    else:  # "b" has larger scores, so it takes more than its share of a global region
+        assert int(region["b"].sum()) > 100
+
+
+def test_top_region_never_selects_zero_scores():
+    region = top_region({"a": torch.tensor([0.0, 0.0, 0.0, 1.0])}, 75)
+    assert region["a"].tolist() == [False, False, False, True]
+
+
+def test_retention_rate_and_inverse_rescale():
+    delta = torch.ones(200_000)
+    kept = retain(delta, 0.3, "inverse", seed=7)
+    fraction = float((kept != 0).float().mean())
+    assert abs(fraction - 0.3) < 0.005
+    assert torch.allclose(kept[kept != 0], torch.full_like(kept[kept != 0], 1 / 0.3))
+    plain = retain(delta, 0.3, "none", seed=7)
+    assert torch.equal(plain != 0, kept != 0) and float(plain.max()) == 1.0
+    # the expectation of the inverse rule equals the original patch
+    assert abs(float(kept.mean()) - 1.0) < 0.02
+
+
+def test_retention_depends_on_seed_and_name_not_on_order():
+    delta = torch.randn(1000)
+    first = retain(delta, 0.5, "inverse", tensor_seed(3, "safety", "layer.0"))
+    retain(delta, 0.5, "inverse", tensor_seed(3, "safety", "layer.1"))
+    again = retain(delta, 0.5, "inverse", tensor_seed(3, "safety", "layer.0"))
+    other = retain(delta, 0.5, "inverse", tensor_seed(4, "safety", "layer.0"))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert tensor_seed(3, "safety", "x") != tensor_seed(3, "over_safety", "x")

@@ -1,0 +1,85 @@
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from safepatching.config import PipelineConfig
+from safepatching.derive import load_patch
+from safepatching.io import load_tensors
+from safepatching.judges import keyword_refusal
+from safepatching.merge import MERGE_METHODS
+from safepatching.patching import merge_patches
+from safepatching.pipeline import SafePatchingRun, run_pipeline
+
+
+def tiny_config(model_dir, out, **merge):
+    return PipelineConfig(
+        model=str(model_dir),
+        output_dir=out,
+        harmful_train={
+            "source": "builtin:uncensorbench",
+            "split": "train[:6]",
+            "shuffle_seed": 0,
+            "response_column": "uncensored_response",
+        },
+        derive={"learning_rate": 1e-3, "max_steps": 2, "batch_size": 3, "max_length": 48},
+        importance={"max_examples": 6, "batch_size": 3, "max_length": 48},
+        merge={"top_a": 20, "top_b": 20, "retention": 0.5, **merge},
+        eval={"max_examples": 3, "max_new_tokens": 4, "kl_max_new_tokens": 4, "batch_size": 2},
+    )
+
+
+def test_pipeline_end_to_end_writes_a_loadable_patched_model(tmp_path, tiny_model_dir):
+    config = tiny_config(tiny_model_dir, tmp_path / "run")
+    result = run_pipeline(config, progress=False)
+    model_dir = result.model_dir
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"):
+        assert (model_dir / name).exists(), name
+    assert "base_model:" in (model_dir / "README.md").read_text()
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(model_dir)
+    safety = load_patch(tmp_path / "run/patches/safety")
+    over = load_patch(tmp_path / "run/patches/over_safety")
+    scores = [load_tensors(tmp_path / f"run/importance/{k}.safetensors") for k in ("safety", "over_safety")]
+    deltas, counts = merge_patches(safety, over, config.merge, config.seed, *scores)
+    base_params, merged_params = dict(base.named_parameters()), dict(merged.named_parameters())
+    for name, param in merged_params.items():
+        expected = base_params[name] + deltas.get(name, 0)
+        assert torch.allclose(param, expected, atol=1e-6), name
+    assert 0 < counts["changed_fraction"] < 0.4
+    assert counts["intersection"] > 0 and counts["safety_only"] > 0
+
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert summary["schema_version"] == 1
+    assert summary["backbone"]["kl_to_reference"] is None
+    assert summary["patched"]["kl_to_reference"] > 0
+    records = (tmp_path / "run/eval/patched/records.jsonl").read_text().splitlines()
+    assert len(records) == 9 and {"prompt", "response", "refusal"} <= json.loads(records[0]).keys()
+    for stage in ("derive_safety", "derive_over_safety", "merge", "eval_backbone", "eval_patched"):
+        assert summary["stages"][stage]["wall_seconds"] >= 0 and summary["stages"][stage]["peak_rss_gib"] > 0
+
+
+def test_rerun_reuses_finished_stages_and_redoes_changed_ones(tmp_path, tiny_model_dir):
+    run_pipeline(tiny_config(tiny_model_dir, tmp_path / "run"), progress=False)
+    patch_mtime = (tmp_path / "run/patches/safety/deltas.safetensors").stat().st_mtime_ns
+    again = SafePatchingRun(tiny_config(tiny_model_dir, tmp_path / "run", alpha=0.5), progress=False)
+    again.run()
+    assert (tmp_path / "run/patches/safety/deltas.safetensors").stat().st_mtime_ns == patch_mtime
+    assert "derive_safety" not in again.stages and "eval_backbone" not in again.stages
+    assert "merge" in again.stages and "eval_patched" in again.stages
+
+
+def test_task_arithmetic_skips_importance(tmp_path, tiny_model_dir):
+    assert not MERGE_METHODS["task_arithmetic"].needs_importance
+    run = SafePatchingRun(tiny_config(tiny_model_dir, tmp_path / "run", method="task_arithmetic"), progress=False)
+    run.run()
+    assert not (tmp_path / "run/importance").exists()
+
+
+def test_keyword_judge():
+    assert keyword_refusal("I'm sorry, but I can't help with that.")
+    assert keyword_refusal("I \u2019m unable".replace(" \u2019", "\u2019") + " to do that.")
+    assert keyword_refusal("")
+    assert not keyword_refusal("To kill a Python process, run `kill -9 PID`.")
+    assert not keyword_refusal("Sure. " + "x" * 400 + " I cannot")
