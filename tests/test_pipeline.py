@@ -6,7 +6,6 @@ from transformers import AutoModelForCausalLM
 from safepatching.config import PipelineConfig
 from safepatching.derive import load_patch
 from safepatching.io import load_tensors
-from safepatching.judges import keyword_refusal
 from safepatching.merge import MERGE_METHODS
 from safepatching.patching import merge_patches
 from safepatching.pipeline import SafePatchingRun, run_pipeline
@@ -75,11 +74,3 @@ def test_task_arithmetic_skips_importance(tmp_path, tiny_model_dir):
     run = SafePatchingRun(tiny_config(tiny_model_dir, tmp_path / "run", method="task_arithmetic"), progress=False)
     run.run()
     assert not (tmp_path / "run/importance").exists()
-
-
-def test_keyword_judge():
-    assert keyword_refusal("I'm sorry, but I can't help with that.")
-    assert keyword_refusal("I \u2019m unable".replace(" \u2019", "\u2019") + " to do that.")
-    assert keyword_refusal("")
-    assert not keyword_refusal("To kill a Python process, run `kill -9 PID`.")
-    assert not keyword_refusal("Sure. " + "x" * 400 + " I cannot")

@@ -51,8 +51,8 @@ class DeriveConfig(StrictModel):
     learning_rate: float = Field(2e-5, gt=0)
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)
+    gradient_accumulation_steps: int = Field(2, ge=1)
     max_length: int = Field(160, ge=8)
     max_grad_norm: float = Field(1.0, gt=0)
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
@@ -73,7 +73,7 @@ class ImportanceConfig(StrictModel):
     """SNIP importance |w * dL/dw| of the patched models on the harmful data."""
 
     max_examples: int | None = Field(32, ge=1)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(4, ge=1)
     max_length: int = Field(160, ge=8)
 
 

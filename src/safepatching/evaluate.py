@@ -74,9 +74,10 @@ def evaluate_model(
     reference_harmless: list[str] | None = None,
     label: str = "model",
     progress: bool = True,
+    data_dir: Path | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics and per-prompt records. KL needs the reference model and its harmless replies."""
-    judge = get_judge(settings.judge)
+    judge = get_judge(settings.judge, data_dir)
     generator = HFGenerator(model, tokenizer, settings.batch_size, progress, desc=f"generate ({label})")
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
@@ -87,10 +88,18 @@ def evaluate_model(
         ("harmless", sets.harmless, settings.kl_max_new_tokens),
     ):
         responses = generator.generate([e.prompt for e in examples], max_new)
-        flags[set_name] = [judge(r) for r in responses]
+        verdicts = [judge(e.prompt, r) for e, r in zip(examples, responses, strict=True)]
+        flags[set_name] = [v.refusal for v in verdicts]
         records += [
-            {"set": set_name, "prompt": e.prompt, "response": r, "refusal": f, "judge": settings.judge}
-            for e, r, f in zip(examples, responses, flags[set_name], strict=True)
+            {
+                "set": set_name,
+                "prompt": e.prompt,
+                "response": r,
+                "refusal": v.refusal,
+                "label": v.label,
+                "judge": settings.judge,
+            }
+            for e, r, v in zip(examples, responses, verdicts, strict=True)
         ]
     metrics: dict[str, Any] = {
         "harmful_refusal_rate": percent(flags["harmful"]),

@@ -170,7 +170,13 @@ class SafePatchingRun:
         else:
             with stage_meter(self.stages, "eval_backbone"):
                 before, records = evaluate_model(
-                    model, tokenizer, sets, self.config.eval, label="backbone", progress=self.progress
+                    model,
+                    tokenizer,
+                    sets,
+                    self.config.eval,
+                    label="backbone",
+                    progress=self.progress,
+                    data_dir=self.config.data_dir,
                 )
             write_jsonl(eval_dir / "backbone" / "records.jsonl", records)
             write_json(eval_dir / "backbone" / "metrics.json", before)
@@ -189,6 +195,7 @@ class SafePatchingRun:
                 reference_harmless=harmless_responses(records),
                 label="patched",
                 progress=self.progress,
+                data_dir=self.config.data_dir,
             )
             del patched_model
         write_jsonl(eval_dir / "patched" / "records.jsonl", patched_records)
