@@ -8,7 +8,7 @@ from safepatching.derive import load_patch
 from safepatching.io import load_tensors
 from safepatching.merge import MERGE_METHODS
 from safepatching.patching import merge_patches
-from safepatching.pipeline import SafePatchingRun, run_pipeline
+from safepatching.pipeline import SafePatchingRun, compare_models, run_pipeline
 
 
 def tiny_config(model_dir, out, **merge):
@@ -74,3 +74,17 @@ def test_task_arithmetic_skips_importance(tmp_path, tiny_model_dir):
     run = SafePatchingRun(tiny_config(tiny_model_dir, tmp_path / "run", method="task_arithmetic"), progress=False)
     run.run()
     assert not (tmp_path / "run/importance").exists()
+
+
+def test_compare_models_writes_side_by_side_summary(tmp_path, tiny_model_dir):
+    from tests.conftest import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    config = tiny_config(tiny_model_dir, tmp_path / "unused")
+    summary = compare_models([str(tiny_model_dir), str(other)], config, tmp_path / "cmp", progress=False)
+    assert summary["schema_version"] == 1 and list(summary["models"]) == [str(tiny_model_dir), str(other)]
+    assert summary["models"][str(tiny_model_dir)]["kl_to_reference"] is None
+    assert summary["models"][str(other)]["kl_to_reference"] > 0
+    table = (tmp_path / "cmp/summary.md").read_text()
+    assert table.count("|") > 10 and "KL to backbone" in table
+    assert (tmp_path / "cmp/1-other/records.jsonl").exists()

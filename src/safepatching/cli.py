@@ -84,6 +84,29 @@ def run(
     run_pipeline(resolved, progress=not no_progress)
 
 
+@app.command("eval")
+def evaluate(
+    model: Annotated[str | None, typer.Option(help="model to evaluate (KL is taken against --reference)")] = None,
+    reference: Annotated[str | None, typer.Option(help="reference model for KL, e.g. the backbone")] = None,
+    compare: Annotated[
+        list[str] | None, typer.Option(help="evaluate several models side by side; the first is the reference")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="directory for metrics, records and summary")] = Path("runs/eval"),
+    config: ConfigFile = None,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Evaluate refusal on harmful and benign prompts (and KL to a reference) for one or more models."""
+    from safepatching.pipeline import compare_models
+
+    models = list(compare or []) or [m for m in (reference, model) if m]
+    if not models:
+        raise SafePatchingError("no model to evaluate.", "pass --model MODEL (and --reference BASE) or --compare A B")
+    cfg = load_cli_config(config, overrides, {"data_dir": data_dir})
+    compare_models(models, cfg, out, progress=not no_progress)
+
+
 @app.command("config")
 def show_config(
     config: Annotated[Path | None, typer.Argument(help="YAML config file")] = None,

@@ -27,6 +27,7 @@ from safepatching.patching import merge_patches, model_card, rounding_loss, save
 from safepatching.report import (
     SUMMARY_SCHEMA_VERSION,
     before_after_markdown,
+    comparison_markdown,
     print_before_after,
     read_jsonl,
     stage_meter,
@@ -230,6 +231,51 @@ class SafePatchingRun:
         write_text_atomic(self.out / "summary.md", before_after_markdown(before, after))
         print_before_after(before, after, model_dir, Console())
         return RunResult(self.out, model_dir, summary, self.stages)
+
+
+def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Evaluate several models on the same sets; the first is the reference for KL."""
+    sets = load_eval_sets(config.eval, config.data_dir)
+    reference, tokenizer = load_model(models[0], config.compute_dtype, config.trust_remote_code, config.allow_pickle)
+    results: dict[str, Any] = {}
+    reference_records: list[dict[str, Any]] = []
+    for index, spec in enumerate(models):
+        label = f"{index}-{Path(spec).name or spec}"
+        stages: dict[str, Any] = {}
+        with stage_meter(stages, "eval"):
+            if index == 0:
+                metrics, records = evaluate_model(
+                    reference, tokenizer, sets, config.eval, label=label, progress=progress, data_dir=config.data_dir
+                )
+                reference_records = records
+            else:
+                model, _ = load_model(spec, config.compute_dtype, config.trust_remote_code, config.allow_pickle)
+                metrics, records = evaluate_model(
+                    model,
+                    tokenizer,
+                    sets,
+                    config.eval,
+                    reference=reference,
+                    reference_harmless=harmless_responses(reference_records),
+                    label=label,
+                    progress=progress,
+                    data_dir=config.data_dir,
+                )
+                del model
+        write_jsonl(out_dir / label / "records.jsonl", records)
+        write_json(out_dir / label / "metrics.json", metrics)
+        results[spec] = {**metrics, "peak_rss_gib": stages["eval"]["peak_rss_gib"]}
+    summary = {
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "safepatching": __version__,
+        "reference": models[0],
+        "eval": config.eval.model_dump(mode="json"),
+        "models": results,
+    }
+    write_json(out_dir / "summary.json", summary)
+    write_text_atomic(out_dir / "summary.md", comparison_markdown(results))
+    Console().print(comparison_markdown(results))
+    return summary
 
 
 def run_pipeline(config: PipelineConfig, progress: bool = True) -> RunResult:

@@ -62,11 +62,16 @@ ROWS = (
 )
 
 
-def before_after_markdown(before: dict[str, Any], after: dict[str, Any]) -> str:
-    lines = ["| metric | backbone | patched |", "|---|---|---|"]
+def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """One column per model, one row per metric."""
+    lines = ["| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
     for title, key, digits in ROWS:
-        lines.append(f"| {title} | {_fmt(before.get(key), digits)} | {_fmt(after.get(key), digits)} |")
+        lines.append(f"| {title} | " + " | ".join(_fmt(m.get(key), digits) for m in results.values()) + " |")
     return "\n".join(lines) + "\n"
+
+
+def before_after_markdown(before: dict[str, Any], after: dict[str, Any]) -> str:
+    return comparison_markdown({"backbone": before, "patched": after})
 
 
 def print_before_after(before: dict[str, Any], after: dict[str, Any], model_dir: Path, console: Console) -> None:
