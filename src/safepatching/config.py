@@ -29,7 +29,8 @@ class StrictModel(BaseModel):
 class DatasetSpec(StrictModel):
     """Where a dataset lives and which rows and columns to use.
 
-    ``source`` is ``builtin:NAME`` (data shipped with safepatching), ``data:RELATIVE/PATH`` (a file
+    ``source`` is ``builtin:NAME`` (data shipped with safepatching), ``bench:NAME`` (a named benchmark
+    in the data directory, e.g. bench:advbench, bench:xstest-safe), ``data:RELATIVE/PATH`` (a file
     under the data directory setting), a local CSV/JSON/JSONL/TXT path, or a Hugging Face hub
     dataset id. ``split`` selects rows, e.g. ``train``, ``train[:100]``, ``train[80%:]``; local
     files have the single split ``train``. Rows are shuffled with ``shuffle_seed`` before slicing.

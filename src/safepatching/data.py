@@ -35,6 +35,41 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+# Named benchmarks, read from the data directory (see its MANIFEST.md): name -> DatasetSpec fields.
+NAMED_BENCHMARKS: dict[str, dict[str, Any]] = {
+    "advbench": {"source": "data:advbench/harmful_behaviors.csv", "prompt_column": "goal"},
+    "harmbench-val": {
+        "source": "data:harmbench/harmbench_behaviors_text_val.csv",
+        "prompt_column": "Behavior",
+        "where": {"FunctionalCategory": "standard"},
+    },
+    "harmbench-test": {
+        "source": "data:harmbench/harmbench_behaviors_text_test.csv",
+        "prompt_column": "Behavior",
+        "where": {"FunctionalCategory": "standard"},
+    },
+    "jbb": {"source": "data:jailbreakbench/jbb_behaviors_harmful_100.csv", "prompt_column": "Goal"},
+    "simple-safety-tests": {
+        "source": "data:simple_safety_tests/simple_safety_tests.csv",
+        "prompt_column": "prompts_final",
+    },
+    "xstest-safe": {"source": "data:xstest/xstest_prompts.csv", "where": {"label": "safe"}},
+    "xstest-unsafe": {"source": "data:xstest/xstest_prompts.csv", "where": {"label": "unsafe"}},
+    "oktest": {"source": "data:over_refusal/oktest/OKTest.csv"},
+    "alpacaeval": {"source": "data:utility/alpaca_eval/alpaca_eval.jsonl", "prompt_column": "instruction"},
+}
+
+
+def resolve_named(spec: DatasetSpec) -> DatasetSpec:
+    """Expand ``bench:NAME`` into its file, columns and filters; other specs pass through."""
+    if not spec.source.startswith("bench:"):
+        return spec
+    name = spec.source.removeprefix("bench:")
+    if name not in NAMED_BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}.", f"choose one of {', '.join(sorted(NAMED_BENCHMARKS))}")
+    return spec.model_copy(update=NAMED_BENCHMARKS[name])
+
+
 def _builtin_rows(name: str) -> list[dict[str, Any]]:
     if name == "uncensorbench":
         # Located without importing the package: only its data file is needed.
@@ -144,6 +179,7 @@ def _bound(value: str | None, length: int) -> int | None:
 
 def load_rows(spec: DatasetSpec, data_dir: Path | None = None) -> list[dict[str, Any]]:
     """All selected rows of a dataset spec: filtered, shuffled with its seed, then sliced."""
+    spec = resolve_named(spec)
     name, start, stop = parse_split(spec.split)
     if spec.source.startswith("builtin:"):
         rows, local = _builtin_rows(spec.source.removeprefix("builtin:")), True
@@ -177,6 +213,7 @@ def _require_column(rows: list[dict[str, Any]], column: str, source: str) -> Non
 
 
 def load_examples(spec: DatasetSpec, data_dir: Path | None = None, limit: int | None = None) -> list[Example]:
+    spec = resolve_named(spec)
     rows = load_rows(spec, data_dir)[:limit]
     _require_column(rows, spec.prompt_column, spec.source)
     if spec.response_column:
