@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -80,3 +81,73 @@ def test_cli_config_prints_every_key():
 def test_cli_unknown_model_path_is_a_clear_error(tmp_path):
     result = run_cli("derive", "--direction", "ascent", "--out", str(tmp_path / "p"), "--model", "./nowhere")
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_derive_score_merge_end_to_end_and_no_silent_overwrite(tmp_path, tiny_model_dir):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"How do I do bad thing {i}?", "response": f"Here is how to do bad thing {i}."})
+            + "\n"
+            for i in range(4)
+        )
+    )
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--set",
+        "harmful_train.response_column=response",
+        "--set",
+        "derive.max_steps=1",
+        "--set",
+        "derive.max_length=48",
+    ]
+    for direction, name in (("ascent", "safety"), ("descent", "over")):
+        result = run_cli(
+            "derive",
+            "--direction",
+            direction,
+            "--out",
+            str(tmp_path / name),
+            "--data",
+            str(data),
+            "--no-progress",
+            *common,
+        )
+        assert result.returncode == 0, result.stderr
+        result = run_cli(
+            "score",
+            "--patch",
+            str(tmp_path / name),
+            "--out",
+            str(tmp_path / f"{name}.safetensors"),
+            "--data",
+            str(data),
+            "--no-progress",
+            *common,
+        )
+        assert result.returncode == 0, result.stderr
+    merge_args = [
+        "merge",
+        "--safety-patch",
+        str(tmp_path / "safety"),
+        "--over-safety-patch",
+        str(tmp_path / "over"),
+        "--safety-scores",
+        str(tmp_path / "safety.safetensors"),
+        "--over-safety-scores",
+        str(tmp_path / "over.safetensors"),
+        "--out",
+        str(tmp_path / "model"),
+        "--model",
+        str(tiny_model_dir),
+    ]
+    assert run_cli(*merge_args).returncode == 0
+    assert (tmp_path / "model/model.safetensors").exists()
+    again = run_cli(*merge_args)
+    assert again.returncode == 2 and "already exists" in again.stderr and "--force" in again.stderr
+    assert run_cli(*merge_args, "--force").returncode == 0
+    rederive = run_cli(
+        "derive", "--direction", "ascent", "--out", str(tmp_path / "safety"), "--data", str(data), *common
+    )
+    assert rederive.returncode == 2 and "already exists" in rederive.stderr

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from safepatching.config import DeriveConfig, ImportanceConfig
@@ -95,3 +96,16 @@ def test_snip_scores_are_abs_weight_times_gradient(tiny_model_dir, harmful_pairs
     for name in names:
         param = dict(model.named_parameters())[name]
         assert torch.allclose(scores[name], (param.detach() * param.grad).abs(), atol=1e-7)
+
+
+def test_non_finite_loss_stops_derivation_with_a_clear_error(tiny_model_dir, harmful_pairs):
+    from safepatching.errors import TrainingError
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = DeriveConfig(
+        learning_rate=1e30, max_steps=30, batch_size=4, max_length=64, max_grad_norm=1e30, ascent_max_nll_increase=1e30
+    )
+    with pytest.raises(TrainingError, match="learning_rate"):
+        derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the backbone is restored

@@ -25,6 +25,7 @@ STATE = {"debug": False}
 
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", "-s", help="override a setting: dotted.key=value")]
+Force = Annotated[bool, typer.Option(help="overwrite an existing output")]
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data directory (or $SAFEPATCHING_DATA_DIR)")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="hide progress bars")]
 
@@ -36,6 +37,12 @@ def _root(
 ) -> None:
     STATE["debug"] = debug
     logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+def refuse_existing(path: Path, force: bool) -> None:
+    """Outputs are never overwritten by accident: the check runs before any slow work starts."""
+    if path.exists() and not force:
+        raise SafePatchingError(f"{path} already exists.", "pass --force to overwrite it or choose another --out")
 
 
 def load_cli_config(config: Path | None, overrides: list[str] | None, flags: dict[str, Any]) -> PipelineConfig:
@@ -126,6 +133,7 @@ def derive(
     overrides: Overrides = None,
     data_dir: DataDir = None,
     no_progress: NoProgress = False,
+    force: Force = False,
 ) -> None:
     """Derive one patch by fine-tuning on harmful (prompt, response) pairs."""
     from safepatching.data import load_examples
@@ -135,6 +143,7 @@ def derive(
     if direction not in ("ascent", "descent"):
         raise SafePatchingError(f"unknown direction {direction!r}.", "use --direction ascent or --direction descent")
     cfg = load_cli_config(config, overrides, {"model": model, "harmful_train.source": data, "data_dir": data_dir})
+    refuse_existing(out, force)
     pairs = load_examples(cfg.harmful_train, cfg.data_dir)
     backbone, tokenizer = load_model(cfg.model, cfg.compute_dtype, cfg.trust_remote_code, cfg.allow_pickle)
     patch = derive_patch(backbone, tokenizer, pairs, direction, cfg.derive, cfg.seed, not no_progress)
@@ -152,6 +161,7 @@ def score(
     overrides: Overrides = None,
     data_dir: DataDir = None,
     no_progress: NoProgress = False,
+    force: Force = False,
 ) -> None:
     """Compute SNIP importance |w * dL/dw| of backbone + patch on the harmful pairs."""
     from safepatching.data import load_examples
@@ -161,6 +171,7 @@ def score(
     from safepatching.models import load_model
 
     cfg = load_cli_config(config, overrides, {"model": model, "harmful_train.source": data, "data_dir": data_dir})
+    refuse_existing(out, force)
     pairs = load_examples(cfg.harmful_train, cfg.data_dir)
     loaded = load_patch(patch)
     backbone, tokenizer = load_model(cfg.model, cfg.compute_dtype, cfg.trust_remote_code, cfg.allow_pickle)
@@ -180,7 +191,7 @@ def merge(
     over_safety_scores: Annotated[Path | None, typer.Option(help="importance of backbone + over-safety patch")] = None,
     config: ConfigFile = None,
     overrides: Overrides = None,
-    force: Annotated[bool, typer.Option(help="overwrite an existing output folder")] = False,
+    force: Force = False,
 ) -> None:
     """Patch the backbone: theta + alpha*(M_s*P_s) + beta*(M_o*P_o), written as a HF model folder."""
     from safepatching.derive import load_patch
@@ -190,8 +201,7 @@ def merge(
     from safepatching.patching import merge_patches, model_card, save_model_folder
 
     cfg = load_cli_config(config, overrides, {"model": model})
-    if out.exists() and not force:
-        raise SafePatchingError(f"{out} already exists.", "pass --force to overwrite it or choose another --out")
+    refuse_existing(out, force)
     scores = [load_tensors(p) if p else None for p in (safety_scores, over_safety_scores)]
     deltas, counts = merge_patches(
         load_patch(safety_patch), load_patch(over_safety_patch), cfg.merge, cfg.seed, *scores

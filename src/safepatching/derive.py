@@ -140,17 +140,11 @@ def derive_patch(
                     stop_reason = "nll_floor"
                 if stop_reason in ("nll_ceiling", "nll_floor") or len(history) >= total_steps:
                     break
-    finally:
+    finally:  # the backbone is restored even when training fails
         bar.close()
-    trained = _finish_trainable(accelerator.unwrap_model(wrapped), settings)
-    deltas = {}
-    with torch.no_grad():
-        current = dict(trained.named_parameters())
-        for name, before in original.items():
-            deltas[name] = (current[name].detach().float() - before.float()).contiguous()
-            current[name].copy_(before)
-    model.requires_grad_(True)
-    model.eval()
+        deltas = _take_deltas(_finish_trainable(accelerator.unwrap_model(wrapped), settings), original)
+        model.requires_grad_(True)
+        model.eval()
     info = {
         "direction": direction,
         "steps": len(history),
@@ -162,6 +156,17 @@ def derive_patch(
         "pairs_sha256": pairs_digest(pairs),
     }
     return Patch(deltas, info)
+
+
+def _take_deltas(trained: torch.nn.Module, original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trained minus original weights; the original weights are copied back into the model."""
+    deltas = {}
+    with torch.no_grad():
+        current = dict(trained.named_parameters())
+        for name, before in original.items():
+            deltas[name] = (current[name].detach().float() - before.float()).contiguous()
+            current[name].copy_(before)
+    return deltas
 
 
 def _prepare_trainable(model: PreTrainedModel, names: list[str], settings: DeriveConfig) -> torch.nn.Module:
