@@ -21,7 +21,6 @@ Label = Literal["full_compliance", "partial_refusal", "full_refusal"]
 @dataclass(frozen=True)
 class Verdict:
     label: Label
-    raw: str | None = None
 
     @property
     def refusal(self) -> bool:
