@@ -30,8 +30,8 @@ from safepatching.report import (
     comparison_markdown,
     print_before_after,
     read_jsonl,
+    save_eval,
     stage_meter,
-    write_jsonl,
 )
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,7 @@ class SafePatchingRun:
                     progress=self.progress,
                     data_dir=self.config.data_dir,
                 )
-            write_jsonl(eval_dir / "backbone" / "records.jsonl", records)
-            write_json(eval_dir / "backbone" / "metrics.json", before)
+            save_eval(eval_dir / "backbone", before, records)
             _mark(eval_dir / "backbone", backbone_key)
         patched_key = fingerprint(backbone_key, self.merge_key())
         if _fresh(eval_dir / "patched", patched_key):
@@ -199,8 +198,7 @@ class SafePatchingRun:
                 data_dir=self.config.data_dir,
             )
             del patched_model
-        write_jsonl(eval_dir / "patched" / "records.jsonl", patched_records)
-        write_json(eval_dir / "patched" / "metrics.json", after)
+        save_eval(eval_dir / "patched", after, patched_records)
         _mark(eval_dir / "patched", patched_key)
         return before, after
 
@@ -243,27 +241,26 @@ def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, pro
         label = f"{index}-{Path(spec).name or spec}"
         stages: dict[str, Any] = {}
         with stage_meter(stages, "eval"):
-            if index == 0:
-                metrics, records = evaluate_model(
-                    reference, tokenizer, sets, config.eval, label=label, progress=progress, data_dir=config.data_dir
-                )
-                reference_records = records
-            else:
-                model, _ = load_model(spec, config.compute_dtype, config.trust_remote_code, config.allow_pickle)
-                metrics, records = evaluate_model(
-                    model,
-                    tokenizer,
-                    sets,
-                    config.eval,
-                    reference=reference,
-                    reference_harmless=harmless_responses(reference_records),
-                    label=label,
-                    progress=progress,
-                    data_dir=config.data_dir,
-                )
-                del model
-        write_jsonl(out_dir / label / "records.jsonl", records)
-        write_json(out_dir / label / "metrics.json", metrics)
+            model = (
+                reference
+                if index == 0
+                else load_model(spec, config.compute_dtype, config.trust_remote_code, config.allow_pickle)[0]
+            )
+            metrics, records = evaluate_model(
+                model,
+                tokenizer,
+                sets,
+                config.eval,
+                reference=None if index == 0 else reference,
+                reference_harmless=None if index == 0 else harmless_responses(reference_records),
+                label=label,
+                progress=progress,
+                data_dir=config.data_dir,
+            )
+            del model
+        if index == 0:
+            reference_records = records
+        save_eval(out_dir / label, metrics, records)
         results[spec] = {**metrics, "peak_rss_gib": stages["eval"]["peak_rss_gib"]}
     summary = {
         "schema_version": SUMMARY_SCHEMA_VERSION,

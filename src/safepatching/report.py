@@ -14,7 +14,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from safepatching.io import write_text_atomic
+from safepatching.io import write_json, write_text_atomic
 
 SUMMARY_SCHEMA_VERSION = 1
 
@@ -45,6 +45,12 @@ def stage_meter(record: dict[str, Any], name: str, poll_seconds: float = 0.2) ->
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def save_eval(directory: Path, metrics: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """One evaluation's outputs: metrics.json and a JSONL record of every prompt and judgement."""
+    write_jsonl(Path(directory) / "records.jsonl", records)
+    write_json(Path(directory) / "metrics.json", metrics)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
