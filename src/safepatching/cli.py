@@ -191,26 +191,31 @@ def merge(
     over_safety_scores: Annotated[Path | None, typer.Option(help="importance of backbone + over-safety patch")] = None,
     config: ConfigFile = None,
     overrides: Overrides = None,
+    no_progress: NoProgress = False,
     force: Force = False,
 ) -> None:
     """Patch the backbone: theta + alpha*(M_s*P_s) + beta*(M_o*P_o), written as a HF model folder."""
     from safepatching.derive import load_patch
-    from safepatching.importance import patched
-    from safepatching.io import load_tensors
-    from safepatching.models import DTYPES, load_model, stored_dtype
-    from safepatching.patching import merge_patches, model_card, save_model_folder
+    from safepatching.models import DTYPES, weights_folder
+    from safepatching.patching import PatchMerger, settings_record, write_patched_model
+    from safepatching.shards import LazyTensors
 
     cfg = load_cli_config(config, overrides, {"model": model})
     refuse_existing(out, force)
-    scores = [load_tensors(p) if p else None for p in (safety_scores, over_safety_scores)]
-    deltas, counts = merge_patches(
-        load_patch(safety_patch), load_patch(over_safety_patch), cfg.merge, cfg.seed, *scores
+    safety, over_safety = load_patch(safety_patch), load_patch(over_safety_patch)
+    scores = [LazyTensors(p) if p else None for p in (safety_scores, over_safety_scores)]
+    merger = PatchMerger(safety, over_safety, cfg.merge, cfg.seed, *scores)
+    counts = write_patched_model(
+        weights_folder(cfg.model, cfg.allow_pickle),
+        out,
+        merger,
+        None if cfg.merge.output_dtype == "auto" else DTYPES[cfg.merge.output_dtype],
+        cfg.model,
+        settings_record(cfg, safety, over_safety),
+        cfg.merge.shard_size_mb,
+        overwrite=force,
+        progress=not no_progress,
     )
-    backbone, tokenizer = load_model(cfg.model, cfg.compute_dtype, cfg.trust_remote_code, cfg.allow_pickle)
-    dtype = stored_dtype(cfg.model) if cfg.merge.output_dtype == "auto" else DTYPES[cfg.merge.output_dtype]
-    card = model_card(cfg.model, cfg.model_dump(mode="json"), {"merge": counts})
-    with patched(backbone, deltas):
-        save_model_folder(backbone, tokenizer, out, card, dtype, cfg.merge.shard_size_mb)
     err.print(f"patched model ({100 * counts['changed_fraction']:.2f}% of patchable entries changed) written to {out}")
 
 

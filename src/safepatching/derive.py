@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safepatching.config import DeriveConfig
 from safepatching.data import Example, collate, encode_pair
 from safepatching.errors import TrainingError
-from safepatching.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from safepatching.io import atomic_dir, read_json, save_tensors, write_json
+from safepatching.shards import LazyTensors
 
 Direction = Literal["ascent", "descent"]
 PATCH_TENSORS = "deltas.safetensors"
@@ -35,7 +37,7 @@ PATCH_INFO = "patch.json"
 class Patch:
     """Per-tensor weight deltas (theta_trained - theta) plus the settings that produced them."""
 
-    deltas: dict[str, torch.Tensor]
+    deltas: Mapping[str, torch.Tensor]
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -200,5 +202,6 @@ def save_patch(patch: Patch, directory: Path, extra_info: dict[str, Any] | None 
 
 
 def load_patch(directory: Path) -> Patch:
+    """A saved patch whose deltas are read from disk tensor by tensor, when used."""
     directory = Path(directory)
-    return Patch(load_tensors(directory / PATCH_TENSORS), read_json(directory / PATCH_INFO))
+    return Patch(LazyTensors(directory / PATCH_TENSORS), read_json(directory / PATCH_INFO))

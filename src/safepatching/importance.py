@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -78,12 +78,24 @@ def _kth_largest(values: torch.Tensor, percent: float) -> torch.Tensor:
     return flat.float().kthvalue(flat.numel() - keep + 1).values
 
 
-def top_region(scores: dict[str, torch.Tensor], percent: float, scope: str = "per_tensor") -> dict[str, torch.Tensor]:
-    """Boolean masks of the top ``percent`` % entries by score, per tensor or over all tensors.
+def global_threshold(scores: Mapping[str, torch.Tensor], percent: float) -> torch.Tensor:
+    """The score of the top ``percent`` % entry over all tensors together (needs every score at once)."""
+    return _kth_largest(torch.cat([scores[name].reshape(-1).float() for name in scores]), percent)
+
+
+def region_mask(score: torch.Tensor, percent: float, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """Entries at or above the threshold (this tensor's own top ``percent`` % when none is given).
 
     Entries tied with the threshold are all kept; entries with score 0 are never kept.
     """
-    if scope == "global":
-        threshold = _kth_largest(torch.cat([s.reshape(-1) for s in scores.values()]), percent)
-        return {name: (s >= threshold) & (s > 0) for name, s in scores.items()}
-    return {name: (s >= _kth_largest(s, percent)) & (s > 0) for name, s in scores.items()}
+    if threshold is None:
+        threshold = _kth_largest(score, percent)
+    return (score >= threshold) & (score > 0)
+
+
+def top_region(
+    scores: Mapping[str, torch.Tensor], percent: float, scope: str = "per_tensor"
+) -> dict[str, torch.Tensor]:
+    """Boolean masks of the top ``percent`` % entries by score, per tensor or over all tensors."""
+    threshold = global_threshold(scores, percent) if scope == "global" else None
+    return {name: region_mask(scores[name], percent, threshold) for name in scores}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -19,6 +20,19 @@ from safepatching.errors import SafePatchingError
 
 
 @contextlib.contextmanager
+def disk_errors(target: Path) -> Iterator[None]:
+    """Turn a full disk (or quota) during a write into a one-line error; callers remove partial output."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SafePatchingError(
+                f"no space left on the device while writing {target}.", "free disk space or choose another output path"
+            ) from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(target: Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` only if the block completes."""
     target = Path(target)
@@ -28,7 +42,8 @@ def atomic_dir(target: Path, overwrite: bool = True) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; outputs should be as readable as any folder
     try:
-        yield staging
+        with disk_errors(target):
+            yield staging
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
@@ -42,7 +57,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with disk_errors(path), os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
     finally:
@@ -69,7 +84,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with disk_errors(path):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

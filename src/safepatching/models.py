@@ -167,6 +167,41 @@ def resolve_model_path(spec: str) -> tuple[Path | str, str | None]:
     return spec, None
 
 
+def weights_folder(spec: str, allow_pickle: bool = False) -> Path:
+    """A local folder with the model's safetensors weights, for streaming merges.
+
+    Hub ids are fetched into (or found in) the Hugging Face cache; GGUF files are converted once
+    into the safepatching cache.
+    """
+    location, gguf_file = resolve_model_path(spec)
+    if gguf_file:
+        source = Path(location) / gguf_file
+        stat = source.stat()
+        key = hashlib.sha256(f"{source.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        target = cache_dir() / "converted" / f"{source.stem}-{key}"
+        if not (target / "config.json").exists():
+            convert_gguf(source, target)
+        return target
+    if isinstance(location, str):
+        from huggingface_hub import snapshot_download
+
+        try:
+            location = Path(
+                snapshot_download(location, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+            )
+        except Exception as exc:  # the hub client raises many offline/not-found types
+            raise ModelError(
+                f"cannot fetch {spec} from the hub: {str(exc).splitlines()[0]}", "check the id, network or HF cache"
+            ) from None
+    _check_weight_format(location, allow_pickle)
+    if not any(location.glob("*.safetensors")):
+        raise ModelError(
+            f"{location} holds only pickle weights, which cannot be streamed.",
+            "convert the model to safetensors (load it and save_pretrained with safe_serialization)",
+        )
+    return location
+
+
 def load_model(
     spec: str,
     compute_dtype: str = "float32",

@@ -1,30 +1,99 @@
-"""Applying patches to a backbone and writing the result as a standard HF model folder."""
+"""Merging patches into a backbone and streaming the result into a standard HF model folder."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from tqdm.auto import tqdm
 
 from safepatching import __version__
-from safepatching.config import MergeConfig
+from safepatching.config import MergeConfig, PipelineConfig
 from safepatching.derive import Patch
 from safepatching.errors import SafePatchingError
-from safepatching.importance import top_region
-from safepatching.io import atomic_dir
+from safepatching.importance import global_threshold, region_mask
+from safepatching.io import atomic_dir, write_json
 from safepatching.merge import MERGE_METHODS, TensorPatches, difference_sets
+from safepatching.shards import PlannedTensor, WeightFolder, copy_model_files, tensor_shapes, write_shards
+
+SETTINGS_FILE = "safepatching.json"
 
 
 def check_compatible(safety: Patch, over_safety: Patch) -> None:
-    if safety.deltas.keys() != over_safety.deltas.keys():
+    if set(safety.deltas) != set(over_safety.deltas):
         raise SafePatchingError("the two patches cover different tensors.", "derive both with the same target_modules")
-    for name, delta in safety.deltas.items():
-        if delta.shape != over_safety.deltas[name].shape:
+    safety_shapes, over_safety_shapes = tensor_shapes(safety.deltas), tensor_shapes(over_safety.deltas)
+    for name, shape in safety_shapes.items():
+        if shape != over_safety_shapes[name]:
             raise SafePatchingError(f"the patches disagree on the shape of {name}.", "derive both from one backbone")
+
+
+class PatchMerger:
+    """Merges the two patches one tensor at a time, so a streaming writer can pull deltas lazily.
+
+    Patches and scores may be in-memory dicts or lazy safetensors mappings. Per-tensor masks need
+    only the tensor at hand; a global mask first computes one threshold over all scores.
+    """
+
+    def __init__(
+        self,
+        safety: Patch,
+        over_safety: Patch,
+        settings: MergeConfig,
+        seed: int,
+        safety_scores: Mapping[str, torch.Tensor] | None = None,
+        over_safety_scores: Mapping[str, torch.Tensor] | None = None,
+    ):
+        check_compatible(safety, over_safety)
+        self.safety, self.over_safety, self.settings, self.seed = safety, over_safety, settings, seed
+        self.method = MERGE_METHODS[settings.method]
+        self.scores = (safety_scores, over_safety_scores)
+        self.thresholds: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        if self.method.needs_importance:
+            if safety_scores is None or over_safety_scores is None:
+                raise SafePatchingError(
+                    f"merge method {settings.method!r} needs importance scores.", "run `score` first"
+                )
+            if settings.mask_scope == "global":
+                self.thresholds = (
+                    global_threshold(safety_scores, settings.top_a),
+                    global_threshold(over_safety_scores, settings.top_b),
+                )
+        self.counts = {"entries": 0, "changed": 0, "safety_only": 0, "over_safety_only": 0, "intersection": 0}
+
+    def names(self) -> list[str]:
+        return list(self.safety.deltas)
+
+    def delta(self, name: str) -> torch.Tensor:
+        """The merged float32 delta for one tensor; statistics accumulate in ``counts``."""
+        safety_region = over_safety_region = None
+        if self.method.needs_importance:
+            safety_region = region_mask(self.scores[0][name], self.settings.top_a, self.thresholds[0])
+            over_safety_region = region_mask(self.scores[1][name], self.settings.top_b, self.thresholds[1])
+        patches = TensorPatches(
+            name,
+            self.safety.deltas[name].float(),
+            self.over_safety.deltas[name].float(),
+            safety_region,
+            over_safety_region,
+        )
+        merged = self.method.function(patches, self.settings, self.seed)
+        self.counts["entries"] += merged.numel()
+        self.counts["changed"] += int(torch.count_nonzero(merged))
+        if safety_region is not None:
+            only_s, only_o = difference_sets(safety_region, over_safety_region)
+            self.counts["safety_only"] += int(only_s.sum())
+            self.counts["over_safety_only"] += int(only_o.sum())
+            self.counts["intersection"] += int((safety_region & over_safety_region).sum())
+        return merged
+
+    def summary(self) -> dict[str, Any]:
+        return {**self.counts, "changed_fraction": self.counts["changed"] / max(self.counts["entries"], 1)}
 
 
 def merge_patches(
@@ -32,69 +101,100 @@ def merge_patches(
     over_safety: Patch,
     settings: MergeConfig,
     seed: int,
-    safety_scores: dict[str, torch.Tensor] | None = None,
-    over_safety_scores: dict[str, torch.Tensor] | None = None,
+    safety_scores: Mapping[str, torch.Tensor] | None = None,
+    over_safety_scores: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Combine the two patches with the configured method; returns per-tensor deltas and statistics."""
-    check_compatible(safety, over_safety)
-    method = MERGE_METHODS[settings.method]
-    safety_region = over_safety_region = None
-    if method.needs_importance:
-        if safety_scores is None or over_safety_scores is None:
-            raise SafePatchingError(f"merge method {settings.method!r} needs importance scores.", "run `score` first")
-        safety_region = top_region(safety_scores, settings.top_a, settings.mask_scope)
-        over_safety_region = top_region(over_safety_scores, settings.top_b, settings.mask_scope)
-    merged: dict[str, torch.Tensor] = {}
-    counts = {"entries": 0, "changed": 0, "safety_only": 0, "over_safety_only": 0, "intersection": 0}
-    for name in safety.deltas:
-        patches = TensorPatches(
-            name,
-            safety.deltas[name].float(),
-            over_safety.deltas[name].float(),
-            None if safety_region is None else safety_region[name],
-            None if over_safety_region is None else over_safety_region[name],
-        )
-        merged[name] = method.function(patches, settings, seed)
-        counts["entries"] += merged[name].numel()
-        counts["changed"] += int(torch.count_nonzero(merged[name]))
-        if safety_region is not None:
-            only_s, only_o = difference_sets(safety_region[name], over_safety_region[name])
-            counts["safety_only"] += int(only_s.sum())
-            counts["over_safety_only"] += int(only_o.sum())
-            counts["intersection"] += int((safety_region[name] & over_safety_region[name]).sum())
-    counts["changed_fraction"] = counts["changed"] / max(counts["entries"], 1)
-    return merged, counts
+    """All merged deltas in memory (for sweeps and tests); ``write_patched_model`` streams instead."""
+    merger = PatchMerger(safety, over_safety, settings, seed, safety_scores, over_safety_scores)
+    deltas = {name: merger.delta(name) for name in merger.names()}
+    return deltas, merger.summary()
 
 
-def apply_deltas(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> None:
-    """Add deltas to the model's parameters in place."""
-    params = dict(model.named_parameters())
-    missing = [name for name in deltas if name not in params]
+def write_patched_model(
+    base_dir: Path,
+    target: Path,
+    merger: PatchMerger,
+    dtype: torch.dtype | None,
+    base_model: str,
+    settings_record: dict[str, Any],
+    shard_size_mb: int = 2000,
+    overwrite: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Stream base + merged deltas into a HF model folder, one tensor in memory at a time.
+
+    ``dtype`` None keeps each tensor's stored dtype. ``settings_record`` (the config and the patches'
+    provenance) goes to ``safepatching.json`` and the model card. Returns the merge statistics,
+    including the share of patched entries whose change rounds away in the output dtype.
+    """
+    base = WeightFolder(base_dir)
+    missing = [name for name in merger.names() if name not in base.tensors]
     if missing:
         raise SafePatchingError(
-            f"the model has no tensor {missing[0]}.", "apply patches to the backbone they came from"
+            f"the base model has no tensor {missing[0]}.", "merge patches into the backbone they came from"
         )
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            if params[name].shape != delta.shape:
-                raise SafePatchingError(
-                    f"{name} has shape {tuple(params[name].shape)} but the patch has {tuple(delta.shape)}.",
-                    "apply patches to the backbone they came from",
-                )
-            params[name].add_(delta.to(params[name].dtype))
+    lost = 0
+    plan = [PlannedTensor(name, dtype or info.dtype, info.shape) for name, info in base.tensors.items()]
+
+    def produce(planned: PlannedTensor) -> torch.Tensor:
+        nonlocal lost
+        value = base.read(planned.name)
+        if planned.name not in merger.safety.deltas:
+            return value.to(planned.dtype)
+        delta = merger.delta(planned.name)
+        if tuple(delta.shape) != planned.shape:
+            raise SafePatchingError(
+                f"{planned.name} has shape {planned.shape} in the base but {tuple(delta.shape)} in the patch.",
+                "merge patches into the backbone they came from",
+            )
+        patched = (value.float() + delta).to(planned.dtype)
+        lost += int(((delta != 0) & (patched == value.to(planned.dtype))).sum())
+        return patched
+
+    with (
+        atomic_dir(target, overwrite=overwrite) as staging,
+        tqdm(
+            total=base.total_bytes(), unit="B", unit_scale=True, desc="write patched model", disable=not progress
+        ) as bar,
+    ):
+        write_shards(staging, plan, produce, shard_size_mb * 1024 * 1024, progress=bar.update)
+        copy_model_files(base.folder, staging)
+        if dtype is not None:
+            set_config_dtype(staging / "config.json", dtype)
+        counts = {**merger.summary(), "rounding_loss_fraction": lost / max(merger.counts["changed"], 1)}
+        card = model_card(base_model, settings_record.get("config", {}), {"merge": counts})
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        write_json(staging / SETTINGS_FILE, {**settings_record, "merge_counts": counts})
+    return counts
 
 
-def rounding_loss(base: torch.nn.Module, deltas: dict[str, torch.Tensor], dtype: torch.dtype) -> float:
-    """Fraction of changed entries whose change vanishes when the model is stored in ``dtype``."""
-    params = dict(base.named_parameters())
-    changed = lost = 0
-    for name, delta in deltas.items():
-        touched = delta != 0
-        before = params[name].detach().to(dtype)
-        after = (params[name].detach().float() + delta).to(dtype)
-        changed += int(touched.sum())
-        lost += int((touched & (before == after)).sum())
-    return lost / max(changed, 1)
+def settings_record(config: PipelineConfig, safety: Patch, over_safety: Patch) -> dict[str, Any]:
+    """Provenance kept beside a merged model: every setting, the seed and the training data's hash."""
+    keys = ("direction", "steps", "stop_reason", "seed", "num_pairs", "pairs_sha256")
+    return {
+        "safepatching": __version__,
+        "base_model": config.model,
+        "method": config.merge.method,
+        "seed": config.seed,
+        "config": config.model_dump(mode="json"),
+        "patches": {
+            "safety": {k: safety.info.get(k) for k in keys},
+            "over_safety": {k: over_safety.info.get(k) for k in keys},
+        },
+    }
+
+
+def set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    """Record the output dtype in config.json so loaders pick the stored precision."""
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = name
+    config.setdefault("dtype", name)
+    config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def model_card(base_model: str, settings: dict[str, Any], results: dict[str, Any] | None = None) -> str:
@@ -117,25 +217,3 @@ def model_card(base_model: str, settings: dict[str, Any], results: dict[str, Any
     if results:
         lines += ["", "## Results", "", "```yaml", yaml.safe_dump(results, sort_keys=False).strip(), "```"]
     return "\n".join(lines) + "\n"
-
-
-def save_model_folder(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    target: Path,
-    card: str,
-    dtype: torch.dtype,
-    shard_size_mb: int = 2000,
-    overwrite: bool = True,
-) -> None:
-    """Write weights (safetensors), config, generation config, tokenizer and card atomically."""
-    state = {name: tensor.detach().to(dtype) for name, tensor in model.state_dict().items()}
-    previous = model.config.dtype
-    model.config.dtype = dtype
-    try:
-        with atomic_dir(target, overwrite=overwrite) as staging:
-            model.save_pretrained(staging, state_dict=state, max_shard_size=f"{shard_size_mb}MB")
-            tokenizer.save_pretrained(staging)
-            (staging / "README.md").write_text(card, encoding="utf-8")
-    finally:
-        model.config.dtype = previous

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from safepatching import __version__
@@ -20,10 +19,10 @@ from safepatching.data import Example, assert_disjoint, load_examples
 from safepatching.derive import Patch, derive_patch, load_patch, save_patch, target_parameter_names
 from safepatching.evaluate import EvalSets, evaluate_model, harmless_responses, load_eval_sets
 from safepatching.importance import patched, snip_scores
-from safepatching.io import load_tensors, read_json, save_tensors, write_json, write_text_atomic
+from safepatching.io import read_json, save_tensors, write_json, write_text_atomic
 from safepatching.merge import MERGE_METHODS
-from safepatching.models import DTYPES, load_model, stored_dtype
-from safepatching.patching import merge_patches, model_card, rounding_loss, save_model_folder
+from safepatching.models import DTYPES, load_model, weights_folder
+from safepatching.patching import PatchMerger, settings_record, write_patched_model
 from safepatching.report import (
     SUMMARY_SCHEMA_VERSION,
     before_after_markdown,
@@ -33,6 +32,7 @@ from safepatching.report import (
     save_eval,
     stage_meter,
 )
+from safepatching.shards import LazyTensors
 
 log = logging.getLogger(__name__)
 STAGE_FILE = "stage.json"
@@ -122,7 +122,7 @@ class SafePatchingRun:
             return None, None
         directory = self.out / "importance"
         if _fresh(directory, self.importance_key()):
-            return load_tensors(directory / "safety.safetensors"), load_tensors(directory / "over_safety.safetensors")
+            return LazyTensors(directory / "safety.safetensors"), LazyTensors(directory / "over_safety.safetensors")
         model, tokenizer = self.backbone()
         names = target_parameter_names(model, self.config.derive.target_modules)
         scores = {}
@@ -139,24 +139,23 @@ class SafePatchingRun:
         directory = self.out / "model"
         if _fresh(directory / "safepatching", self.merge_key()):
             return directory
-        model, tokenizer = self.backbone()
         settings = self.config.merge
         with stage_meter(self.stages, "merge"):
-            deltas, counts = merge_patches(
-                safety, over_safety, settings, self.config.seed, safety_scores, over_safety_scores
+            merger = PatchMerger(safety, over_safety, settings, self.config.seed, safety_scores, over_safety_scores)
+            counts = write_patched_model(
+                weights_folder(self.config.model, self.config.allow_pickle),
+                directory,
+                merger,
+                None if settings.output_dtype == "auto" else DTYPES[settings.output_dtype],
+                self.config.model,
+                settings_record(self.config, safety, over_safety),
+                settings.shard_size_mb,
+                progress=self.progress,
             )
-            dtype = (
-                stored_dtype(self.config.model) if settings.output_dtype == "auto" else DTYPES[settings.output_dtype]
-            )
-            counts["rounding_loss_fraction"] = rounding_loss(model, deltas, dtype) if dtype != torch.float32 else 0.0
-            card = model_card(self.config.model, self.config.model_dump(mode="json"), {"merge": counts})
-            with patched(model, deltas):
-                save_model_folder(model, tokenizer, directory, card, dtype, settings.shard_size_mb)
         if counts["rounding_loss_fraction"] > 0.05:
             log.warning(
-                "%.0f%% of patched entries round away in %s; set merge.output_dtype: float32",
+                "%.0f%% of patched entries round away in the output dtype; set merge.output_dtype: float32",
                 100 * counts["rounding_loss_fraction"],
-                dtype,
             )
         _mark(directory / "safepatching", self.merge_key(), {"counts": counts, **self.stages["merge"]})
         return directory
