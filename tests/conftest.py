@@ -23,7 +23,7 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+def build_tiny_model(directory: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     """Save a 2-layer Llama with a trained byte-level BPE tokenizer and a chat template."""
     tokenizer = Tokenizer(models.BPE(unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -41,8 +41,8 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -217,6 +218,96 @@ def merge(
         progress=not no_progress,
     )
     err.print(f"patched model ({100 * counts['changed_fraction']:.2f}% of patchable entries changed) written to {out}")
+
+ForceMismatch = Annotated[
+    bool, typer.Option("--force-mismatch", help="proceed although the model's fingerprint differs from the patch's")
+]
+ShardSize = Annotated[int, typer.Option(help="output shard size in MB")]
+
+
+@app.command("export")
+def export(
+    out: Annotated[Path, typer.Option(help="patch folder to write")],
+    run_dir: Annotated[Path | None, typer.Option("--run", help="a run directory (uses its model/ and backbone)")] = None,
+    model: Annotated[Path | None, typer.Option(help="patched model folder")] = None,
+    base: Annotated[str | None, typer.Option(help="the base model the patched one came from")] = None,
+    force: Force = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Export the entries a merge changed as a sparse patch bound to its base by a fingerprint."""
+    from safepatching.models import weights_folder
+    from safepatching.patchfile import export_patch, provenance_from_model
+
+    if run_dir is not None:
+        config = build_config(run_dir / "config.yaml", {})
+        model, base = run_dir / "model", base or config.model
+    if model is None or base is None:
+        raise SafePatchingError("export needs a patched model and its base.", "pass --run RUN_DIR or --model DIR --base MODEL")
+    refuse_existing(out, force)
+    provenance = {"base_model": base, **provenance_from_model(model)}
+    meta = export_patch(weights_folder(base), model, out, provenance, overwrite=force, progress=not no_progress)
+    err.print(
+        f"patch with {meta['changed_entries']:,} changed entries ({meta['patch_bytes'] / 2**20:.1f} MiB, "
+        f"{100 * meta['patch_bytes'] / meta['model_bytes']:.1f}% of the model) written to {out}"
+    )
+
+
+@app.command("apply")
+def apply(
+    patches: Annotated[list[Path], typer.Argument(help="patch folders, applied in order")],
+    base: Annotated[str, typer.Option(help="model to patch (folder, demo name or hub id)")],
+    out: Annotated[Path, typer.Option(help="model folder to write")],
+    force_mismatch: ForceMismatch = False,
+    shard_size_mb: ShardSize = 2000,
+    force: Force = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Apply one or more patches to a base model, streaming tensor by tensor into a new folder."""
+    from safepatching.models import weights_folder
+    from safepatching.patchfile import apply_patches
+
+    refuse_existing(out, force)
+    record = apply_patches(
+        patches, weights_folder(base), out, force_mismatch, shard_size_mb, overwrite=force, progress=not no_progress
+    )
+    err.print(f"{len(patches)} patch(es) applied; model written to {out} (fingerprint {record['output_fingerprint'][:16]})")
+
+
+@app.command()
+def revert(
+    patch: Annotated[Path, typer.Argument(help="patch folder to undo")],
+    model: Annotated[str, typer.Option(help="patched model (folder, demo name or hub id)")],
+    out: Annotated[Path, typer.Option(help="model folder to write")],
+    force_mismatch: ForceMismatch = False,
+    shard_size_mb: ShardSize = 2000,
+    force: Force = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Undo a patch exactly, bit for bit on the entries it touched, into a new model folder."""
+    from safepatching.models import weights_folder
+    from safepatching.patchfile import revert_patch
+
+    refuse_existing(out, force)
+    record = revert_patch(
+        patch, weights_folder(model), out, force_mismatch, shard_size_mb, overwrite=force, progress=not no_progress
+    )
+    err.print(f"patch reverted; model written to {out} (fingerprint {record['output_fingerprint'][:16]})")
+
+
+@app.command()
+def inspect(
+    patch: Annotated[Path, typer.Argument(help="patch folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+) -> None:
+    """Show what a patch changes, per layer and per module."""
+    from safepatching.patchfile import inspect_patch
+    from safepatching.report import print_patch_summary
+
+    summary = inspect_patch(patch)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        print_patch_summary(summary, Console())
 
 
 def main() -> None:

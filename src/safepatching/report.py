@@ -89,3 +89,20 @@ def print_before_after(before: dict[str, Any], after: dict[str, Any], model_dir:
         table.add_row(title, _fmt(before.get(key), digits), _fmt(after.get(key), digits))
     console.print(table)
     console.print(f"patched model written to [bold]{model_dir}[/bold]")
+
+
+def print_patch_summary(summary: dict[str, Any], console: Console) -> None:
+    """Totals, then changed entries and delta norm per layer and per module."""
+    console.print(
+        f"[bold]{summary['patch']}[/bold]: {summary['changed_entries']:,} changed entries "
+        f"({100 * summary['changed_fraction_of_model']:.2f}% of the model) in {summary['tensors_changed']} tensors; "
+        f"{summary['patch_bytes'] / 2**20:.1f} MiB ({100 * summary['size_fraction_of_model']:.1f}% of the model size)"
+    )
+    console.print(f"base fingerprint {summary['base_fingerprint'][:16]}, result {summary['result_fingerprint'][:16]}")
+    for title, key in (("layer", "layers"), ("module", "modules")):
+        table = Table(title=f"changes per {title}")
+        for column in (title, "changed", "changed %", "delta L2"):
+            table.add_column(column, justify="right" if column != title else "left")
+        for row in summary[key]:
+            table.add_row(row["name"], f"{row['changed']:,}", f"{100 * row['changed_fraction']:.2f}", f"{row['delta_l2']:.4g}")
+        console.print(table)

@@ -1,0 +1,140 @@
+"""Sparse patch files: exact apply/revert, fingerprints, continual chains, streaming shards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from safepatching.patchfile import (
+    PatchMismatchError,
+    apply_delta,
+    apply_patches,
+    diff_tensor,
+    export_patch,
+    inspect_patch,
+    revert_patch,
+)
+from safepatching.shards import PlannedTensor, WeightFolder, copy_model_files, write_shards
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_diff_apply_revert_are_bit_exact_even_for_awkward_values(dtype):
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randn(4000, generator=generator).to(dtype)
+    before[:10] = 0.0
+    after = before.clone()
+    touched = torch.randperm(4000, generator=generator)[:600]
+    after[touched] = (before[touched].float() + 1e-3 * torch.randn(600, generator=generator)).to(dtype)
+    after[touched[:20]] = -before[touched[:20]] * 3  # sign flips: deltas that do not round-trip
+    after[0] = -0.0  # a change visible only in the bits
+    before[1], after[1] = 1.0, 1e-6  # the delta absorbs the tiny value: needs an exact entry
+    sparse = diff_tensor(before, after)
+    assert sparse.exact_index.numel() >= 1 and sparse.index.numel() > 100
+    assert sparse.changed == int((bits(before) != bits(after)).sum())
+    assert torch.equal(bits(apply_delta(before.clone(), sparse)), bits(after))
+    assert torch.equal(bits(apply_delta(after.clone(), sparse, sign=-1)), bits(before))
+    assert diff_tensor(before, before.clone()) is None
+
+
+def perturbed_copy(source, target, names, seed=1, scale=1e-2, share=0.05):
+    """A copy of a model folder with a sparse random change to the named tensors."""
+    folder = WeightFolder(source)
+    generator = torch.Generator().manual_seed(seed)
+    target.mkdir(parents=True)
+
+    def produce(planned):
+        value = folder.read(planned.name)
+        if planned.name in names:
+            mask = torch.rand(value.shape, generator=generator) < share
+            value = value + scale * torch.randn(value.shape, generator=generator) * mask
+        return value
+
+    plan = [PlannedTensor(n, i.dtype, i.shape) for n, i in folder.tensors.items()]
+    write_shards(target, plan, produce, 1 << 30)
+    copy_model_files(source, target)
+    return target
+
+
+def read_all(folder):
+    weights = WeightFolder(folder)
+    return {name: weights.read(name) for name in weights.names()}
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(bits(a[name]), bits(b[name])), name
+
+
+TOUCHED = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+
+
+def test_export_apply_revert_round_trip_is_bit_exact_and_sharded(tmp_path, tiny_model_dir):
+    patched = perturbed_copy(tiny_model_dir, tmp_path / "patched", TOUCHED)
+    meta = export_patch(tiny_model_dir, patched, tmp_path / "patch", {"method": "test"}, progress=False)
+    assert set(meta["tensors"]) == set(TOUCHED)
+    assert meta["changed_entries"] == sum(r["changed"] for r in meta["tensors"].values()) > 0
+    assert meta["patch_bytes"] < 0.1 * meta["model_bytes"]
+
+    apply_patches([tmp_path / "patch"], tiny_model_dir, tmp_path / "applied", shard_size_mb=0, progress=False)
+    index = json.loads((tmp_path / "applied/model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # shard size 0 MB: one tensor per shard
+    assert_bitwise_equal(read_all(tmp_path / "applied"), read_all(patched))
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "applied") is not None
+
+    record = revert_patch(tmp_path / "patch", tmp_path / "applied", tmp_path / "reverted", progress=False)
+    assert record["matches_patch"]
+    assert_bitwise_equal(read_all(tmp_path / "reverted"), read_all(tiny_model_dir))
+
+
+def test_wrong_base_is_refused_unless_forced(tmp_path, tiny_model_dir):
+    patched = perturbed_copy(tiny_model_dir, tmp_path / "patched", TOUCHED)
+    export_patch(tiny_model_dir, patched, tmp_path / "patch", progress=False)
+    other_touched = perturbed_copy(tiny_model_dir, tmp_path / "other", TOUCHED[:1], seed=5)
+    with pytest.raises(PatchMismatchError, match="differs"):
+        apply_patches([tmp_path / "patch"], other_touched, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    other_untouched = perturbed_copy(tiny_model_dir, tmp_path / "other2", ["model.norm.weight"], share=1.0)
+    with pytest.raises(PatchMismatchError, match="fingerprint"):
+        apply_patches([tmp_path / "patch"], other_untouched, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    record = apply_patches([tmp_path / "patch"], other_touched, tmp_path / "out", force=True, progress=False)
+    assert record["forced"] and not record["matches_patch"]
+
+
+def test_patch_for_another_architecture_is_refused_even_when_forced(tmp_path, tiny_model_dir):
+    from tests.conftest import build_tiny_model
+
+    patched = perturbed_copy(tiny_model_dir, tmp_path / "patched", TOUCHED)
+    export_patch(tiny_model_dir, patched, tmp_path / "patch", progress=False)
+    other = build_tiny_model(tmp_path / "wide", hidden_size=48)
+    with pytest.raises(PatchMismatchError, match="expects"):
+        apply_patches([tmp_path / "patch"], other, tmp_path / "out", force=True, progress=False)
+
+
+def test_continual_patches_apply_in_order_and_are_checked_against_the_chain(tmp_path, tiny_model_dir):
+    round1 = perturbed_copy(tiny_model_dir, tmp_path / "round1", TOUCHED, seed=1)
+    round2 = perturbed_copy(round1, tmp_path / "round2", TOUCHED[1:], seed=2)
+    export_patch(tiny_model_dir, round1, tmp_path / "p1", progress=False)
+    export_patch(round1, round2, tmp_path / "p2", progress=False)
+    apply_patches([tmp_path / "p1", tmp_path / "p2"], tiny_model_dir, tmp_path / "both", progress=False)
+    assert_bitwise_equal(read_all(tmp_path / "both"), read_all(round2))
+    with pytest.raises(PatchMismatchError):
+        apply_patches([tmp_path / "p2"], tiny_model_dir, tmp_path / "wrong", progress=False)
+
+
+def test_inspect_reports_changes_per_layer_and_module(tmp_path, tiny_model_dir):
+    patched = perturbed_copy(tiny_model_dir, tmp_path / "patched", TOUCHED)
+    meta = export_patch(tiny_model_dir, patched, tmp_path / "patch", progress=False)
+    summary = inspect_patch(tmp_path / "patch")
+    assert [row["name"] for row in summary["layers"]] == ["0", "1"]
+    assert {row["name"] for row in summary["modules"]} == {"q_proj", "down_proj"}
+    assert sum(row["changed"] for row in summary["modules"]) == meta["changed_entries"]
+    assert all(0 < row["changed_fraction"] < 0.2 and row["delta_l2"] > 0 for row in summary["layers"])
