@@ -138,7 +138,7 @@ def derive(
 ) -> None:
     """Derive one patch by fine-tuning on harmful (prompt, response) pairs."""
     from safepatching.data import load_examples
-    from safepatching.derive import derive_patch, save_patch
+    from safepatching.derive import checkpoint_dir_for, derive_patch, save_patch
     from safepatching.models import load_model
 
     if direction not in ("ascent", "descent"):
@@ -147,7 +147,9 @@ def derive(
     refuse_existing(out, force)
     pairs = load_examples(cfg.harmful_train, cfg.data_dir)
     backbone, tokenizer = load_model(cfg.model, cfg.compute_dtype, cfg.trust_remote_code, cfg.allow_pickle)
-    patch = derive_patch(backbone, tokenizer, pairs, direction, cfg.derive, cfg.seed, not no_progress)
+    patch = derive_patch(
+        backbone, tokenizer, pairs, direction, cfg.derive, cfg.seed, not no_progress, checkpoint_dir_for(out)
+    )
     save_patch(patch, out, {"base_model": cfg.model})
     err.print(f"{direction} patch ({patch.info['steps']} steps, stop: {patch.info['stop_reason']}) written to {out}")
 
@@ -219,6 +221,7 @@ def merge(
     )
     err.print(f"patched model ({100 * counts['changed_fraction']:.2f}% of patchable entries changed) written to {out}")
 
+
 ForceMismatch = Annotated[
     bool, typer.Option("--force-mismatch", help="proceed although the model's fingerprint differs from the patch's")
 ]
@@ -228,7 +231,9 @@ ShardSize = Annotated[int, typer.Option(help="output shard size in MB")]
 @app.command("export")
 def export(
     out: Annotated[Path, typer.Option(help="patch folder to write")],
-    run_dir: Annotated[Path | None, typer.Option("--run", help="a run directory (uses its model/ and backbone)")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run", help="a run directory (uses its model/ and backbone)")
+    ] = None,
     model: Annotated[Path | None, typer.Option(help="patched model folder")] = None,
     base: Annotated[str | None, typer.Option(help="the base model the patched one came from")] = None,
     force: Force = False,
@@ -242,7 +247,9 @@ def export(
         config = build_config(run_dir / "config.yaml", {})
         model, base = run_dir / "model", base or config.model
     if model is None or base is None:
-        raise SafePatchingError("export needs a patched model and its base.", "pass --run RUN_DIR or --model DIR --base MODEL")
+        raise SafePatchingError(
+            "export needs a patched model and its base.", "pass --run RUN_DIR or --model DIR --base MODEL"
+        )
     refuse_existing(out, force)
     provenance = {"base_model": base, **provenance_from_model(model)}
     meta = export_patch(weights_folder(base), model, out, provenance, overwrite=force, progress=not no_progress)
@@ -270,7 +277,9 @@ def apply(
     record = apply_patches(
         patches, weights_folder(base), out, force_mismatch, shard_size_mb, overwrite=force, progress=not no_progress
     )
-    err.print(f"{len(patches)} patch(es) applied; model written to {out} (fingerprint {record['output_fingerprint'][:16]})")
+    err.print(
+        f"{len(patches)} patch(es) applied; model written to {out} (fingerprint {record['output_fingerprint'][:16]})"
+    )
 
 
 @app.command()

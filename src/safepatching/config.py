@@ -68,6 +68,16 @@ class DeriveConfig(StrictModel):
     )
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float = Field(32.0, gt=0)
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="save a resumable checkpoint every N optimizer steps (0: only by time)"
+    )
+    checkpoint_every_minutes: float = Field(
+        10.0, ge=0, description="save a resumable checkpoint when this long has passed since the last (0: never)"
+    )
+
+    def training_settings(self) -> dict[str, Any]:
+        """The settings that shape the patch (checkpoint frequency does not)."""
+        return self.model_dump(mode="json", exclude={"checkpoint_every_steps", "checkpoint_every_minutes"})
 
 
 class ImportanceConfig(StrictModel):

@@ -9,9 +9,12 @@ nats per token (or at max_steps / the end of the epochs).
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
+import shutil
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,12 +25,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safepatching.config import DeriveConfig
+from safepatching.config import DeriveConfig, fingerprint
 from safepatching.data import Example, collate, encode_pair
 from safepatching.errors import TrainingError
-from safepatching.io import atomic_dir, read_json, save_tensors, write_json
-from safepatching.shards import LazyTensors
+from safepatching.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from safepatching.shards import LazyTensors, tensor_digest
 
+log = logging.getLogger(__name__)
 Direction = Literal["ascent", "descent"]
 PATCH_TENSORS = "deltas.safetensors"
 PATCH_INFO = "patch.json"
@@ -85,6 +89,73 @@ def make_loader(
     )
 
 
+def checkpoint_dir_for(patch_dir: Path) -> Path:
+    """Where derivation of ``patch_dir`` keeps its resumable checkpoint (a hidden sibling)."""
+    patch_dir = Path(patch_dir)
+    return patch_dir.parent / f".{patch_dir.name}.checkpoint"
+
+
+@dataclass
+class TrainingState:
+    """Where the loop is: optimizer steps taken, their NLLs, and the position in the data."""
+
+    history: list[float] = field(default_factory=list)
+    epoch: int = 0
+    batches_done: int = 0
+
+
+class Checkpointer:
+    """Saves trainable weights, optimizer state, RNG state and loop position; restores them exactly.
+
+    A checkpoint is only used when its key (direction, settings, seed, data and backbone) matches,
+    so a changed run never resumes from a stale one. Writes are atomic, so ``kill -9`` mid-write
+    leaves the previous checkpoint intact.
+    """
+
+    def __init__(self, directory: Path | None, key: str, settings: DeriveConfig):
+        self.directory = None if directory is None else Path(directory)
+        self.key = key
+        self.settings = settings
+        self.last_save = time.monotonic()
+
+    def due(self, steps: int) -> bool:
+        if self.directory is None:
+            return False
+        every, minutes = self.settings.checkpoint_every_steps, self.settings.checkpoint_every_minutes
+        return bool(every and steps % every == 0) or bool(minutes and time.monotonic() - self.last_save >= 60 * minutes)
+
+    def save(self, trainable: torch.nn.Module, optimizer, state: TrainingState, epoch_length: int) -> None:
+        weights = {n: p.detach() for n, p in trainable.named_parameters() if p.requires_grad}
+        position = asdict(state)
+        if state.batches_done == epoch_length:  # the epoch is finished: resume at the next one
+            position.update(epoch=state.epoch + 1, batches_done=0)
+        with atomic_dir(self.directory) as staging:
+            save_tensors(staging / "trainable.safetensors", weights)
+            torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, staging / "optimizer.pt")
+            write_json(staging / "state.json", {"key": self.key, **position})
+        self.last_save = time.monotonic()
+
+    def restore(self, trainable: torch.nn.Module, optimizer) -> TrainingState:
+        """Load a matching checkpoint into the model and optimizer; a fresh state when there is none."""
+        if self.directory is None or not (self.directory / "state.json").is_file():
+            return TrainingState()
+        saved = read_json(self.directory / "state.json")
+        if saved.pop("key", None) != self.key:
+            log.warning("ignoring checkpoint %s: it was made with other settings or data", self.directory)
+            return TrainingState()
+        weights = load_tensors(self.directory / "trainable.safetensors")
+        extra = torch.load(self.directory / "optimizer.pt", weights_only=True)
+        with torch.no_grad():
+            for name, param in trainable.named_parameters():
+                if name in weights:
+                    param.copy_(weights[name])
+        optimizer.load_state_dict(extra["optimizer"])
+        torch.set_rng_state(extra["rng"])
+        state = TrainingState(**saved)
+        log.warning("resuming derivation from %s at step %d", self.directory, len(state.history))
+        return state
+
+
 def derive_patch(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -93,11 +164,19 @@ def derive_patch(
     settings: DeriveConfig,
     seed: int = 0,
     progress: bool = True,
+    checkpoint_dir: Path | None = None,
 ) -> Patch:
-    """Fine-tune ``model`` in ``direction`` on the pairs and return the patch; the model is restored."""
+    """Fine-tune ``model`` in ``direction`` on the pairs and return the patch; the model is restored.
+
+    With ``checkpoint_dir`` the loop checkpoints as configured and resumes from a matching
+    checkpoint, giving the same patch as an uninterrupted run.
+    """
     set_seed(seed)
     names = target_parameter_names(model, settings.target_modules)
     original = {name: p.detach().clone() for name, p in model.named_parameters() if name in set(names)}
+    key = fingerprint(
+        direction, settings.training_settings(), seed, pairs_digest(pairs), tensor_digest(original[names[0]])
+    )
     trainable = _prepare_trainable(model, names, settings)
     loader = make_loader(tokenizer, pairs, settings.max_length, settings.batch_size, seed, shuffle=True)
     accelerator = Accelerator(gradient_accumulation_steps=settings.gradient_accumulation_steps)
@@ -105,17 +184,25 @@ def derive_patch(
         [p for p in trainable.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=0.0
     )
     wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
+    checkpointer = Checkpointer(checkpoint_dir, key, settings)
     steps_per_epoch = math.ceil(len(loader) / settings.gradient_accumulation_steps)
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
     sign = -1.0 if direction == "ascent" else 1.0
-    history: list[float] = []
     stop_reason = "max_steps" if settings.max_steps else "epochs"
     wrapped.train()
     bar = tqdm(total=total_steps, desc=f"derive ({direction})", disable=not progress)
     step_losses: list[torch.Tensor] = []
     try:
+        state = checkpointer.restore(accelerator.unwrap_model(wrapped), optimizer)
+        history = state.history
+        bar.update(len(history))
+        for _ in range(state.epoch):  # replay earlier epochs' shuffles so the data order matches
+            for _ in loader:
+                pass
         while len(history) < total_steps and stop_reason not in ("nll_ceiling", "nll_floor"):
-            for batch in loader:
+            for position, batch in enumerate(loader):
+                if position < state.batches_done:
+                    continue
                 with accelerator.accumulate(wrapped):
                     nll = response_nll(wrapped, batch)
                     if not torch.isfinite(nll):
@@ -134,6 +221,7 @@ def derive_patch(
                 step_nll = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
                 step_losses.clear()
                 history.append(step_nll)
+                state.batches_done = position + 1
                 bar.update(1)
                 bar.set_postfix(nll=f"{step_nll:.3f}")
                 if direction == "ascent" and step_nll > history[0] + settings.ascent_max_nll_increase:
@@ -142,6 +230,10 @@ def derive_patch(
                     stop_reason = "nll_floor"
                 if stop_reason in ("nll_ceiling", "nll_floor") or len(history) >= total_steps:
                     break
+                if checkpointer.due(len(history)):
+                    checkpointer.save(accelerator.unwrap_model(wrapped), optimizer, state, len(loader))
+            else:
+                state.epoch, state.batches_done = state.epoch + 1, 0
     finally:  # the backbone is restored even when training fails
         bar.close()
         deltas = _take_deltas(_finish_trainable(accelerator.unwrap_model(wrapped), settings), original)
@@ -196,9 +288,11 @@ def _finish_trainable(trained: torch.nn.Module, settings: DeriveConfig) -> torch
 
 
 def save_patch(patch: Patch, directory: Path, extra_info: dict[str, Any] | None = None) -> None:
+    """Write the patch atomically, then drop the derivation checkpoint it no longer needs."""
     with atomic_dir(directory) as staging:
         save_tensors(staging / PATCH_TENSORS, patch.deltas)
         write_json(staging / PATCH_INFO, {**patch.info, **(extra_info or {})})
+    shutil.rmtree(checkpoint_dir_for(directory), ignore_errors=True)
 
 
 def load_patch(directory: Path) -> Patch:

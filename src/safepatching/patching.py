@@ -147,8 +147,9 @@ def write_patched_model(
                 f"{planned.name} has shape {planned.shape} in the base but {tuple(delta.shape)} in the patch.",
                 "merge patches into the backbone they came from",
             )
-        patched = (value.float() + delta).to(planned.dtype)
-        lost += int(((delta != 0) & (patched == value.to(planned.dtype))).sum())
+        touched = delta != 0  # untouched entries keep their exact bits (x + 0.0 would turn -0.0 into 0.0)
+        patched = torch.where(touched, value.float() + delta, value.float()).to(planned.dtype)
+        lost += int((touched & (patched == value.to(planned.dtype))).sum())
         return patched
 
     with (

@@ -16,7 +16,7 @@ from rich.console import Console
 from safepatching import __version__
 from safepatching.config import PipelineConfig, dump_config, fingerprint
 from safepatching.data import Example, assert_disjoint, load_examples
-from safepatching.derive import Patch, derive_patch, load_patch, save_patch, target_parameter_names
+from safepatching.derive import Patch, checkpoint_dir_for, derive_patch, load_patch, save_patch, target_parameter_names
 from safepatching.evaluate import EvalSets, evaluate_model, harmless_responses, load_eval_sets
 from safepatching.importance import patched, snip_scores
 from safepatching.io import read_json, save_tensors, write_json, write_text_atomic
@@ -90,7 +90,7 @@ class SafePatchingRun:
     # -- stage keys ----------------------------------------------------------------------------------
     def derive_key(self) -> str:
         c = self.config
-        return fingerprint(c.model, c.seed, c.compute_dtype, c.harmful_train, c.derive)
+        return fingerprint(c.model, c.seed, c.compute_dtype, c.harmful_train, c.derive.training_settings())
 
     def importance_key(self) -> str:
         return fingerprint(self.derive_key(), self.config.importance)
@@ -110,7 +110,14 @@ class SafePatchingRun:
             model, tokenizer = self.backbone()
             with stage_meter(self.stages, f"derive_{label}"):
                 patch = derive_patch(
-                    model, tokenizer, pairs, direction, self.config.derive, self.config.seed, self.progress
+                    model,
+                    tokenizer,
+                    pairs,
+                    direction,
+                    self.config.derive,
+                    self.config.seed,
+                    self.progress,
+                    checkpoint_dir_for(directory),
                 )
                 save_patch(patch, directory, {"label": label, "base_model": self.config.model})
             _mark(directory, self.derive_key(), self.stages[f"derive_{label}"])

@@ -104,5 +104,7 @@ def print_patch_summary(summary: dict[str, Any], console: Console) -> None:
         for column in (title, "changed", "changed %", "delta L2"):
             table.add_column(column, justify="right" if column != title else "left")
         for row in summary[key]:
-            table.add_row(row["name"], f"{row['changed']:,}", f"{100 * row['changed_fraction']:.2f}", f"{row['delta_l2']:.4g}")
+            table.add_row(
+                row["name"], f"{row['changed']:,}", f"{100 * row['changed_fraction']:.2f}", f"{row['delta_l2']:.4g}"
+            )
         console.print(table)
