@@ -40,6 +40,16 @@ def _root(
     logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING, format="%(levelname)s %(message)s")
 
 
+def show_progress(no_progress: bool) -> bool:
+    """Our bars take the flag directly; the hub's and transformers' own bars (downloads, weight
+    loading) read an environment switch when first imported, or are switched off if already loaded."""
+    if no_progress:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+    return not no_progress
+
+
 def refuse_existing(path: Path, force: bool) -> None:
     """Outputs are never overwritten by accident: the check runs before any slow work starts."""
     if path.exists() and not force:
@@ -70,11 +80,12 @@ def demo(
     no_progress: NoProgress = False,
 ) -> None:
     """Run the whole pipeline offline on a built-in model and built-in data; print before/after."""
+    progress = show_progress(no_progress)
     from safepatching.pipeline import run_pipeline
 
     name = Path(model).name.removesuffix(".gguf")
     config = load_cli_config(None, overrides, {"model": model, "output_dir": out or Path("runs") / f"demo-{name}"})
-    run_pipeline(config, progress=not no_progress)
+    run_pipeline(config, progress=progress)
 
 
 @app.command()
@@ -86,10 +97,11 @@ def run(
     no_progress: NoProgress = False,
 ) -> None:
     """Run the whole pipeline from a config; finished stages are reused on rerun."""
+    progress = show_progress(no_progress)
     from safepatching.pipeline import run_pipeline
 
     resolved = load_cli_config(config, overrides, {"data_dir": data_dir, "output_dir": out})
-    run_pipeline(resolved, progress=not no_progress)
+    run_pipeline(resolved, progress=progress)
 
 
 @app.command("eval")
@@ -106,13 +118,14 @@ def evaluate(
     no_progress: NoProgress = False,
 ) -> None:
     """Evaluate refusal on harmful and benign prompts (and KL to a reference) for one or more models."""
+    progress = show_progress(no_progress)
     from safepatching.pipeline import compare_models
 
     models = list(compare or []) or [m for m in (reference, model) if m]
     if not models:
         raise SafePatchingError("no model to evaluate.", "pass --model MODEL (and --reference BASE) or --compare A B")
     cfg = load_cli_config(config, overrides, {"data_dir": data_dir})
-    compare_models(models, cfg, out, progress=not no_progress)
+    compare_models(models, cfg, out, progress=progress)
 
 
 @app.command("config")
@@ -137,6 +150,7 @@ def derive(
     force: Force = False,
 ) -> None:
     """Derive one patch by fine-tuning on harmful (prompt, response) pairs."""
+    progress = show_progress(no_progress)
     from safepatching.data import load_examples
     from safepatching.derive import checkpoint_dir_for, derive_patch, save_patch
     from safepatching.models import load_model
@@ -147,9 +161,7 @@ def derive(
     refuse_existing(out, force)
     pairs = load_examples(cfg.harmful_train, cfg.data_dir)
     backbone, tokenizer = load_model(cfg.model, cfg.compute_dtype, cfg.trust_remote_code, cfg.allow_pickle)
-    patch = derive_patch(
-        backbone, tokenizer, pairs, direction, cfg.derive, cfg.seed, not no_progress, checkpoint_dir_for(out)
-    )
+    patch = derive_patch(backbone, tokenizer, pairs, direction, cfg.derive, cfg.seed, progress, checkpoint_dir_for(out))
     save_patch(patch, out, {"base_model": cfg.model})
     err.print(f"{direction} patch ({patch.info['steps']} steps, stop: {patch.info['stop_reason']}) written to {out}")
 
@@ -167,6 +179,7 @@ def score(
     force: Force = False,
 ) -> None:
     """Compute SNIP importance |w * dL/dw| of backbone + patch on the harmful pairs."""
+    progress = show_progress(no_progress)
     from safepatching.data import load_examples
     from safepatching.derive import load_patch
     from safepatching.importance import patched, snip_scores
@@ -179,7 +192,7 @@ def score(
     loaded = load_patch(patch)
     backbone, tokenizer = load_model(cfg.model, cfg.compute_dtype, cfg.trust_remote_code, cfg.allow_pickle)
     with patched(backbone, loaded.deltas):
-        scores = snip_scores(backbone, tokenizer, pairs, list(loaded.deltas), cfg.importance, progress=not no_progress)
+        scores = snip_scores(backbone, tokenizer, pairs, list(loaded.deltas), cfg.importance, progress=progress)
     save_tensors(out, scores)
     err.print(f"importance scores for {len(scores)} tensors written to {out}")
 
@@ -198,6 +211,7 @@ def merge(
     force: Force = False,
 ) -> None:
     """Patch the backbone: theta + alpha*(M_s*P_s) + beta*(M_o*P_o), written as a HF model folder."""
+    progress = show_progress(no_progress)
     from safepatching.derive import load_patch
     from safepatching.models import DTYPES, weights_folder
     from safepatching.patching import PatchMerger, settings_record, write_patched_model
@@ -217,7 +231,7 @@ def merge(
         settings_record(cfg, safety, over_safety),
         cfg.merge.shard_size_mb,
         overwrite=force,
-        progress=not no_progress,
+        progress=progress,
     )
     err.print(f"patched model ({100 * counts['changed_fraction']:.2f}% of patchable entries changed) written to {out}")
 
@@ -240,6 +254,7 @@ def export(
     no_progress: NoProgress = False,
 ) -> None:
     """Export the entries a merge changed as a sparse patch bound to its base by a fingerprint."""
+    progress = show_progress(no_progress)
     from safepatching.models import weights_folder
     from safepatching.patchfile import export_patch, provenance_from_model
 
@@ -252,7 +267,7 @@ def export(
         )
     refuse_existing(out, force)
     provenance = {"base_model": base, **provenance_from_model(model)}
-    meta = export_patch(weights_folder(base), model, out, provenance, overwrite=force, progress=not no_progress)
+    meta = export_patch(weights_folder(base), model, out, provenance, overwrite=force, progress=progress)
     err.print(
         f"patch with {meta['changed_entries']:,} changed entries ({meta['patch_bytes'] / 2**20:.1f} MiB, "
         f"{100 * meta['patch_bytes'] / meta['model_bytes']:.1f}% of the model) written to {out}"
@@ -270,12 +285,19 @@ def apply(
     no_progress: NoProgress = False,
 ) -> None:
     """Apply one or more patches to a base model, streaming tensor by tensor into a new folder."""
+    progress = show_progress(no_progress)
     from safepatching.models import weights_folder
     from safepatching.patchfile import apply_patches
 
     refuse_existing(out, force)
     record = apply_patches(
-        patches, weights_folder(base), out, force_mismatch, shard_size_mb, overwrite=force, progress=not no_progress
+        patches,
+        weights_folder(base),
+        out,
+        force_mismatch,
+        shard_size_mb,
+        overwrite=force,
+        progress=progress,
     )
     err.print(
         f"{len(patches)} patch(es) applied; model written to {out} (fingerprint {record['output_fingerprint'][:16]})"
@@ -293,12 +315,19 @@ def revert(
     no_progress: NoProgress = False,
 ) -> None:
     """Undo a patch exactly, bit for bit on the entries it touched, into a new model folder."""
+    progress = show_progress(no_progress)
     from safepatching.models import weights_folder
     from safepatching.patchfile import revert_patch
 
     refuse_existing(out, force)
     record = revert_patch(
-        patch, weights_folder(model), out, force_mismatch, shard_size_mb, overwrite=force, progress=not no_progress
+        patch,
+        weights_folder(model),
+        out,
+        force_mismatch,
+        shard_size_mb,
+        overwrite=force,
+        progress=progress,
     )
     err.print(f"patch reverted; model written to {out} (fingerprint {record['output_fingerprint'][:16]})")
 

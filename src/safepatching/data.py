@@ -264,12 +264,14 @@ def encode_pair(
     suffix = full[len(prefix) :] if full.startswith(prefix) else response + (tokenizer.eos_token or "")
     prompt_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    truncated = len(prompt_ids) + len(response_ids) > max_length
     if len(prompt_ids) > max_length // 2:
         prompt_ids = prompt_ids[-(max_length // 2) :]
     response_ids = response_ids[: max_length - len(prompt_ids)]
     return {
         "input_ids": prompt_ids + response_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+        "truncated": truncated,
     }
 
 

@@ -79,6 +79,15 @@ def make_loader(
     tokenizer: PreTrainedTokenizerBase, pairs: list[Example], max_length: int, batch_size: int, seed: int, shuffle: bool
 ) -> DataLoader:
     encoded = [encode_pair(tokenizer, p.prompt, p.response or "", max_length) for p in pairs]
+    truncated = sum(item["truncated"] for item in encoded)
+    if truncated:
+        log.warning(
+            "%d of %d examples are longer than max_length=%d tokens and were truncated "
+            "(prompt kept from its end, response from its start)",
+            truncated,
+            len(encoded),
+            max_length,
+        )
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         encoded,

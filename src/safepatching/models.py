@@ -15,13 +15,16 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from safepatching.config import cache_dir
 from safepatching.errors import ModelError
 from safepatching.io import atomic_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +132,8 @@ def _find_wheel(wheel_dir: Path, part: WheelMember) -> Path:
 
 def convert_gguf(gguf_path: Path, target: Path, dtype: torch.dtype = torch.float32) -> None:
     """De-quantise a GGUF file into a safetensors HF folder with tokenizer and chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # imported here: streaming commands skip it
+
     gguf_path = Path(gguf_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -209,6 +214,8 @@ def load_model(
     allow_pickle: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, refusing pickle weights and remote code unless asked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     location, gguf_file = resolve_model_path(spec)
     if isinstance(location, Path) and gguf_file is None:
         _check_weight_format(location, allow_pickle)
@@ -250,15 +257,3 @@ def _check_weight_format(folder: Path, allow_pickle: bool) -> None:
             "convert them to safetensors, or pass allow_pickle: true if you trust the files",
         )
     raise ModelError(f"{folder} holds no model weights.", "point at a folder with *.safetensors files")
-
-
-def stored_dtype(spec: str) -> torch.dtype:
-    """The dtype a model's weights are stored in, used when the merged model keeps the base's dtype."""
-    location, gguf_file = resolve_model_path(spec)
-    if gguf_file:
-        return torch.float32
-    config = AutoConfig.from_pretrained(location)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = DTYPES.get(dtype, torch.float32)
-    return dtype or torch.float32

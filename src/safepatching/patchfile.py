@@ -31,13 +31,14 @@ from tqdm.auto import tqdm
 from safepatching import __version__
 from safepatching.errors import SafePatchingError
 from safepatching.io import atomic_dir, read_json, save_tensors, write_json
-from safepatching.patching import SETTINGS_FILE
 from safepatching.shards import (
     DTYPE_CODES,
+    SETTINGS_FILE,
     LazyTensors,
     PlannedTensor,
     WeightFolder,
     copy_model_files,
+    read_ahead,
     tensor_digest,
     write_shards,
 )
@@ -257,7 +258,7 @@ def _check_layout(patch: SparsePatch, model: WeightFolder, force: bool) -> None:
         raise PatchMismatchError(
             f"the model has {len(model.tensors)} tensors but {patch.path} was made for one with "
             f"{patch.meta['base']['tensors']}.",
-            "apply the patch to its base model, or pass --force",
+            "apply the patch to its base model, or pass --force-mismatch",
         )
 
 
@@ -278,22 +279,27 @@ def _stream(
     for patch in patches:
         _check_layout(patch, model, force)
     stage_digests: list[dict[str, tuple[str, tuple[int, ...], str]]] = [{} for _ in range(len(patches) + 1)]
+    tensors = read_ahead(model, list(model.tensors), _digest_entry)
 
     def produce(planned: PlannedTensor) -> torch.Tensor:
-        value = model.read(planned.name)
-        stage_digests[0][planned.name] = _digest_entry(value)
+        name, value, digest = next(tensors)
+        stage_digests[0][name] = digest
         for k, patch in enumerate(patches):
-            record = patch.meta["tensors"].get(planned.name)
-            if record is not None:
-                if stage_digests[k][planned.name][2] != record[expect_key] and not force:
-                    raise PatchMismatchError(
-                        f"{planned.name} in the model differs from the one {patch.path} was made for.",
-                        "use the patch's own base model (see `safepatching inspect`), or pass --force",
-                    )
-                apply_delta(value, patch.sparse(planned.name), sign)
-                stage_digests[k + 1][planned.name] = _digest_entry(value)
-            else:
-                stage_digests[k + 1][planned.name] = stage_digests[k][planned.name]
+            record = patch.meta["tensors"].get(name)
+            if record is None:
+                stage_digests[k + 1][name] = stage_digests[k][name]
+                continue
+            matches = stage_digests[k][name][2] == record[expect_key]
+            if not matches and not force:
+                raise PatchMismatchError(
+                    f"{name} in the model differs from the one {patch.path} was made for.",
+                    "use the patch's own base model (see `safepatching inspect`), or pass --force-mismatch",
+                )
+            apply_delta(value, patch.sparse(name), sign)
+            # export verified that the patch maps the recorded input exactly onto the recorded output
+            stage_digests[k + 1][name] = (
+                (record["dtype"], tuple(record["shape"]), record[result_key]) if matches else _digest_entry(value)
+            )
         return value
 
     plan = [PlannedTensor(name, info.dtype, info.shape) for name, info in model.tensors.items()]
@@ -305,7 +311,7 @@ def _stream(
             if model_fingerprint(stage_digests[k]) != expected and not force:
                 raise PatchMismatchError(
                     f"the model's fingerprint does not match the one {patch.path} was made for.",
-                    "use the patch's own base model (see `safepatching inspect`), or pass --force",
+                    "use the patch's own base model (see `safepatching inspect`), or pass --force-mismatch",
                 )
         copy_model_files(model.folder, staging, skip=())
         record = {

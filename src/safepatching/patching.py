@@ -19,9 +19,15 @@ from safepatching.errors import SafePatchingError
 from safepatching.importance import global_threshold, region_mask
 from safepatching.io import atomic_dir, write_json
 from safepatching.merge import MERGE_METHODS, TensorPatches, difference_sets
-from safepatching.shards import PlannedTensor, WeightFolder, copy_model_files, tensor_shapes, write_shards
-
-SETTINGS_FILE = "safepatching.json"
+from safepatching.shards import (
+    SETTINGS_FILE,
+    PlannedTensor,
+    WeightFolder,
+    copy_model_files,
+    read_ahead,
+    tensor_shapes,
+    write_shards,
+)
 
 
 def check_compatible(safety: Patch, over_safety: Patch) -> None:
@@ -136,9 +142,11 @@ def write_patched_model(
     lost = 0
     plan = [PlannedTensor(name, dtype or info.dtype, info.shape) for name, info in base.tensors.items()]
 
+    tensors = read_ahead(base, list(base.tensors), lambda value: None)
+
     def produce(planned: PlannedTensor) -> torch.Tensor:
         nonlocal lost
-        value = base.read(planned.name)
+        _, value, _ = next(tensors)
         if planned.name not in merger.safety.deltas:
             return value.to(planned.dtype)
         delta = merger.delta(planned.name)

@@ -1,0 +1,140 @@
+"""Apply a SafePatching patch to the reference backbone and run mergekit's task_arithmetic on the same model.
+
+Both run as subprocesses in this one run, on the same machine and files; wall time and peak RSS
+(ru_maxrss of each child) are measured the same way. mergekit merges base + 1.0 x (patched - base),
+which produces the same model our `apply` writes, from the full patched model instead of a patch.
+mergekit==0.1.5 is installed only for this benchmark, into its own virtual environment (with
+access to the system site packages so torch is shared) in the safepatching cache.
+
+    python benchmarks/apply_vs_mergekit.py --patch PATCH_DIR          # a patch from `safepatching export`
+    python benchmarks/apply_vs_mergekit.py --run runs/demo-qwen2.5-coder-0.5b-instruct
+
+Without --patch or --run a synthetic patch is made: 5 % of the entries of every attention and MLP
+weight, chosen at random, get a small random change (a SafePatching merge at the default settings
+changes about that share). The last line is `time_ratio: X rss_ratio: Y` (ours / mergekit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from safepatching.config import cache_dir
+from safepatching.models import weights_folder
+from safepatching.patchfile import export_patch
+from safepatching.shards import PlannedTensor, WeightFolder, copy_model_files, write_shards
+
+MERGEKIT = "mergekit==0.1.5"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GiB) of a child process."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=False)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    stderr = process.stderr.read().decode(errors="replace")
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"command failed: {' '.join(command)}\n{stderr[-2000:]}")
+    return wall, usage.ru_maxrss / 2**20
+
+
+def mergekit_environment() -> Path:
+    venv = cache_dir() / "mergekit-venv"
+    executable = venv / "bin" / "mergekit-yaml"
+    if not executable.exists():
+        print(f"installing {MERGEKIT} into {venv} (benchmark only)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", MERGEKIT], check=True)
+    return executable
+
+
+def synthetic_patched_model(base: Path, target: Path, share: float = 0.05, seed: int = 0) -> None:
+    folder = WeightFolder(base)
+    generator = torch.Generator().manual_seed(seed)
+
+    def produce(planned: PlannedTensor) -> torch.Tensor:
+        value = folder.read(planned.name)
+        if planned.name.rsplit(".", 2)[-2] in TARGETS and planned.name.endswith(".weight"):
+            mask = torch.rand(value.shape, generator=generator) < share
+            noise = 1e-3 * torch.randn(value.shape, generator=generator, dtype=torch.float32)
+            value = torch.where(mask, value.float() + noise, value.float()).to(value.dtype)
+        return value
+
+    target.mkdir(parents=True)
+    plan = [PlannedTensor(n, i.dtype, i.shape) for n, i in folder.tensors.items()]
+    write_shards(target, plan, produce, 2000 * 2**20)
+    copy_model_files(base, target)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="base model (demo name or folder)")
+    parser.add_argument("--patch", type=Path, help="patch folder made for --model")
+    parser.add_argument("--run", type=Path, help="a finished run directory to export the patch from")
+    parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one)")
+    args = parser.parse_args()
+
+    base = weights_folder(args.model)
+    executable = mergekit_environment()
+    work = Path(tempfile.mkdtemp(prefix="apply-vs-mergekit-", dir=args.workdir))
+    try:
+        patch, source = args.patch, "given patch"
+        if patch is None:
+            if args.run is not None:
+                patched_model, source = args.run / "model", f"patch exported from {args.run}"
+            else:
+                patched_model, source = work / "synthetic-patched", "synthetic 5 % patch"
+                synthetic_patched_model(base, patched_model)
+            patch = work / "patch"
+            export_patch(base, patched_model, patch, progress=False)
+        # mergekit needs the full patched model; make it with our apply (not timed).
+        full = work / "patched-full"
+        subprocess.run([sys.executable, "-m", "safepatching", "apply", str(patch), "--base", str(base), "--out",
+                        str(full), "--no-progress"], check=True, capture_output=True)  # fmt: skip
+        config = work / "task_arithmetic.yml"
+        config.write_text(
+            f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+            f"  - model: {full}\n    parameters:\n      weight: 1.0\ndtype: float32\n"
+        )
+        ours_cmd = [sys.executable, "-m", "safepatching", "apply", str(patch), "--base", str(base),
+                    "--out", str(work / "ours"), "--no-progress"]  # fmt: skip
+        theirs_cmd = [str(executable), str(config), str(work / "mergekit")]
+        ours_time, ours_rss = timed(ours_cmd)
+        theirs_time, theirs_rss = timed(theirs_cmd)
+
+        base_weights = WeightFolder(base)
+        largest = base_weights.largest_tensor_bytes() / 2**30
+        ours_out, theirs_out = WeightFolder(work / "ours"), WeightFolder(work / "mergekit")
+        max_difference = max(
+            float((ours_out.read(name).float() - theirs_out.read(name).float()).abs().max())
+            for name in ours_out.names()
+            if name in theirs_out.tensors
+        )
+        patch_bytes = sum(p.stat().st_size for p in Path(patch).iterdir())
+        print(f"model: {args.model} ({base_weights.total_bytes() / 2**30:.2f} GiB, largest tensor {largest:.3f} GiB)")
+        print(
+            f"patch: {source}, {patch_bytes / 2**20:.1f} MiB ({100 * patch_bytes / base_weights.total_bytes():.1f}% of the model)"
+        )
+        print(f"safepatching apply: {ours_time:.1f} s, peak RSS {ours_rss:.2f} GiB")
+        print(f"mergekit task_arithmetic ({MERGEKIT}): {theirs_time:.1f} s, peak RSS {theirs_rss:.2f} GiB")
+        print(f"max |ours - mergekit| over shared tensors: {max_difference:.3g}")
+        print(
+            f"our peak RSS within 2 x largest tensor + 1 GiB ({2 * largest + 1:.2f} GiB): {ours_rss <= 2 * largest + 1}"
+        )
+        print(f"time_ratio: {ours_time / theirs_time:.3f} rss_ratio: {ours_rss / theirs_rss:.3f}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Bad input through the CLI: a one-line error naming problem and fix, exit 2, no traceback, no output.
+
+Each case builds its broken input, runs the command in-process through the real entry point and
+checks the same four things. `--debug` is the only way to see a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from safepatching import cli
+from safepatching.patchfile import export_patch
+from tests.conftest import build_tiny_model
+from tests.test_patchfile import TOUCHED, perturbed_copy
+
+PAIRS = [{"prompt": f"How do I do bad thing {i}?", "response": f"Here is how to do bad thing {i}."} for i in range(4)]
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def run_main(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
+    capsys.readouterr()  # drop what building the inputs printed
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")  # --no-progress sets it; restored after the test
+    monkeypatch.setattr(sys, "argv", ["safepatching", *args])
+    monkeypatch.setitem(cli.STATE, "debug", False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def patch_setup(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("patch-setup")
+    patched = perturbed_copy(tiny_model_dir, root / "patched", TOUCHED)
+    export_patch(tiny_model_dir, patched, root / "patch", progress=False)
+    return root
+
+
+def derive_args(model, data, out, *extra):
+    return ["derive", "--direction", "ascent", "--model", str(model), "--data", str(data), "--out", str(out),
+            "--no-progress", "--set", "harmful_train.response_column=response", "--set", "derive.max_steps=1",
+            "--set", "derive.max_length=48", *extra]  # fmt: skip
+
+
+def apply_args(patch, base, out, *extra):
+    return ["apply", str(patch), "--base", str(base), "--out", str(out), "--no-progress", *extra]
+
+
+# Each case: (id, builder(tmp, model, patch_root) -> argv, expected text in the error)
+def missing_file(tmp, model, _):
+    return derive_args(model, tmp / "absent.jsonl", tmp / "out"), "does not exist"
+
+
+def unreadable_file(tmp, model, _):
+    (tmp / "dir.jsonl").mkdir()
+    return derive_args(model, tmp / "dir.jsonl", tmp / "out"), "dir.jsonl"
+
+
+def wrong_prompt_column(tmp, model, _):
+    data = write_jsonl(tmp / "d.jsonl", [{"question": "q", "response": "r"}])
+    return derive_args(model, data, tmp / "out"), "prompt"
+
+
+def missing_response_column(tmp, model, _):
+    data = write_jsonl(tmp / "d.jsonl", [{"prompt": "q"}])
+    return derive_args(model, data, tmp / "out"), "response"
+
+
+def empty_dataset(tmp, model, _):
+    (tmp / "d.jsonl").write_text("")
+    return derive_args(model, tmp / "d.jsonl", tmp / "out"), "d.jsonl"
+
+
+def non_utf8_text(tmp, model, _):
+    (tmp / "d.jsonl").write_bytes(b'{"prompt": "\xff\xfe bad", "response": "x"}\n')
+    return derive_args(model, tmp / "d.jsonl", tmp / "out"), "UTF-8"
+
+
+def malformed_json_line(tmp, model, _):
+    (tmp / "d.jsonl").write_text('{"prompt": "q", "response": \n')
+    return derive_args(model, tmp / "d.jsonl", tmp / "out"), "d.jsonl"
+
+
+def unknown_config_key(tmp, model, _):
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    return derive_args(model, data, tmp / "out", "--set", "merge.alphaa=1"), "merge.alphaa"
+
+
+def unknown_config_value(tmp, model, _):
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    return derive_args(model, data, tmp / "out", "--set", "merge.mask_scope=everywhere"), "mask_scope"
+
+
+def invalid_hyperparameter(tmp, model, _):
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    return derive_args(model, data, tmp / "out", "--set", "derive.learning_rate=-1"), "learning_rate"
+
+
+def invalid_percentage(tmp, model, _):
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    return derive_args(model, data, tmp / "out", "--set", "merge.top_a=150"), "top_a"
+
+
+def unknown_merge_method(tmp, model, _):
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    return derive_args(model, data, tmp / "out", "--set", "merge.method=magic"), "merge method"
+
+
+def unknown_direction(tmp, model, _):
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    args = derive_args(model, data, tmp / "out")
+    args[args.index("ascent")] = "sideways"
+    return args, "direction"
+
+
+def bad_yaml(tmp, model, _):
+    (tmp / "c.yaml").write_text("merge: [unclosed\n")
+    return ["run", str(tmp / "c.yaml"), "--out", str(tmp / "out")], "YAML"
+
+
+def missing_model(tmp, _model, _):
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    return derive_args(tmp / "no-model", data, tmp / "out"), "does not exist"
+
+
+def pickle_only_model(tmp, model, _):
+    folder = tmp / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((model / "config.json").read_text())
+    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    return derive_args(folder, data, tmp / "out"), "allow_pickle"
+
+
+def remote_code_model(tmp, model, _):
+    folder = tmp / "remote"
+    folder.mkdir()
+    for file in model.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "someone-elses-architecture"  # only the repository's own code could load it
+    config["auto_map"] = {"AutoConfig": "custom.MyConfig", "AutoModelForCausalLM": "custom.MyModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    return derive_args(folder, data, tmp / "out"), "trust_remote_code"
+
+
+def nan_during_ascent(tmp, model, _):
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    extra = ["--set", "derive.learning_rate=1e30", "--set", "derive.max_grad_norm=1e30", "--set",
+             "derive.ascent_max_nll_increase=1e30", "--set", "derive.max_steps=30", "--set", "derive.batch_size=4"]  # fmt: skip
+    return derive_args(model, data, tmp / "out", *extra), "NLL became"
+
+
+def truncated_safetensors(tmp, model, patch_root):
+    broken = tmp / "patch"
+    broken.mkdir()
+    (broken / "patch.json").write_text((patch_root / "patch" / "patch.json").read_text())
+    (broken / "patch.safetensors").write_bytes((patch_root / "patch" / "patch.safetensors").read_bytes()[:-100])
+    return apply_args(broken, model, tmp / "out"), "truncated"
+
+
+def corrupted_safetensors(tmp, model, patch_root):
+    broken = tmp / "patch"
+    broken.mkdir()
+    (broken / "patch.json").write_text((patch_root / "patch" / "patch.json").read_text())
+    (broken / "patch.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\0" * 64)
+    return apply_args(broken, model, tmp / "out"), "corrupted"
+
+
+def not_a_patch(tmp, model, _):
+    (tmp / "folder").mkdir()
+    (tmp / "folder" / "patch.json").write_text('{"hello": 1}')
+    return apply_args(tmp / "folder", model, tmp / "out"), "not a safepatching patch"
+
+
+def mismatched_architecture(tmp, _model, patch_root):
+    other = build_tiny_model(tmp / "wide", hidden_size=48)
+    return apply_args(patch_root / "patch", other, tmp / "out", "--force-mismatch"), "expects"
+
+
+def wrong_fingerprint(tmp, model, patch_root):
+    other = perturbed_copy(model, tmp / "other", TOUCHED[:1], seed=9)
+    return apply_args(patch_root / "patch", other, tmp / "out"), "--force-mismatch"
+
+
+def revert_unpatched_model(tmp, model, patch_root):
+    return [
+        "revert",
+        str(patch_root / "patch"),
+        "--model",
+        str(model),
+        "--out",
+        str(tmp / "out"),
+        "--no-progress",
+    ], "differs"
+
+
+def existing_output_without_force(tmp, model, patch_root):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "keep.txt").write_text("mine")
+    return apply_args(patch_root / "patch", model, tmp / "out"), "--force"
+
+
+def unknown_benchmark(tmp, model, _):
+    return ["eval", "--model", str(model), "--out", str(tmp / "out"), "--set", "eval.harmful.source=bench:nope",
+            "--no-progress"], "unknown benchmark 'nope'"  # fmt: skip
+
+
+CASES = [
+    missing_file, unreadable_file, wrong_prompt_column, missing_response_column, empty_dataset, non_utf8_text,
+    malformed_json_line, unknown_config_key, unknown_config_value, invalid_hyperparameter, invalid_percentage,
+    unknown_merge_method, unknown_direction, bad_yaml, missing_model, pickle_only_model, remote_code_model,
+    nan_during_ascent, truncated_safetensors, corrupted_safetensors, not_a_patch, mismatched_architecture,
+    wrong_fingerprint, revert_unpatched_model, existing_output_without_force, unknown_benchmark,
+]  # fmt: skip
+
+
+def leftovers(directory: Path) -> list[str]:
+    return [p.name for p in directory.iterdir() if ".tmp-" in p.name or p.name.endswith(".checkpoint")]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
+def test_bad_input_gives_one_line_error_and_no_output(case, tmp_path, tiny_model_dir, patch_setup, monkeypatch, capsys):
+    args, expected = case(tmp_path, tiny_model_dir, patch_setup)
+    existed_before = (tmp_path / "out").exists()
+    code, stderr = run_main(monkeypatch, capsys, args)
+    assert code == 2, stderr
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    assert expected in lines[0] and "Fix:" in lines[0], lines[0]
+    assert "Traceback" not in stderr
+    if existed_before:
+        assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    else:
+        assert not (tmp_path / "out").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_disk_full_while_writing_leaves_no_partial_output(tmp_path, tiny_model_dir, patch_setup, monkeypatch, capsys):
+    import safepatching.shards as shards
+
+    def full_disk(handle, buffer):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "write_buffer", full_disk)
+    code, stderr = run_main(monkeypatch, capsys, apply_args(patch_setup / "patch", tiny_model_dir, tmp_path / "out"))
+    assert code == 2 and "no space left" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["safepatching", "--debug", "run", str(tmp_path / "absent.yaml")])
+    with pytest.raises(Exception, match="does not exist"):
+        cli.main()
+
+
+def test_overlong_examples_are_truncated_with_a_warning(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    rows = [{"prompt": "why " * 400, "response": "because " * 400} for _ in range(2)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")
+    monkeypatch.setattr(sys, "argv", ["safepatching", *derive_args(tiny_model_dir, data, tmp_path / "out")])
+    cli.main()
+    assert "2 of 2 examples are longer than max_length=48" in caplog.text
+    assert (tmp_path / "out" / "deltas.safetensors").exists()
