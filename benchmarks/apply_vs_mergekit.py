@@ -30,7 +30,6 @@ import torch
 
 from safepatching.config import cache_dir
 from safepatching.models import weights_folder
-from safepatching.patchfile import export_patch
 from safepatching.shards import PlannedTensor, WeightFolder, copy_model_files, write_shards
 
 MERGEKIT = "mergekit==0.1.5"
@@ -84,21 +83,30 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="a finished run directory to export the patch from")
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per tool; the fastest is reported")
+    parser.add_argument("--make-synthetic", nargs=2, type=Path, metavar=("BASE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make_synthetic:
+        synthetic_patched_model(*args.make_synthetic)
+        return
 
     base = weights_folder(args.model)
     executable = mergekit_environment()
     work = Path(tempfile.mkdtemp(prefix="apply-vs-mergekit-", dir=args.workdir))
     try:
         patch, source = args.patch, "given patch"
+        # Everything that touches tensors before the timed runs happens in child processes: a child's
+        # ru_maxrss starts from its parent's peak (fork/exec keeps it), so this process stays small.
         if patch is None:
             if args.run is not None:
                 patched_model, source = args.run / "model", f"patch exported from {args.run}"
             else:
                 patched_model, source = work / "synthetic-patched", "synthetic 5 % patch"
-                synthetic_patched_model(base, patched_model)
+                subprocess.run(
+                    [sys.executable, __file__, "--make-synthetic", str(base), str(patched_model)], check=True
+                )
             patch = work / "patch"
-            export_patch(base, patched_model, patch, progress=False)
+            subprocess.run([sys.executable, "-m", "safepatching", "export", "--model", str(patched_model), "--base",
+                            str(base), "--out", str(patch), "--no-progress"], check=True, capture_output=True)  # fmt: skip
         # mergekit needs the full patched model; make it with our apply (not timed).
         full = work / "patched-full"
         subprocess.run([sys.executable, "-m", "safepatching", "apply", str(patch), "--base", str(base), "--out",
