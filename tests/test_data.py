@@ -150,3 +150,6 @@ def test_named_benchmarks_resolve_in_the_data_directory(tmp_path):
 def test_every_named_benchmark_loads_from_the_shared_data(name):
     examples = load_examples(DatasetSpec(source=f"bench:{name}"), data_dir=Path(os.environ["SAFEPATCHING_DATA_DIR"]))
     assert len(examples) >= 30 and all(e.prompt for e in examples)
+    column = NAMED_BENCHMARKS[name].get("category_column")
+    if column:  # every example carries its category, and there is more than one
+        assert all(e.meta.get(column) for e in examples) and len({e.meta[column] for e in examples}) > 1

@@ -43,6 +43,7 @@ class DatasetSpec(StrictModel):
     where: dict[str, str] = Field(default_factory=dict, description="keep rows whose column equals value")
     shuffle_seed: int | None = None
     hub_config: str | None = None
+    category_column: str | None = Field(None, description="column whose values split rates by category")
 
 
 class DeriveConfig(StrictModel):
@@ -111,7 +112,9 @@ class EvalConfig(StrictModel):
     """The first evaluation: refusal on harmful and benign-but-scary prompts, KL on harmless ones."""
 
     harmful: DatasetSpec = Field(
-        default_factory=lambda: DatasetSpec(source="builtin:uncensorbench", split="train[100:]", shuffle_seed=0)
+        default_factory=lambda: DatasetSpec(
+            source="builtin:uncensorbench", split="train[100:]", shuffle_seed=0, category_column="topic"
+        )
     )
     benign: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="builtin:benign-but-scary"))
     harmless: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="builtin:harmless"))
@@ -120,6 +123,12 @@ class EvalConfig(StrictModel):
     batch_size: int = Field(16, ge=1)
     judge: str = "keyword"
     kl_max_new_tokens: int = Field(32, ge=1)
+    jailbreaks: list[str] = Field(
+        default_factory=list,
+        description="attack-template families that wrap the harmful prompts: dan, deepinception, "
+        "prefix-injection, gcg-suffix, past-tense",
+    )
+    jailbreak_seed: int = 0
 
 
 class PipelineConfig(StrictModel):

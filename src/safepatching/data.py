@@ -42,19 +42,30 @@ NAMED_BENCHMARKS: dict[str, dict[str, Any]] = {
         "source": "data:harmbench/harmbench_behaviors_text_val.csv",
         "prompt_column": "Behavior",
         "where": {"FunctionalCategory": "standard"},
+        "category_column": "SemanticCategory",
     },
     "harmbench-test": {
         "source": "data:harmbench/harmbench_behaviors_text_test.csv",
         "prompt_column": "Behavior",
         "where": {"FunctionalCategory": "standard"},
+        "category_column": "SemanticCategory",
     },
-    "jbb": {"source": "data:jailbreakbench/jbb_behaviors_harmful_100.csv", "prompt_column": "Goal"},
+    "jbb": {
+        "source": "data:jailbreakbench/jbb_behaviors_harmful_100.csv",
+        "prompt_column": "Goal",
+        "category_column": "Category",
+    },
     "simple-safety-tests": {
         "source": "data:simple_safety_tests/simple_safety_tests.csv",
         "prompt_column": "prompts_final",
+        "category_column": "harm_area",
     },
-    "xstest-safe": {"source": "data:xstest/xstest_prompts.csv", "where": {"label": "safe"}},
-    "xstest-unsafe": {"source": "data:xstest/xstest_prompts.csv", "where": {"label": "unsafe"}},
+    "xstest-safe": {"source": "data:xstest/xstest_prompts.csv", "where": {"label": "safe"}, "category_column": "type"},
+    "xstest-unsafe": {
+        "source": "data:xstest/xstest_prompts.csv",
+        "where": {"label": "unsafe"},
+        "category_column": "type",
+    },
     "oktest": {"source": "data:over_refusal/oktest/OKTest.csv"},
     "alpacaeval": {"source": "data:utility/alpaca_eval/alpaca_eval.jsonl", "prompt_column": "instruction"},
 }
@@ -218,6 +229,8 @@ def load_examples(spec: DatasetSpec, data_dir: Path | None = None, limit: int | 
     _require_column(rows, spec.prompt_column, spec.source)
     if spec.response_column:
         _require_column(rows, spec.response_column, spec.source)
+    if spec.category_column:
+        _require_column(rows, spec.category_column, spec.source)
     examples = []
     for row in rows:
         prompt = str(row[spec.prompt_column] or "").strip()

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safepatching.config import EvalConfig
 from safepatching.data import Example, collate, encode_pair, load_examples
 from safepatching.generation import HFGenerator
+from safepatching.jailbreaks import wrap_prompts
 from safepatching.judges import get_judge
 
 
@@ -65,6 +66,16 @@ def mean_token_kl(
     return total / max(tokens, 1)
 
 
+def rates_by_category(examples: list[Example], refusals: list[bool], column: str | None) -> dict[str, float]:
+    """Harmful-response rate (%) per category, for sets that have a category column."""
+    if not column:
+        return {}
+    groups: dict[str, list[bool]] = {}
+    for example, refusal in zip(examples, refusals, strict=True):
+        groups.setdefault(str(example.meta.get(column)), []).append(refusal)
+    return {category: 100.0 - percent(flags) for category, flags in sorted(groups.items())}
+
+
 def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -101,11 +112,32 @@ def evaluate_model(
             }
             for e, r, v in zip(examples, responses, verdicts, strict=True)
         ]
+    by_category = rates_by_category(sets.harmful, flags["harmful"], settings.harmful.category_column)
+    jailbreak_rates = {}
+    for family in settings.jailbreaks:
+        wrapped = wrap_prompts([e.prompt for e in sets.harmful], family, data_dir, settings.jailbreak_seed)
+        responses = generator.generate(wrapped, settings.max_new_tokens)
+        verdicts = [judge(e.prompt, r) for e, r in zip(sets.harmful, responses, strict=True)]
+        jailbreak_rates[family] = 100.0 - percent([v.refusal for v in verdicts])
+        records += [
+            {
+                "set": f"jailbreak/{family}",
+                "prompt": w,
+                "request": e.prompt,
+                "response": r,
+                "refusal": v.refusal,
+                "label": v.label,
+                "judge": settings.judge,
+            }  # fmt: skip
+            for e, w, r, v in zip(sets.harmful, wrapped, responses, verdicts, strict=True)
+        ]
     metrics: dict[str, Any] = {
         "harmful_refusal_rate": percent(flags["harmful"]),
         "harmful_response_rate": 100.0 - percent(flags["harmful"]),
         "benign_refusal_rate": percent(flags["benign"]),
         "harmless_refusal_rate": percent(flags["harmless"]),
+        "harmful_response_rate_by_category": by_category,
+        "jailbreak_harmful_response_rate": jailbreak_rates,
         "kl_to_reference": None,
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
     }

@@ -68,11 +68,21 @@ ROWS = (
 )
 
 
+def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | None], int]]:
+    """Table rows: the fixed metrics, then one row per jailbreak family any model was evaluated on."""
+    rows = [(title, [m.get(key) for m in results], digits) for title, key, digits in ROWS]
+    families = sorted({f for m in results for f in m.get("jailbreak_harmful_response_rate", {})})
+    for family in families:
+        values = [m.get("jailbreak_harmful_response_rate", {}).get(family) for m in results]
+        rows.append((f"harmful response under {family} (%) ↓", values, 1))
+    return rows
+
+
 def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
     """One column per model, one row per metric."""
     lines = ["| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
-    for title, key, digits in ROWS:
-        lines.append(f"| {title} | " + " | ".join(_fmt(m.get(key), digits) for m in results.values()) + " |")
+    for title, values, digits in metric_rows(list(results.values())):
+        lines.append(f"| {title} | " + " | ".join(_fmt(v, digits) for v in values) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -85,8 +95,8 @@ def print_before_after(before: dict[str, Any], after: dict[str, Any], model_dir:
     table.add_column("metric")
     table.add_column("backbone", justify="right")
     table.add_column("patched", justify="right")
-    for title, key, digits in ROWS:
-        table.add_row(title, _fmt(before.get(key), digits), _fmt(after.get(key), digits))
+    for title, values, digits in metric_rows([before, after]):
+        table.add_row(title, *(_fmt(v, digits) for v in values))
     console.print(table)
     console.print(f"patched model written to [bold]{model_dir}[/bold]")
 
