@@ -121,7 +121,13 @@ class EvalConfig(StrictModel):
     max_examples: int | None = Field(None, ge=1, description="cap on prompts per set")
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(16, ge=1)
-    judge: str = "keyword"
+    judge: str = Field(
+        "keyword",
+        description="judge for harmful prompts: keyword, three-way, gcg, xstest-strmatch, "
+        "llama-guard or harmbench-classifier (the last two need judge_model)",
+    )
+    refusal_judge: str = Field("keyword", description="judge for the benign and harmless sets (refusal)")
+    judge_model: str | None = Field(None, description="local folder (or hub id) of an LLM judge")
     kl_max_new_tokens: int = Field(32, ge=1)
     jailbreaks: list[str] = Field(
         default_factory=list,

@@ -15,7 +15,7 @@ from safepatching.config import EvalConfig
 from safepatching.data import Example, collate, encode_pair, load_examples
 from safepatching.generation import HFGenerator
 from safepatching.jailbreaks import wrap_prompts
-from safepatching.judges import get_judge
+from safepatching.judges import get_judge, judge_all
 
 
 @dataclass
@@ -88,49 +88,48 @@ def evaluate_model(
     data_dir: Path | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics and per-prompt records. KL needs the reference model and its harmless replies."""
-    judge = get_judge(settings.judge, data_dir)
+    judge = get_judge(settings.judge, data_dir, settings.judge_model)
+    refusal_judge = judge if settings.refusal_judge == settings.judge else get_judge(settings.refusal_judge, data_dir)
     generator = HFGenerator(model, tokenizer, settings.batch_size, progress, desc=f"generate ({label})")
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     flags: dict[str, list[bool]] = {}
-    for set_name, examples, max_new in (
-        ("harmful", sets.harmful, settings.max_new_tokens),
-        ("benign", sets.benign, settings.max_new_tokens),
-        ("harmless", sets.harmless, settings.kl_max_new_tokens),
-    ):
-        responses = generator.generate([e.prompt for e in examples], max_new)
-        verdicts = [judge(e.prompt, r) for e, r in zip(examples, responses, strict=True)]
-        flags[set_name] = [v.refusal for v in verdicts]
-        records += [
+    unparsed = 0
+
+    def judged(set_name: str, requests: list[str], prompts: list[str], set_judge, set_judge_name, max_new):
+        nonlocal unparsed
+        responses = generator.generate(prompts, max_new)
+        verdicts = judge_all(set_judge, requests, responses)
+        unparsed += sum(not v.parsed for v in verdicts)
+        records.extend(
             {
                 "set": set_name,
-                "prompt": e.prompt,
+                "prompt": p,
+                "request": q,
                 "response": r,
                 "refusal": v.refusal,
                 "label": v.label,
-                "judge": settings.judge,
-            }
-            for e, r, v in zip(examples, responses, verdicts, strict=True)
-        ]
+                "judge": set_judge_name,
+                "judge_parsed": v.parsed,
+            }  # fmt: skip
+            for q, p, r, v in zip(requests, prompts, responses, verdicts, strict=True)
+        )
+        return [v.refusal for v in verdicts]
+
+    for set_name, examples, set_judge, name, max_new in (
+        ("harmful", sets.harmful, judge, settings.judge, settings.max_new_tokens),
+        ("benign", sets.benign, refusal_judge, settings.refusal_judge, settings.max_new_tokens),
+        ("harmless", sets.harmless, refusal_judge, settings.refusal_judge, settings.kl_max_new_tokens),
+    ):
+        requests = [e.prompt for e in examples]
+        flags[set_name] = judged(set_name, requests, requests, set_judge, name, max_new)
     by_category = rates_by_category(sets.harmful, flags["harmful"], settings.harmful.category_column)
     jailbreak_rates = {}
     for family in settings.jailbreaks:
-        wrapped = wrap_prompts([e.prompt for e in sets.harmful], family, data_dir, settings.jailbreak_seed)
-        responses = generator.generate(wrapped, settings.max_new_tokens)
-        verdicts = [judge(e.prompt, r) for e, r in zip(sets.harmful, responses, strict=True)]
-        jailbreak_rates[family] = 100.0 - percent([v.refusal for v in verdicts])
-        records += [
-            {
-                "set": f"jailbreak/{family}",
-                "prompt": w,
-                "request": e.prompt,
-                "response": r,
-                "refusal": v.refusal,
-                "label": v.label,
-                "judge": settings.judge,
-            }  # fmt: skip
-            for e, w, r, v in zip(sets.harmful, wrapped, responses, verdicts, strict=True)
-        ]
+        requests = [e.prompt for e in sets.harmful]
+        wrapped = wrap_prompts(requests, family, data_dir, settings.jailbreak_seed)
+        refusals = judged(f"jailbreak/{family}", requests, wrapped, judge, settings.judge, settings.max_new_tokens)
+        jailbreak_rates[family] = 100.0 - percent(refusals)
     metrics: dict[str, Any] = {
         "harmful_refusal_rate": percent(flags["harmful"]),
         "harmful_response_rate": 100.0 - percent(flags["harmful"]),
@@ -138,6 +137,7 @@ def evaluate_model(
         "harmless_refusal_rate": percent(flags["harmless"]),
         "harmful_response_rate_by_category": by_category,
         "jailbreak_harmful_response_rate": jailbreak_rates,
+        "judge_unparsed": unparsed,
         "kl_to_reference": None,
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
     }

@@ -35,7 +35,11 @@ class HFGenerator:
         self.desc = desc
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        texts = [chat_prompt(self.tokenizer, p) for p in prompts]
+        """Replies to user prompts, each formatted with the model's chat template."""
+        return self.generate_texts([chat_prompt(self.tokenizer, p) for p in prompts], max_new_tokens)
+
+    def generate_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:
+        """Continuations of already formatted texts."""
         lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         order = sorted(range(len(texts)), key=lambda i: lengths[i])
         outputs: list[str] = [""] * len(texts)

@@ -21,6 +21,7 @@ Label = Literal["full_compliance", "partial_refusal", "full_refusal"]
 @dataclass(frozen=True)
 class Verdict:
     label: Label
+    parsed: bool = True  # False when a model judge's answer fit no convention and a fallback decided
 
     @property
     def refusal(self) -> bool:
@@ -216,8 +217,12 @@ DATA_JUDGES = {
 }
 
 
-def get_judge(name: str, data_dir: Path | None = None) -> Judge:
-    """A judge by name: built-in rules, or a published keyword list read from the data directory."""
+MODEL_JUDGES = ("llama-guard", "harmbench-classifier")
+
+
+def get_judge(name: str, data_dir: Path | None = None, judge_model: str | None = None) -> Judge:
+    """A judge by name: built-in rules, a published keyword list from the data directory, or a local
+    classifier model (``llama-guard`` / ``harmbench-classifier`` with ``judge_model``)."""
     if name in BUILTIN_JUDGES:
         return BUILTIN_JUDGES[name]
     if name in DATA_JUDGES:
@@ -225,4 +230,20 @@ def get_judge(name: str, data_dir: Path | None = None) -> Judge:
             raise ConfigError(f"judge {name!r} reads its keyword list from the data directory.", "pass --data-dir")
         key, factory = DATA_JUDGES[name]
         return factory(load_keyword_lists(data_dir)[key]["list"])
-    raise ConfigError(f"unknown judge {name!r}.", f"choose one of {sorted([*BUILTIN_JUDGES, *DATA_JUDGES])}")
+    if name in MODEL_JUDGES:
+        if not judge_model:
+            raise ConfigError(f"judge {name!r} needs a local judge model.", "set eval.judge_model to its folder")
+        from safepatching.llm_judges import LLMJudge
+
+        return LLMJudge(name, judge_model)
+    raise ConfigError(
+        f"unknown judge {name!r}.", f"choose one of {sorted([*BUILTIN_JUDGES, *DATA_JUDGES, *MODEL_JUDGES])}"
+    )
+
+
+def judge_all(judge: Judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
+    """Verdicts for many pairs; model judges work in batches."""
+    batch = getattr(judge, "batch", None)
+    if batch is not None:
+        return batch(prompts, responses)
+    return [judge(p, r) for p, r in zip(prompts, responses, strict=True)]
