@@ -108,6 +108,17 @@ class MergeConfig(StrictModel):
     shard_size_mb: int = Field(2000, ge=1)
 
 
+class UtilityConfig(StrictModel):
+    """MMLU / GSM8K subsets through lm-evaluation-harness (0 examples switches a task off)."""
+
+    mmlu_examples: int = Field(0, ge=0, description="MMLU test questions, drawn from all subjects")
+    mmlu_fewshot: int = Field(0, ge=0, le=5)
+    gsm8k_examples: int = Field(0, ge=0, description="GSM8K test problems")
+    gsm8k_max_new_tokens: int = Field(256, ge=16)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+
+
 class EvalConfig(StrictModel):
     """The first evaluation: refusal on harmful and benign-but-scary prompts, KL on harmless ones."""
 
@@ -135,6 +146,7 @@ class EvalConfig(StrictModel):
         "prefix-injection, gcg-suffix, past-tense",
     )
     jailbreak_seed: int = 0
+    utility: UtilityConfig = Field(default_factory=UtilityConfig)
 
 
 class PipelineConfig(StrictModel):

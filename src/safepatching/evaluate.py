@@ -16,6 +16,7 @@ from safepatching.data import Example, collate, encode_pair, load_examples
 from safepatching.generation import HFGenerator
 from safepatching.jailbreaks import wrap_prompts
 from safepatching.judges import get_judge, judge_all
+from safepatching.utility import evaluate_utility
 
 
 @dataclass
@@ -141,6 +142,7 @@ def evaluate_model(
         "kl_to_reference": None,
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
     }
+    metrics.update(evaluate_utility(model, tokenizer, settings.utility, data_dir))
     if reference is not None and reference_harmless is not None:
         prompts = [e.prompt for e in sets.harmless]
         metrics["kl_to_reference"] = mean_token_kl(model, reference, tokenizer, prompts, reference_harmless)

@@ -65,12 +65,18 @@ ROWS = (
     ("harmful-prompt refusal (%) ↑", "harmful_refusal_rate", 1),
     ("benign-prompt refusal (%) ↓", "benign_refusal_rate", 1),
     ("KL to backbone (nats/token) ↓", "kl_to_reference", 4),
+    ("MMLU subset accuracy (%) ↑", "mmlu_accuracy", 1),
+    ("GSM8K subset exact match (%) ↑", "gsm8k_exact_match", 1),
 )
 
 
 def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | None], int]]:
     """Table rows: the fixed metrics, then one row per jailbreak family any model was evaluated on."""
-    rows = [(title, [m.get(key) for m in results], digits) for title, key, digits in ROWS]
+    rows = [
+        (title, [m.get(key) for m in results], digits)
+        for title, key, digits in ROWS
+        if any(m.get(key) is not None for m in results) or key == "kl_to_reference"
+    ]
     families = sorted({f for m in results for f in m.get("jailbreak_harmful_response_rate", {})})
     for family in families:
         values = [m.get("jailbreak_harmful_response_rate", {}).get(family) for m in results]
