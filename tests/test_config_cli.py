@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +152,8 @@ def test_cli_derive_score_merge_end_to_end_and_no_silent_overwrite(tmp_path, tin
         "derive", "--direction", "ascent", "--out", str(tmp_path / "safety"), "--data", str(data), *common
     )
     assert rederive.returncode == 2 and "already exists" in rederive.stderr
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    assert isinstance(build_config(path), PipelineConfig)

@@ -147,6 +147,11 @@ class EvalConfig(StrictModel):
     )
     jailbreak_seed: int = 0
     utility: UtilityConfig = Field(default_factory=UtilityConfig)
+    perplexity: DatasetSpec | None = Field(
+        None,
+        description="fixed (prompt, response) pairs whose responses' perplexity is measured under each model, "
+        "e.g. bench:alpacaeval with response_column: output",
+    )
 
 
 class PipelineConfig(StrictModel):

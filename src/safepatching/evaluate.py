@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ class EvalSets:
     harmful: list[Example]
     benign: list[Example]
     harmless: list[Example]
+    perplexity: list[Example] = field(default_factory=list)
 
 
 def load_eval_sets(settings: EvalConfig, data_dir: Path | None) -> EvalSets:
@@ -32,6 +34,7 @@ def load_eval_sets(settings: EvalConfig, data_dir: Path | None) -> EvalSets:
         harmful=load_examples(settings.harmful, data_dir, limit),
         benign=load_examples(settings.benign, data_dir, limit),
         harmless=load_examples(settings.harmless, data_dir, limit),
+        perplexity=load_examples(settings.perplexity, data_dir, limit) if settings.perplexity else [],
     )
 
 
@@ -65,6 +68,30 @@ def mean_token_kl(
         total += float(kl[positions].sum())
         tokens += int(positions.sum())
     return total / max(tokens, 1)
+
+
+def response_perplexity(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[Example],
+    batch_size: int = 4,
+    max_length: int = 512,
+) -> float:
+    """exp(mean NLL per response token) of fixed reference responses, teacher-forced."""
+    encoded = [encode_pair(tokenizer, p.prompt, p.response or "", max_length) for p in pairs]
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(encoded), batch_size):
+        batch = {
+            k: v.to(device) for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
+        }
+        with torch.inference_mode():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+        total += float(nll)
+        tokens += int((labels != -100).sum())
+    return math.exp(total / max(tokens, 1))
 
 
 def rates_by_category(examples: list[Example], refusals: list[bool], column: str | None) -> dict[str, float]:
@@ -143,6 +170,8 @@ def evaluate_model(
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
     }
     metrics.update(evaluate_utility(model, tokenizer, settings.utility, data_dir))
+    if sets.perplexity:
+        metrics["response_perplexity"] = response_perplexity(model, tokenizer, sets.perplexity, settings.batch_size)
     if reference is not None and reference_harmless is not None:
         prompts = [e.prompt for e in sets.harmless]
         metrics["kl_to_reference"] = mean_token_kl(model, reference, tokenizer, prompts, reference_harmless)

@@ -67,6 +67,7 @@ ROWS = (
     ("KL to backbone (nats/token) ↓", "kl_to_reference", 4),
     ("MMLU subset accuracy (%) ↑", "mmlu_accuracy", 1),
     ("GSM8K subset exact match (%) ↑", "gsm8k_exact_match", 1),
+    ("reference-response perplexity ↓", "response_perplexity", 2),
 )
 
 
