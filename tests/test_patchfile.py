@@ -138,3 +138,11 @@ def test_inspect_reports_changes_per_layer_and_module(tmp_path, tiny_model_dir):
     assert {row["name"] for row in summary["modules"]} == {"q_proj", "down_proj"}
     assert sum(row["changed"] for row in summary["modules"]) == meta["changed_entries"]
     assert all(0 < row["changed_fraction"] < 0.2 and row["delta_l2"] > 0 for row in summary["layers"])
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+    from safepatching.io import save_tensors, write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    save_tensors(tmp_path / "b.safetensors", {"t": torch.zeros(2)})
+    assert all((tmp_path / name).stat().st_mode & 0o777 == 0o644 for name in ("a.json", "b.safetensors"))

@@ -93,13 +93,15 @@ class MergeConfig(StrictModel):
     """Controllable patching: random retention, top-a/top-b regions and their difference sets."""
 
     method: str = "safepatching"
-    # Defaults chosen on validation prompts only (uncensorbench rows 48-71, OKTest rows 0-23) for the
+    # Defaults chosen on validation prompts only (uncensorbench rows 48-99, OKTest rows 0-47) for the
     # reference backbone with benchmarks/sweep_merge.py; see README "Defaults".
     alpha: float = 1.0
-    beta: float = 2.5
+    beta: float = 2.0
     top_a: float = Field(10.0, gt=0, le=100, description="percent of entries in the safety region")
     top_b: float = Field(10.0, gt=0, le=100, description="percent of entries in the over-safety region")
-    mask_scope: Literal["per_tensor", "global"] = "per_tensor"
+    mask_scope: Literal["per_tensor", "global"] = Field(
+        "global", description="global: one top-a/top-b threshold over all tensors; per_tensor: one per tensor"
+    )
     retention: float = Field(0.5, gt=0, le=1, description="probability p of keeping each patch entry")
     rescale: Literal["inverse", "none"] = Field(
         "inverse", description="inverse: kept entries are divided by p (DARE); none: kept as they are"

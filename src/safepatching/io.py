@@ -52,10 +52,14 @@ def atomic_dir(target: Path, overwrite: bool = True) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+FILE_MODE = 0o644  # mkstemp makes files private; outputs should be as readable as any file
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.chmod(tmp, FILE_MODE)
     try:
         with disk_errors(path), os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -86,6 +90,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     try:
         with disk_errors(path):
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, FILE_MODE)  # after writing: safetensors recreates the file as private
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
