@@ -148,6 +148,11 @@ class EvalConfig(StrictModel):
         "prefix-injection, gcg-suffix, past-tense",
     )
     jailbreak_seed: int = 0
+    safety_benchmarks: dict[str, DatasetSpec] = Field(
+        default_factory=dict,
+        description="further harmful sets, each reported on its own (with categories), e.g. "
+        "advbench: {source: bench:advbench, split: 'train[:50]', shuffle_seed: 0}",
+    )
     utility: UtilityConfig = Field(default_factory=UtilityConfig)
     perplexity: DatasetSpec | None = Field(
         None,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safepatching.config import EvalConfig
-from safepatching.data import Example, collate, encode_pair, load_examples
+from safepatching.data import Example, collate, encode_pair, load_examples, resolve_named
 from safepatching.generation import HFGenerator
 from safepatching.jailbreaks import wrap_prompts
 from safepatching.judges import get_judge, judge_all
@@ -26,6 +26,12 @@ class EvalSets:
     benign: list[Example]
     harmless: list[Example]
     perplexity: list[Example] = field(default_factory=list)
+    safety: dict[str, list[Example]] = field(default_factory=dict)
+
+    def named(self) -> dict[str, list[Example]]:
+        """Every prompt set by name, for the train/eval overlap check."""
+        sets = {"harmful": self.harmful, "benign": self.benign, "harmless": self.harmless}
+        return {**sets, **{f"safety/{name}": examples for name, examples in self.safety.items()}}
 
 
 def load_eval_sets(settings: EvalConfig, data_dir: Path | None) -> EvalSets:
@@ -35,6 +41,7 @@ def load_eval_sets(settings: EvalConfig, data_dir: Path | None) -> EvalSets:
         benign=load_examples(settings.benign, data_dir, limit),
         harmless=load_examples(settings.harmless, data_dir, limit),
         perplexity=load_examples(settings.perplexity, data_dir, limit) if settings.perplexity else [],
+        safety={name: load_examples(spec, data_dir, limit) for name, spec in settings.safety_benchmarks.items()},
     )
 
 
@@ -152,6 +159,20 @@ def evaluate_model(
         requests = [e.prompt for e in examples]
         flags[set_name] = judged(set_name, requests, requests, set_judge, name, max_new)
     by_category = rates_by_category(sets.harmful, flags["harmful"], settings.harmful.category_column)
+    by_benchmark = {}
+    for name, examples in sets.safety.items():
+        requests = [e.prompt for e in examples]
+        refusals = judged(f"safety/{name}", requests, requests, judge, settings.judge, settings.max_new_tokens)
+        column = (
+            resolve_named(settings.safety_benchmarks[name]).category_column
+            if name in settings.safety_benchmarks
+            else None
+        )
+        by_benchmark[name] = {
+            "harmful_response_rate": 100.0 - percent(refusals),
+            "by_category": rates_by_category(examples, refusals, column),
+            "count": len(examples),
+        }
     jailbreak_rates = {}
     for family in settings.jailbreaks:
         requests = [e.prompt for e in sets.harmful]
@@ -165,6 +186,7 @@ def evaluate_model(
         "harmless_refusal_rate": percent(flags["harmless"]),
         "harmful_response_rate_by_category": by_category,
         "jailbreak_harmful_response_rate": jailbreak_rates,
+        "safety_benchmarks": by_benchmark,
         "judge_unparsed": unparsed,
         "kl_to_reference": None,
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},

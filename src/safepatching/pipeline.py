@@ -84,7 +84,7 @@ class SafePatchingRun:
 
     def eval_sets(self, pairs: list[Example]) -> EvalSets:
         sets = load_eval_sets(self.config.eval, self.config.data_dir)
-        assert_disjoint(pairs, {"harmful": sets.harmful, "benign": sets.benign, "harmless": sets.harmless})
+        assert_disjoint(pairs, sets.named())
         return sets
 
     # -- stage keys ----------------------------------------------------------------------------------

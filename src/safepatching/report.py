@@ -78,6 +78,10 @@ def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | N
         for title, key, digits in ROWS
         if any(m.get(key) is not None for m in results) or key == "kl_to_reference"
     ]
+    benchmarks = sorted({b for m in results for b in m.get("safety_benchmarks", {})})
+    for name in benchmarks:
+        values = [m.get("safety_benchmarks", {}).get(name, {}).get("harmful_response_rate") for m in results]
+        rows.append((f"harmful response on {name} (%) ↓", values, 1))
     families = sorted({f for m in results for f in m.get("jailbreak_harmful_response_rate", {})})
     for family in families:
         values = [m.get("jailbreak_harmful_response_rate", {}).get(family) for m in results]
