@@ -1,5 +1,7 @@
 import json
 
+import jsonschema
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -9,6 +11,7 @@ from safepatching.io import load_tensors
 from safepatching.merge import MERGE_METHODS
 from safepatching.patching import merge_patches
 from safepatching.pipeline import SafePatchingRun, compare_models, run_pipeline
+from safepatching.report import summary_schema
 
 
 def tiny_config(model_dir, out, **merge):
@@ -50,7 +53,8 @@ def test_pipeline_end_to_end_writes_a_loadable_patched_model(tmp_path, tiny_mode
     assert counts["intersection"] > 0 and counts["safety_only"] > 0
 
     summary = json.loads((tmp_path / "run/summary.json").read_text())
-    assert summary["schema_version"] == 1
+    jsonschema.validate(summary, summary_schema())
+    assert summary["schema_version"] == 2
     assert summary["backbone"]["kl_to_reference"] is None
     assert summary["patched"]["kl_to_reference"] > 0
     records = (tmp_path / "run/eval/patched/records.jsonl").read_text().splitlines()
@@ -82,9 +86,36 @@ def test_compare_models_writes_side_by_side_summary(tmp_path, tiny_model_dir):
     other = build_tiny_model(tmp_path / "other", seed=1)
     config = tiny_config(tiny_model_dir, tmp_path / "unused")
     summary = compare_models([str(tiny_model_dir), str(other)], config, tmp_path / "cmp", progress=False)
-    assert summary["schema_version"] == 1 and list(summary["models"]) == [str(tiny_model_dir), str(other)]
+    jsonschema.validate(json.loads((tmp_path / "cmp/summary.json").read_text()), summary_schema())
+    assert summary["schema_version"] == 2 and list(summary["models"]) == [str(tiny_model_dir), str(other)]
     assert summary["models"][str(tiny_model_dir)]["kl_to_reference"] is None
     assert summary["models"][str(other)]["kl_to_reference"] > 0
     table = (tmp_path / "cmp/summary.md").read_text()
     assert table.count("|") > 10 and "KL to backbone" in table
     assert (tmp_path / "cmp/1-other/records.jsonl").exists()
+    metrics_schema = {**summary_schema()["$defs"]["metrics"], "$defs": summary_schema()["$defs"]}
+    jsonschema.validate(json.loads((tmp_path / "cmp/1-other/metrics.json").read_text()), metrics_schema)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.update(schema_version=1),
+        lambda s: s["models"]["m"].pop("harmful_refusal_rate"),
+        lambda s: s["models"]["m"].update(benign_refusal_rate=140.0),
+        lambda s: s["models"]["m"].update(judge_unparsed="none"),
+        lambda s: s["models"]["m"]["safety_benchmarks"]["advbench"].pop("count"),
+        lambda s: s.pop("models"),
+    ],
+)
+def test_schema_rejects_malformed_summaries(change):
+    rates = {"harmful_refusal_rate": 50.0, "harmful_response_rate": 50.0, "benign_refusal_rate": 10.0,
+             "harmless_refusal_rate": 0.0, "harmful_response_rate_by_category": {"a": 50.0},
+             "jailbreak_harmful_response_rate": {"dan": 70.0}, "judge_unparsed": 0, "kl_to_reference": None,
+             "safety_benchmarks": {"advbench": {"harmful_response_rate": 4.0, "by_category": {}, "count": 25}},
+             "counts": {"harmful": 2, "benign": 2, "harmless": 1}, "wall_seconds": 1.0}  # fmt: skip
+    summary = {"schema_version": 2, "safepatching": "0.1.0", "reference": "m", "eval": {}, "models": {"m": rates}}
+    jsonschema.validate(summary, summary_schema())
+    change(summary)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(summary, summary_schema())

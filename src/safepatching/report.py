@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from rich.table import Table
 
 from safepatching.io import write_json, write_text_atomic
 
-SUMMARY_SCHEMA_VERSION = 1
+SUMMARY_SCHEMA_VERSION = 2  # resources/summary.schema.json
 
 
 @contextlib.contextmanager
@@ -51,6 +52,12 @@ def save_eval(directory: Path, metrics: dict[str, Any], records: list[dict[str, 
     """One evaluation's outputs: metrics.json and a JSONL record of every prompt and judgement."""
     write_jsonl(Path(directory) / "records.jsonl", records)
     write_json(Path(directory) / "metrics.json", metrics)
+
+
+def summary_schema() -> dict[str, Any]:
+    """The JSON Schema of summary.json (and, under $defs/metrics, of each metrics.json)."""
+    text = resources.files("safepatching.resources").joinpath("summary.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
