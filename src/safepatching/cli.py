@@ -117,7 +117,7 @@ def evaluate(
     data_dir: DataDir = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """Evaluate refusal on harmful and benign prompts (and KL to a reference) for one or more models."""
+    """Evaluate safety, over-safety and utility (KL to the first model, optional MMLU/GSM8K) side by side."""
     progress = show_progress(no_progress)
     from safepatching.pipeline import compare_models
 

@@ -122,7 +122,7 @@ class UtilityConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """The first evaluation: refusal on harmful and benign-but-scary prompts, KL on harmless ones."""
+    """The evaluation suite: harmful, jailbreak and benign prompt sets, KL, perplexity and utility tasks."""
 
     harmful: DatasetSpec = Field(
         default_factory=lambda: DatasetSpec(

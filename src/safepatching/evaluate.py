@@ -1,4 +1,4 @@
-"""A first evaluation: refusal on harmful and benign-but-scary prompts, KL to the backbone."""
+"""The evaluation suite: safety (harmful and jailbreak sets), over-safety (benign prompts) and utility."""
 
 from __future__ import annotations
 
