@@ -157,3 +157,14 @@ def test_cli_derive_score_merge_end_to_end_and_no_silent_overwrite(tmp_path, tin
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     assert isinstance(build_config(path), PipelineConfig)
+
+
+def test_usage_errors_are_one_line_and_compare_takes_several_models(tmp_path):
+    result = run_cli("eval", "--model", "a", "--bogus-flag")
+    assert result.returncode == 2 and "internal error" not in result.stderr and "Traceback" not in result.stderr
+    result = run_cli(
+        "eval", "--compare", str(tmp_path / "first"), str(tmp_path / "second"), "--out", str(tmp_path / "o")
+    )
+    assert result.returncode == 2 and "first" in result.stderr and "does not exist" in result.stderr
+    result = run_cli("eval", "stray", "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "--compare" in result.stderr

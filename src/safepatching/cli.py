@@ -104,12 +104,14 @@ def run(
     run_pipeline(resolved, progress=progress)
 
 
-@app.command("eval")
+@app.command("eval", context_settings={"allow_extra_args": True})
 def evaluate(
+    ctx: typer.Context,
     model: Annotated[str | None, typer.Option(help="model to evaluate (KL is taken against --reference)")] = None,
     reference: Annotated[str | None, typer.Option(help="reference model for KL, e.g. the backbone")] = None,
     compare: Annotated[
-        list[str] | None, typer.Option(help="evaluate several models side by side; the first is the reference")
+        list[str] | None,
+        typer.Option(help="evaluate several models side by side (--compare A B C); the first is the reference"),
     ] = None,
     out: Annotated[Path, typer.Option(help="directory for metrics, records and summary")] = Path("runs/eval"),
     config: ConfigFile = None,
@@ -121,7 +123,10 @@ def evaluate(
     progress = show_progress(no_progress)
     from safepatching.pipeline import compare_models
 
-    models = list(compare or []) or [m for m in (reference, model) if m]
+    extra = list(ctx.args)
+    if extra and not compare:
+        raise SafePatchingError(f"unexpected argument {extra[0]!r}.", "list several models after --compare")
+    models = [*(compare or []), *extra] or [m for m in (reference, model) if m]
     if not models:
         raise SafePatchingError("no model to evaluate.", "pass --model MODEL (and --reference BASE) or --compare A B")
     cfg = load_cli_config(config, overrides, {"data_dir": data_dir})
@@ -361,13 +366,12 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted; finished stages are kept and a rerun resumes from them")
         sys.exit(130)
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # usage errors and anything unexpected
+        # Typer may bring its own copy of click, so usage errors are recognised by shape, not class.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":
             sys.exit(130)
         if STATE["debug"]:
             raise
