@@ -109,3 +109,12 @@ def test_evaluation_reports_categories_and_jailbreak_families(tiny_model_dir, te
     for family, rate in metrics["jailbreak_harmful_response_rate"].items():
         flags = [r["refusal"] for r in records if r["set"] == f"jailbreak/{family}"]
         assert rate == pytest.approx(100 * (1 - sum(flags) / len(flags)))
+
+
+def test_named_benchmarks_bring_their_category_column():
+    from safepatching.config import DatasetSpec
+    from safepatching.evaluate import category_column
+
+    assert category_column(DatasetSpec(source="bench:harmbench-test")) == "SemanticCategory"
+    assert category_column(DatasetSpec(source="x.csv", category_column="kind")) == "kind"
+    assert category_column(DatasetSpec(source="bench:advbench")) is None and category_column(None) is None

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safepatching.config import EvalConfig
+from safepatching.config import DatasetSpec, EvalConfig
 from safepatching.data import Example, collate, encode_pair, load_examples, resolve_named
 from safepatching.generation import HFGenerator
 from safepatching.jailbreaks import wrap_prompts
@@ -101,6 +101,11 @@ def response_perplexity(
     return math.exp(total / max(tokens, 1))
 
 
+def category_column(spec: DatasetSpec | None) -> str | None:
+    """The category column of a set, including the one a named benchmark (bench:NAME) brings."""
+    return resolve_named(spec).category_column if spec is not None else None
+
+
 def rates_by_category(examples: list[Example], refusals: list[bool], column: str | None) -> dict[str, float]:
     """Harmful-response rate (%) per category, for sets that have a category column."""
     if not column:
@@ -158,19 +163,14 @@ def evaluate_model(
     ):
         requests = [e.prompt for e in examples]
         flags[set_name] = judged(set_name, requests, requests, set_judge, name, max_new)
-    by_category = rates_by_category(sets.harmful, flags["harmful"], settings.harmful.category_column)
+    by_category = rates_by_category(sets.harmful, flags["harmful"], category_column(settings.harmful))
     by_benchmark = {}
     for name, examples in sets.safety.items():
         requests = [e.prompt for e in examples]
         refusals = judged(f"safety/{name}", requests, requests, judge, settings.judge, settings.max_new_tokens)
-        column = (
-            resolve_named(settings.safety_benchmarks[name]).category_column
-            if name in settings.safety_benchmarks
-            else None
-        )
         by_benchmark[name] = {
             "harmful_response_rate": 100.0 - percent(refusals),
-            "by_category": rates_by_category(examples, refusals, column),
+            "by_category": rates_by_category(examples, refusals, category_column(settings.safety_benchmarks.get(name))),
             "count": len(examples),
         }
     jailbreak_rates = {}
