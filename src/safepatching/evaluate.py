@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,22 @@ def percent(flags: list[bool]) -> float:
     return 100.0 * sum(flags) / max(len(flags), 1)
 
 
+def teacher_forced_batches(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    batch_size: int,
+    max_length: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Chat-formatted (prompt, response) batches on the model's device, labels only on responses."""
+    encoded = [encode_pair(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
+    device = next(model.parameters()).device
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        yield {k: v.to(device) for k, v in batch.items()}
+
+
 def mean_token_kl(
     model: PreTrainedModel,
     reference: PreTrainedModel,
@@ -59,13 +76,8 @@ def mean_token_kl(
     max_length: int = 512,
 ) -> float:
     """KL(reference || model) per response token, teacher-forced on the reference's own replies."""
-    encoded = [encode_pair(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
     total, tokens = 0.0, 0
-    device = next(model.parameters()).device
-    for start in range(0, len(encoded), batch_size):
-        batch = {
-            k: v.to(device) for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
-        }
+    for batch in teacher_forced_batches(model, tokenizer, prompts, responses, batch_size, max_length):
         with torch.inference_mode():
             inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             log_p = F.log_softmax(reference(**inputs).logits[:, :-1].float(), dim=-1)
@@ -85,13 +97,9 @@ def response_perplexity(
     max_length: int = 512,
 ) -> float:
     """exp(mean NLL per response token) of fixed reference responses, teacher-forced."""
-    encoded = [encode_pair(tokenizer, p.prompt, p.response or "", max_length) for p in pairs]
+    prompts, responses = [p.prompt for p in pairs], [p.response or "" for p in pairs]
     total, tokens = 0.0, 0
-    device = next(model.parameters()).device
-    for start in range(0, len(encoded), batch_size):
-        batch = {
-            k: v.to(device) for k, v in collate(encoded[start : start + batch_size], tokenizer.pad_token_id).items()
-        }
+    for batch in teacher_forced_batches(model, tokenizer, prompts, responses, batch_size, max_length):
         with torch.inference_mode():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
