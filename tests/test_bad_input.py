@@ -89,29 +89,22 @@ def malformed_json_line(tmp, model, _):
     return derive_args(model, tmp / "d.jsonl", tmp / "out"), "d.jsonl"
 
 
-def unknown_config_key(tmp, model, _):
-    data = write_jsonl(tmp / "d.jsonl", PAIRS)
-    return derive_args(model, data, tmp / "out", "--set", "merge.alphaa=1"), "merge.alphaa"
+def bad_setting(name: str, setting: str, expected: str):
+    """A case where one --set override is wrong (unknown key, bad value, invalid hyper-parameter...)."""
+
+    def case(tmp, model, _):
+        data = write_jsonl(tmp / "d.jsonl", PAIRS)
+        return derive_args(model, data, tmp / "out", "--set", setting), expected
+
+    case.__name__ = name
+    return case
 
 
-def unknown_config_value(tmp, model, _):
-    data = write_jsonl(tmp / "d.jsonl", PAIRS)
-    return derive_args(model, data, tmp / "out", "--set", "merge.mask_scope=everywhere"), "mask_scope"
-
-
-def invalid_hyperparameter(tmp, model, _):
-    data = write_jsonl(tmp / "d.jsonl", PAIRS)
-    return derive_args(model, data, tmp / "out", "--set", "derive.learning_rate=-1"), "learning_rate"
-
-
-def invalid_percentage(tmp, model, _):
-    data = write_jsonl(tmp / "d.jsonl", PAIRS)
-    return derive_args(model, data, tmp / "out", "--set", "merge.top_a=150"), "top_a"
-
-
-def unknown_merge_method(tmp, model, _):
-    data = write_jsonl(tmp / "d.jsonl", PAIRS)
-    return derive_args(model, data, tmp / "out", "--set", "merge.method=magic"), "merge method"
+unknown_config_key = bad_setting("unknown_config_key", "merge.alphaa=1", "merge.alphaa")
+unknown_config_value = bad_setting("unknown_config_value", "merge.mask_scope=everywhere", "mask_scope")
+invalid_hyperparameter = bad_setting("invalid_hyperparameter", "derive.learning_rate=-1", "learning_rate")
+invalid_percentage = bad_setting("invalid_percentage", "merge.top_a=150", "top_a")
+unknown_merge_method = bad_setting("unknown_merge_method", "merge.method=magic", "merge method")
 
 
 def unknown_direction(tmp, model, _):
