@@ -57,5 +57,7 @@ def test_several_safety_benchmarks_are_reported_separately(tmp_path, tiny_model_
     for name in ("a", "b"):
         flags = [r["refusal"] for r in records if r["set"] == f"safety/{name}"]
         assert report[name]["harmful_response_rate"] == pytest.approx(100 * (1 - sum(flags) / len(flags)))
+    assert set(metrics["part_seconds"]) == {"harmful", "benign", "harmless", "safety/a", "safety/b", "utility"}
+    assert sum(metrics["part_seconds"].values()) <= metrics["wall_seconds"] + 0.1
     with pytest.raises(DataError, match="safety/a"):
         assert_disjoint([Example("Steal a car?", "x")], sets.named())

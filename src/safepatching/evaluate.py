@@ -142,12 +142,22 @@ def evaluate_model(
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     flags: dict[str, list[bool]] = {}
+    part_seconds: dict[str, float] = {}
     unparsed = 0
+
+    def timed(part: str, work, *args):
+        """Run one part of the suite and record its wall time, so users see where the time goes."""
+        part_started = time.perf_counter()
+        result = work(*args)
+        part_seconds[part] = round(time.perf_counter() - part_started, 1)
+        return result
 
     def judged(set_name: str, requests: list[str], prompts: list[str], set_judge, set_judge_name, max_new):
         nonlocal unparsed
+        part_started = time.perf_counter()
         responses = generator.generate(prompts, max_new)
         verdicts = judge_all(set_judge, requests, responses)
+        part_seconds[set_name] = round(time.perf_counter() - part_started, 1)
         unparsed += sum(not v.parsed for v in verdicts)
         records.extend(
             {
@@ -199,12 +209,17 @@ def evaluate_model(
         "kl_to_reference": None,
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
     }
-    metrics.update(evaluate_utility(model, tokenizer, settings.utility, data_dir))
+    metrics.update(timed("utility", evaluate_utility, model, tokenizer, settings.utility, data_dir))
     if sets.perplexity:
-        metrics["response_perplexity"] = response_perplexity(model, tokenizer, sets.perplexity, settings.batch_size)
+        metrics["response_perplexity"] = timed(
+            "perplexity", response_perplexity, model, tokenizer, sets.perplexity, settings.batch_size
+        )
     if reference is not None and reference_harmless is not None:
         prompts = [e.prompt for e in sets.harmless]
-        metrics["kl_to_reference"] = mean_token_kl(model, reference, tokenizer, prompts, reference_harmless)
+        metrics["kl_to_reference"] = timed(
+            "kl", mean_token_kl, model, reference, tokenizer, prompts, reference_harmless
+        )
+    metrics["part_seconds"] = part_seconds
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     return metrics, records
 

@@ -93,6 +93,11 @@ def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | N
     for family in families:
         values = [m.get("jailbreak_harmful_response_rate", {}).get(family) for m in results]
         rows.append((f"harmful response under {family} (%) ↓", values, 1))
+    parts = list(dict.fromkeys(p for m in results for p in m.get("part_seconds", {})))
+    for part in parts:
+        rows.append((f"wall time: {part} (s)", [m.get("part_seconds", {}).get(part) for m in results], 1))
+    if any(m.get("wall_seconds") is not None for m in results):
+        rows.append(("wall time: whole evaluation (s)", [m.get("wall_seconds") for m in results], 1))
     return rows
 
 
