@@ -6,6 +6,8 @@ from safepatching.derive import (
     derive_patch,
     load_patch,
     make_loader,
+    npo_loss,
+    response_logprobs,
     response_nll,
     save_patch,
     target_parameter_names,
@@ -32,6 +34,29 @@ def test_ascent_raises_and_descent_lowers_training_nll(tiny_model_dir, harmful_p
         with patched(model, patch.deltas):
             after = mean_nll(model, tokenizer, harmful_pairs)
         assert compare(after, before + (0.05 if direction == "ascent" else -0.05)), (direction, before, after)
+
+
+def test_npo_starts_at_its_closed_form_and_raises_the_nll(tiny_model_dir, harmful_pairs):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    loader = make_loader(tokenizer, harmful_pairs, 64, len(harmful_pairs), seed=0, shuffle=False, reference=model)
+    batch = next(iter(loader))
+    loss, nll = npo_loss(model, batch, beta=0.1)
+    # at the reference point the log-ratio is 0, so the loss is (2/beta) log 2 and its gradient is
+    # exactly the gradient of the mean negative sequence log-probability (gradient ascent's direction)
+    assert float(loss) == pytest.approx(20 * torch.log(torch.tensor(2.0)).item(), rel=1e-5)
+    assert float(nll) == pytest.approx(float(response_nll(model, batch)), rel=1e-5)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    (npo_grad,) = torch.autograd.grad(loss, weight)
+    logprobs, _ = response_logprobs(model, batch)
+    (ga_grad,) = torch.autograd.grad(logprobs.mean(), weight)
+    torch.testing.assert_close(npo_grad, ga_grad, rtol=1e-4, atol=1e-7)
+    before = mean_nll(model, tokenizer, harmful_pairs)
+    settings = DeriveConfig(**FAST, ascent_max_nll_increase=100.0)
+    patch = derive_patch(model, tokenizer, harmful_pairs, "npo", settings, seed=0, progress=False)
+    assert mean_nll(model, tokenizer, harmful_pairs) == before
+    with patched(model, patch.deltas):
+        assert mean_nll(model, tokenizer, harmful_pairs) > before + 0.05
+    assert patch.info["direction"] == "npo" and len(patch.info["nll_history"]) == 4
 
 
 def test_same_seed_gives_the_same_patch(tiny_model_dir, harmful_pairs):

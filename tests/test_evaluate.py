@@ -45,6 +45,8 @@ def test_several_safety_benchmarks_are_reported_separately(tmp_path, tiny_model_
         harmless={"source": "builtin:harmless", "split": "train[:1]"},
         safety_benchmarks={"a": {"source": str(tmp_path / "a.csv"), "prompt_column": "goal", "category_column": "kind"},
                            "b": {"source": str(tmp_path / "b.txt")}},
+        over_safety_benchmarks={"ok": {"source": "builtin:benign-but-scary", "split": "train[2:5]"}},
+        judge="three-way", refusal_judge="three-way",
         max_new_tokens=3, kl_max_new_tokens=3, batch_size=2,
     )  # fmt: skip
     sets = load_eval_sets(settings, None)
@@ -57,7 +59,16 @@ def test_several_safety_benchmarks_are_reported_separately(tmp_path, tiny_model_
     for name in ("a", "b"):
         flags = [r["refusal"] for r in records if r["set"] == f"safety/{name}"]
         assert report[name]["harmful_response_rate"] == pytest.approx(100 * (1 - sum(flags) / len(flags)))
-    assert set(metrics["part_seconds"]) == {"harmful", "benign", "harmless", "safety/a", "safety/b", "utility"}
+    ok_labels = [r["label"] for r in records if r["set"] == "over_safety/ok"]
+    ok = metrics["over_safety_benchmarks"]["ok"]
+    assert ok["count"] == len(ok_labels) == 3
+    assert ok["full_refusal_rate"] == pytest.approx(100 * ok_labels.count("full_refusal") / 3)
+    assert ok["partial_refusal_rate"] == pytest.approx(100 * ok_labels.count("partial_refusal") / 3)
+    assert ok["refusal_rate"] == pytest.approx(ok["full_refusal_rate"] + ok["partial_refusal_rate"])
+    assert set(metrics["part_seconds"]) == {
+        "harmful", "benign", "harmless", "safety/a", "safety/b", "over_safety/ok", "utility"
+    }  # fmt: skip
+    assert metrics["generation"]["tokens"] > 0 and metrics["generation"]["seconds_per_token"] > 0
     assert sum(metrics["part_seconds"].values()) <= metrics["wall_seconds"] + 0.1
     with pytest.raises(DataError, match="safety/a"):
         assert_disjoint([Example("Steal a car?", "x")], sets.named())

@@ -64,6 +64,7 @@ class DeriveConfig(StrictModel):
         description="gradient ascent stops once a step's mean response NLL (nats/token) exceeds "
         "the first step's by this much",
     )
+    npo_beta: float = Field(0.1, gt=0, description="NPO's inverse temperature (objective: npo)")
     descent_nll_floor: float = Field(
         0.0, ge=0, description="gradient descent stops once the mean response NLL falls below this"
     )
@@ -152,6 +153,11 @@ class EvalConfig(StrictModel):
         default_factory=dict,
         description="further harmful sets, each reported on its own (with categories), e.g. "
         "advbench: {source: bench:advbench, split: 'train[:50]', shuffle_seed: 0}",
+    )
+    over_safety_benchmarks: dict[str, DatasetSpec] = Field(
+        default_factory=dict,
+        description="further benign-but-scary sets, each with its full and partial refusal rate, e.g. "
+        "oktest: {source: bench:oktest, split: 'train[:50]', shuffle_seed: 0}",
     )
     utility: UtilityConfig = Field(default_factory=UtilityConfig)
     perplexity: DatasetSpec | None = Field(

@@ -288,7 +288,7 @@ def encode_pair(
     }
 
 
-def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch of encoded pairs for teacher-forced training or scoring."""
     width = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -299,4 +299,7 @@ def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.T
         input_ids[row, :n] = torch.tensor(item["input_ids"])
         labels[row, :n] = torch.tensor(item["labels"])
         attention[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    collated = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    if "reference_logprob" in batch[0]:
+        collated["reference_logprobs"] = torch.tensor([item["reference_logprob"] for item in batch])
+    return collated

@@ -1,9 +1,12 @@
 """Patch derivation: fine-tune on harmful pairs and keep the weight difference as a patch.
 
 Gradient ascent on the harmful responses' NLL unlearns them (the safety patch); gradient descent
-on the same pairs loosens refusals (the over-safety patch). Ascent is unbounded, so it stops as
-soon as the mean response NLL of a step exceeds the first step's by ``ascent_max_nll_increase``
-nats per token (or at max_steps / the end of the epochs).
+on the same pairs loosens refusals (the over-safety patch). NPO (negative preference
+optimisation, Zhang et al. 2024) is the bounded alternative to ascent, a baseline of the paper:
+loss -(2/beta) log sigmoid(-beta (log p(y|x) - log p_ref(y|x))) with sequence log-probabilities and
+the untouched backbone as reference. Ascent and NPO stop as soon as the mean response NLL of a
+step exceeds the first step's by ``ascent_max_nll_increase`` nats per token (or at max_steps /
+the end of the epochs).
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safepatching.config import DeriveConfig, fingerprint
-from safepatching.data import Example, collate, encode_pair
+from safepatching.data import IGNORE_INDEX, Example, collate, encode_pair
 from safepatching.errors import TrainingError
 from safepatching.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from safepatching.shards import LazyTensors, tensor_digest
 
 log = logging.getLogger(__name__)
-Direction = Literal["ascent", "descent"]
+Direction = Literal["ascent", "descent", "npo"]
+UNLEARNING = ("ascent", "npo")  # directions that raise the NLL and stop at its ceiling
 PATCH_TENSORS = "deltas.safetensors"
 PATCH_INFO = "patch.json"
 
@@ -75,9 +79,32 @@ def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
 
+def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each example's response tokens, and how many there are."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    scored = labels != IGNORE_INDEX
+    token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
+    return (token_logprobs.squeeze(-1) * scored).sum(-1), scored.sum(-1)
+
+
+def npo_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The NPO loss of a batch and its mean response NLL per token (for logging and the stop rule)."""
+    logprobs, counts = response_logprobs(model, batch)
+    loss = -(2.0 / beta) * torch.nn.functional.logsigmoid(-beta * (logprobs - batch["reference_logprobs"])).mean()
+    return loss, -logprobs.sum() / counts.sum()
+
+
 def make_loader(
-    tokenizer: PreTrainedTokenizerBase, pairs: list[Example], max_length: int, batch_size: int, seed: int, shuffle: bool
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[Example],
+    max_length: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    reference: torch.nn.Module | None = None,
 ) -> DataLoader:
+    """Batches of encoded pairs; with ``reference`` each example also carries its reference log-prob (NPO)."""
     encoded = [encode_pair(tokenizer, p.prompt, p.response or "", max_length) for p in pairs]
     truncated = sum(item["truncated"] for item in encoded)
     if truncated:
@@ -88,6 +115,13 @@ def make_loader(
             len(encoded),
             max_length,
         )
+    if reference is not None:
+        with torch.no_grad():
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start : start + batch_size]
+                logprobs, _ = response_logprobs(reference, collate(chunk, tokenizer.pad_token_id))
+                for item, value in zip(chunk, logprobs.tolist(), strict=True):
+                    item["reference_logprob"] = value
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         encoded,
@@ -186,8 +220,16 @@ def derive_patch(
     key = fingerprint(
         direction, settings.training_settings(), seed, pairs_digest(pairs), tensor_digest(original[names[0]])
     )
+    loader = make_loader(
+        tokenizer,
+        pairs,
+        settings.max_length,
+        settings.batch_size,
+        seed,
+        shuffle=True,
+        reference=model if direction == "npo" else None,  # still untouched here
+    )
     trainable = _prepare_trainable(model, names, settings)
-    loader = make_loader(tokenizer, pairs, settings.max_length, settings.batch_size, seed, shuffle=True)
     accelerator = Accelerator(gradient_accumulation_steps=settings.gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(
         [p for p in trainable.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=0.0
@@ -196,7 +238,6 @@ def derive_patch(
     checkpointer = Checkpointer(checkpoint_dir, key, settings)
     steps_per_epoch = math.ceil(len(loader) / settings.gradient_accumulation_steps)
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
-    sign = -1.0 if direction == "ascent" else 1.0
     stop_reason = "max_steps" if settings.max_steps else "epochs"
     wrapped.train()
     bar = tqdm(total=total_steps, desc=f"derive ({direction})", disable=not progress)
@@ -213,13 +254,17 @@ def derive_patch(
                 if position < state.batches_done:
                     continue
                 with accelerator.accumulate(wrapped):
-                    nll = response_nll(wrapped, batch)
+                    if direction == "npo":
+                        loss, nll = npo_loss(wrapped, batch, settings.npo_beta)
+                    else:
+                        nll = response_nll(wrapped, batch)
+                        loss = -nll if direction == "ascent" else nll
                     if not torch.isfinite(nll):
                         raise TrainingError(
                             f"the response NLL became {nll.item()} at step {len(history) + 1} ({direction}).",
                             "lower derive.learning_rate or derive.ascent_max_nll_increase",
                         )
-                    accelerator.backward(sign * nll)
+                    accelerator.backward(loss)
                     step_losses.append(nll.detach())
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(wrapped.parameters(), settings.max_grad_norm)
@@ -233,7 +278,7 @@ def derive_patch(
                 state.batches_done = position + 1
                 bar.update(1)
                 bar.set_postfix(nll=f"{step_nll:.3f}")
-                if direction == "ascent" and step_nll > history[0] + settings.ascent_max_nll_increase:
+                if direction in UNLEARNING and step_nll > history[0] + settings.ascent_max_nll_increase:
                     stop_reason = "nll_ceiling"
                 elif direction == "descent" and step_nll < settings.descent_nll_floor:
                     stop_reason = "nll_floor"

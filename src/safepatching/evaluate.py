@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safepatching.config import DatasetSpec, EvalConfig
 from safepatching.data import Example, collate, encode_pair, load_examples, resolve_named
-from safepatching.generation import HFGenerator
+from safepatching.generation import Generator, HFGenerator
 from safepatching.jailbreaks import wrap_prompts
 from safepatching.judges import get_judge, judge_all
 from safepatching.utility import evaluate_utility
@@ -28,11 +28,13 @@ class EvalSets:
     harmless: list[Example]
     perplexity: list[Example] = field(default_factory=list)
     safety: dict[str, list[Example]] = field(default_factory=dict)
+    over_safety: dict[str, list[Example]] = field(default_factory=dict)
 
     def named(self) -> dict[str, list[Example]]:
         """Every prompt set by name, for the train/eval overlap check."""
         sets = {"harmful": self.harmful, "benign": self.benign, "harmless": self.harmless}
-        return {**sets, **{f"safety/{name}": examples for name, examples in self.safety.items()}}
+        sets.update({f"safety/{name}": examples for name, examples in self.safety.items()})
+        return {**sets, **{f"over_safety/{name}": examples for name, examples in self.over_safety.items()}}
 
 
 def load_eval_sets(settings: EvalConfig, data_dir: Path | None) -> EvalSets:
@@ -43,11 +45,23 @@ def load_eval_sets(settings: EvalConfig, data_dir: Path | None) -> EvalSets:
         harmless=load_examples(settings.harmless, data_dir, limit),
         perplexity=load_examples(settings.perplexity, data_dir, limit) if settings.perplexity else [],
         safety={name: load_examples(spec, data_dir, limit) for name, spec in settings.safety_benchmarks.items()},
+        over_safety={
+            name: load_examples(spec, data_dir, limit) for name, spec in settings.over_safety_benchmarks.items()
+        },
     )
 
 
 def percent(flags: list[bool]) -> float:
     return 100.0 * sum(flags) / max(len(flags), 1)
+
+
+def refusal_breakdown(labels: list[str]) -> dict[str, float]:
+    """Refusal rate and its full / partial split (%), from three-way judge labels."""
+    return {
+        "refusal_rate": percent([label != "full_compliance" for label in labels]),
+        "full_refusal_rate": percent([label == "full_refusal" for label in labels]),
+        "partial_refusal_rate": percent([label == "partial_refusal" for label in labels]),
+    }
 
 
 def teacher_forced_batches(
@@ -134,15 +148,22 @@ def evaluate_model(
     label: str = "model",
     progress: bool = True,
     data_dir: Path | None = None,
+    generator: Generator | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics and per-prompt records. KL needs the reference model and its harmless replies."""
+    """Metrics and per-prompt records. KL needs the reference model and its harmless replies.
+
+    ``generator`` replaces plain greedy decoding of ``model`` (decoding-time defences); KL,
+    perplexity and utility always score ``model`` itself.
+    """
     judge = get_judge(settings.judge, data_dir, settings.judge_model)
     refusal_judge = judge if settings.refusal_judge == settings.judge else get_judge(settings.refusal_judge, data_dir)
-    generator = HFGenerator(model, tokenizer, settings.batch_size, progress, desc=f"generate ({label})")
+    generator = generator or HFGenerator(model, tokenizer, settings.batch_size, progress, desc=f"generate ({label})")
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     flags: dict[str, list[bool]] = {}
+    labels: dict[str, list[str]] = {}
     part_seconds: dict[str, float] = {}
+    generation = {"seconds": 0.0, "tokens": 0}
     unparsed = 0
 
     def timed(part: str, work, *args):
@@ -156,8 +177,11 @@ def evaluate_model(
         nonlocal unparsed
         part_started = time.perf_counter()
         responses = generator.generate(prompts, max_new)
+        generation["seconds"] += time.perf_counter() - part_started
+        generation["tokens"] += sum(len(ids) for ids in tokenizer(responses, add_special_tokens=False)["input_ids"])
         verdicts = judge_all(set_judge, requests, responses)
         part_seconds[set_name] = round(time.perf_counter() - part_started, 1)
+        labels[set_name] = [v.label for v in verdicts]
         unparsed += sum(not v.parsed for v in verdicts)
         records.extend(
             {
@@ -191,6 +215,12 @@ def evaluate_model(
             "by_category": rates_by_category(examples, refusals, category_column(settings.safety_benchmarks.get(name))),
             "count": len(examples),
         }
+    over_safety = {}
+    for name, examples in sets.over_safety.items():
+        requests = [e.prompt for e in examples]
+        set_name = f"over_safety/{name}"
+        judged(set_name, requests, requests, refusal_judge, settings.refusal_judge, settings.max_new_tokens)
+        over_safety[name] = {**refusal_breakdown(labels[set_name]), "count": len(examples)}
     jailbreak_rates = {}
     for family in settings.jailbreaks:
         requests = [e.prompt for e in sets.harmful]
@@ -201,10 +231,12 @@ def evaluate_model(
         "harmful_refusal_rate": percent(flags["harmful"]),
         "harmful_response_rate": 100.0 - percent(flags["harmful"]),
         "benign_refusal_rate": percent(flags["benign"]),
+        **{f"benign_{key}": value for key, value in refusal_breakdown(labels["benign"]).items() if key != "refusal_rate"},
         "harmless_refusal_rate": percent(flags["harmless"]),
         "harmful_response_rate_by_category": by_category,
         "jailbreak_harmful_response_rate": jailbreak_rates,
         "safety_benchmarks": by_benchmark,
+        "over_safety_benchmarks": over_safety,
         "judge_unparsed": unparsed,
         "kl_to_reference": None,
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
@@ -220,6 +252,11 @@ def evaluate_model(
             "kl", mean_token_kl, model, reference, tokenizer, prompts, reference_harmless
         )
     metrics["part_seconds"] = part_seconds
+    metrics["generation"] = {
+        "seconds": round(generation["seconds"], 2),
+        "tokens": generation["tokens"],
+        "seconds_per_token": generation["seconds"] / max(generation["tokens"], 1),
+    }
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     return metrics, records
 

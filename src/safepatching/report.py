@@ -89,6 +89,10 @@ def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | N
     for name in benchmarks:
         values = [m.get("safety_benchmarks", {}).get(name, {}).get("harmful_response_rate") for m in results]
         rows.append((f"harmful response on {name} (%) ↓", values, 1))
+    for name in sorted({b for m in results for b in m.get("over_safety_benchmarks", {})}):
+        for key, kind in (("refusal_rate", "refusal"), ("partial_refusal_rate", "partial refusal")):
+            values = [m.get("over_safety_benchmarks", {}).get(name, {}).get(key) for m in results]
+            rows.append((f"{kind} on {name} (%) ↓", values, 1))
     families = sorted({f for m in results for f in m.get("jailbreak_harmful_response_rate", {})})
     for family in families:
         values = [m.get("jailbreak_harmful_response_rate", {}).get(family) for m in results]
