@@ -231,7 +231,11 @@ def evaluate_model(
         "harmful_refusal_rate": percent(flags["harmful"]),
         "harmful_response_rate": 100.0 - percent(flags["harmful"]),
         "benign_refusal_rate": percent(flags["benign"]),
-        **{f"benign_{key}": value for key, value in refusal_breakdown(labels["benign"]).items() if key != "refusal_rate"},
+        **{
+            f"benign_{key}": value
+            for key, value in refusal_breakdown(labels["benign"]).items()
+            if key != "refusal_rate"
+        },
         "harmless_refusal_rate": percent(flags["harmless"]),
         "harmful_response_rate_by_category": by_category,
         "jailbreak_harmful_response_rate": jailbreak_rates,
