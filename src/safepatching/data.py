@@ -260,10 +260,21 @@ def assert_disjoint(train: list[Example], evaluation: dict[str, list[Example]]) 
             )
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, system: str | None = None) -> str:
+    """The prompt in the model's chat format, with an optional system prompt (folded into the user
+    turn for templates that have no system role)."""
+    if system is None:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    except Exception:  # noqa: BLE001 - jinja templates raise their own error types for an unsupported role
+        return chat_prompt(tokenizer, f"{system}\n\n{prompt}")
 
 
 def encode_pair(

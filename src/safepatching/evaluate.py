@@ -15,9 +15,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safepatching.config import DatasetSpec, EvalConfig
 from safepatching.data import Example, collate, encode_pair, load_examples, resolve_named
-from safepatching.generation import Generator, HFGenerator
+from safepatching.decoding import make_generator
+from safepatching.generation import Generator
 from safepatching.jailbreaks import wrap_prompts
 from safepatching.judges import get_judge, judge_all
+from safepatching.models import dtype_name, load_model
 from safepatching.utility import evaluate_utility
 
 
@@ -157,7 +159,13 @@ def evaluate_model(
     """
     judge = get_judge(settings.judge, data_dir, settings.judge_model)
     refusal_judge = judge if settings.refusal_judge == settings.judge else get_judge(settings.refusal_judge, data_dir)
-    generator = generator or HFGenerator(model, tokenizer, settings.batch_size, progress, desc=f"generate ({label})")
+    if generator is None:
+        expert = None
+        if settings.decoding.method == "safedecoding":
+            expert, _ = load_model(settings.decoding.expert_model, dtype_name(next(model.parameters()).dtype))
+        generator = make_generator(
+            model, tokenizer, settings.decoding, settings.batch_size, progress, f"generate ({label})", expert
+        )
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     flags: dict[str, list[bool]] = {}

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The compute_dtype setting for a torch dtype."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
 @dataclass(frozen=True)
 class WheelMember:
     package: str
