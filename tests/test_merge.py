@@ -27,6 +27,38 @@ def test_task_arithmetic_adds_both_patches_everywhere():
     assert torch.allclose(delta, torch.full((3,), 0.75))
 
 
+def test_intersection_ablation_patches_only_where_both_regions_meet():
+    patches = TensorPatches(
+        "w",
+        torch.tensor([1.0, 2.0, 3.0, 4.0]),
+        torch.tensor([10.0, 20.0, 30.0, 40.0]),
+        torch.tensor([True, True, False, False]),
+        torch.tensor([False, True, True, False]),
+    )
+    settings = MergeConfig(method="safepatching_intersection", alpha=0.5, beta=2.0, retention=1.0)
+    delta = MERGE_METHODS["safepatching_intersection"].function(patches, settings, seed=0)
+    assert torch.equal(delta, torch.tensor([0.0, 0.5 * 2 + 2 * 20, 0.0, 0.0]))
+
+
+def test_ties_trims_elects_signs_and_takes_the_disjoint_mean():
+    safety = torch.tensor([4.0, -3.0, 0.1, 2.0, -0.2])
+    over = torch.tensor([1.0, 5.0, -0.3, -1.0, 0.05])
+    settings = MergeConfig(method="ties", alpha=1.0, beta=1.0, density=0.6)
+    delta = MERGE_METHODS["ties"].function(TensorPatches("w", safety, over), settings, seed=0)
+    # trim keeps 3 of 5 by magnitude: safety -> [4, -3, 0, 2, 0], over -> [1, 5, 0, -1, 0]
+    # entry 0: both +, mean (4+1)/2; entry 1: -3+5 elects +, only 5 agrees; entry 3: 2-1 elects +, only 2
+    assert torch.allclose(delta, torch.tensor([2.5, 5.0, 0.0, 2.0, 0.0]))
+
+
+def test_ties_trim_keeps_the_requested_share():
+    from safepatching.merge import trim_to_density
+
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    kept = trim_to_density(values, 0.25)
+    assert int((kept != 0).sum()) == 250
+    assert kept.abs()[kept != 0].min() >= values.abs()[kept == 0].max()
+
+
 def test_difference_sets_are_disjoint_and_cover_symmetric_difference():
     generator = torch.Generator().manual_seed(1)
     scores_s = {"a": torch.rand(50, 40, generator=generator), "b": torch.rand(30, generator=generator)}

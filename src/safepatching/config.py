@@ -107,6 +107,7 @@ class MergeConfig(StrictModel):
     rescale: Literal["inverse", "none"] = Field(
         "inverse", description="inverse: kept entries are divided by p (DARE); none: kept as they are"
     )
+    density: float = Field(0.2, gt=0, le=1, description="ties: share of each patch's entries kept by magnitude")
     output_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     shard_size_mb: int = Field(2000, ge=1)
 

@@ -85,3 +85,36 @@ def safepatching_merge(patches: TensorPatches, settings: MergeConfig, seed: int)
 def task_arithmetic_merge(patches: TensorPatches, settings: MergeConfig, seed: int) -> torch.Tensor:
     safety, over_safety = retained_pair(patches, settings, seed)
     return settings.alpha * safety + settings.beta * over_safety
+
+
+@register(
+    "safepatching_intersection",
+    True,
+    "ablation: alpha*P_s + beta*P_o on the intersection of the SNIP regions instead of their differences",
+)
+def intersection_merge(patches: TensorPatches, settings: MergeConfig, seed: int) -> torch.Tensor:
+    safety, over_safety = retained_pair(patches, settings, seed)
+    both = patches.safety_region & patches.over_safety_region
+    return (settings.alpha * safety + settings.beta * over_safety) * both
+
+
+def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` share of entries with the largest magnitude (TIES's trim step)."""
+    keep = max(1, round(density * delta.numel()))
+    if keep >= delta.numel():
+        return delta
+    threshold = delta.abs().flatten().kthvalue(delta.numel() - keep + 1).values
+    return delta * (delta.abs() >= threshold)
+
+
+@register("ties", False, "TIES: trim each weighted patch to its top-density magnitudes, elect signs, disjoint mean")
+def ties_merge(patches: TensorPatches, settings: MergeConfig, seed: int) -> torch.Tensor:
+    weighted = torch.stack(
+        [
+            settings.alpha * trim_to_density(patches.safety, settings.density),
+            settings.beta * trim_to_density(patches.over_safety, settings.density),
+        ]
+    )
+    elected = torch.sign(weighted.sum(0))
+    agrees = (torch.sign(weighted) == elected) & (weighted != 0)
+    return (weighted * agrees).sum(0) / agrees.sum(0).clamp(min=1)
