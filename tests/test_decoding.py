@@ -30,6 +30,9 @@ def test_zero_weight_rose_and_self_cd_equal_plain_greedy(tiny):
     plain = HFGenerator(model, tokenizer, batch_size=2, progress=False)
     self_cd = make_generator(model, tokenizer, DecodingConfig(method="self-cd", self_cd_weight=0), 2, False)
     assert self_cd.generate(PROMPTS, 12) == plain.generate(PROMPTS, 12)
+    # both count the tokens each reply took, up to its end token: the same replies, the same count
+    assert self_cd.generated_tokens == plain.generated_tokens
+    assert len(PROMPTS) <= plain.generated_tokens <= 12 * len(PROMPTS)
     rose = make_generator(model, tokenizer, DecodingConfig(method="rose", rose_weight=0), 2, False)
     system = DecodingConfig().safety_system_prompt
     expected = plain.generate_texts([chat_prompt(tokenizer, p, system) for p in PROMPTS], 12)
@@ -49,6 +52,14 @@ def test_contrast_changes_the_choice_of_token(tiny):
     plain = HFGenerator(model, tokenizer, batch_size=3, progress=False).generate(PROMPTS, 10)
     strong = make_generator(model, tokenizer, DecodingConfig(method="rose", rose_weight=5.0), 3, False)
     assert strong.generate(PROMPTS, 10) != plain
+
+
+def test_reply_length_counts_up_to_the_first_end_token():
+    from safepatching.generation import reply_length
+
+    assert reply_length([5, 6, 2, 0, 0], {2}) == 3
+    assert reply_length([5, 6, 7], {2}) == 3
+    assert reply_length([2, 2, 2], {2, 9}) == 1
 
 
 def test_combination_rules_follow_the_formulas():

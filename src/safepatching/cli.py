@@ -12,7 +12,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from safepatching.config import PipelineConfig, build_config, dump_config, parse_overrides
+from safepatching.config import (
+    BenchConfig,
+    ContinualConfig,
+    PipelineConfig,
+    StrictModel,
+    build_config,
+    dump_config,
+    parse_overrides,
+)
 from safepatching.errors import SafePatchingError
 
 app = typer.Typer(
@@ -56,7 +64,13 @@ def refuse_existing(path: Path, force: bool) -> None:
         raise SafePatchingError(f"{path} already exists.", "pass --force to overwrite it or choose another --out")
 
 
-def load_cli_config(config: Path | None, overrides: list[str] | None, flags: dict[str, Any]) -> PipelineConfig:
+def load_cli_config(
+    config: Path | None,
+    overrides: list[str] | None,
+    flags: dict[str, Any],
+    model: type[StrictModel] = PipelineConfig,
+    quick: bool = False,
+) -> Any:
     """CLI flags become overrides on top of the YAML file, exactly like the Python API's keywords."""
     merged = parse_overrides(overrides or [])
     for dotted, value in flags.items():
@@ -67,7 +81,7 @@ def load_cli_config(config: Path | None, overrides: list[str] | None, flags: dic
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = str(value) if isinstance(value, Path) else value
-    return build_config(config, merged)
+    return build_config(config, merged, model, quick)
 
 
 @app.command()
@@ -102,6 +116,46 @@ def run(
 
     resolved = load_cli_config(config, overrides, {"data_dir": data_dir, "output_dir": out})
     run_pipeline(resolved, progress=progress)
+
+
+Quick = Annotated[bool, typer.Option("--quick", help="apply the config's quick: overrides (a small, fast run)")]
+
+
+def command_line() -> str:
+    """The exact command, written into bench and continual results."""
+    return " ".join(["safepatching", *sys.argv[1:]])
+
+
+@app.command()
+def bench(
+    config: Annotated[Path, typer.Argument(help="bench YAML config (see configs/bench-reference.yaml)")],
+    quick: Quick = False,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Compare SafePatching with GA, NPO, ablations, merging and decoding-time baselines over seeds."""
+    progress = show_progress(no_progress)
+    from safepatching.bench import run_bench
+
+    resolved = load_cli_config(config, overrides, {"pipeline.data_dir": data_dir}, BenchConfig, quick)
+    run_bench(resolved, command_line(), progress=progress)
+
+
+@app.command()
+def continual(
+    config: Annotated[Path, typer.Argument(help="continual YAML config (see configs/continual-reference.yaml)")],
+    quick: Quick = False,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Patch round after round on disjoint harmful data; evaluate after every round (table + plot)."""
+    progress = show_progress(no_progress)
+    from safepatching.continual import run_continual
+
+    resolved = load_cli_config(config, overrides, {"pipeline.data_dir": data_dir}, ContinualConfig, quick)
+    run_continual(resolved, command_line(), progress=progress)
 
 
 @app.command("eval", context_settings={"allow_extra_args": True})

@@ -246,6 +246,109 @@ class PipelineConfig(StrictModel):
         return self
 
 
+class BenchMethod(StrictModel):
+    """One row of the comparison: a merge of the derived patches, a decoding rule, or the backbone."""
+
+    description: str = ""
+    kind: Literal["backbone", "merge", "decoding"] = "merge"
+    safety_patch: Literal["ascent", "npo"] = Field(
+        "ascent", description="which derived patch plays P_s: gradient ascent or NPO"
+    )
+    merge: dict[str, Any] = Field(default_factory=dict, description="overrides of the pipeline's merge settings")
+    decoding: dict[str, Any] = Field(default_factory=dict, description="overrides of eval.decoding")
+
+
+_TASK_ARITHMETIC_FULL = {"method": "task_arithmetic", "retention": 1.0}
+BENCH_METHODS: dict[str, BenchMethod] = {
+    "backbone": BenchMethod(kind="backbone", description="the untouched backbone"),
+    "safepatching": BenchMethod(description="SafePatching with the pipeline's merge settings"),
+    "ga": BenchMethod(
+        description="unlearning: the gradient-ascent patch alone, applied fully",
+        merge={**_TASK_ARITHMETIC_FULL, "alpha": 1.0, "beta": 0.0},
+    ),
+    "npo": BenchMethod(
+        description="unlearning: the NPO patch alone, applied fully",
+        safety_patch="npo",
+        merge={**_TASK_ARITHMETIC_FULL, "alpha": 1.0, "beta": 0.0},
+    ),
+    "safety-only": BenchMethod(description="ablation: SafePatching without the over-safety term", merge={"beta": 0.0}),
+    "over-safety-only": BenchMethod(description="ablation: SafePatching without the safety term", merge={"alpha": 0.0}),
+    "no-retention": BenchMethod(
+        description="ablation: SafePatching without random retention", merge={"retention": 1.0}
+    ),
+    "intersection": BenchMethod(
+        description="ablation: the intersection of the regions instead of their difference sets",
+        merge={"method": "safepatching_intersection"},
+    ),
+    "per-tensor": BenchMethod(
+        description="ablation: top-a/top-b per tensor instead of one global threshold",
+        merge={"mask_scope": "per_tensor"},
+    ),
+    "task-arithmetic": BenchMethod(
+        description="merging: alpha*P_s + beta*P_o everywhere", merge=dict(_TASK_ARITHMETIC_FULL)
+    ),
+    "ties": BenchMethod(description="merging: TIES over the two patches", merge={"method": "ties"}),
+    "dare": BenchMethod(
+        description="merging: task arithmetic after random retention (DARE)", merge={"method": "task_arithmetic"}
+    ),
+    "self-cd": BenchMethod(kind="decoding", description="decoding: Self-CD", decoding={"method": "self-cd"}),
+    "rose": BenchMethod(kind="decoding", description="decoding: ROSE", decoding={"method": "rose"}),
+    "safedecoding": BenchMethod(
+        kind="decoding",
+        description="decoding: SafeDecoding with backbone + safety patch as the expert",
+        decoding={"method": "safedecoding", "expert_model": "ga"},
+    ),
+}
+
+
+class BenchConfig(StrictModel):
+    """`safepatching bench`: every selected method on one backbone, several seeds, one table."""
+
+    name: str = Field("bench", pattern=r"^[A-Za-z0-9._-]+$", description="results go to OUTPUT_DIR/<name>.md/.json")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    methods: list[str] = Field(default_factory=lambda: list(BENCH_METHODS), min_length=1)
+    custom_methods: dict[str, BenchMethod] = Field(default_factory=dict, description="further rows, by name")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    harmful_label: str = Field("harmful", description="table name of eval.harmful")
+    benign_label: str = Field("benign", description="table name of eval.benign")
+    output_dir: Path = Path("benchmarks/results")
+    work_dir: Path = Field(Path("runs/bench"), description="derived patches, importance and per-cell results")
+    quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --quick")
+
+    def method(self, name: str) -> BenchMethod:
+        return self.custom_methods.get(name) or BENCH_METHODS[name]
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> BenchConfig:
+        unknown = [m for m in self.methods if m not in BENCH_METHODS and m not in self.custom_methods]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; choose from {sorted(BENCH_METHODS)} or custom_methods")
+        return self
+
+
+class ContinualConfig(StrictModel):
+    """`safepatching continual`: rounds of patching on disjoint harmful data, evaluated after each."""
+
+    name: str = Field("continual", pattern=r"^[A-Za-z0-9._-]+$")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    rounds: list[DatasetSpec] = Field(min_length=1, description="harmful (prompt, response) pairs of each round")
+    methods: list[Literal["safepatching", "ga", "npo"]] = Field(
+        default_factory=lambda: ["safepatching", "ga", "npo"], min_length=1
+    )
+    harmful_label: str = "harmful"
+    benign_label: str = "benign"
+    output_dir: Path = Path("benchmarks/results")
+    work_dir: Path = Path("runs/continual")
+    quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --quick")
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds_have_responses(cls, rounds: list[DatasetSpec]) -> list[DatasetSpec]:
+        if any(not spec.response_column for spec in rounds):
+            raise ValueError("every round needs a response_column (the harmful responses to unlearn)")
+        return rounds
+
+
 def _env_path(name: str) -> Path | None:
     value = os.environ.get(name)
     return Path(value) if value else None
@@ -316,10 +419,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def build_config(
-    path: Path | None = None, overrides: dict[str, Any] | None = None, model: type[StrictModel] = PipelineConfig
+    path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    model: type[StrictModel] = PipelineConfig,
+    quick: bool = False,
 ) -> StrictModel:
-    """Validate a config from an optional YAML file plus overrides (CLI flags or API keywords)."""
+    """Validate a config from an optional YAML file plus overrides (CLI flags or API keywords).
+
+    ``quick`` applies the file's own ``quick:`` overrides first (bench and continual configs).
+    """
     raw = read_yaml(path) if path else {}
+    if quick:
+        if not isinstance(raw.get("quick"), dict) or not raw["quick"]:
+            raise ConfigError(f"config {path} has no quick: section.", "add quick: {overrides} or drop --quick")
+        raw = _deep_merge(raw, raw["quick"])
     raw = _deep_merge(raw, overrides or {})
     try:
         return model.model_validate(raw)

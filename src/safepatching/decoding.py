@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safepatching.config import DecodingConfig
 from safepatching.data import chat_prompt
-from safepatching.generation import Generator, HFGenerator
+from safepatching.generation import Generator, HFGenerator, eos_token_ids, reply_length
 
 # (log-probs of the main stream, log-probs of the other stream, step) -> scores to take the argmax of
 Combine = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -75,11 +75,8 @@ class ContrastiveGenerator:
     ):
         self.tokenizer, self.main, self.other, self.combine = tokenizer, main, other, combine
         self.other_steps, self.batch_size, self.progress, self.desc = other_steps, batch_size, progress, desc
-        eos = main.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tokenizer.eos_token_id is not None:
-            eos_ids.add(tokenizer.eos_token_id)
-        self.eos_ids = torch.tensor(sorted(eos_ids))
+        self.eos_ids = eos_token_ids(main.model, tokenizer)
+        self.generated_tokens = 0
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         lengths = [len(p) for p in prompts]
@@ -116,7 +113,7 @@ class ContrastiveGenerator:
             token = scores.argmax(-1).cpu()
             token = torch.where(finished, torch.full_like(token, self.tokenizer.pad_token_id), token)
             chosen.append(token)
-            finished |= torch.isin(token, self.eos_ids)
+            finished |= torch.isin(token, torch.tensor(sorted(self.eos_ids)))
             if bool(finished.all()):
                 break
             for state in states if other_active else states[:1]:
@@ -124,8 +121,9 @@ class ContrastiveGenerator:
         replies = torch.stack(chosen, dim=1) if chosen else torch.empty((len(prompts), 0), dtype=torch.long)
         texts = []
         for row in replies.tolist():
-            stop = next((i for i, t in enumerate(row) if t in set(self.eos_ids.tolist())), len(row))
-            texts.append(self.tokenizer.decode(row[:stop], skip_special_tokens=True).strip())
+            length = reply_length(row, self.eos_ids)
+            self.generated_tokens += length
+            texts.append(self.tokenizer.decode(row[:length], skip_special_tokens=True).strip())
         return texts
 
 

@@ -184,9 +184,10 @@ def evaluate_model(
     def judged(set_name: str, requests: list[str], prompts: list[str], set_judge, set_judge_name, max_new):
         nonlocal unparsed
         part_started = time.perf_counter()
+        tokens_before = generator.generated_tokens
         responses = generator.generate(prompts, max_new)
         generation["seconds"] += time.perf_counter() - part_started
-        generation["tokens"] += sum(len(ids) for ids in tokenizer(responses, add_special_tokens=False)["input_ids"])
+        generation["tokens"] += generator.generated_tokens - tokens_before
         verdicts = judge_all(set_judge, requests, responses)
         part_seconds[set_name] = round(time.perf_counter() - part_started, 1)
         labels[set_name] = [v.label for v in verdicts]

@@ -14,7 +14,23 @@ from safepatching.data import chat_prompt
 class Generator(Protocol):
     """What the evaluation needs from a generation backend."""
 
+    generated_tokens: int  # new tokens produced so far (up to and including each reply's end token)
+
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]: ...
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every id that ends a reply: the generation config's (one or several) and the tokenizer's."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [] if configured is None else [configured])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def reply_length(tokens: list[int], eos_ids: set[int]) -> int:
+    """Tokens a reply really took: up to and including its first end token (padding after it is free)."""
+    return next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
 
 
 class HFGenerator:
@@ -33,6 +49,8 @@ class HFGenerator:
         self.batch_size = batch_size
         self.progress = progress
         self.desc = desc
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.generated_tokens = 0
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         """Replies to user prompts, each formatted with the model's chat template."""
@@ -63,6 +81,7 @@ class HFGenerator:
                         pad_token_id=self.tokenizer.pad_token_id,
                     )
                 new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+                self.generated_tokens += sum(reply_length(row, self.eos_ids) for row in new_tokens.tolist())
                 for index, text in zip(
                     batch, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
                 ):

@@ -32,14 +32,15 @@ class MergeMethod:
     function: Callable[[TensorPatches, MergeConfig, int], torch.Tensor]
     needs_importance: bool
     description: str
+    uses_retention: bool = True  # whether the seed (random retention) changes the result
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {}
 
 
-def register(name: str, needs_importance: bool, description: str):
+def register(name: str, needs_importance: bool, description: str, uses_retention: bool = True):
     def decorator(function: Callable[[TensorPatches, MergeConfig, int], torch.Tensor]):
-        MERGE_METHODS[name] = MergeMethod(function, needs_importance, description)
+        MERGE_METHODS[name] = MergeMethod(function, needs_importance, description, uses_retention)
         return function
 
     return decorator
@@ -107,7 +108,12 @@ def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta * (delta.abs() >= threshold)
 
 
-@register("ties", False, "TIES: trim each weighted patch to its top-density magnitudes, elect signs, disjoint mean")
+@register(
+    "ties",
+    False,
+    "TIES: trim each weighted patch to its top-density magnitudes, elect signs, disjoint mean",
+    uses_retention=False,
+)
 def ties_merge(patches: TensorPatches, settings: MergeConfig, seed: int) -> torch.Tensor:
     weighted = torch.stack(
         [

@@ -16,7 +16,15 @@ from rich.console import Console
 from safepatching import __version__
 from safepatching.config import PipelineConfig, dump_config, fingerprint
 from safepatching.data import Example, assert_disjoint, load_examples
-from safepatching.derive import Patch, checkpoint_dir_for, derive_patch, load_patch, save_patch, target_parameter_names
+from safepatching.derive import (
+    Direction,
+    Patch,
+    checkpoint_dir_for,
+    derive_patch,
+    load_patch,
+    save_patch,
+    target_parameter_names,
+)
 from safepatching.evaluate import EvalSets, evaluate_model, harmless_responses, load_eval_sets
 from safepatching.importance import patched, snip_scores
 from safepatching.io import read_json, save_tensors, write_json, write_text_atomic
@@ -58,14 +66,24 @@ def _mark(directory: Path, key: str, extra: dict[str, Any] | None = None) -> Non
 class SafePatchingRun:
     """Runs the pipeline for one config; the Python API behind `safepatching run` and `demo`."""
 
-    def __init__(self, config: PipelineConfig, progress: bool = True, console: Console | None = None):
+    def __init__(
+        self,
+        config: PipelineConfig,
+        progress: bool = True,
+        console: Console | None = None,
+        loaded: tuple[Any, Any] | None = None,
+        base_state: str | None = None,
+    ):
+        """``loaded`` is an in-memory (model, tokenizer) to patch instead of loading ``config.model``;
+        ``base_state`` then names its weights (e.g. the rounds already applied), so cached stages of
+        other weights are not reused."""
         self.config = config
         self.progress = progress
         self.console = console or Console(stderr=True)
         self.out = Path(config.output_dir)
         self.stages: dict[str, Any] = {}
-        self._model = None
-        self._tokenizer = None
+        self._model, self._tokenizer = loaded or (None, None)
+        self.base_state = base_state
 
     # -- shared inputs -------------------------------------------------------------------------------
     def backbone(self):
@@ -90,7 +108,8 @@ class SafePatchingRun:
     # -- stage keys ----------------------------------------------------------------------------------
     def derive_key(self) -> str:
         c = self.config
-        return fingerprint(c.model, c.seed, c.compute_dtype, c.harmful_train, c.derive.training_settings())
+        parts = [c.model, c.seed, c.compute_dtype, c.harmful_train, c.derive.training_settings()]
+        return fingerprint(*parts, *([self.base_state] if self.base_state else []))
 
     def importance_key(self) -> str:
         return fingerprint(self.derive_key(), self.config.importance)
@@ -100,29 +119,29 @@ class SafePatchingRun:
 
     # -- stages --------------------------------------------------------------------------------------
     def derive(self, pairs: list[Example]) -> tuple[Patch, Patch]:
-        patches = []
-        for label, direction in (("safety", "ascent"), ("over_safety", "descent")):
-            directory = self.out / "patches" / label
-            if _fresh(directory, self.derive_key()):
-                log.info("reusing %s patch from %s", label, directory)
-                patches.append(load_patch(directory))
-                continue
-            model, tokenizer = self.backbone()
-            with stage_meter(self.stages, f"derive_{label}"):
-                patch = derive_patch(
-                    model,
-                    tokenizer,
-                    pairs,
-                    direction,
-                    self.config.derive,
-                    self.config.seed,
-                    self.progress,
-                    checkpoint_dir_for(directory),
-                )
-                save_patch(patch, directory, {"label": label, "base_model": self.config.model})
-            _mark(directory, self.derive_key(), self.stages[f"derive_{label}"])
-            patches.append(patch)
-        return patches[0], patches[1]
+        return self.derive_one(pairs, "safety", "ascent"), self.derive_one(pairs, "over_safety", "descent")
+
+    def derive_one(self, pairs: list[Example], label: str, direction: Direction) -> Patch:
+        """One patch (saved under patches/<label>), reused when its settings have not changed."""
+        directory = self.out / "patches" / label
+        if _fresh(directory, self.derive_key()):
+            log.info("reusing %s patch from %s", label, directory)
+            return load_patch(directory)
+        model, tokenizer = self.backbone()
+        with stage_meter(self.stages, f"derive_{label}"):
+            patch = derive_patch(
+                model,
+                tokenizer,
+                pairs,
+                direction,
+                self.config.derive,
+                self.config.seed,
+                self.progress,
+                checkpoint_dir_for(directory),
+            )
+            save_patch(patch, directory, {"label": label, "base_model": self.config.model})
+        _mark(directory, self.derive_key(), self.stages[f"derive_{label}"])
+        return patch
 
     def importance(self, pairs: list[Example], safety: Patch, over_safety: Patch):
         if not MERGE_METHODS[self.config.merge.method].needs_importance:
@@ -139,7 +158,8 @@ class SafePatchingRun:
                     model, tokenizer, pairs, names, self.config.importance, f"importance ({label})", self.progress
                 )
             save_tensors(directory / f"{label}.safetensors", scores[label])
-        _mark(directory, self.importance_key())
+        seconds = sum(self.stages[f"importance_{label}"]["wall_seconds"] for label in scores)
+        _mark(directory, self.importance_key(), {"wall_seconds": round(seconds, 1)})
         return scores["safety"], scores["over_safety"]
 
     def merge(self, safety: Patch, over_safety: Patch, safety_scores, over_safety_scores) -> Path:

@@ -1,0 +1,186 @@
+"""`safepatching bench` and `safepatching continual` end to end on a tiny model (the --quick path)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from safepatching.bench import Bench, depends_on_seed, summarise
+from safepatching.config import BENCH_METHODS, BenchConfig, ContinualConfig, build_config
+from safepatching.data import load_examples
+from safepatching.derive import derive_patch, load_patch
+from safepatching.importance import top_region
+from safepatching.merge import difference_sets
+from safepatching.models import load_model
+from tests.test_config_cli import run_cli
+
+
+def pipeline_settings(model_dir, **extra):
+    return {
+        "model": str(model_dir),
+        "harmful_train": {"source": "builtin:uncensorbench", "split": "train[:6]", "shuffle_seed": 0,
+                          "response_column": "uncensored_response"},
+        "derive": {"learning_rate": 1e-3, "max_steps": 2, "batch_size": 3, "max_length": 48},
+        "importance": {"max_examples": 6, "batch_size": 3, "max_length": 48},
+        "merge": {"top_a": 20, "top_b": 20, "retention": 0.5},
+        "eval": {
+            "harmful": {"source": "builtin:uncensorbench", "split": "train[100:103]", "shuffle_seed": 0,
+                        "category_column": "topic"},
+            "benign": {"source": "builtin:benign-but-scary", "split": "train[:3]"},
+            "harmless": {"source": "builtin:harmless", "split": "train[:2]"},
+            "over_safety_benchmarks": {"scary2": {"source": "builtin:benign-but-scary", "split": "train[3:5]"}},
+            "jailbreaks": ["past-tense"],
+            "max_new_tokens": 4, "kl_max_new_tokens": 4, "batch_size": 3,
+        },
+        **extra,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, tiny_model_dir):
+    """One quick bench over every built-in method, run through the CLI."""
+    root = tmp_path_factory.mktemp("bench")
+    config = {
+        "name": "tiny",
+        "pipeline": pipeline_settings(tiny_model_dir),
+        "seeds": [0, 1, 2],
+        "output_dir": str(root / "results"),
+        "work_dir": str(root / "work"),
+        "benign_label": "scary",
+        "quick": {"seeds": [0, 1]},
+    }
+    path = root / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    completed = run_cli("bench", str(path), "--quick", "--no-progress")
+    assert completed.returncode == 0, completed.stderr
+    return root, path
+
+
+def test_bench_writes_every_method_with_its_seeds(bench_run):
+    root, path = bench_run
+    result = json.loads((root / "results/tiny.json").read_text())
+    assert result["complete"] and result["command"] == f"safepatching bench {path} --quick --no-progress"
+    assert list(result["methods"]) == list(BENCH_METHODS)
+    config = BenchConfig.model_validate(result["config"])
+    assert config.seeds == [0, 1]
+    for name, row in result["methods"].items():
+        assert row["seeds"] == ([0, 1] if depends_on_seed(config, name) else [0]), name
+    assert {n for n in BENCH_METHODS if depends_on_seed(config, n)} == {
+        "safepatching", "safety-only", "over-safety-only", "intersection", "per-tensor", "dare"
+    }  # fmt: skip
+    markdown = (root / "results/tiny.md").read_text()
+    assert "| safepatching | 2 |" in markdown and "refusal: scary (%)" in markdown and "refusal: scary2 (%)" in markdown
+    assert "```yaml" in markdown and "command: `safepatching bench" in markdown
+
+
+def test_bench_cells_are_the_saved_evaluations(bench_run):
+    root, _ = bench_run
+    result = json.loads((root / "results/tiny.json").read_text())
+    for name, row in result["methods"].items():
+        cells = [json.loads((root / f"work/cells/{name}/seed-{s}/metrics.json").read_text()) for s in row["seeds"]]
+        harmful = row["columns"]["harmful: harmful (%) ↓"]
+        assert harmful == summarise([c["harmful_response_rate"] for c in cells])
+        assert row["columns"]["refusal: scary2 (%) ↓"]["values"] == [
+            c["over_safety_benchmarks"]["scary2"]["refusal_rate"] for c in cells
+        ]
+        kl = row["columns"]["KL (nats/token) ↓"]["mean"]
+        if BENCH_METHODS[name].kind == "merge":
+            assert kl is not None and kl > 0, name
+            assert row["columns"]["derive + importance (s)"]["mean"] > 0
+        else:
+            assert kl is None, name
+        assert row["columns"]["inference cost (× backbone)"]["mean"] > 0
+
+
+def test_bench_rerun_reuses_every_cell(bench_run):
+    root, path = bench_run
+    cells = sorted((root / "work/cells").rglob("metrics.json"))
+    before = {p: p.stat().st_mtime_ns for p in cells}
+    completed = run_cli("bench", str(path), "--quick", "--no-progress")
+    assert completed.returncode == 0, completed.stderr
+    assert {p: p.stat().st_mtime_ns for p in cells} == before
+
+
+def test_bench_methods_merge_what_they_say(bench_run):
+    root, path = bench_run
+    config = build_config(path, model=BenchConfig, quick=True)
+    bench = Bench(config, progress=False)
+    bench.prepare()
+    ascent, descent = bench.patches["ascent"], bench.patches["descent"]
+    ga, _, _ = bench.merged_deltas(BENCH_METHODS["ga"], 0)
+    npo, _, _ = bench.merged_deltas(BENCH_METHODS["npo"], 0)
+    ta, _, _ = bench.merged_deltas(BENCH_METHODS["task-arithmetic"], 0)
+    over_only, _, _ = bench.merged_deltas(BENCH_METHODS["over-safety-only"], 1)
+    scores_s, scores_o = bench.scores
+    region_s, region_o = top_region(dict(scores_s), 20, "global"), top_region(dict(scores_o), 20, "global")
+    beta = config.pipeline.merge.beta
+    for name in ascent.deltas:
+        assert torch.equal(ga[name], ascent.deltas[name].float())
+        assert torch.equal(npo[name], bench.patches["npo"].deltas[name].float())
+        assert torch.allclose(ta[name], ascent.deltas[name] + beta * descent.deltas[name])
+        _, only_o = difference_sets(region_s[name], region_o[name])
+        assert not over_only[name][~only_o].any()  # nothing outside M_o
+    assert not torch.equal(ga[name], npo[name])
+
+
+def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir):
+    rounds = [
+        {"source": "builtin:uncensorbench", "split": f"train[{a}:{a + 4}]", "shuffle_seed": 0,
+         "response_column": "uncensored_response"}
+        for a in (0, 4)
+    ]  # fmt: skip
+    config = {
+        "name": "tiny-continual",
+        "pipeline": pipeline_settings(tiny_model_dir),
+        "rounds": rounds,
+        "output_dir": str(tmp_path / "results"),
+        "work_dir": str(tmp_path / "work"),
+        "quick": {"methods": ["safepatching", "ga", "npo"]},
+    }
+    path = tmp_path / "continual.yaml"
+    path.write_text(yaml.safe_dump(config))
+    completed = run_cli("continual", str(path), "--quick", "--no-progress")
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads((tmp_path / "results/tiny-continual.json").read_text())
+    assert result["complete"] and list(result["methods"]) == ["safepatching", "ga", "npo"]
+    for rows in result["methods"].values():
+        assert [r["round"] for r in rows] == [0, 1, 2]
+        assert rows[0]["columns"] == result["methods"]["ga"][0]["columns"]  # round 0 is the shared backbone
+        assert rows[2]["columns"]["KL (nats/token) ↓"] > 0
+    assert (tmp_path / "results/tiny-continual.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| ga | 2 |" in (tmp_path / "results/tiny-continual.md").read_text()
+
+    # round 2's GA patch was derived from the round-1 model, not from the backbone
+    model, tokenizer = load_model(str(tiny_model_dir))
+    round_one = load_patch(tmp_path / "work/ga/round-1/patches/safety")
+    round_two = load_patch(tmp_path / "work/ga/round-2/patches/safety")
+    settings = build_config(path, model=ContinualConfig, quick=True)
+    pairs = load_examples(settings.rounds[1])
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, delta in round_one.deltas.items():
+            params[name].add_(delta)
+    again = derive_patch(model, tokenizer, pairs, "ascent", settings.pipeline.derive, settings.pipeline.seed, False)
+    for name in round_two.deltas:
+        torch.testing.assert_close(again.deltas[name], round_two.deltas[name])
+
+
+def test_continual_refuses_overlapping_rounds(tmp_path, tiny_model_dir):
+    spec = {"source": "builtin:uncensorbench", "split": "train[:4]", "shuffle_seed": 0,
+            "response_column": "uncensored_response"}  # fmt: skip
+    config = {"pipeline": pipeline_settings(tiny_model_dir), "rounds": [spec, {**spec, "split": "train[2:6]"}],
+              "output_dir": str(tmp_path / "r"), "work_dir": str(tmp_path / "w")}  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    completed = run_cli("continual", str(path), "--no-progress")
+    assert completed.returncode == 2 and "round 2" in completed.stderr and "Traceback" not in completed.stderr
+
+
+def test_bench_config_errors_are_clear(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_text("methods: [safepatching, magic]\n")
+    completed = run_cli("bench", str(path))
+    assert completed.returncode == 2 and "unknown method 'magic'" in completed.stderr
+    completed = run_cli("bench", str(path), "--quick")
+    assert completed.returncode == 2 and "no quick: section" in completed.stderr
