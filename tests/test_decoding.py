@@ -100,3 +100,75 @@ def test_safedecoding_stops_using_the_expert_after_its_tokens(tiny):
 def test_safedecoding_config_needs_an_expert():
     with pytest.raises(ValueError, match="expert_model"):
         EvalConfig(decoding={"method": "safedecoding"})
+
+
+class _FakeVLLM:
+    """Stands in for the vllm package (its LLM / SamplingParams surface) to test our wiring; the real
+    engine needs a GPU this project's CI does not have."""
+
+    def __init__(self):
+        self.engines = []
+
+    def module(self):
+        import types
+
+        fake = types.ModuleType("vllm")
+        outer = self
+
+        class SamplingParams:
+            def __init__(self, temperature, max_tokens):
+                self.temperature, self.max_tokens = temperature, max_tokens
+
+        class LLM:
+            def __init__(self, model, dtype, gpu_memory_utilization, trust_remote_code):
+                self.kwargs = {"model": model, "dtype": dtype, "gpu": gpu_memory_utilization,
+                               "trust_remote_code": trust_remote_code}  # fmt: skip
+                self.calls = []
+                outer.engines.append(self)
+
+            def generate(self, texts, params, use_tqdm):
+                self.calls.append((texts, params))
+                completion = types.SimpleNamespace(text=" reply ", token_ids=[1, 2, 3])
+                return [types.SimpleNamespace(outputs=[completion]) for _ in texts]
+
+        fake.LLM, fake.SamplingParams = LLM, SamplingParams
+        return fake
+
+
+def test_vllm_backend_serves_folder_models_with_greedy_chat_prompts(tmp_path, tiny_model_dir, tiny, monkeypatch):
+    import importlib.machinery
+    import sys
+
+    from safepatching.errors import SafePatchingError
+    from safepatching.evaluate import evaluate_model, load_eval_sets, use_vllm
+
+    model, tokenizer = tiny
+    settings = EvalConfig(
+        harmful={"source": "builtin:uncensorbench", "split": "train[100:102]"},
+        benign={"source": "builtin:benign-but-scary", "split": "train[:2]"},
+        harmless={"source": "builtin:harmless", "split": "train[:1]"},
+        max_new_tokens=7,
+    )
+    assert not use_vllm(settings, str(tiny_model_dir))  # no vllm here: auto falls back to transformers
+    with pytest.raises(SafePatchingError, match="not installed"):
+        use_vllm(settings.model_copy(update={"backend": "vllm"}), str(tiny_model_dir))
+
+    fake = _FakeVLLM()
+    module = fake.module()
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert use_vllm(settings, str(tiny_model_dir))
+    assert not use_vllm(settings, None)  # an in-memory merge is never served from a folder
+    rose = settings.model_copy(update={"decoding": DecodingConfig(method="rose")})
+    assert not use_vllm(rose, str(tiny_model_dir))
+
+    sets = load_eval_sets(settings, None)
+    metrics, records = evaluate_model(model, tokenizer, sets, settings, progress=False, model_path=str(tiny_model_dir))
+    (engine,) = fake.engines
+    assert engine.kwargs == {"model": str(tiny_model_dir), "dtype": "float32", "gpu": 0.5, "trust_remote_code": False}
+    texts, params = engine.calls[0]
+    assert texts == [chat_prompt(tokenizer, e.prompt) for e in sets.harmful]
+    assert params.temperature == 0.0 and params.max_tokens == 7
+    assert {r["response"] for r in records} == {"reply"}
+    assert metrics["generation"]["tokens"] == 3 * len(records)

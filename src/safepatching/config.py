@@ -199,6 +199,12 @@ class EvalConfig(StrictModel):
         "oktest: {source: bench:oktest, split: 'train[:50]', shuffle_seed: 0}",
     )
     decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto",
+        description="generation backend: auto uses vLLM for plain greedy decoding of a model loaded from a "
+        "folder or hub id when vLLM is installed and a GPU is present, transformers otherwise",
+    )
+    vllm_gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="share of GPU memory vLLM may take")
     utility: UtilityConfig = Field(default_factory=UtilityConfig)
     perplexity: DatasetSpec | None = Field(
         None,

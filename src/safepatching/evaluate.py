@@ -16,7 +16,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safepatching.config import DatasetSpec, EvalConfig
 from safepatching.data import Example, collate, encode_pair, load_examples, resolve_named
 from safepatching.decoding import make_generator
-from safepatching.generation import Generator
+from safepatching.errors import SafePatchingError
+from safepatching.generation import Generator, VLLMGenerator, vllm_available
 from safepatching.jailbreaks import wrap_prompts
 from safepatching.judges import get_judge, judge_all
 from safepatching.models import dtype_name, load_model
@@ -55,6 +56,26 @@ def load_eval_sets(settings: EvalConfig, data_dir: Path | None) -> EvalSets:
 
 def percent(flags: list[bool]) -> float:
     return 100.0 * sum(flags) / max(len(flags), 1)
+
+
+def use_vllm(settings: EvalConfig, model_path: str | None) -> bool:
+    """Whether replies come from vLLM (see EvalConfig.backend); backend vllm that cannot run is an error."""
+    if settings.backend == "hf":
+        return False
+    possible = model_path is not None and settings.decoding.method == "greedy"
+    if settings.backend == "vllm":
+        if not vllm_available():
+            raise SafePatchingError(
+                "eval.backend is vllm but vLLM is not installed or no GPU is present.",
+                "pip install vllm on a GPU machine, or set eval.backend: auto",
+            )
+        if not possible:
+            raise SafePatchingError(
+                "vLLM serves only plain greedy decoding of a model loaded unchanged from a folder or hub id.",
+                "set eval.backend: auto (or hf) for decoding-time defences and in-memory merges",
+            )
+        return True
+    return possible and vllm_available()
 
 
 def refusal_breakdown(labels: list[str]) -> dict[str, float]:
@@ -151,14 +172,19 @@ def evaluate_model(
     progress: bool = True,
     data_dir: Path | None = None,
     generator: Generator | None = None,
+    model_path: str | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics and per-prompt records. KL needs the reference model and its harmless replies.
 
     ``generator`` replaces plain greedy decoding of ``model`` (decoding-time defences); KL,
-    perplexity and utility always score ``model`` itself.
+    perplexity and utility always score ``model`` itself. ``model_path`` says where ``model``'s
+    weights were loaded from unchanged, which lets the vLLM backend serve it.
     """
     judge = get_judge(settings.judge, data_dir, settings.judge_model)
     refusal_judge = judge if settings.refusal_judge == settings.judge else get_judge(settings.refusal_judge, data_dir)
+    if generator is None and use_vllm(settings, model_path):
+        dtype = dtype_name(next(model.parameters()).dtype)
+        generator = VLLMGenerator(model_path, tokenizer, dtype, settings.vllm_gpu_memory_utilization, progress)
     if generator is None:
         expert = None
         if settings.decoding.method == "safedecoding":

@@ -1,7 +1,9 @@
-"""Batched greedy generation with left padding, length bucketing and the KV cache."""
+"""Generation backends: batched greedy decoding with transformers (left padding, length bucketing,
+KV cache) and, where vLLM is installed and a GPU is present, the same greedy decoding with vLLM."""
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Protocol
 
 import torch
@@ -89,3 +91,38 @@ class HFGenerator:
         finally:
             self.tokenizer.padding_side = previous_side
         return outputs
+
+
+def vllm_available() -> bool:
+    """vLLM is used only where it is installed and a CUDA device is present."""
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+class VLLMGenerator:
+    """Greedy decoding with vLLM from a model folder or hub id (vLLM loads weights itself, so it
+    serves only models whose in-memory weights are those of ``model_path``)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.5,
+        progress: bool = True,
+    ):
+        from vllm import LLM, SamplingParams
+
+        self.tokenizer = tokenizer
+        self.progress = progress
+        self.sampling = SamplingParams
+        self.engine = LLM(
+            model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False
+        )
+        self.generated_tokens = 0
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        texts = [chat_prompt(self.tokenizer, p) for p in prompts]
+        params = self.sampling(temperature=0.0, max_tokens=max_new_tokens)
+        outputs = self.engine.generate(texts, params, use_tqdm=self.progress)
+        self.generated_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+        return [o.outputs[0].text.strip() for o in outputs]

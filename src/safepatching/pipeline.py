@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 
 from safepatching import __version__
-from safepatching.config import PipelineConfig, dump_config, fingerprint
+from safepatching.config import EvalConfig, PipelineConfig, dump_config, fingerprint
 from safepatching.data import Example, assert_disjoint, load_examples
 from safepatching.derive import (
     Direction,
@@ -26,6 +26,7 @@ from safepatching.derive import (
     target_parameter_names,
 )
 from safepatching.evaluate import EvalSets, evaluate_model, harmless_responses, load_eval_sets
+from safepatching.generation import vllm_available
 from safepatching.importance import patched, snip_scores
 from safepatching.io import read_json, save_tensors, write_json, write_text_atomic
 from safepatching.merge import MERGE_METHODS
@@ -204,6 +205,7 @@ class SafePatchingRun:
                     label="backbone",
                     progress=self.progress,
                     data_dir=self.config.data_dir,
+                    model_path=serving_path(self.config.model, self.config.eval, self.config.allow_pickle),
                 )
             save_eval(eval_dir / "backbone", before, records)
             _mark(eval_dir / "backbone", backbone_key)
@@ -222,6 +224,7 @@ class SafePatchingRun:
                 label="patched",
                 progress=self.progress,
                 data_dir=self.config.data_dir,
+                model_path=serving_path(str(model_dir), self.config.eval),
             )
             del patched_model
         save_eval(eval_dir / "patched", after, patched_records)
@@ -257,6 +260,13 @@ class SafePatchingRun:
         return RunResult(self.out, model_dir, summary, self.stages)
 
 
+def serving_path(spec: str, settings: EvalConfig, allow_pickle: bool = False) -> str | None:
+    """The folder vLLM could serve ``spec`` from, worked out only when vLLM may be used."""
+    if settings.backend == "hf" or (settings.backend == "auto" and not vllm_available()):
+        return None
+    return str(weights_folder(spec, allow_pickle))
+
+
 def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Evaluate several models on the same sets; the first is the reference for KL."""
     sets = load_eval_sets(config.eval, config.data_dir)
@@ -282,6 +292,7 @@ def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, pro
                 label=label,
                 progress=progress,
                 data_dir=config.data_dir,
+                model_path=serving_path(spec, config.eval, config.allow_pickle),
             )
             del model
         if index == 0:
