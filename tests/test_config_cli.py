@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from safepatching.cli import load_cli_config
-from safepatching.config import PipelineConfig, build_config, parse_overrides
+from safepatching.config import BenchConfig, ContinualConfig, PipelineConfig, build_config, parse_overrides
 from safepatching.errors import ConfigError
 
 
@@ -156,7 +156,11 @@ def test_cli_derive_score_merge_end_to_end_and_no_silent_overwrite(tmp_path, tin
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    assert isinstance(build_config(path), PipelineConfig)
+    kind = {"bench": BenchConfig, "continual": ContinualConfig}.get(path.name.split("-")[0], PipelineConfig)
+    assert isinstance(build_config(path, model=kind), kind)
+    if kind is not PipelineConfig:
+        quick = build_config(path, model=kind, quick=True)
+        assert quick.name.endswith("-quick") and quick.pipeline.model == "smollm2-135m-instruct"
 
 
 def test_usage_errors_are_one_line_and_compare_takes_several_models(tmp_path):

@@ -52,6 +52,10 @@ def test_percent_slices_filters_and_seeded_shuffle(files):
     assert len(load_rows(DatasetSpec(**base, split="train[:30%]"))) == 3
     assert len(load_rows(DatasetSpec(**base, split="train[-2:]"))) == 2
     assert {r["kind"] for r in load_rows(DatasetSpec(**base, where={"kind": "a"}))} == {"a"}
+    either = load_rows(DatasetSpec(**base, where={"kind": ["a", "b"]}))
+    assert len(either) == len(load_rows(DatasetSpec(**base, where={"kind": "a"}))) + len(
+        load_rows(DatasetSpec(**base, where={"kind": "b"}))
+    )
     head = load_rows(DatasetSpec(**base, split="train[:5]", shuffle_seed=3))
     tail = load_rows(DatasetSpec(**base, split="train[5:]", shuffle_seed=3))
     assert head == load_rows(DatasetSpec(**base, split="train[:5]", shuffle_seed=3))

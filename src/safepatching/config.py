@@ -40,7 +40,9 @@ class DatasetSpec(StrictModel):
     split: str = "train"
     prompt_column: str = "prompt"
     response_column: str | None = None
-    where: dict[str, str] = Field(default_factory=dict, description="keep rows whose column equals value")
+    where: dict[str, str | list[str]] = Field(
+        default_factory=dict, description="keep rows whose column equals the value (or one of the listed values)"
+    )
     shuffle_seed: int | None = None
     hub_config: str | None = None
     category_column: str | None = Field(None, description="column whose values split rates by category")

@@ -205,7 +205,8 @@ def load_rows(spec: DatasetSpec, data_dir: Path | None = None) -> list[dict[str,
         raise DataError(f"{spec.source} is one file and has only the split 'train'.", "use train[...] to select rows")
     for column, wanted in spec.where.items():
         _require_column(rows, column, spec.source)
-        rows = [row for row in rows if str(row[column]) == wanted]
+        accepted = {wanted} if isinstance(wanted, str) else set(wanted)
+        rows = [row for row in rows if str(row[column]) in accepted]
     if spec.shuffle_seed is not None:
         rows = list(rows)
         random.Random(spec.shuffle_seed).shuffle(rows)
