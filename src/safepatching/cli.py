@@ -198,7 +198,9 @@ def show_config(
 
 @app.command()
 def derive(
-    direction: Annotated[str, typer.Option(help="ascent (safety patch) or descent (over-safety patch)")],
+    direction: Annotated[
+        str, typer.Option(help="ascent (safety patch), descent (over-safety patch) or npo (NPO unlearning patch)")
+    ],
     out: Annotated[Path, typer.Option(help="patch directory to write")],
     model: Annotated[str | None, typer.Option(help="backbone")] = None,
     data: Annotated[str | None, typer.Option(help="harmful pairs source (file, builtin:NAME, hub id)")] = None,
@@ -214,8 +216,8 @@ def derive(
     from safepatching.derive import checkpoint_dir_for, derive_patch, save_patch
     from safepatching.models import load_model
 
-    if direction not in ("ascent", "descent"):
-        raise SafePatchingError(f"unknown direction {direction!r}.", "use --direction ascent or --direction descent")
+    if direction not in ("ascent", "descent", "npo"):
+        raise SafePatchingError(f"unknown direction {direction!r}.", "use --direction ascent, descent or npo")
     cfg = load_cli_config(config, overrides, {"model": model, "harmful_train.source": data, "data_dir": data_dir})
     refuse_existing(out, force)
     pairs = load_examples(cfg.harmful_train, cfg.data_dir)
