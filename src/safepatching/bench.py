@@ -24,6 +24,7 @@ from safepatching.config import (
     BENCH_METHODS,
     BenchConfig,
     BenchMethod,
+    ContinualConfig,
     DecodingConfig,
     MergeConfig,
     dump_config,
@@ -274,20 +275,26 @@ def method_row(
                            for family in cells[0].get("jailbreak_harmful_response_rate", {})}}  # fmt: skip
 
 
-def bench_result(
-    config: BenchConfig, command: str, rows: dict[str, Any], seconds: float, complete: bool
+def result_header(
+    config: BenchConfig | ContinualConfig, command: str, seconds: float, complete: bool, schema_version: int
 ) -> dict[str, Any]:
+    """What every bench or continual result starts with: versions, the exact command, timing."""
     return {
-        "schema_version": BENCH_SCHEMA_VERSION,
+        "schema_version": schema_version,
         "safepatching": __version__,
         "name": config.name,
         "command": command,
         "complete": complete,
         "backbone": config.pipeline.model,
         "wall_seconds": round(seconds, 1),
-        "methods": rows,
-        "config": config.model_dump(mode="json"),
     }
+
+
+def bench_result(
+    config: BenchConfig, command: str, rows: dict[str, Any], seconds: float, complete: bool
+) -> dict[str, Any]:
+    header = result_header(config, command, seconds, complete, BENCH_SCHEMA_VERSION)
+    return {**header, "methods": rows, "config": config.model_dump(mode="json")}
 
 
 def _cell_text(summary: dict[str, Any], digits: int) -> str:
@@ -297,15 +304,23 @@ def _cell_text(summary: dict[str, Any], digits: int) -> str:
     return text if summary["sd"] is None else f"{text} ± {summary['sd']:.{digits}f}"
 
 
+def header_markdown(result: dict[str, Any], title: str) -> list[str]:
+    """Title, versions, the exact command and wall time of a bench or continual result."""
+    status = "" if result["complete"] else "; **incomplete**"
+    return [
+        f"# {title} `{result['name']}` on {result['backbone']}",
+        "",
+        f"safepatching {result['safepatching']}; command: `{result['command'] or '(Python API)'}`; "
+        f"wall time {result['wall_seconds'] / 60:.1f} min{status}",
+        "",
+    ]
+
+
 def bench_markdown(result: dict[str, Any]) -> str:
     rows = result["methods"]
     columns = list(next(iter(rows.values()))["columns"]) if rows else []
     lines = [
-        f"# Bench `{result['name']}` on {result['backbone']}",
-        "",
-        f"safepatching {result['safepatching']}; command: `{result['command'] or '(Python API)'}`; "
-        f"wall time {result['wall_seconds'] / 60:.1f} min" + ("" if result["complete"] else "; **incomplete**"),
-        "",
+        *header_markdown(result, "Bench"),
         "| method | seeds | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]

@@ -126,6 +126,18 @@ def command_line() -> str:
     return " ".join(["safepatching", *sys.argv[1:]])
 
 
+def run_experiment(kind: str, config: Path, quick: bool, overrides, data_dir, no_progress: bool) -> None:
+    """`bench` and `continual`: fill their config like every other command and run it."""
+    progress = show_progress(no_progress)
+    if kind == "bench":
+        from safepatching.bench import run_bench as runner
+    else:
+        from safepatching.continual import run_continual as runner
+    model = BenchConfig if kind == "bench" else ContinualConfig
+    resolved = load_cli_config(config, overrides, {"pipeline.data_dir": data_dir}, model, quick)
+    runner(resolved, command_line(), progress=progress)
+
+
 @app.command()
 def bench(
     config: Annotated[Path, typer.Argument(help="bench YAML config (see configs/bench-reference.yaml)")],
@@ -135,11 +147,7 @@ def bench(
     no_progress: NoProgress = False,
 ) -> None:
     """Compare SafePatching with GA, NPO, ablations, merging and decoding-time baselines over seeds."""
-    progress = show_progress(no_progress)
-    from safepatching.bench import run_bench
-
-    resolved = load_cli_config(config, overrides, {"pipeline.data_dir": data_dir}, BenchConfig, quick)
-    run_bench(resolved, command_line(), progress=progress)
+    run_experiment("bench", config, quick, overrides, data_dir, no_progress)
 
 
 @app.command()
@@ -151,11 +159,7 @@ def continual(
     no_progress: NoProgress = False,
 ) -> None:
     """Patch round after round on disjoint harmful data; evaluate after every round (table + plot)."""
-    progress = show_progress(no_progress)
-    from safepatching.continual import run_continual
-
-    resolved = load_cli_config(config, overrides, {"pipeline.data_dir": data_dir}, ContinualConfig, quick)
-    run_continual(resolved, command_line(), progress=progress)
+    run_experiment("continual", config, quick, overrides, data_dir, no_progress)
 
 
 @app.command("eval", context_settings={"allow_extra_args": True})

@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 
 from safepatching import __version__
-from safepatching.bench import table_columns
+from safepatching.bench import header_markdown, result_header, table_columns
 from safepatching.config import ContinualConfig, dump_config, fingerprint
 from safepatching.data import Example, assert_disjoint, load_examples
 from safepatching.evaluate import EvalSets, evaluate_model, harmless_responses, load_eval_sets
@@ -119,13 +119,7 @@ def continual_result(
     config: ContinualConfig, command: str, rows: dict[str, list[dict[str, Any]]], started: float, complete: bool
 ) -> dict[str, Any]:
     return {
-        "schema_version": CONTINUAL_SCHEMA_VERSION,
-        "safepatching": __version__,
-        "name": config.name,
-        "command": command,
-        "complete": complete,
-        "backbone": config.pipeline.model,
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        **result_header(config, command, time.perf_counter() - started, complete, CONTINUAL_SCHEMA_VERSION),
         "methods": {
             method: [
                 {
@@ -154,11 +148,7 @@ def continual_markdown(result: dict[str, Any]) -> str:
         {c for rows in result["methods"].values() for r in rows for c in r["harmful_response_rate_by_category"]}
     )
     lines = [
-        f"# Continual PSA `{result['name']}` on {result['backbone']}",
-        "",
-        f"safepatching {result['safepatching']}; command: `{result['command'] or '(Python API)'}`; "
-        f"wall time {result['wall_seconds'] / 60:.1f} min" + ("" if result["complete"] else "; **incomplete**"),
-        "",
+        *header_markdown(result, "Continual PSA"),
         "Round 0 is the backbone; round r is the model after r rounds of the method.",
         "",
         "| method | round | " + " | ".join(columns) + " |",
