@@ -109,6 +109,9 @@ def test_evaluation_reports_categories_and_jailbreak_families(tiny_model_dir, te
     for family, rate in metrics["jailbreak_harmful_response_rate"].items():
         flags = [r["refusal"] for r in records if r["set"] == f"jailbreak/{family}"]
         assert rate == pytest.approx(100 * (1 - sum(flags) / len(flags)))
+    capped = settings.model_copy(update={"jailbreak_max_examples": 2, "jailbreaks": ["past-tense"]})
+    _, records = evaluate_model(model, tokenizer, sets, capped, progress=False, data_dir=template_dir)
+    assert [r["request"] for r in records if r["set"] == "jailbreak/past-tense"] == PROMPTS[:2]
 
 
 def test_named_benchmarks_bring_their_category_column():

@@ -190,6 +190,9 @@ class EvalConfig(StrictModel):
         "prefix-injection, gcg-suffix, past-tense",
     )
     jailbreak_seed: int = 0
+    jailbreak_max_examples: int | None = Field(
+        None, ge=1, description="wrap only the first N harmful prompts in each jailbreak family (long templates are slow)"
+    )
     safety_benchmarks: dict[str, DatasetSpec] = Field(
         default_factory=dict,
         description="further harmful sets, each reported on its own (with categories), e.g. "

@@ -258,7 +258,7 @@ def evaluate_model(
         over_safety[name] = {**refusal_breakdown(labels[set_name]), "count": len(examples)}
     jailbreak_rates = {}
     for family in settings.jailbreaks:
-        requests = [e.prompt for e in sets.harmful]
+        requests = [e.prompt for e in sets.harmful[: settings.jailbreak_max_examples]]
         wrapped = wrap_prompts(requests, family, data_dir, settings.jailbreak_seed)
         refusals = judged(f"jailbreak/{family}", requests, wrapped, judge, settings.judge, settings.max_new_tokens)
         jailbreak_rates[family] = 100.0 - percent(refusals)
