@@ -39,7 +39,7 @@ from safepatching.io import read_json, write_json, write_text_atomic
 from safepatching.merge import MERGE_METHODS
 from safepatching.models import load_model
 from safepatching.patching import merge_patches
-from safepatching.pipeline import STAGE_FILE, SafePatchingRun
+from safepatching.pipeline import STAGE_FILE, SafePatchingRun, mark_stage, stage_is_fresh
 from safepatching.report import read_jsonl, save_eval
 
 BENCH_SCHEMA_VERSION = 1
@@ -173,8 +173,7 @@ class Bench:
         key = fingerprint(
             self.run.importance_key(), method, seed, eval_settings, self.config.pipeline.data_dir, __version__
         )
-        stage = directory / STAGE_FILE
-        if stage.exists() and read_json(stage).get("fingerprint") == key:
+        if stage_is_fresh(directory, key):
             return read_json(directory / "metrics.json")
         model, tokenizer = self.backbone()
         label = f"{name} seed {seed}"
@@ -199,7 +198,7 @@ class Bench:
             metrics, records = self.decoding_cell(method, seed, common)
         metrics = {**metrics, **extra, "derive_seconds": self.derive_seconds(method)}
         save_eval(directory, metrics, records)
-        write_json(stage, {"fingerprint": key, "method": name, "seed": seed})
+        mark_stage(directory, key, {"method": name, "seed": seed})
         return metrics
 
     def decoding_cell(self, method: BenchMethod, seed: int, common: dict[str, Any]):

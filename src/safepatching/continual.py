@@ -25,7 +25,7 @@ from safepatching.evaluate import EvalSets, evaluate_model, harmless_responses, 
 from safepatching.io import read_json, write_json, write_text_atomic
 from safepatching.models import load_model
 from safepatching.patching import merge_patches
-from safepatching.pipeline import STAGE_FILE, SafePatchingRun
+from safepatching.pipeline import SafePatchingRun, mark_stage, stage_is_fresh
 from safepatching.report import read_jsonl, save_eval
 
 CONTINUAL_SCHEMA_VERSION = 1
@@ -68,8 +68,7 @@ class Continual:
         """Evaluate ``model`` (whose weights ``state`` names), or read the saved result."""
         pipeline = self.config.pipeline
         key = fingerprint(state, pipeline.eval, pipeline.data_dir, __version__)
-        stage = directory / STAGE_FILE
-        if stage.exists() and read_json(stage).get("fingerprint") == key:
+        if stage_is_fresh(directory, key):
             return read_json(directory / "metrics.json")
         metrics, records = evaluate_model(
             model,
@@ -83,7 +82,7 @@ class Continual:
             data_dir=pipeline.data_dir,
         )
         save_eval(directory, metrics, records)
-        write_json(stage, {"fingerprint": key})
+        mark_stage(directory, key)
         return metrics
 
     def run(self, command: str) -> dict[str, Any]:

@@ -55,12 +55,13 @@ class RunResult:
     stages: dict[str, Any] = field(default_factory=dict)
 
 
-def _fresh(directory: Path, key: str) -> bool:
+def stage_is_fresh(directory: Path, key: str) -> bool:
+    """Whether ``directory`` holds a finished stage made from the settings fingerprinted as ``key``."""
     stage = directory / STAGE_FILE
     return stage.exists() and read_json(stage).get("fingerprint") == key
 
 
-def _mark(directory: Path, key: str, extra: dict[str, Any] | None = None) -> None:
+def mark_stage(directory: Path, key: str, extra: dict[str, Any] | None = None) -> None:
     write_json(directory / STAGE_FILE, {"fingerprint": key, "safepatching": __version__, **(extra or {})})
 
 
@@ -125,7 +126,7 @@ class SafePatchingRun:
     def derive_one(self, pairs: list[Example], label: str, direction: Direction) -> Patch:
         """One patch (saved under patches/<label>), reused when its settings have not changed."""
         directory = self.out / "patches" / label
-        if _fresh(directory, self.derive_key()):
+        if stage_is_fresh(directory, self.derive_key()):
             log.info("reusing %s patch from %s", label, directory)
             return load_patch(directory)
         model, tokenizer = self.backbone()
@@ -141,14 +142,14 @@ class SafePatchingRun:
                 checkpoint_dir_for(directory),
             )
             save_patch(patch, directory, {"label": label, "base_model": self.config.model})
-        _mark(directory, self.derive_key(), self.stages[f"derive_{label}"])
+        mark_stage(directory, self.derive_key(), self.stages[f"derive_{label}"])
         return patch
 
     def importance(self, pairs: list[Example], safety: Patch, over_safety: Patch):
         if not MERGE_METHODS[self.config.merge.method].needs_importance:
             return None, None
         directory = self.out / "importance"
-        if _fresh(directory, self.importance_key()):
+        if stage_is_fresh(directory, self.importance_key()):
             return LazyTensors(directory / "safety.safetensors"), LazyTensors(directory / "over_safety.safetensors")
         model, tokenizer = self.backbone()
         names = target_parameter_names(model, self.config.derive.target_modules)
@@ -160,12 +161,12 @@ class SafePatchingRun:
                 )
             save_tensors(directory / f"{label}.safetensors", scores[label])
         seconds = sum(self.stages[f"importance_{label}"]["wall_seconds"] for label in scores)
-        _mark(directory, self.importance_key(), {"wall_seconds": round(seconds, 1)})
+        mark_stage(directory, self.importance_key(), {"wall_seconds": round(seconds, 1)})
         return scores["safety"], scores["over_safety"]
 
     def merge(self, safety: Patch, over_safety: Patch, safety_scores, over_safety_scores) -> Path:
         directory = self.out / "model"
-        if _fresh(directory / "safepatching", self.merge_key()):
+        if stage_is_fresh(directory / "safepatching", self.merge_key()):
             return directory
         settings = self.config.merge
         with stage_meter(self.stages, "merge"):
@@ -185,14 +186,14 @@ class SafePatchingRun:
                 "%.0f%% of patched entries round away in the output dtype; set merge.output_dtype: float32",
                 100 * counts["rounding_loss_fraction"],
             )
-        _mark(directory / "safepatching", self.merge_key(), {"counts": counts, **self.stages["merge"]})
+        mark_stage(directory / "safepatching", self.merge_key(), {"counts": counts, **self.stages["merge"]})
         return directory
 
     def evaluate(self, sets: EvalSets, model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         eval_dir = self.out / "eval"
         backbone_key = fingerprint(self.config.model, self.config.compute_dtype, self.config.eval, self.config.data_dir)
         model, tokenizer = self.backbone()
-        if _fresh(eval_dir / "backbone", backbone_key):
+        if stage_is_fresh(eval_dir / "backbone", backbone_key):
             before = read_json(eval_dir / "backbone" / "metrics.json")
             records = read_jsonl(eval_dir / "backbone" / "records.jsonl")
         else:
@@ -208,9 +209,9 @@ class SafePatchingRun:
                     model_path=serving_path(self.config.model, self.config.eval, self.config.allow_pickle),
                 )
             save_eval(eval_dir / "backbone", before, records)
-            _mark(eval_dir / "backbone", backbone_key)
+            mark_stage(eval_dir / "backbone", backbone_key)
         patched_key = fingerprint(backbone_key, self.merge_key())
-        if _fresh(eval_dir / "patched", patched_key):
+        if stage_is_fresh(eval_dir / "patched", patched_key):
             return before, read_json(eval_dir / "patched" / "metrics.json")
         with stage_meter(self.stages, "eval_patched"):
             patched_model, _ = load_model(str(model_dir), self.config.compute_dtype)
@@ -228,7 +229,7 @@ class SafePatchingRun:
             )
             del patched_model
         save_eval(eval_dir / "patched", after, patched_records)
-        _mark(eval_dir / "patched", patched_key)
+        mark_stage(eval_dir / "patched", patched_key)
         return before, after
 
     # -- everything ----------------------------------------------------------------------------------
