@@ -10,7 +10,7 @@ from safepatching.bench import Bench, depends_on_seed, summarise
 from safepatching.config import BENCH_METHODS, BenchConfig, ContinualConfig, build_config
 from safepatching.data import load_examples
 from safepatching.derive import derive_patch, load_patch
-from safepatching.importance import top_region
+from safepatching.importance import add_deltas, top_region
 from safepatching.merge import difference_sets
 from safepatching.models import load_model
 from tests.test_config_cli import run_cli
@@ -174,10 +174,7 @@ def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir):
     round_two = load_patch(tmp_path / "work/ga/round-2/patches/safety")
     settings = build_config(path, model=ContinualConfig, quick=True)
     pairs = load_examples(settings.rounds[1])
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, delta in round_one.deltas.items():
-            params[name].add_(delta)
+    add_deltas(model, round_one.deltas)
     again = derive_patch(model, tokenizer, pairs, "ascent", settings.pipeline.derive, settings.pipeline.seed, False)
     for name in round_two.deltas:
         torch.testing.assert_close(again.deltas[name], round_two.deltas[name])

@@ -22,6 +22,7 @@ from safepatching.bench import header_markdown, result_header, table_columns
 from safepatching.config import ContinualConfig, dump_config, fingerprint
 from safepatching.data import Example, assert_disjoint, load_examples
 from safepatching.evaluate import EvalSets, evaluate_model, harmless_responses, load_eval_sets
+from safepatching.importance import add_deltas
 from safepatching.io import read_json, write_json, write_text_atomic
 from safepatching.models import load_model
 from safepatching.patching import merge_patches
@@ -99,11 +100,7 @@ class Continual:
                 directory = self.work / method / f"round-{number}"
                 settings = self.config.pipeline.model_copy(update={"harmful_train": spec, "output_dir": directory})
                 run = SafePatchingRun(settings, self.progress, loaded=(working, self.tokenizer), base_state=state)
-                deltas = round_deltas(run, method, pairs)
-                params = dict(working.named_parameters())
-                with torch.no_grad():
-                    for name, delta in deltas.items():
-                        params[name].add_(delta.to(params[name].dtype))
+                add_deltas(working, round_deltas(run, method, pairs))
                 state = fingerprint(state, method, run.merge_key())
                 rows[method].append(self.evaluate(directory / "eval", working, state, reference_harmless))
                 write_results(self.config, continual_result(self.config, command, rows, started, complete=False))

@@ -20,14 +20,20 @@ from safepatching.data import Example
 from safepatching.derive import make_loader, response_nll
 
 
+def add_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> None:
+    """Add each delta to the model's weight of that name, in the weight's dtype."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            params[name].add_(delta.to(params[name].dtype))
+
+
 @contextlib.contextmanager
 def patched(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
     """Temporarily add a patch's deltas to the model's weights, restoring them exactly afterwards."""
     params = dict(model.named_parameters())
     saved = {name: params[name].detach().clone() for name in deltas}
-    with torch.no_grad():
-        for name, delta in deltas.items():
-            params[name].add_(delta.to(params[name].dtype))
+    add_deltas(model, deltas)
     try:
         yield model
     finally:
