@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safepatching.config import ImportanceConfig
 from safepatching.data import Example
 from safepatching.derive import make_loader, response_nll
+from safepatching.merge import top_threshold
 
 
 def add_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> None:
@@ -79,9 +80,7 @@ def snip_scores(
 
 
 def _kth_largest(values: torch.Tensor, percent: float) -> torch.Tensor:
-    flat = values.reshape(-1)
-    keep = max(1, math.ceil(flat.numel() * percent / 100))
-    return flat.float().kthvalue(flat.numel() - keep + 1).values
+    return top_threshold(values, max(1, math.ceil(values.numel() * percent / 100)))
 
 
 def global_threshold(scores: Mapping[str, torch.Tensor], percent: float) -> torch.Tensor:

@@ -99,13 +99,18 @@ def intersection_merge(patches: TensorPatches, settings: MergeConfig, seed: int)
     return (settings.alpha * safety + settings.beta * over_safety) * both
 
 
+def top_threshold(values: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep``-th largest entry: entries at or above it form the top ``keep``."""
+    flat = values.reshape(-1).float()
+    return flat.kthvalue(flat.numel() - keep + 1).values
+
+
 def trim_to_density(delta: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the ``density`` share of entries with the largest magnitude (TIES's trim step)."""
     keep = max(1, round(density * delta.numel()))
     if keep >= delta.numel():
         return delta
-    threshold = delta.abs().flatten().kthvalue(delta.numel() - keep + 1).values
-    return delta * (delta.abs() >= threshold)
+    return delta * (delta.abs() >= top_threshold(delta.abs(), keep))
 
 
 @register(
