@@ -191,7 +191,9 @@ class EvalConfig(StrictModel):
     )
     jailbreak_seed: int = 0
     jailbreak_max_examples: int | None = Field(
-        None, ge=1, description="wrap only the first N harmful prompts in each jailbreak family (long templates are slow)"
+        None,
+        ge=1,
+        description="wrap only the first N harmful prompts in each jailbreak family (long templates are slow)",
     )
     safety_benchmarks: dict[str, DatasetSpec] = Field(
         default_factory=dict,
