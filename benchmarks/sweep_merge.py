@@ -1,100 +1,198 @@
-"""Validation sweep of merge settings on an existing run's patches and importance scores.
+"""Validation sweep of merge and training settings, scored on validation prompts only.
 
-Each candidate is merged in memory and evaluated on validation prompts only (never the test split
-the run reports): by default uncensorbench rows 48-99 (after the run's shuffle) as harmful
-prompts and OKTest from the data directory as benign-but-scary prompts.
+Each candidate changes one setting of the config (``--vary``: the other settings keep the config's
+values, so the table shows how sensitive the result is to each) or a combination (``--grid``).
+Merge settings (``merge.*``, or a bare name such as ``beta``) reuse the run's patches and
+importance scores; training settings (``derive.*``, ``importance.*``) derive their own patches
+under WORK_DIR/sweep/. Every candidate is merged in memory and judged on validation prompts that
+are checked to be disjoint from the training pairs and from every set the config reports.
 
-    python benchmarks/sweep_merge.py RUN_DIR --data-dir DIR --grid alpha=0.5,1 beta=1,2,3
+    python benchmarks/sweep_merge.py configs/bench-reference.yaml --data-dir DIR \\
+        --vary beta=1,3 retention=0.3,1 --benign xstest-val=bench:xstest-safe@train[150:198] \\
+        --out benchmarks/results/sweep-reference
+
+CONFIG is a bench config (its pipeline and work_dir), a pipeline config (its output_dir) or a run
+directory holding config.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from safepatching.config import DatasetSpec, PipelineConfig
-from safepatching.data import assert_disjoint, load_examples
-from safepatching.derive import load_patch
+from safepatching.config import BenchConfig, DatasetSpec, PipelineConfig, build_config, read_yaml
+from safepatching.data import Example, assert_disjoint, load_examples
+from safepatching.errors import ConfigError, SafePatchingError
 from safepatching.generation import HFGenerator
 from safepatching.importance import patched
-from safepatching.io import load_tensors
 from safepatching.judges import get_judge
-from safepatching.models import load_model
 from safepatching.patching import merge_patches
+from safepatching.pipeline import SafePatchingRun
+
+TRAINING_SECTIONS = ("derive", "importance")
 
 
-def parse_grid(items: list[str]) -> list[dict[str, float]]:
+def read_config(path: Path, data_dir: Path) -> tuple[PipelineConfig, Path]:
+    """The pipeline config and the directory holding its derived patches and scores."""
+    if path.is_dir():
+        config = build_config(path / "config.yaml")
+        work_dir = path
+    elif "pipeline" in read_yaml(path):
+        bench = build_config(path, model=BenchConfig)
+        config, work_dir = bench.pipeline, bench.work_dir
+    else:
+        config = build_config(path)
+        work_dir = config.output_dir
+    return config.model_copy(update={"data_dir": data_dir, "output_dir": work_dir}), work_dir
+
+
+def parse_axes(items: list[str]) -> dict[str, list[Any]]:
+    """``key=v1,v2`` items as {dotted key: values}; a bare key is a merge setting."""
     axes = {}
     for item in items:
-        key, _, values = item.partition("=")
-        axes[key] = [yaml.safe_load(v) for v in values.split(",")]
-    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"{item!r} is not KEY=V1,V2,...", "write e.g. beta=1,2,3")
+        axes[key if "." in key else f"merge.{key}"] = [yaml.safe_load(v) for v in values.split(",")]
+    return axes
+
+
+def candidates(vary: dict[str, list[Any]], grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """One-at-a-time changes (``vary``) then every combination of ``grid``."""
+    out = [{key: value} for key, values in vary.items() for value in values]
+    out += [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())] if grid else []
+    return out
+
+
+def with_settings(config: PipelineConfig, candidate: dict[str, Any]) -> PipelineConfig:
+    """``config`` with the candidate's dotted settings applied (validated like any config)."""
+    raw = config.model_dump(mode="json")
+    for key, value in candidate.items():
+        section, _, name = key.partition(".")
+        if section not in raw or name not in raw[section]:
+            raise ConfigError(f"unknown setting {key!r}.", "name a key that `safepatching config` prints")
+        raw[section][name] = value
+    return PipelineConfig.model_validate(raw)
+
+
+def parse_set(text: str, shuffle_seed: int) -> tuple[str, DatasetSpec]:
+    """``NAME=SOURCE@SPLIT`` as a named dataset spec."""
+    name, sep, rest = text.partition("=")
+    source, at, split = rest.rpartition("@")
+    if not sep or not at:
+        raise ConfigError(f"{text!r} is not NAME=SOURCE@SPLIT.", "write e.g. oktest-val=bench:oktest@train[:24]")
+    return name, DatasetSpec(source=source, split=split, shuffle_seed=shuffle_seed)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--grid", nargs="+", default=["alpha=0.5,1", "beta=1,2,3"])
-    parser.add_argument("--harmful-split", default="train[48:72]")
-    parser.add_argument("--benign-source", default="data:over_refusal/oktest/OKTest.csv")
-    parser.add_argument("--benign-split", default="train[:24]")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    args = parser.parse_args()
+    try:
+        sweep()
+    except SafePatchingError as exc:
+        sys.exit(f"error: {exc}")
 
-    config = PipelineConfig.model_validate(yaml.safe_load((args.run_dir / "config.yaml").read_text()))
-    train = load_examples(config.harmful_train, config.data_dir)
-    harmful = load_examples(
-        DatasetSpec(
-            source=config.harmful_train.source, split=args.harmful_split, shuffle_seed=config.harmful_train.shuffle_seed
-        ),
-        args.data_dir,
+
+def sweep() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config", type=Path, help="bench or pipeline config, or a run directory")
+    parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--vary", nargs="+", default=[], metavar="KEY=V1,V2", help="one setting at a time")
+    parser.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2", help="every combination")
+    parser.add_argument(
+        "--harmful-split", default="train[48:72]", help="validation rows of the training source (after its shuffle)"
     )
-    benign = load_examples(
-        DatasetSpec(source=args.benign_source, split=args.benign_split, shuffle_seed=0), args.data_dir
+    parser.add_argument(
+        "--benign",
+        nargs="+",
+        default=["oktest-val=bench:oktest@train[:24]"],
+        metavar="NAME=SOURCE@SPLIT",
+        help="benign-but-scary validation sets (shuffle seed 0)",
     )
-    assert_disjoint(train, {"validation harmful": harmful})
-    model, tokenizer = load_model(config.model, config.compute_dtype)
-    safety, over = load_patch(args.run_dir / "patches/safety"), load_patch(args.run_dir / "patches/over_safety")
-    scores = [load_tensors(args.run_dir / f"importance/{k}.safetensors") for k in ("safety", "over_safety")]
-    judge = get_judge(config.eval.judge, args.data_dir)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    args = parser.parse_args()
+    if not args.vary and not args.grid:
+        args.vary = ["merge.beta=1,3"]
+
+    config, work_dir = read_config(args.config, args.data_dir)
+    planned = [(c, with_settings(config, c)) for c in [{}, *candidates(parse_axes(args.vary), parse_axes(args.grid))]]
+    run = SafePatchingRun(config, progress=False)
+    train = run.harmful_pairs()
+    spec = config.harmful_train.model_copy(update={"split": args.harmful_split})
+    validation: dict[str, list[Example]] = {"harmful": load_examples(spec, args.data_dir)}
+    for name, benign in map(lambda text: parse_set(text, 0), args.benign):
+        validation[name] = load_examples(benign, args.data_dir)
+    assert_disjoint(train, validation)
+    for name, examples in run.eval_sets(train).named().items():  # never tune on what is reported
+        assert_disjoint(examples, validation, against=f"reported {name} set")
+
+    model, tokenizer = run.backbone()
+    judges = {
+        "harmful": get_judge(config.eval.judge, args.data_dir),
+        "benign": get_judge(config.eval.refusal_judge, args.data_dir),
+    }
     generator = HFGenerator(model, tokenizer, config.eval.batch_size, progress=False)
 
-    def rates() -> tuple[float, float]:
-        out = []
-        for examples in (harmful, benign):
+    def refusal_rates() -> dict[str, float]:
+        rates = {}
+        for name, examples in validation.items():
+            judge = judges["harmful" if name == "harmful" else "benign"]
             responses = generator.generate([e.prompt for e in examples], args.max_new_tokens)
-            out.append(
-                100 * sum(judge(e.prompt, r).refusal for e, r in zip(examples, responses, strict=True)) / len(examples)
-            )
-        return out[0], out[1]
+            refused = sum(judge(e.prompt, r).refusal for e, r in zip(examples, responses, strict=True))
+            rates[name] = round(100 * refused / len(examples), 1)
+        return rates
 
-    rows = [{"candidate": "backbone", "harmful_refusal": None, "benign_refusal": None}]
-    rows[0]["harmful_refusal"], rows[0]["benign_refusal"] = rates()
+    def derived(settings: PipelineConfig):
+        """Patches and scores for these training settings (the config's own, or a sweep directory)."""
+        if settings.derive != config.derive or settings.importance != config.importance:
+            key = json.dumps([settings.derive.training_settings(), settings.importance.model_dump()], sort_keys=True)
+            out = work_dir / "sweep" / hashlib.sha256(key.encode()).hexdigest()[:12]
+            settings = settings.model_copy(update={"output_dir": out})
+        sweep_run = SafePatchingRun(settings, progress=True, loaded=(model, tokenizer))
+        safety, over_safety = sweep_run.derive(train)
+        return safety, over_safety, sweep_run.importance(train, safety, over_safety)
+
+    rows = [{"candidate": "backbone", **refusal_rates()}]
     print(json.dumps(rows[0]), flush=True)
-    for candidate in parse_grid(args.grid):
+    for candidate, settings in planned:
         started = time.perf_counter()
-        settings = config.merge.model_copy(update=candidate)
-        deltas, counts = merge_patches(safety, over, settings, config.seed, *scores)
+        safety, over_safety, scores = derived(settings)
+        deltas, counts = merge_patches(safety, over_safety, settings.merge, settings.seed, *scores)
         with patched(model, deltas):
-            harmful_rate, benign_rate = rates()
-        row = {
-            "candidate": candidate,
-            "harmful_refusal": harmful_rate,
-            "benign_refusal": benign_rate,
-            "changed_fraction": round(counts["changed_fraction"], 4),
-            "seconds": round(time.perf_counter() - started),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print("| candidate | harmful refusal (%) | benign refusal (%) |\n|---|---|---|")
-    for row in rows:
-        print(f"| {row['candidate']} | {row['harmful_refusal']:.1f} | {row['benign_refusal']:.1f} |")
+            rates = refusal_rates()
+        label = ", ".join(f"{k}={v}" for k, v in candidate.items()) or "config defaults"
+        row = {"candidate": label, **rates, "changed_fraction": round(counts["changed_fraction"], 4)}
+        rows.append({**row, "seconds": round(time.perf_counter() - started)})
+        print(json.dumps(rows[-1]), flush=True)
+
+    names = list(validation)
+    header = "| candidate | " + " | ".join(f"{n} refusal (%)" for n in names) + " |"
+    lines = [header, "|---|" + "---|" * len(names)]
+    lines += ["| " + " | ".join([str(r["candidate"]), *(f"{r[n]:.1f}" for n in names)]) + " |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+        sizes = ", ".join(f"{name} {len(examples)}" for name, examples in validation.items())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(
+            json.dumps(
+                {"command": command, "validation_sizes": {n: len(e) for n, e in validation.items()}, "rows": rows},
+                indent=2,
+            )
+        )
+        args.out.with_suffix(".md").write_text(
+            f"# Validation sweep\n\n`{command}`\n\nValidation prompts: {sizes}. Refusal on harmful prompts should "
+            f"rise, on benign ones fall.\n\n{table}\n"
+        )
 
 
 if __name__ == "__main__":

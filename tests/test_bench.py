@@ -1,6 +1,10 @@
 """`safepatching bench` and `safepatching continual` end to end on a tiny model (the --quick path)."""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +123,24 @@ def test_bench_rerun_reuses_every_cell(bench_run):
     assert {p: p.stat().st_mtime_ns for p in cells} == before
 
 
+def test_bench_recomputes_the_cells_a_changed_merge_setting_shapes(bench_run, tmp_path):
+    root, path = bench_run
+    shutil.copytree(root / "work", tmp_path / "work")
+    config = yaml.safe_load(path.read_text())
+    config.update(work_dir=str(tmp_path / "work"), output_dir=str(tmp_path / "results"))
+    config["pipeline"]["merge"]["beta"] = 0.5
+    config["methods"] = ["backbone", "task-arithmetic", "rose", "safedecoding"]
+    changed = tmp_path / "bench.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    cells = {name: tmp_path / f"work/cells/{name}/seed-0/metrics.json" for name in config["methods"]}
+    before = {name: cell.stat().st_mtime_ns for name, cell in cells.items()}
+    completed = run_cli("bench", str(changed), "--quick", "--no-progress")
+    assert completed.returncode == 0, completed.stderr
+    after = {name: cell.stat().st_mtime_ns for name, cell in cells.items()}
+    # β shapes the task-arithmetic merge; the backbone, ROSE and SafeDecoding (expert: GA) do not use it
+    assert [name for name in before if before[name] != after[name]] == ["task-arithmetic"]
+
+
 def test_bench_methods_merge_what_they_say(bench_run):
     root, path = bench_run
     config = build_config(path, model=BenchConfig, quick=True)
@@ -139,6 +161,39 @@ def test_bench_methods_merge_what_they_say(bench_run):
         _, only_o = difference_sets(region_s[name], region_o[name])
         assert not over_only[name][~only_o].any()  # nothing outside M_o
     assert not torch.equal(ga[name], npo[name])
+
+
+def run_sweep(path, *args):
+    script = Path(__file__).parents[1] / "benchmarks/sweep_merge.py"
+    return subprocess.run([sys.executable, str(script), str(path), *args], capture_output=True, text=True)
+
+
+def test_sweep_scores_merge_and_training_settings_on_validation_prompts(bench_run, tmp_path):
+    root, path = bench_run
+    common = ["--data-dir", str(tmp_path), "--harmful-split", "train[6:9]", "--max-new-tokens", "4"]
+    out = tmp_path / "sweep"
+    completed = run_sweep(
+        path, *common, "--benign", "scary-val=builtin:benign-but-scary@train[5:8]",
+        "--vary", "beta=0", "derive.max_steps=1", "--out", str(out),
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["candidate"] for r in rows] == ["backbone", "config defaults", "merge.beta=0", "derive.max_steps=1"]
+    for row in rows:
+        assert 0 <= row["harmful"] <= 100 and 0 <= row["scary-val"] <= 100
+    defaults, no_beta, one_step = rows[1:]
+    assert 0 < no_beta["changed_fraction"] < defaults["changed_fraction"]  # β = 0 drops the M_o entries
+    assert one_step["changed_fraction"] != defaults["changed_fraction"]  # its own, re-derived patches
+    sweep_runs = list((root / "work/sweep").iterdir())
+    assert len(sweep_runs) == 1 and (sweep_runs[0] / "patches/safety/stage.json").exists()
+    assert "| merge.beta=0 |" in out.with_suffix(".md").read_text()
+
+    # validation prompts that a reported set holds (the config's benign set is train[:3]) are refused
+    overlapping = run_sweep(path, *common, "--benign", "scary-val=builtin:benign-but-scary@train[2:5]")
+    assert overlapping.returncode != 0 and "reported benign set" in overlapping.stderr
+    assert "Traceback" not in overlapping.stderr
+    unknown = run_sweep(path, *common, "--vary", "merge.gamma=1")
+    assert unknown.returncode != 0 and "unknown setting 'merge.gamma'" in unknown.stderr
 
 
 def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir):

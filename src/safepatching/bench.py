@@ -139,6 +139,10 @@ class Bench:
             seconds += self.timings.get("importance", 0.0)
         return seconds
 
+    def merged_method(self, method: BenchMethod) -> BenchMethod | None:
+        """The method whose merge settings shape this row's model (itself, a SafeDecoding expert, or none)."""
+        return method if method.kind == "merge" else self.expert_method(method)
+
     def expert_method(self, method: BenchMethod) -> BenchMethod | None:
         """The bench method whose merged model is a SafeDecoding row's expert (None: a folder or no expert)."""
         name = method.decoding.get("expert_model")
@@ -170,8 +174,15 @@ class Bench:
         method = self.config.method(name)
         directory = self.config.work_dir / "cells" / name / f"seed-{seed}"
         eval_settings = self.config.pipeline.eval
+        merged = self.merged_method(method)
         key = fingerprint(
-            self.run.importance_key(), method, seed, eval_settings, self.config.pipeline.data_dir, __version__
+            self.run.importance_key(),
+            method,
+            seed,
+            eval_settings,
+            self.config.pipeline.data_dir,
+            __version__,
+            *([merge_settings(self.config.pipeline.merge, merged)] if merged else []),
         )
         if stage_is_fresh(directory, key):
             return read_json(directory / "metrics.json")

@@ -249,14 +249,17 @@ def normalise_prompt(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def assert_disjoint(train: list[Example], evaluation: dict[str, list[Example]]) -> None:
-    """Refuse to evaluate on prompts that the patches were derived from."""
+def assert_disjoint(
+    train: list[Example], evaluation: dict[str, list[Example]], against: str = "training pairs"
+) -> None:
+    """Refuse to evaluate on prompts that the patches were derived from (or, for validation sets, that
+    a reported set holds)."""
     seen = {normalise_prompt(e.prompt) for e in train}
     for name, examples in evaluation.items():
         overlap = [e.prompt for e in examples if normalise_prompt(e.prompt) in seen]
         if overlap:
             raise DataError(
-                f"{len(overlap)} {name} evaluation prompt(s) also occur in the training pairs, e.g. {overlap[0][:60]!r}.",
+                f"{len(overlap)} {name} evaluation prompt(s) also occur in the {against}, e.g. {overlap[0][:60]!r}.",
                 "use disjoint splits (same shuffle_seed, non-overlapping slices)",
             )
 
