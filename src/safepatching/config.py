@@ -96,10 +96,10 @@ class MergeConfig(StrictModel):
     """Controllable patching: random retention, top-a/top-b regions and their difference sets."""
 
     method: str = "safepatching"
-    # Defaults chosen on validation prompts only (uncensorbench rows 48-99, OKTest rows 0-47) for the
-    # reference backbone with benchmarks/sweep_merge.py; see README "Defaults".
+    # Defaults chosen on validation prompts only (uncensorbench rows 48-71, OKTest rows 0-23, XSTest-safe
+    # rows 150-197) for the reference backbone with benchmarks/sweep_merge.py; see README "Defaults".
     alpha: float = 1.0
-    beta: float = 2.0
+    beta: float = 3.0
     top_a: float = Field(10.0, gt=0, le=100, description="percent of entries in the safety region")
     top_b: float = Field(10.0, gt=0, le=100, description="percent of entries in the over-safety region")
     mask_scope: Literal["per_tensor", "global"] = Field(
