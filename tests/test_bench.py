@@ -94,6 +94,14 @@ def test_bench_cells_are_the_saved_evaluations(bench_run):
         else:
             assert kl is None, name
         assert row["columns"]["inference cost (× backbone)"]["mean"] > 0
+    # compute behind the table: every derived stage once plus every cell once (merge + evaluation parts)
+    cell_files = list((root / "work/cells").rglob("metrics.json"))
+    cell_seconds = [json.loads(p.read_text()) for p in cell_files]
+    stages = [json.loads(p.read_text())["wall_seconds"] for p in (root / "work").glob("*/*/stage.json")]
+    stages.append(json.loads((root / "work/importance/stage.json").read_text())["wall_seconds"])
+    expected_compute = sum(stages) + sum(c["merge_seconds"] + sum(c["part_seconds"].values()) for c in cell_seconds)
+    assert result["compute_seconds"] == pytest.approx(expected_compute, abs=0.2)
+    assert "compute behind the table" in (root / "results/tiny.md").read_text()
     # derivation time is the recorded wall time of exactly the stages each row's patches needed
     # (compared with the stage records, not with zero: on a fast machine a tiny stage rounds to 0.0 s)
     stage = {
