@@ -66,9 +66,10 @@ def test_several_safety_benchmarks_are_reported_separately(tmp_path, tiny_model_
     assert ok["partial_refusal_rate"] == pytest.approx(100 * ok_labels.count("partial_refusal") / 3)
     assert ok["refusal_rate"] == pytest.approx(ok["full_refusal_rate"] + ok["partial_refusal_rate"])
     assert set(metrics["part_seconds"]) == {
-        "harmful", "benign", "harmless", "safety/a", "safety/b", "over_safety/ok", "utility"
+        "harmful", "benign", "harmless", "safety/a", "safety/b", "over_safety/ok"
     }  # fmt: skip
     assert metrics["generation"]["tokens"] > 0 and metrics["generation"]["seconds_per_token"] > 0
-    assert sum(metrics["part_seconds"].values()) <= metrics["wall_seconds"] + 0.1
+    rounding = 0.05 * (len(metrics["part_seconds"]) + 1)  # every figure is rounded to 0.1 s
+    assert sum(metrics["part_seconds"].values()) <= metrics["wall_seconds"] + rounding
     with pytest.raises(DataError, match="safety/a"):
         assert_disjoint([Example("Steal a car?", "x")], sets.named())

@@ -124,6 +124,11 @@ class UtilityConfig(StrictModel):
     batch_size: int = Field(8, ge=1)
     seed: int = 0
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any utility task runs (a table then shows no utility row or time)."""
+        return bool(self.mmlu_examples or self.gsm8k_examples)
+
 
 SAFETY_SYSTEM_PROMPT = (
     "You are a careful assistant. Before answering, consider whether the request could lead to harm; "

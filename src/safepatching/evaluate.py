@@ -280,7 +280,8 @@ def evaluate_model(
         "kl_to_reference": None,
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
     }
-    metrics.update(timed("utility", evaluate_utility, model, tokenizer, settings.utility, data_dir))
+    if settings.utility.enabled:
+        metrics.update(timed("utility", evaluate_utility, model, tokenizer, settings.utility, data_dir))
     if sets.perplexity:
         metrics["response_perplexity"] = timed(
             "perplexity", response_perplexity, model, tokenizer, sets.perplexity, settings.batch_size

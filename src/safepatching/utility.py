@@ -37,7 +37,7 @@ def _gsm8k_target(doc: dict[str, Any]) -> str:
 
 def utility_tasks(settings: UtilityConfig, data_dir: Path | None) -> list[dict[str, Any]]:
     """lm-eval task configs for the enabled subsets, reading the data directory's files."""
-    if not (settings.mmlu_examples or settings.gsm8k_examples):
+    if not settings.enabled:
         return []
     if data_dir is None:
         raise DataError("the utility tasks read MMLU and GSM8K from the data directory, which is not set.",
