@@ -160,16 +160,21 @@ def sweep() -> None:
         safety, over_safety = sweep_run.derive(train)
         return safety, over_safety, sweep_run.importance(train, safety, over_safety)
 
+    def merged_rates(settings: PipelineConfig) -> tuple[dict[str, float], float]:
+        """Refusal rates and changed fraction of one candidate. Its patches, scores and deltas (GBs
+        when freshly derived) are freed on return, before the next candidate derives its own."""
+        safety, over_safety, scores = derived(settings)
+        deltas, counts = merge_patches(safety, over_safety, settings.merge, settings.seed, *scores)
+        with patched(model, deltas):
+            return refusal_rates(), counts["changed_fraction"]
+
     rows = [{"candidate": "backbone", **refusal_rates()}]
     print(json.dumps(rows[0]), flush=True)
     for candidate, settings in planned:
         started = time.perf_counter()
-        safety, over_safety, scores = derived(settings)
-        deltas, counts = merge_patches(safety, over_safety, settings.merge, settings.seed, *scores)
-        with patched(model, deltas):
-            rates = refusal_rates()
+        rates, changed_fraction = merged_rates(settings)
         label = ", ".join(f"{k}={v}" for k, v in candidate.items()) or "config defaults"
-        row = {"candidate": label, **rates, "changed_fraction": round(counts["changed_fraction"], 4)}
+        row = {"candidate": label, **rates, "changed_fraction": round(changed_fraction, 4)}
         rows.append({**row, "seconds": round(time.perf_counter() - started)})
         print(json.dumps(rows[-1]), flush=True)
 
