@@ -168,6 +168,7 @@ def sweep() -> None:
         with patched(model, deltas):
             return refusal_rates(), counts["changed_fraction"]
 
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     rows = [{"candidate": "backbone", **refusal_rates()}]
     print(json.dumps(rows[0]), flush=True)
     for candidate, settings in planned:
@@ -177,27 +178,31 @@ def sweep() -> None:
         row = {"candidate": label, **rates, "changed_fraction": round(changed_fraction, 4)}
         rows.append({**row, "seconds": round(time.perf_counter() - started)})
         print(json.dumps(rows[-1]), flush=True)
+        if args.out:  # after every candidate, so a crash keeps the rows already paid for
+            write_results(args.out, command, validation, rows, complete=len(rows) == len(planned) + 1)
+    print(results_table(list(validation), rows))
 
-    names = list(validation)
+
+def results_table(names: list[str], rows: list[dict[str, Any]]) -> str:
     header = "| candidate | " + " | ".join(f"{n} refusal (%)" for n in names) + " |"
     lines = [header, "|---|" + "---|" * len(names)]
     lines += ["| " + " | ".join([str(r["candidate"]), *(f"{r[n]:.1f}" for n in names)]) + " |" for r in rows]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-        sizes = ", ".join(f"{name} {len(examples)}" for name, examples in validation.items())
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(
-            json.dumps(
-                {"command": command, "validation_sizes": {n: len(e) for n, e in validation.items()}, "rows": rows},
-                indent=2,
-            )
-        )
-        args.out.with_suffix(".md").write_text(
-            f"# Validation sweep\n\n`{command}`\n\nValidation prompts: {sizes}. Refusal on harmful prompts should "
-            f"rise, on benign ones fall.\n\n{table}\n"
-        )
+    return "\n".join(lines)
+
+
+def write_results(out: Path, command: str, validation: dict[str, list[Example]], rows: list[dict], complete: bool):
+    """OUT.json and OUT.md; an incomplete sweep says so in both."""
+    sizes = {name: len(examples) for name, examples in validation.items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"command": command, "complete": complete, "validation_sizes": sizes, "rows": rows}, indent=2)
+    )
+    status = "" if complete else "**Incomplete: the sweep has not finished (or stopped); rows so far.**\n\n"
+    described = ", ".join(f"{name} {size}" for name, size in sizes.items())
+    out.with_suffix(".md").write_text(
+        f"# Validation sweep\n\n`{command}`\n\n{status}Validation prompts: {described}. Refusal on harmful "
+        f"prompts should rise, on benign ones fall.\n\n{results_table(list(validation), rows)}\n"
+    )
 
 
 if __name__ == "__main__":

@@ -195,6 +195,17 @@ def test_sweep_scores_merge_and_training_settings_on_validation_prompts(bench_ru
     sweep_runs = list((root / "work/sweep").iterdir())
     assert len(sweep_runs) == 1 and (sweep_runs[0] / "patches/safety/stage.json").exists()
     assert "| merge.beta=0 |" in out.with_suffix(".md").read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["complete"] is True
+
+    # a candidate that fails (its loss goes non-finite) stops the sweep with the rows so far on disk
+    failed = run_sweep(
+        path, *common, "--benign", "scary-val=builtin:benign-but-scary@train[5:8]",
+        "--vary", "derive.learning_rate=1e30", "--out", str(out),
+    )  # fmt: skip
+    assert failed.returncode != 0 and "response NLL became" in failed.stderr and "Traceback" not in failed.stderr
+    kept = json.loads(out.with_suffix(".json").read_text())
+    assert kept["complete"] is False and [r["candidate"] for r in kept["rows"]] == ["backbone", "config defaults"]
+    assert "Incomplete" in out.with_suffix(".md").read_text()
 
     # validation prompts that a reported set holds (the config's benign set is train[:3]) are refused
     overlapping = run_sweep(path, *common, "--benign", "scary-val=builtin:benign-but-scary@train[2:5]")
