@@ -69,6 +69,7 @@ def test_several_safety_benchmarks_are_reported_separately(tmp_path, tiny_model_
         "harmful", "benign", "harmless", "safety/a", "safety/b", "over_safety/ok"
     }  # fmt: skip
     assert metrics["generation"]["tokens"] > 0 and metrics["generation"]["seconds_per_token"] > 0
+    assert metrics["looping_reply_rate"] == pytest.approx(100 * sum(r["looping"] for r in records) / len(records))
     rounding = 0.05 * (len(metrics["part_seconds"]) + 1)  # every figure is rounded to 0.1 s
     assert sum(metrics["part_seconds"].values()) <= metrics["wall_seconds"] + rounding
     with pytest.raises(DataError, match="safety/a"):

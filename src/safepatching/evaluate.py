@@ -19,7 +19,7 @@ from safepatching.decoding import make_generator
 from safepatching.errors import SafePatchingError
 from safepatching.generation import Generator, VLLMGenerator, vllm_available
 from safepatching.jailbreaks import wrap_prompts
-from safepatching.judges import get_judge, judge_all
+from safepatching.judges import get_judge, judge_all, looping
 from safepatching.models import dtype_name, load_model
 from safepatching.utility import evaluate_utility
 
@@ -199,6 +199,7 @@ def evaluate_model(
     part_seconds: dict[str, float] = {}
     generation = {"seconds": 0.0, "tokens": 0}
     unparsed = 0
+    loops: list[bool] = []
 
     def timed(part: str, work, *args):
         """Run one part of the suite and record its wall time, so users see where the time goes."""
@@ -218,6 +219,8 @@ def evaluate_model(
         part_seconds[set_name] = round(time.perf_counter() - part_started, 1)
         labels[set_name] = [v.label for v in verdicts]
         unparsed += sum(not v.parsed for v in verdicts)
+        looped = [looping(r) for r in responses]
+        loops.extend(looped)
         records.extend(
             {
                 "set": set_name,
@@ -228,8 +231,9 @@ def evaluate_model(
                 "label": v.label,
                 "judge": set_judge_name,
                 "judge_parsed": v.parsed,
+                "looping": loop,
             }  # fmt: skip
-            for q, p, r, v in zip(requests, prompts, responses, verdicts, strict=True)
+            for q, p, r, v, loop in zip(requests, prompts, responses, verdicts, looped, strict=True)
         )
         return [v.refusal for v in verdicts]
 
@@ -277,6 +281,7 @@ def evaluate_model(
         "safety_benchmarks": by_benchmark,
         "over_safety_benchmarks": over_safety,
         "judge_unparsed": unparsed,
+        "looping_reply_rate": percent(loops),
         "kl_to_reference": None,
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
     }

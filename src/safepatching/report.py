@@ -75,6 +75,7 @@ ROWS = (
     ("MMLU subset accuracy (%) ↑", "mmlu_accuracy", 1),
     ("GSM8K subset exact match (%) ↑", "gsm8k_exact_match", 1),
     ("reference-response perplexity ↓", "response_perplexity", 2),
+    ("looping replies, all sets (%) ↓", "looping_reply_rate", 1),
 )
 
 
