@@ -34,7 +34,7 @@ from safepatching.data import Example, assert_disjoint, load_examples
 from safepatching.errors import ConfigError, SafePatchingError
 from safepatching.generation import HFGenerator
 from safepatching.importance import patched
-from safepatching.judges import get_judge
+from safepatching.judges import get_judge, looping
 from safepatching.patching import merge_patches
 from safepatching.pipeline import SafePatchingRun
 
@@ -142,12 +142,16 @@ def sweep() -> None:
     generator = HFGenerator(model, tokenizer, config.eval.batch_size, progress=False)
 
     def refusal_rates() -> dict[str, float]:
-        rates = {}
+        """Refusal per validation set, and the share of looping replies over all of them: a collapsed
+        model's loops read as no refusal, which a low benign rate alone would hide."""
+        rates, loops = {}, 0
         for name, examples in validation.items():
             judge = judges["harmful" if name == "harmful" else "benign"]
             responses = generator.generate([e.prompt for e in examples], args.max_new_tokens)
             refused = sum(judge(e.prompt, r).refusal for e, r in zip(examples, responses, strict=True))
             rates[name] = round(100 * refused / len(examples), 1)
+            loops += sum(map(looping, responses))
+        rates["looping"] = round(100 * loops / sum(map(len, validation.values())), 1)
         return rates
 
     def derived(settings: PipelineConfig):
@@ -184,9 +188,10 @@ def sweep() -> None:
 
 
 def results_table(names: list[str], rows: list[dict[str, Any]]) -> str:
-    header = "| candidate | " + " | ".join(f"{n} refusal (%)" for n in names) + " |"
-    lines = [header, "|---|" + "---|" * len(names)]
-    lines += ["| " + " | ".join([str(r["candidate"]), *(f"{r[n]:.1f}" for n in names)]) + " |" for r in rows]
+    header = "| candidate | " + " | ".join(f"{n} refusal (%)" for n in names) + " | looping replies (%) |"
+    columns = [*names, "looping"]
+    lines = [header, "|---|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join([str(r["candidate"]), *(f"{r[n]:.1f}" for n in columns)]) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -201,7 +206,7 @@ def write_results(out: Path, command: str, validation: dict[str, list[Example]],
     described = ", ".join(f"{name} {size}" for name, size in sizes.items())
     out.with_suffix(".md").write_text(
         f"# Validation sweep\n\n`{command}`\n\n{status}Validation prompts: {described}. Refusal on harmful "
-        f"prompts should rise, on benign ones fall.\n\n{results_table(list(validation), rows)}\n"
+        f"prompts should rise, on benign ones fall; looping replies (a collapsed model) should stay at 0.\n\n{results_table(list(validation), rows)}\n"
     )
 
 

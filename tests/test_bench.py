@@ -188,13 +188,14 @@ def test_sweep_scores_merge_and_training_settings_on_validation_prompts(bench_ru
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["candidate"] for r in rows] == ["backbone", "config defaults", "merge.beta=0", "derive.max_steps=1"]
     for row in rows:
-        assert 0 <= row["harmful"] <= 100 and 0 <= row["scary-val"] <= 100
+        assert 0 <= row["harmful"] <= 100 and 0 <= row["scary-val"] <= 100 and 0 <= row["looping"] <= 100
     defaults, no_beta, one_step = rows[1:]
     assert 0 < no_beta["changed_fraction"] < defaults["changed_fraction"]  # β = 0 drops the M_o entries
     assert one_step["changed_fraction"] != defaults["changed_fraction"]  # its own, re-derived patches
     sweep_runs = list((root / "work/sweep").iterdir())
     assert len(sweep_runs) == 1 and (sweep_runs[0] / "patches/safety/stage.json").exists()
     assert "| merge.beta=0 |" in out.with_suffix(".md").read_text()
+    assert "| looping replies (%) |" in out.with_suffix(".md").read_text()
     assert json.loads(out.with_suffix(".json").read_text())["complete"] is True
 
     # a candidate that fails (its loss goes non-finite) stops the sweep with the rows so far on disk
