@@ -87,6 +87,30 @@ def test_ascent_stops_at_the_nll_bound(tiny_model_dir, harmful_pairs):
     assert len(history) < 50 and history[-1] > history[0] + 0.5
 
 
+def test_before_overshoot_drops_the_update_that_crossed_the_ceiling(tiny_model_dir, harmful_pairs):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    common = {"learning_rate": 5e-2, "batch_size": 4, "max_length": 64, "ascent_max_nll_increase": 0.5}
+    after = derive_patch(
+        model, tokenizer, harmful_pairs, "ascent", DeriveConfig(**common, max_steps=50), progress=False
+    )
+    before = derive_patch(
+        model, tokenizer, harmful_pairs, "ascent",
+        DeriveConfig(**common, max_steps=50, ascent_stop="before_overshoot"), progress=False,
+    )  # fmt: skip
+    steps = len(after.info["nll_history"])
+    assert before.info["nll_history"] == after.info["nll_history"] and before.info["stop_reason"] == "nll_ceiling"
+    assert (after.info["updates"], before.info["updates"]) == (steps, steps - 1)
+    # the same run cut one step short by max_steps: identical weights
+    short = derive_patch(
+        model, tokenizer, harmful_pairs, "ascent", DeriveConfig(**common, max_steps=steps - 1), progress=False
+    )
+    assert all(torch.equal(before.deltas[n], short.deltas[n]) for n in short.deltas)
+    assert not all(torch.equal(before.deltas[n], after.deltas[n]) for n in after.deltas)
+    # the default stays out of cache keys, so patches derived before the setting existed stay valid
+    assert "ascent_stop" not in DeriveConfig().training_settings()
+    assert "ascent_stop" in DeriveConfig(ascent_stop="before_overshoot").training_settings()
+
+
 def test_lora_patch_is_materialised_as_full_delta(tiny_model_dir, harmful_pairs):
     model, tokenizer = load_model(str(tiny_model_dir))
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -66,6 +66,11 @@ class DeriveConfig(StrictModel):
         description="gradient ascent stops once a step's mean response NLL (nats/token) exceeds "
         "the first step's by this much",
     )
+    ascent_stop: Literal["after_overshoot", "before_overshoot"] = Field(
+        "after_overshoot",
+        description="when a step's NLL (measured before its update) crosses the ceiling, after_overshoot "
+        "still applies that step's update (the committed reference results); before_overshoot drops it",
+    )
     npo_beta: float = Field(0.1, gt=0, description="NPO's inverse temperature (objective: npo)")
     descent_nll_floor: float = Field(
         0.0, ge=0, description="gradient descent stops once the mean response NLL falls below this"
@@ -80,8 +85,12 @@ class DeriveConfig(StrictModel):
     )
 
     def training_settings(self) -> dict[str, Any]:
-        """The settings that shape the patch (checkpoint frequency does not)."""
-        return self.model_dump(mode="json", exclude={"checkpoint_every_steps", "checkpoint_every_minutes"})
+        """The settings that shape the patch (checkpoint frequency does not). ``ascent_stop`` joins only
+        when changed, so patches derived before it existed keep their cache keys."""
+        excluded = {"checkpoint_every_steps", "checkpoint_every_minutes"}
+        if self.ascent_stop == "after_overshoot":
+            excluded.add("ascent_stop")
+        return self.model_dump(mode="json", exclude=excluded)
 
 
 class ImportanceConfig(StrictModel):

@@ -6,7 +6,8 @@ optimisation, Zhang et al. 2024) is the bounded alternative to ascent, a baselin
 loss -(2/beta) log sigmoid(-beta (log p(y|x) - log p_ref(y|x))) with sequence log-probabilities and
 the untouched backbone as reference. Ascent and NPO stop as soon as the mean response NLL of a
 step exceeds the first step's by ``ascent_max_nll_increase`` nats per token (or at max_steps /
-the end of the epochs).
+the end of the epochs). A step's NLL is measured before its update; ``ascent_stop`` says whether
+that overshooting update is still applied.
 """
 
 from __future__ import annotations
@@ -267,21 +268,22 @@ def derive_patch(
                     accelerator.backward(loss)
                     step_losses.append(nll.detach())
                     if accelerator.sync_gradients:
+                        step_nll = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
+                        step_losses.clear()
+                        history.append(step_nll)
+                        if direction in UNLEARNING and step_nll > history[0] + settings.ascent_max_nll_increase:
+                            stop_reason = "nll_ceiling"
+                        elif direction == "descent" and step_nll < settings.descent_nll_floor:
+                            stop_reason = "nll_floor"
                         accelerator.clip_grad_norm_(wrapped.parameters(), settings.max_grad_norm)
-                    optimizer.step()
+                    if not (stop_reason == "nll_ceiling" and settings.ascent_stop == "before_overshoot"):
+                        optimizer.step()
                     optimizer.zero_grad()
                 if not accelerator.sync_gradients:
                     continue
-                step_nll = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
-                step_losses.clear()
-                history.append(step_nll)
                 state.batches_done = position + 1
                 bar.update(1)
                 bar.set_postfix(nll=f"{step_nll:.3f}")
-                if direction in UNLEARNING and step_nll > history[0] + settings.ascent_max_nll_increase:
-                    stop_reason = "nll_ceiling"
-                elif direction == "descent" and step_nll < settings.descent_nll_floor:
-                    stop_reason = "nll_floor"
                 if stop_reason in ("nll_ceiling", "nll_floor") or len(history) >= total_steps:
                     break
                 if checkpointer.due(len(history)):
@@ -297,6 +299,7 @@ def derive_patch(
         "direction": direction,
         "steps": len(history),
         "stop_reason": stop_reason,
+        "updates": len(history) - (stop_reason == "nll_ceiling" and settings.ascent_stop == "before_overshoot"),
         "nll_history": history,
         "settings": settings.model_dump(mode="json"),
         "seed": seed,
