@@ -42,6 +42,7 @@ def test_flags_override_the_yaml_file(tmp_path):
         ("merge:\n  method: magic\n", "unknown merge method"),
         ("derive:\n  learning_rate: -1\n", "derive.learning_rate"),
         ("harmful_train:\n  source: x.csv\n", "response_column"),
+        ("harmful_train_extra:\n  - source: x.csv\n", "response_column"),
         ("- a\n- b\n", "mapping"),
         ("merge: [unclosed\n", "not valid YAML"),
     ],
@@ -50,6 +51,15 @@ def test_invalid_configs_are_config_errors(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ConfigError, match=message):
         build_config(tmp_path / "c.yaml")
+
+
+def test_continual_refuses_extra_training_sources(tmp_path):
+    (tmp_path / "c.yaml").write_text(
+        "rounds:\n  - {source: a.csv, response_column: r}\n"
+        "pipeline:\n  harmful_train_extra:\n    - {source: b.csv, response_column: r}\n"
+    )
+    with pytest.raises(ConfigError, match="takes its harmful pairs from rounds"):
+        build_config(tmp_path / "c.yaml", model=ContinualConfig)
 
 
 def test_override_syntax_errors():

@@ -11,8 +11,10 @@ from safepatching.data import (
     NAMED_BENCHMARKS,
     Example,
     assert_disjoint,
+    drop_overlap,
     encode_pair,
     load_examples,
+    load_pairs,
     load_rows,
 )
 from safepatching.errors import DataError
@@ -118,6 +120,25 @@ def test_default_train_and_eval_splits_are_disjoint():
     assert_disjoint(train, {"harmful": evaluation})
     with pytest.raises(DataError, match="also occur"):
         assert_disjoint(train, {"harmful": train[:2]})
+
+
+def test_a_pair_an_earlier_source_gave_is_skipped(files):
+    more = [("  QUESTION   3 ", "answer 3"), ("question 4", "another answer"), ("new", "x"), ("new", "x")]
+    (files / "more.jsonl").write_text("".join(json.dumps({"goal": g, "target": t}) + "\n" for g, t in more))
+    specs = [
+        DatasetSpec(source=str(files / "d.csv"), prompt_column="goal", response_column="target", split="train[:5]"),
+        DatasetSpec(source=str(files / "more.jsonl"), prompt_column="goal", response_column="target"),
+    ]
+    pairs = load_pairs(specs)
+    assert [(e.prompt, e.response) for e in pairs] == [(f"question {i}", f"answer {i}") for i in range(5)] + more[1:]
+
+
+def test_drop_overlap_keeps_only_prompts_no_evaluation_set_holds():
+    train = [Example("Ask A", "r"), Example("ask b", "r"), Example("ask c", "r")]
+    kept = drop_overlap(train, {"x": [Example("ask  a")], "y": [Example("ASK C")]})
+    assert [e.prompt for e in kept] == ["ask b"]
+    with pytest.raises(DataError, match="every training prompt"):
+        drop_overlap(train, {"x": train})
 
 
 def test_loss_covers_only_response_tokens(tiny_model_dir):

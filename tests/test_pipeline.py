@@ -5,12 +5,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from safepatching.config import PipelineConfig
+from safepatching.config import PipelineConfig, fingerprint
 from safepatching.derive import load_patch
+from safepatching.errors import DataError
 from safepatching.io import load_tensors
 from safepatching.merge import MERGE_METHODS
 from safepatching.patching import merge_patches
-from safepatching.pipeline import SafePatchingRun, compare_models, run_pipeline
+from safepatching.pipeline import SafePatchingRun, compare_models, harmful_pairs, run_pipeline
 from safepatching.report import summary_schema
 
 
@@ -78,6 +79,33 @@ def test_task_arithmetic_skips_importance(tmp_path, tiny_model_dir):
     run = SafePatchingRun(tiny_config(tiny_model_dir, tmp_path / "run", method="task_arithmetic"), progress=False)
     run.run()
     assert not (tmp_path / "run/importance").exists()
+
+
+def test_extra_training_sources_are_deduplicated_and_can_drop_evaluation_prompts(tmp_path):
+    # The default harmful_train is uncensorbench rows 0-47 and the default harmful eval set rows 100-149
+    # (both after a seed-0 shuffle).
+    rows = {"source": "builtin:uncensorbench", "shuffle_seed": 0, "response_column": "uncensored_response"}
+    plain = SafePatchingRun(PipelineConfig(output_dir=tmp_path), progress=False)
+    c = plain.config
+    assert plain.derive_key() == fingerprint(
+        c.model, c.seed, c.compute_dtype, c.harmful_train, c.derive.training_settings()
+    )
+
+    widened = SafePatchingRun(
+        PipelineConfig(output_dir=tmp_path, harmful_train_extra=[{**rows, "split": "train[40:50]"}]), progress=False
+    )
+    assert len(widened.harmful_pairs()) == 50  # rows 40-47 occur in both sources and are kept once
+    assert widened.harmful_pairs()[:48] == plain.harmful_pairs()
+    assert widened.derive_key() != plain.derive_key()
+
+    overlapping = PipelineConfig(output_dir=tmp_path, harmful_train_extra=[{**rows, "split": "train[90:110]"}])
+    with pytest.raises(DataError, match="also occur"):
+        SafePatchingRun(overlapping, progress=False).eval_sets(harmful_pairs(overlapping))
+    dropping = PipelineConfig(**{**overlapping.model_dump(), "drop_eval_overlap": True})
+    pairs = harmful_pairs(dropping)
+    assert len(pairs) == 58  # rows 100-109 dropped
+    evaluation = SafePatchingRun(dropping, progress=False).eval_sets(pairs).named()
+    assert not {e.prompt for e in pairs} & {e.prompt for examples in evaluation.values() for e in examples}
 
 
 def test_compare_models_writes_side_by_side_summary(tmp_path, tiny_model_dir):

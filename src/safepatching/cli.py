@@ -216,15 +216,15 @@ def derive(
 ) -> None:
     """Derive one patch by fine-tuning on harmful (prompt, response) pairs."""
     progress = show_progress(no_progress)
-    from safepatching.data import load_examples
     from safepatching.derive import checkpoint_dir_for, derive_patch, save_patch
     from safepatching.models import load_model
+    from safepatching.pipeline import harmful_pairs
 
     if direction not in ("ascent", "descent", "npo"):
         raise SafePatchingError(f"unknown direction {direction!r}.", "use --direction ascent, descent or npo")
     cfg = load_cli_config(config, overrides, {"model": model, "harmful_train.source": data, "data_dir": data_dir})
     refuse_existing(out, force)
-    pairs = load_examples(cfg.harmful_train, cfg.data_dir)
+    pairs = harmful_pairs(cfg)
     backbone, tokenizer = load_model(cfg.model, cfg.compute_dtype, cfg.trust_remote_code, cfg.allow_pickle)
     patch = derive_patch(backbone, tokenizer, pairs, direction, cfg.derive, cfg.seed, progress, checkpoint_dir_for(out))
     save_patch(patch, out, {"base_model": cfg.model})
@@ -245,15 +245,15 @@ def score(
 ) -> None:
     """Compute SNIP importance |w * dL/dw| of backbone + patch on the harmful pairs."""
     progress = show_progress(no_progress)
-    from safepatching.data import load_examples
     from safepatching.derive import load_patch
     from safepatching.importance import patched, snip_scores
     from safepatching.io import save_tensors
     from safepatching.models import load_model
+    from safepatching.pipeline import harmful_pairs
 
     cfg = load_cli_config(config, overrides, {"model": model, "harmful_train.source": data, "data_dir": data_dir})
     refuse_existing(out, force)
-    pairs = load_examples(cfg.harmful_train, cfg.data_dir)
+    pairs = harmful_pairs(cfg)
     loaded = load_patch(patch)
     backbone, tokenizer = load_model(cfg.model, cfg.compute_dtype, cfg.trust_remote_code, cfg.allow_pickle)
     with patched(backbone, loaded.deltas):

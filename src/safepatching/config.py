@@ -252,17 +252,28 @@ class PipelineConfig(StrictModel):
             response_column="uncensored_response",
         )
     )
+    harmful_train_extra: list[DatasetSpec] = Field(
+        default_factory=list,
+        description="further sources of harmful pairs, appended to harmful_train (a pair an earlier source gave is skipped)",
+    )
+    drop_eval_overlap: bool = Field(
+        False,
+        description="drop the training pairs whose prompt an evaluation set holds, instead of refusing the run",
+    )
     derive: DeriveConfig = Field(default_factory=DeriveConfig)
     importance: ImportanceConfig = Field(default_factory=ImportanceConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
-    @field_validator("harmful_train")
+    @field_validator("harmful_train", "harmful_train_extra")
     @classmethod
-    def _needs_responses(cls, spec: DatasetSpec) -> DatasetSpec:
-        if not spec.response_column:
-            raise ValueError("harmful_train needs a response_column (the harmful responses to unlearn)")
-        return spec
+    def _needs_responses(cls, specs: DatasetSpec | list[DatasetSpec]) -> DatasetSpec | list[DatasetSpec]:
+        if any(not spec.response_column for spec in (specs if isinstance(specs, list) else [specs])):
+            raise ValueError("harmful training data needs a response_column (the harmful responses to unlearn)")
+        return specs
+
+    def harmful_train_specs(self) -> list[DatasetSpec]:
+        return [self.harmful_train, *self.harmful_train_extra]
 
     @model_validator(mode="after")
     def _check_method(self) -> PipelineConfig:
@@ -374,6 +385,12 @@ class ContinualConfig(StrictModel):
         if any(not spec.response_column for spec in rounds):
             raise ValueError("every round needs a response_column (the harmful responses to unlearn)")
         return rounds
+
+    @model_validator(mode="after")
+    def _rounds_are_the_data(self) -> ContinualConfig:
+        if self.pipeline.harmful_train_extra:
+            raise ValueError("continual takes its harmful pairs from rounds; drop pipeline.harmful_train_extra")
+        return self
 
 
 def _env_path(name: str) -> Path | None:

@@ -20,7 +20,7 @@ from rich.console import Console
 from safepatching import __version__
 from safepatching.bench import header_markdown, result_header, table_columns
 from safepatching.config import ContinualConfig, dump_config, fingerprint
-from safepatching.data import Example, assert_disjoint, load_examples
+from safepatching.data import Example, assert_disjoint, drop_overlap, load_examples
 from safepatching.evaluate import EvalSets, evaluate_model, harmless_responses, load_eval_sets
 from safepatching.importance import add_deltas
 from safepatching.io import read_json, write_json, write_text_atomic
@@ -33,9 +33,12 @@ CONTINUAL_SCHEMA_VERSION = 1
 
 
 def load_rounds(config: ContinualConfig, sets: EvalSets) -> list[list[Example]]:
-    """Each round's pairs; refused when a round shares a prompt with another round or an eval set."""
+    """Each round's pairs; refused when a round shares a prompt with another round or an eval set
+    (unless pipeline.drop_eval_overlap, which drops the eval set's prompts from the round)."""
     data_dir = config.pipeline.data_dir
     rounds = [load_examples(spec, data_dir) for spec in config.rounds]
+    if config.pipeline.drop_eval_overlap:
+        rounds = [drop_overlap(pairs, sets.named()) for pairs in rounds]
     for index, pairs in enumerate(rounds):
         others = {f"round {j + 1}": other for j, other in enumerate(rounds) if j != index}
         assert_disjoint(pairs, {**sets.named(), **others})

@@ -10,6 +10,7 @@ import csv
 import gzip
 import importlib.metadata
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from safepatching.config import DATA_DIR_ENV, DatasetSpec
 from safepatching.errors import DataError
 
+log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 LOCAL_SUFFIXES = (".csv", ".json", ".jsonl", ".txt")
 _SPLIT_PATTERN = re.compile(r"^(?P<name>[\w.\-]+)(?:\[(?P<start>-?\d+%?)?:(?P<stop>-?\d+%?)?\])?$")
@@ -247,6 +249,30 @@ def load_examples(spec: DatasetSpec, data_dir: Path | None = None, limit: int | 
 
 def normalise_prompt(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def load_pairs(specs: list[DatasetSpec], data_dir: Path | None = None) -> list[Example]:
+    """Examples of several sources, in order. A pair that an earlier source already gave (same prompt,
+    case and spacing aside, and same response) is skipped, so overlapping sources do not count it
+    twice; one source's rows, and other responses to the same prompt, are all kept."""
+    pairs: list[Example] = []
+    for spec in specs:
+        given = {(normalise_prompt(e.prompt), e.response) for e in pairs}
+        pairs += [e for e in load_examples(spec, data_dir) if (normalise_prompt(e.prompt), e.response) not in given]
+    return pairs
+
+
+def drop_overlap(train: list[Example], evaluation: dict[str, list[Example]]) -> list[Example]:
+    """The training examples whose prompt no evaluation set holds."""
+    held = {normalise_prompt(e.prompt) for examples in evaluation.values() for e in examples}
+    kept = [e for e in train if normalise_prompt(e.prompt) not in held]
+    if not kept:
+        raise DataError("every training prompt also occurs in an evaluation set.", "use other training data")
+    if len(kept) < len(train):
+        log.warning(
+            "dropped %d of %d training pairs whose prompt an evaluation set holds", len(train) - len(kept), len(train)
+        )
+    return kept
 
 
 def assert_disjoint(

@@ -15,7 +15,7 @@ from rich.console import Console
 
 from safepatching import __version__
 from safepatching.config import EvalConfig, PipelineConfig, dump_config, fingerprint
-from safepatching.data import Example, assert_disjoint, load_examples
+from safepatching.data import Example, assert_disjoint, drop_overlap, load_pairs
 from safepatching.derive import (
     Direction,
     Patch,
@@ -86,6 +86,7 @@ class SafePatchingRun:
         self.stages: dict[str, Any] = {}
         self._model, self._tokenizer = loaded or (None, None)
         self.base_state = base_state
+        self._pairs: list[Example] | None = None
 
     # -- shared inputs -------------------------------------------------------------------------------
     def backbone(self):
@@ -100,7 +101,9 @@ class SafePatchingRun:
         return self._model, self._tokenizer
 
     def harmful_pairs(self) -> list[Example]:
-        return load_examples(self.config.harmful_train, self.config.data_dir)
+        if self._pairs is None:
+            self._pairs = harmful_pairs(self.config)
+        return self._pairs
 
     def eval_sets(self, pairs: list[Example]) -> EvalSets:
         sets = load_eval_sets(self.config.eval, self.config.data_dir)
@@ -111,6 +114,8 @@ class SafePatchingRun:
     def derive_key(self) -> str:
         c = self.config
         parts = [c.model, c.seed, c.compute_dtype, c.harmful_train, c.derive.training_settings()]
+        if c.harmful_train_extra or c.drop_eval_overlap:  # keyed by content: dropping depends on the eval sets
+            parts.append([(e.prompt, e.response) for e in self.harmful_pairs()])
         return fingerprint(*parts, *([self.base_state] if self.base_state else []))
 
     def importance_key(self) -> str:
@@ -259,6 +264,15 @@ class SafePatchingRun:
         write_text_atomic(self.out / "summary.md", before_after_markdown(before, after))
         print_before_after(before, after, model_dir, Console())
         return RunResult(self.out, model_dir, summary, self.stages)
+
+
+def harmful_pairs(config: PipelineConfig) -> list[Example]:
+    """The pairs the patches are derived from: every harmful_train source, less (when asked) the
+    prompts an evaluation set holds."""
+    pairs = load_pairs(config.harmful_train_specs(), config.data_dir)
+    if config.drop_eval_overlap:
+        pairs = drop_overlap(pairs, load_eval_sets(config.eval, config.data_dir).named())
+    return pairs
 
 
 def serving_path(spec: str, settings: EvalConfig, allow_pickle: bool = False) -> str | None:
