@@ -12,7 +12,9 @@ are checked to be disjoint from the training pairs and from every set the config
         --out benchmarks/results/sweep-reference
 
 CONFIG is a bench config (its pipeline and work_dir), a pipeline config (its output_dir) or a run
-directory holding config.yaml.
+directory holding config.yaml. ``--set`` changes the config itself before any candidate, e.g. more
+training data (``harmful_train_extra``, ``drop_eval_overlap=true``); every candidate then derives
+under WORK_DIR/sweep/.
 """
 
 from __future__ import annotations
@@ -55,6 +57,17 @@ def read_config(path: Path, data_dir: Path) -> tuple[PipelineConfig, Path]:
     return config.model_copy(update={"data_dir": data_dir, "output_dir": work_dir}), work_dir
 
 
+def setting(item: str) -> tuple[str, Any]:
+    """``key=value`` as (dotted key, YAML value)."""
+    key, sep, value = item.partition("=")
+    if not sep or not value:
+        raise ConfigError(f"{item!r} is not KEY=VALUE.", "write e.g. drop_eval_overlap=true")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"the value in {item!r} is not valid YAML.", "quote it for the shell") from None
+
+
 def parse_axes(items: list[str]) -> dict[str, list[Any]]:
     """``key=v1,v2`` items as {dotted key: values}; a bare key is a merge setting."""
     axes = {}
@@ -77,11 +90,14 @@ def with_settings(config: PipelineConfig, candidate: dict[str, Any]) -> Pipeline
     """``config`` with the candidate's dotted settings applied (validated like any config)."""
     raw = config.model_dump(mode="json")
     for key, value in candidate.items():
-        section, _, name = key.partition(".")
-        if section not in raw or name not in raw[section]:
+        *parents, leaf = key.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
             raise ConfigError(f"unknown setting {key!r}.", "name a key that `safepatching config` prints")
-        raw[section][name] = value
-    return PipelineConfig.model_validate(raw)
+        node[leaf] = value
+    return build_config(overrides=raw)
 
 
 def parse_set(text: str, shuffle_seed: int) -> tuple[str, DatasetSpec]:
@@ -116,6 +132,14 @@ def sweep() -> None:
         metavar="NAME=SOURCE@SPLIT",
         help="benign-but-scary validation sets (shuffle seed 0)",
     )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the config itself (e.g. harmful_train_extra, drop_eval_overlap); its patches then live "
+        "under WORK_DIR/sweep/ so the config's own are left alone",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     args = parser.parse_args()
@@ -123,6 +147,10 @@ def sweep() -> None:
         args.vary = ["merge.beta=1,3"]
 
     config, work_dir = read_config(args.config, args.data_dir)
+    if args.set:
+        changes = dict(setting(item) for item in args.set)
+        work_dir = work_dir / "sweep" / hashlib.sha256(json.dumps(changes, sort_keys=True).encode()).hexdigest()[:12]
+        config = with_settings(config, changes).model_copy(update={"output_dir": work_dir})
     planned = [(c, with_settings(config, c)) for c in [{}, *candidates(parse_axes(args.vary), parse_axes(args.grid))]]
     run = SafePatchingRun(config, progress=False)
     train = run.harmful_pairs()

@@ -216,6 +216,29 @@ def test_sweep_scores_merge_and_training_settings_on_validation_prompts(bench_ru
     assert unknown.returncode != 0 and "unknown setting 'merge.gamma'" in unknown.stderr
 
 
+def test_sweep_set_changes_the_training_data_and_leaves_the_configs_patches_alone(bench_run, tmp_path):
+    root, path = bench_run
+    own_patch = root / "work/patches/safety/deltas.safetensors"
+    mtime, before = own_patch.stat().st_mtime_ns, set((root / "work/sweep").glob("*"))
+    extra = (
+        "harmful_train_extra=[{source: 'builtin:uncensorbench', split: 'train[99:101]', shuffle_seed: 0, "
+        "response_column: uncensored_response}]"
+    )
+    args = ["--data-dir", str(tmp_path), "--harmful-split", "train[6:9]", "--max-new-tokens", "4",
+            "--benign", "scary-val=builtin:benign-but-scary@train[5:8]", "--vary", "beta=0"]  # fmt: skip
+    refused = run_sweep(path, *args, "--set", extra)
+    assert refused.returncode != 0 and "also occur in the training pairs" in refused.stderr  # row 100 is reported
+    completed = run_sweep(path, *args, "--set", extra, "drop_eval_overlap=true", "--out", str(tmp_path / "s"))
+    assert completed.returncode == 0, completed.stderr
+    assert "dropped 1 of 8 training pairs" in completed.stderr
+    assert own_patch.stat().st_mtime_ns == mtime
+    (made,) = set((root / "work/sweep").glob("*")) - before
+    assert (made / "patches/safety/stage.json").exists()
+    assert "drop_eval_overlap=true" in json.loads((tmp_path / "s.json").read_text())["command"]
+    unknown = run_sweep(path, *args, "--set", "harmful_train_extras=[]")
+    assert unknown.returncode != 0 and "unknown setting 'harmful_train_extras'" in unknown.stderr
+
+
 def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir):
     rounds = [
         {"source": "builtin:uncensorbench", "split": f"train[{a}:{a + 4}]", "shuffle_seed": 0,
