@@ -31,7 +31,14 @@ from typing import Any
 
 import yaml
 
-from safepatching.config import BenchConfig, DatasetSpec, PipelineConfig, build_config, read_yaml
+from safepatching.config import (
+    BenchConfig,
+    DatasetSpec,
+    PipelineConfig,
+    build_config,
+    parse_assignment,
+    read_yaml,
+)
 from safepatching.data import Example, assert_disjoint, load_examples
 from safepatching.errors import ConfigError, SafePatchingError
 from safepatching.generation import HFGenerator
@@ -57,15 +64,9 @@ def read_config(path: Path, data_dir: Path) -> tuple[PipelineConfig, Path]:
     return config.model_copy(update={"data_dir": data_dir, "output_dir": work_dir}), work_dir
 
 
-def setting(item: str) -> tuple[str, Any]:
-    """``key=value`` as (dotted key, YAML value)."""
-    key, sep, value = item.partition("=")
-    if not sep or not value:
-        raise ConfigError(f"{item!r} is not KEY=VALUE.", "write e.g. drop_eval_overlap=true")
-    try:
-        return key, yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise ConfigError(f"the value in {item!r} is not valid YAML.", "quote it for the shell") from None
+def sweep_dir(work_dir: Path, changes: Any) -> Path:
+    """Where patches derived for ``changes`` (any JSON-able description of them) live."""
+    return work_dir / "sweep" / hashlib.sha256(json.dumps(changes, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def parse_axes(items: list[str]) -> dict[str, list[Any]]:
@@ -148,8 +149,8 @@ def sweep() -> None:
 
     config, work_dir = read_config(args.config, args.data_dir)
     if args.set:
-        changes = dict(setting(item) for item in args.set)
-        work_dir = work_dir / "sweep" / hashlib.sha256(json.dumps(changes, sort_keys=True).encode()).hexdigest()[:12]
+        changes = dict(map(parse_assignment, args.set))
+        work_dir = sweep_dir(work_dir, changes)
         config = with_settings(config, changes).model_copy(update={"output_dir": work_dir})
     planned = [(c, with_settings(config, c)) for c in [{}, *candidates(parse_axes(args.vary), parse_axes(args.grid))]]
     run = SafePatchingRun(config, progress=False)
@@ -185,8 +186,7 @@ def sweep() -> None:
     def derived(settings: PipelineConfig):
         """Patches and scores for these training settings (the config's own, or a sweep directory)."""
         if settings.derive != config.derive or settings.importance != config.importance:
-            key = json.dumps([settings.derive.training_settings(), settings.importance.model_dump()], sort_keys=True)
-            out = work_dir / "sweep" / hashlib.sha256(key.encode()).hexdigest()[:12]
+            out = sweep_dir(work_dir, [settings.derive.training_settings(), settings.importance.model_dump()])
             settings = settings.model_copy(update={"output_dir": out})
         sweep_run = SafePatchingRun(settings, progress=True, loaded=(model, tokenizer))
         safety, over_safety = sweep_run.derive(train)

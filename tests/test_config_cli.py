@@ -66,6 +66,8 @@ def test_override_syntax_errors():
     assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2]}
     with pytest.raises(ConfigError):
         parse_overrides(["novalue"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_overrides(["merge.alpha=[unclosed"])
 
 
 def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path):

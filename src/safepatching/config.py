@@ -48,6 +48,13 @@ class DatasetSpec(StrictModel):
     category_column: str | None = Field(None, description="column whose values split rates by category")
 
 
+def require_responses(specs: list[DatasetSpec], what: str) -> list[DatasetSpec]:
+    """Training data for patches must name its harmful responses; a validator's error otherwise."""
+    if any(not spec.response_column for spec in specs):
+        raise ValueError(f"{what} needs a response_column (the harmful responses to unlearn)")
+    return specs
+
+
 class DeriveConfig(StrictModel):
     """Fine-tuning that turns harmful pairs into the safety (ascent) and over-safety (descent) patches."""
 
@@ -265,12 +272,15 @@ class PipelineConfig(StrictModel):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
-    @field_validator("harmful_train", "harmful_train_extra")
+    @field_validator("harmful_train")
     @classmethod
-    def _needs_responses(cls, specs: DatasetSpec | list[DatasetSpec]) -> DatasetSpec | list[DatasetSpec]:
-        if any(not spec.response_column for spec in (specs if isinstance(specs, list) else [specs])):
-            raise ValueError("harmful training data needs a response_column (the harmful responses to unlearn)")
-        return specs
+    def _needs_responses(cls, spec: DatasetSpec) -> DatasetSpec:
+        return require_responses([spec], "harmful_train")[0]
+
+    @field_validator("harmful_train_extra")
+    @classmethod
+    def _extras_need_responses(cls, specs: list[DatasetSpec]) -> list[DatasetSpec]:
+        return require_responses(specs, "every harmful_train_extra source")
 
     def harmful_train_specs(self) -> list[DatasetSpec]:
         return [self.harmful_train, *self.harmful_train_extra]
@@ -382,9 +392,7 @@ class ContinualConfig(StrictModel):
     @field_validator("rounds")
     @classmethod
     def _rounds_have_responses(cls, rounds: list[DatasetSpec]) -> list[DatasetSpec]:
-        if any(not spec.response_column for spec in rounds):
-            raise ValueError("every round needs a response_column (the harmful responses to unlearn)")
-        return rounds
+        return require_responses(rounds, "every round")
 
     @model_validator(mode="after")
     def _rounds_are_the_data(self) -> ContinualConfig:
@@ -417,20 +425,29 @@ def _jsonable(part: Any) -> Any:
     return part.model_dump(mode="json") if isinstance(part, BaseModel) else part
 
 
+def parse_assignment(item: str) -> tuple[str, Any]:
+    """``dotted.key=value`` as (dotted key, value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"cannot read override {item!r}.", "write it as dotted.key=value, e.g. merge.alpha=0.5")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"the value in override {item!r} is not valid YAML.", "quote it for the shell") from None
+
+
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
     """Turn ``a.b=value`` flags into a nested dict; values are parsed as YAML scalars."""
     nested: dict[str, Any] = {}
     for item in assignments:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"cannot read override {item!r}.", "write it as dotted.key=value, e.g. merge.alpha=0.5")
+        key, value = parse_assignment(item)
         node = nested
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} sets a key below a value.", "check the dotted key path")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+        node[leaf] = value
     return nested
 
 

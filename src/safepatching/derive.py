@@ -240,6 +240,7 @@ def derive_patch(
     steps_per_epoch = math.ceil(len(loader) / settings.gradient_accumulation_steps)
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
     stop_reason = "max_steps" if settings.max_steps else "epochs"
+    overshoot_dropped = False
     wrapped.train()
     bar = tqdm(total=total_steps, desc=f"derive ({direction})", disable=not progress)
     step_losses: list[torch.Tensor] = []
@@ -276,7 +277,8 @@ def derive_patch(
                         elif direction == "descent" and step_nll < settings.descent_nll_floor:
                             stop_reason = "nll_floor"
                         accelerator.clip_grad_norm_(wrapped.parameters(), settings.max_grad_norm)
-                    if not (stop_reason == "nll_ceiling" and settings.ascent_stop == "before_overshoot"):
+                    overshoot_dropped = stop_reason == "nll_ceiling" and settings.ascent_stop == "before_overshoot"
+                    if not overshoot_dropped:
                         optimizer.step()
                     optimizer.zero_grad()
                 if not accelerator.sync_gradients:
@@ -299,7 +301,7 @@ def derive_patch(
         "direction": direction,
         "steps": len(history),
         "stop_reason": stop_reason,
-        "updates": len(history) - (stop_reason == "nll_ceiling" and settings.ascent_stop == "before_overshoot"),
+        "updates": len(history) - overshoot_dropped,
         "nll_history": history,
         "settings": settings.model_dump(mode="json"),
         "seed": seed,
