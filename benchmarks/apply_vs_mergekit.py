@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from safepatching.config import cache_dir
-from safepatching.models import weights_folder
-from safepatching.shards import PlannedTensor, WeightFolder, copy_model_files, write_shards
+from safepatching.config.settings import cache_dir
+from safepatching.models.loading import weights_folder
+from safepatching.storage.shards import PlannedTensor, WeightFolder, copy_model_files, write_shards
 
 MERGEKIT = "mergekit==0.1.5"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -129,11 +129,11 @@ def main() -> None:
         theirs_time, theirs_rss = min(t for t, _ in runs["mergekit"]), max(r for _, r in runs["mergekit"])
 
         base_weights = WeightFolder(base)
-        largest = base_weights.largest_tensor_bytes() / 2**30
+        largest = max(info.nbytes for info in base_weights.tensors.values()) / 2**30
         ours_out, theirs_out = WeightFolder(work / "ours"), WeightFolder(work / "mergekit")
         max_difference = max(
             float((ours_out.read(name).float() - theirs_out.read(name).float()).abs().max())
-            for name in ours_out.names()
+            for name in ours_out.tensors
             if name in theirs_out.tensors
         )
         patch_bytes = sum(p.stat().st_size for p in Path(patch).iterdir())

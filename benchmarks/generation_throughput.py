@@ -12,10 +12,11 @@ import time
 
 import torch
 
-from safepatching.config import DatasetSpec
-from safepatching.data import chat_prompt, load_examples
-from safepatching.generation import HFGenerator
-from safepatching.models import load_model
+from safepatching.config.settings import DatasetSpec
+from safepatching.data.chat import chat_prompt
+from safepatching.data.sources import load_examples
+from safepatching.evaluation.generation import HFGenerator
+from safepatching.models.loading import load_model
 
 
 def count_tokens(tokenizer, texts: list[str]) -> int:

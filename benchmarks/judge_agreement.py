@@ -14,7 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from safepatching.judges import BUILTIN_JUDGES, DATA_JUDGES, get_judge
+from safepatching.evaluation.judges.registry import DATA_JUDGES, get_judge
+from safepatching.evaluation.judges.rules import BUILTIN_JUDGES
 
 DESIGN_FILES = ("gpt4", "llama2new")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from safepatching.data import Example
+from safepatching.config.settings import PipelineConfig
+from safepatching.data.sources import Example
+from safepatching.storage.shards import PlannedTensor, WeightFolder, copy_model_files, write_shards
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -70,3 +74,72 @@ def harmful_pairs() -> list[Example]:
         Example("Explain a harmful plan.", "The plan has three steps: one, two, three."),
         Example("Give dangerous advice.", "Here is some dangerous advice for you."),
     ]
+
+
+def perturbed_copy(source, target, names, seed=1, scale=1e-2, share=0.05):
+    """A copy of a model folder with a sparse random change to the named tensors."""
+    folder = WeightFolder(source)
+    generator = torch.Generator().manual_seed(seed)
+    target.mkdir(parents=True)
+
+    def produce(planned):
+        value = folder.read(planned.name)
+        if planned.name in names:
+            mask = torch.rand(value.shape, generator=generator) < share
+            value = value + scale * torch.randn(value.shape, generator=generator) * mask
+        return value
+
+    plan = [PlannedTensor(n, i.dtype, i.shape) for n, i in folder.tensors.items()]
+    write_shards(target, plan, produce, 1 << 30)
+    copy_model_files(source, target)
+    return target
+
+
+TOUCHED = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "safepatching", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def tiny_config(model_dir, out, **merge):
+    return PipelineConfig(
+        model=str(model_dir),
+        output_dir=out,
+        harmful_train={
+            "source": "builtin:uncensorbench",
+            "split": "train[:6]",
+            "shuffle_seed": 0,
+            "response_column": "uncensored_response",
+        },
+        derive={"learning_rate": 1e-3, "max_steps": 2, "batch_size": 3, "max_length": 48},
+        importance={"max_examples": 6, "batch_size": 3, "max_length": 48},
+        merge={"top_a": 20, "top_b": 20, "retention": 0.5, **merge},
+        eval={"max_examples": 3, "max_new_tokens": 4, "kl_max_new_tokens": 4, "batch_size": 2},
+    )
+
+
+# Helpers shared by several test modules are handed out as fixtures, so test modules never import each other.
+@pytest.fixture(scope="session")
+def make_tiny_model():
+    return build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def run_command():
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def perturb():
+    return perturbed_copy
+
+
+@pytest.fixture(scope="session")
+def touched() -> list[str]:
+    return list(TOUCHED)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_config():
+    return tiny_config

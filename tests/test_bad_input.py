@@ -10,13 +10,12 @@ import errno
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from safepatching import cli
-from safepatching.patchfile import export_patch
-from tests.conftest import build_tiny_model
-from tests.test_patchfile import TOUCHED, perturbed_copy
+from safepatching.cli import application as cli
+from safepatching.patchfile.sparse import export_patch
 
 PAIRS = [{"prompt": f"How do I do bad thing {i}?", "response": f"Here is how to do bad thing {i}."} for i in range(4)]
 
@@ -37,9 +36,9 @@ def run_main(monkeypatch, capsys, args: list[str]) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def patch_setup(tmp_path_factory, tiny_model_dir):
+def patch_setup(tmp_path_factory, tiny_model_dir, perturb, touched):
     root = tmp_path_factory.mktemp("patch-setup")
-    patched = perturbed_copy(tiny_model_dir, root / "patched", TOUCHED)
+    patched = perturb(tiny_model_dir, root / "patched", touched)
     export_patch(tiny_model_dir, patched, root / "patch", progress=False)
     return root
 
@@ -54,7 +53,7 @@ def apply_args(patch, base, out, *extra):
     return ["apply", str(patch), "--base", str(base), "--out", str(out), "--no-progress", *extra]
 
 
-# Each case: (id, builder(tmp, model, patch_root) -> argv, expected text in the error)
+# Each case: (id, builder(tmp, model, setup) -> argv, expected text in the error); setup.root holds the patch
 def missing_file(tmp, model, _):
     return derive_args(model, tmp / "absent.jsonl", tmp / "out"), "does not exist"
 
@@ -153,18 +152,18 @@ def nan_during_ascent(tmp, model, _):
     return derive_args(model, data, tmp / "out", *extra), "NLL became"
 
 
-def truncated_safetensors(tmp, model, patch_root):
+def truncated_safetensors(tmp, model, setup):
     broken = tmp / "patch"
     broken.mkdir()
-    (broken / "patch.json").write_text((patch_root / "patch" / "patch.json").read_text())
-    (broken / "patch.safetensors").write_bytes((patch_root / "patch" / "patch.safetensors").read_bytes()[:-100])
+    (broken / "patch.json").write_text((setup.root / "patch" / "patch.json").read_text())
+    (broken / "patch.safetensors").write_bytes((setup.root / "patch" / "patch.safetensors").read_bytes()[:-100])
     return apply_args(broken, model, tmp / "out"), "truncated"
 
 
-def corrupted_safetensors(tmp, model, patch_root):
+def corrupted_safetensors(tmp, model, setup):
     broken = tmp / "patch"
     broken.mkdir()
-    (broken / "patch.json").write_text((patch_root / "patch" / "patch.json").read_text())
+    (broken / "patch.json").write_text((setup.root / "patch" / "patch.json").read_text())
     (broken / "patch.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\0" * 64)
     return apply_args(broken, model, tmp / "out"), "corrupted"
 
@@ -172,23 +171,23 @@ def corrupted_safetensors(tmp, model, patch_root):
 def not_a_patch(tmp, model, _):
     (tmp / "folder").mkdir()
     (tmp / "folder" / "patch.json").write_text('{"hello": 1}')
-    return apply_args(tmp / "folder", model, tmp / "out"), "not a safepatching patch"
+    return apply_args(tmp / "folder", model, tmp / "out"), "not a portable patch file"
 
 
-def mismatched_architecture(tmp, _model, patch_root):
-    other = build_tiny_model(tmp / "wide", hidden_size=48)
-    return apply_args(patch_root / "patch", other, tmp / "out", "--force-mismatch"), "expects"
+def mismatched_architecture(tmp, _model, setup):
+    other = setup.make_tiny_model(tmp / "wide", hidden_size=48)
+    return apply_args(setup.root / "patch", other, tmp / "out", "--force-mismatch"), "expects"
 
 
-def wrong_fingerprint(tmp, model, patch_root):
-    other = perturbed_copy(model, tmp / "other", TOUCHED[:1], seed=9)
-    return apply_args(patch_root / "patch", other, tmp / "out"), "--force-mismatch"
+def wrong_fingerprint(tmp, model, setup):
+    other = setup.perturb(model, tmp / "other", setup.touched[:1], seed=9)
+    return apply_args(setup.root / "patch", other, tmp / "out"), "--force-mismatch"
 
 
-def revert_unpatched_model(tmp, model, patch_root):
+def revert_unpatched_model(tmp, model, setup):
     return [
         "revert",
-        str(patch_root / "patch"),
+        str(setup.root / "patch"),
         "--model",
         str(model),
         "--out",
@@ -197,10 +196,10 @@ def revert_unpatched_model(tmp, model, patch_root):
     ], "differs"
 
 
-def existing_output_without_force(tmp, model, patch_root):
+def existing_output_without_force(tmp, model, setup):
     (tmp / "out").mkdir()
     (tmp / "out" / "keep.txt").write_text("mine")
-    return apply_args(patch_root / "patch", model, tmp / "out"), "--force"
+    return apply_args(setup.root / "patch", model, tmp / "out"), "--force"
 
 
 def unknown_benchmark(tmp, model, _):
@@ -222,8 +221,11 @@ def leftovers(directory: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.__name__ for case in CASES])
-def test_bad_input_gives_one_line_error_and_no_output(case, tmp_path, tiny_model_dir, patch_setup, monkeypatch, capsys):
-    args, expected = case(tmp_path, tiny_model_dir, patch_setup)
+def test_bad_input_gives_one_line_error_and_no_output(
+    case, tmp_path, tiny_model_dir, patch_setup, monkeypatch, capsys, make_tiny_model, perturb, touched
+):
+    setup = SimpleNamespace(root=patch_setup, make_tiny_model=make_tiny_model, perturb=perturb, touched=touched)
+    args, expected = case(tmp_path, tiny_model_dir, setup)
     existed_before = (tmp_path / "out").exists()
     code, stderr = run_main(monkeypatch, capsys, args)
     assert code == 2, stderr
@@ -239,7 +241,7 @@ def test_bad_input_gives_one_line_error_and_no_output(case, tmp_path, tiny_model
 
 
 def test_disk_full_while_writing_leaves_no_partial_output(tmp_path, tiny_model_dir, patch_setup, monkeypatch, capsys):
-    import safepatching.shards as shards
+    import safepatching.storage.shards as shards
 
     def full_disk(handle, buffer):
         raise OSError(errno.ENOSPC, "No space left on device")

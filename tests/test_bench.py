@@ -4,20 +4,19 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from safepatching.bench import Bench, depends_on_seed, summarise
-from safepatching.config import BENCH_METHODS, BenchConfig, ContinualConfig, build_config
-from safepatching.data import load_examples
-from safepatching.derive import derive_patch, load_patch
-from safepatching.importance import add_deltas, top_region
-from safepatching.merge import difference_sets
-from safepatching.models import load_model
-from tests.test_config_cli import run_cli
+from safepatching.config.experiments import BENCH_METHODS, BenchConfig, ContinualConfig
+from safepatching.config.loading import build_config
+from safepatching.data.sources import load_examples
+from safepatching.experiments.bench import Bench, depends_on_seed, summarise
+from safepatching.method.dense import add_deltas, load_dense_patch
+from safepatching.method.derive import derive_patch
+from safepatching.method.regions import TopRegion, difference_sets
+from safepatching.models.loading import load_model
 
 
 def pipeline_settings(model_dir, **extra):
@@ -42,7 +41,7 @@ def pipeline_settings(model_dir, **extra):
 
 
 @pytest.fixture(scope="module")
-def bench_run(tmp_path_factory, tiny_model_dir):
+def bench_run(tmp_path_factory, tiny_model_dir, run_command):
     """One quick bench over every built-in method, run through the CLI."""
     root = tmp_path_factory.mktemp("bench")
     config = {
@@ -56,7 +55,7 @@ def bench_run(tmp_path_factory, tiny_model_dir):
     }
     path = root / "bench.yaml"
     path.write_text(yaml.safe_dump(config))
-    completed = run_cli("bench", str(path), "--quick", "--no-progress")
+    completed = run_command("bench", str(path), "--quick", "--no-progress")
     assert completed.returncode == 0, completed.stderr
     return root, path
 
@@ -122,16 +121,16 @@ def test_bench_cells_are_the_saved_evaluations(bench_run):
         assert result["methods"][name]["columns"]["derive + importance (s)"]["mean"] == pytest.approx(seconds), name
 
 
-def test_bench_rerun_reuses_every_cell(bench_run):
+def test_bench_rerun_reuses_every_cell(bench_run, run_command):
     root, path = bench_run
     cells = sorted((root / "work/cells").rglob("metrics.json"))
     before = {p: p.stat().st_mtime_ns for p in cells}
-    completed = run_cli("bench", str(path), "--quick", "--no-progress")
+    completed = run_command("bench", str(path), "--quick", "--no-progress")
     assert completed.returncode == 0, completed.stderr
     assert {p: p.stat().st_mtime_ns for p in cells} == before
 
 
-def test_bench_recomputes_the_cells_a_changed_merge_setting_shapes(bench_run, tmp_path):
+def test_bench_recomputes_the_cells_a_changed_merge_setting_shapes(bench_run, tmp_path, run_command):
     root, path = bench_run
     shutil.copytree(root / "work", tmp_path / "work")
     config = yaml.safe_load(path.read_text())
@@ -142,7 +141,7 @@ def test_bench_recomputes_the_cells_a_changed_merge_setting_shapes(bench_run, tm
     changed.write_text(yaml.safe_dump(config))
     cells = {name: tmp_path / f"work/cells/{name}/seed-0/metrics.json" for name in config["methods"]}
     before = {name: cell.stat().st_mtime_ns for name, cell in cells.items()}
-    completed = run_cli("bench", str(changed), "--quick", "--no-progress")
+    completed = run_command("bench", str(changed), "--quick", "--no-progress")
     assert completed.returncode == 0, completed.stderr
     after = {name: cell.stat().st_mtime_ns for name, cell in cells.items()}
     # β shapes the task-arithmetic merge; the backbone, ROSE and SafeDecoding (expert: GA) do not use it
@@ -160,20 +159,20 @@ def test_bench_methods_merge_what_they_say(bench_run):
     ta, _, _ = bench.merged_deltas(BENCH_METHODS["task-arithmetic"], 0)
     over_only, _, _ = bench.merged_deltas(BENCH_METHODS["over-safety-only"], 1)
     scores_s, scores_o = bench.scores
-    region_s, region_o = top_region(dict(scores_s), 20, "global"), top_region(dict(scores_o), 20, "global")
+    region_s, region_o = TopRegion(dict(scores_s), 20, "global"), TopRegion(dict(scores_o), 20, "global")
     beta = config.pipeline.merge.beta
     for name in ascent.deltas:
         assert torch.equal(ga[name], ascent.deltas[name].float())
         assert torch.equal(npo[name], bench.patches["npo"].deltas[name].float())
         assert torch.allclose(ta[name], ascent.deltas[name] + beta * descent.deltas[name])
-        _, only_o = difference_sets(region_s[name], region_o[name])
+        _, only_o = difference_sets(region_s.mask(name), region_o.mask(name))
         assert not over_only[name][~only_o].any()  # nothing outside M_o
     assert not torch.equal(ga[name], npo[name])
 
 
 def run_sweep(path, *args):
-    script = Path(__file__).parents[1] / "benchmarks/sweep_merge.py"
-    return subprocess.run([sys.executable, str(script), str(path), *args], capture_output=True, text=True)
+    command = [sys.executable, "-m", "safepatching", "sweep", str(path), *args]
+    return subprocess.run(command, capture_output=True, text=True)
 
 
 def test_sweep_scores_merge_and_training_settings_on_validation_prompts(bench_run, tmp_path):
@@ -182,7 +181,7 @@ def test_sweep_scores_merge_and_training_settings_on_validation_prompts(bench_ru
     out = tmp_path / "sweep"
     completed = run_sweep(
         path, *common, "--benign", "scary-val=builtin:benign-but-scary@train[5:8]",
-        "--vary", "beta=0", "derive.max_steps=1", "--out", str(out),
+        "--vary", "beta=0", "--vary", "derive.max_steps=1", "--out", str(out),
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
@@ -228,7 +227,7 @@ def test_sweep_set_changes_the_training_data_and_leaves_the_configs_patches_alon
             "--benign", "scary-val=builtin:benign-but-scary@train[5:8]", "--vary", "beta=0"]  # fmt: skip
     refused = run_sweep(path, *args, "--set", extra)
     assert refused.returncode != 0 and "also occur in the training pairs" in refused.stderr  # row 100 is reported
-    completed = run_sweep(path, *args, "--set", extra, "drop_eval_overlap=true", "--out", str(tmp_path / "s"))
+    completed = run_sweep(path, *args, "--set", extra, "--set", "drop_eval_overlap=true", "--out", str(tmp_path / "s"))
     assert completed.returncode == 0, completed.stderr
     assert "dropped 1 of 8 training pairs" in completed.stderr
     assert own_patch.stat().st_mtime_ns == mtime
@@ -239,7 +238,7 @@ def test_sweep_set_changes_the_training_data_and_leaves_the_configs_patches_alon
     assert unknown.returncode != 0 and "unknown setting 'harmful_train_extras'" in unknown.stderr
 
 
-def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir):
+def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir, run_command):
     rounds = [
         {"source": "builtin:uncensorbench", "split": f"train[{a}:{a + 4}]", "shuffle_seed": 0,
          "response_column": "uncensored_response"}
@@ -255,7 +254,7 @@ def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir):
     }
     path = tmp_path / "continual.yaml"
     path.write_text(yaml.safe_dump(config))
-    completed = run_cli("continual", str(path), "--quick", "--no-progress")
+    completed = run_command("continual", str(path), "--quick", "--no-progress")
     assert completed.returncode == 0, completed.stderr
     result = json.loads((tmp_path / "results/tiny-continual.json").read_text())
     assert result["complete"] and list(result["methods"]) == ["safepatching", "ga", "npo"]
@@ -268,8 +267,8 @@ def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir):
 
     # round 2's GA patch was derived from the round-1 model, not from the backbone
     model, tokenizer = load_model(str(tiny_model_dir))
-    round_one = load_patch(tmp_path / "work/ga/round-1/patches/safety")
-    round_two = load_patch(tmp_path / "work/ga/round-2/patches/safety")
+    round_one = load_dense_patch(tmp_path / "work/ga/round-1/patches/safety")
+    round_two = load_dense_patch(tmp_path / "work/ga/round-2/patches/safety")
     settings = build_config(path, model=ContinualConfig, quick=True)
     pairs = load_examples(settings.rounds[1])
     add_deltas(model, round_one.deltas)
@@ -278,21 +277,21 @@ def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir):
         torch.testing.assert_close(again.deltas[name], round_two.deltas[name])
 
 
-def test_continual_refuses_overlapping_rounds(tmp_path, tiny_model_dir):
+def test_continual_refuses_overlapping_rounds(tmp_path, tiny_model_dir, run_command):
     spec = {"source": "builtin:uncensorbench", "split": "train[:4]", "shuffle_seed": 0,
             "response_column": "uncensored_response"}  # fmt: skip
     config = {"pipeline": pipeline_settings(tiny_model_dir), "rounds": [spec, {**spec, "split": "train[2:6]"}],
               "output_dir": str(tmp_path / "r"), "work_dir": str(tmp_path / "w")}  # fmt: skip
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
-    completed = run_cli("continual", str(path), "--no-progress")
+    completed = run_command("continual", str(path), "--no-progress")
     assert completed.returncode == 2 and "round 2" in completed.stderr and "Traceback" not in completed.stderr
 
 
-def test_bench_config_errors_are_clear(tmp_path):
+def test_bench_config_errors_are_clear(tmp_path, run_command):
     path = tmp_path / "b.yaml"
     path.write_text("methods: [safepatching, magic]\n")
-    completed = run_cli("bench", str(path))
+    completed = run_command("bench", str(path))
     assert completed.returncode == 2 and "unknown method 'magic'" in completed.stderr
-    completed = run_cli("bench", str(path), "--quick")
+    completed = run_command("bench", str(path), "--quick")
     assert completed.returncode == 2 and "no quick: section" in completed.stderr

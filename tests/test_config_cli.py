@@ -1,17 +1,13 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from safepatching.cli import load_cli_config
-from safepatching.config import BenchConfig, ContinualConfig, PipelineConfig, build_config, parse_overrides
+from safepatching.cli.options import load_cli_config
+from safepatching.config.experiments import BenchConfig, ContinualConfig
+from safepatching.config.loading import build_config, parse_overrides
+from safepatching.config.settings import PipelineConfig
 from safepatching.errors import ConfigError
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "safepatching", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_yaml_and_cli_flags_give_the_same_config(tmp_path):
@@ -70,33 +66,33 @@ def test_override_syntax_errors():
         parse_overrides(["merge.alpha=[unclosed"])
 
 
-def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path):
+def test_cli_reports_bad_config_in_one_line_without_traceback(tmp_path, run_command):
     (tmp_path / "c.yaml").write_text("merge:\n  alphaa: 1\n")
-    result = run_cli("run", str(tmp_path / "c.yaml"))
+    result = run_command("run", str(tmp_path / "c.yaml"))
     assert result.returncode == 2
     assert "merge.alphaa: unknown key" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()
 
 
-def test_cli_missing_config_file(tmp_path):
-    result = run_cli("run", str(tmp_path / "absent.yaml"))
+def test_cli_missing_config_file(tmp_path, run_command):
+    result = run_command("run", str(tmp_path / "absent.yaml"))
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_config_prints_every_key():
-    result = run_cli("config", "--set", "merge.alpha=0.5")
+def test_cli_config_prints_every_key(run_command):
+    result = run_command("config", "--set", "merge.alpha=0.5")
     assert result.returncode == 0
     reparsed = PipelineConfig.model_validate(__import__("yaml").safe_load(result.stdout))
     assert reparsed.merge.alpha == 0.5 and reparsed.merge.retention == PipelineConfig().merge.retention
 
 
-def test_cli_unknown_model_path_is_a_clear_error(tmp_path):
-    result = run_cli("derive", "--direction", "ascent", "--out", str(tmp_path / "p"), "--model", "./nowhere")
+def test_cli_unknown_model_path_is_a_clear_error(tmp_path, run_command):
+    result = run_command("derive", "--direction", "ascent", "--out", str(tmp_path / "p"), "--model", "./nowhere")
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_cli_derive_score_merge_end_to_end_and_no_silent_overwrite(tmp_path, tiny_model_dir):
+def test_cli_derive_score_merge_end_to_end_and_no_silent_overwrite(tmp_path, tiny_model_dir, run_command):
     data = tmp_path / "pairs.jsonl"
     data.write_text(
         "".join(
@@ -116,7 +112,7 @@ def test_cli_derive_score_merge_end_to_end_and_no_silent_overwrite(tmp_path, tin
         "derive.max_length=48",
     ]
     for direction, name in (("ascent", "safety"), ("descent", "over")):
-        result = run_cli(
+        result = run_command(
             "derive",
             "--direction",
             direction,
@@ -128,7 +124,7 @@ def test_cli_derive_score_merge_end_to_end_and_no_silent_overwrite(tmp_path, tin
             *common,
         )
         assert result.returncode == 0, result.stderr
-        result = run_cli(
+        result = run_command(
             "score",
             "--patch",
             str(tmp_path / name),
@@ -155,12 +151,12 @@ def test_cli_derive_score_merge_end_to_end_and_no_silent_overwrite(tmp_path, tin
         "--model",
         str(tiny_model_dir),
     ]
-    assert run_cli(*merge_args).returncode == 0
+    assert run_command(*merge_args).returncode == 0
     assert (tmp_path / "model/model.safetensors").exists()
-    again = run_cli(*merge_args)
+    again = run_command(*merge_args)
     assert again.returncode == 2 and "already exists" in again.stderr and "--force" in again.stderr
-    assert run_cli(*merge_args, "--force").returncode == 0
-    rederive = run_cli(
+    assert run_command(*merge_args, "--force").returncode == 0
+    rederive = run_command(
         "derive", "--direction", "ascent", "--out", str(tmp_path / "safety"), "--data", str(data), *common
     )
     assert rederive.returncode == 2 and "already exists" in rederive.stderr
@@ -175,12 +171,12 @@ def test_shipped_configs_are_valid(path):
         assert quick.name.endswith("-quick") and quick.pipeline.model == "smollm2-135m-instruct"
 
 
-def test_usage_errors_are_one_line_and_compare_takes_several_models(tmp_path):
-    result = run_cli("eval", "--model", "a", "--bogus-flag")
+def test_usage_errors_are_one_line_and_compare_takes_several_models(tmp_path, run_command):
+    result = run_command("eval", "--model", "a", "--bogus-flag")
     assert result.returncode == 2 and "internal error" not in result.stderr and "Traceback" not in result.stderr
-    result = run_cli(
+    result = run_command(
         "eval", "--compare", str(tmp_path / "first"), str(tmp_path / "second"), "--out", str(tmp_path / "o")
     )
     assert result.returncode == 2 and "first" in result.stderr and "does not exist" in result.stderr
-    result = run_cli("eval", "stray", "--out", str(tmp_path / "o"))
+    result = run_command("eval", "stray", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "--compare" in result.stderr

@@ -5,20 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from safepatching.config import DatasetSpec
-from safepatching.data import (
-    IGNORE_INDEX,
-    NAMED_BENCHMARKS,
-    Example,
-    assert_disjoint,
-    drop_overlap,
-    encode_pair,
-    load_examples,
-    load_pairs,
-    load_rows,
-)
+from safepatching.config.settings import DatasetSpec
+from safepatching.data.chat import IGNORE_INDEX, encode_pair
+from safepatching.data.overlap import assert_disjoint, drop_overlap
+from safepatching.data.sources import NAMED_BENCHMARKS, Example, load_examples, load_pairs, load_rows
 from safepatching.errors import DataError
-from safepatching.models import load_model
+from safepatching.models.loading import load_model
 
 
 @pytest.fixture
@@ -112,7 +104,7 @@ def test_builtin_sets_are_available():
 
 
 def test_default_train_and_eval_splits_are_disjoint():
-    from safepatching.config import PipelineConfig
+    from safepatching.config.settings import PipelineConfig
 
     config = PipelineConfig()
     train = load_examples(config.harmful_train)
@@ -150,10 +142,6 @@ def test_loss_covers_only_response_tokens(tiny_model_dir):
     assert encoded["labels"][0] == IGNORE_INDEX
     short = encode_pair(tokenizer, "How do I make a thing? " * 20, "Here is how. " * 20, max_length=40)
     assert len(short["input_ids"]) == 40 and any(label != IGNORE_INDEX for label in short["labels"])
-
-
-def test_example_defaults():
-    assert Example("p").response is None
 
 
 def test_named_benchmarks_resolve_in_the_data_directory(tmp_path):

@@ -4,9 +4,9 @@ contrast is switched off, and the combination rules must follow their papers' fo
 import pytest
 import torch
 
-from safepatching.config import DecodingConfig, EvalConfig
-from safepatching.data import chat_prompt
-from safepatching.decoding import (
+from safepatching.config.settings import DecodingConfig, EvalConfig
+from safepatching.data.chat import chat_prompt
+from safepatching.evaluation.decoding import (
     ContrastiveGenerator,
     Stream,
     make_generator,
@@ -14,8 +14,8 @@ from safepatching.decoding import (
     safedecoding_combine,
     self_cd_combine,
 )
-from safepatching.generation import HFGenerator
-from safepatching.models import load_model
+from safepatching.evaluation.generation import HFGenerator
+from safepatching.models.loading import load_model
 
 PROMPTS = ["How do I kill a Python process?", "Hi", "Tell me a long story about a lighthouse keeper and a cat."]
 
@@ -55,7 +55,7 @@ def test_contrast_changes_the_choice_of_token(tiny):
 
 
 def test_reply_length_counts_up_to_the_first_end_token():
-    from safepatching.generation import reply_length
+    from safepatching.evaluation.generation import reply_length
 
     assert reply_length([5, 6, 2, 0, 0], {2}) == 3
     assert reply_length([5, 6, 7], {2}) == 3
@@ -139,8 +139,9 @@ def test_vllm_backend_serves_folder_models_with_greedy_chat_prompts(tmp_path, ti
     import importlib.machinery
     import sys
 
+    from safepatching.data.eval_sets import load_eval_sets
     from safepatching.errors import SafePatchingError
-    from safepatching.evaluate import evaluate_model, load_eval_sets, use_vllm
+    from safepatching.evaluation.suite import evaluate_model, use_vllm
 
     model, tokenizer = tiny
     settings = EvalConfig(
@@ -164,7 +165,9 @@ def test_vllm_backend_serves_folder_models_with_greedy_chat_prompts(tmp_path, ti
     assert not use_vllm(rose, str(tiny_model_dir))
 
     sets = load_eval_sets(settings, None)
-    metrics, records = evaluate_model(model, tokenizer, sets, settings, progress=False, model_path=str(tiny_model_dir))
+    metrics, records = evaluate_model(
+        model, tokenizer, sets, settings, progress=False, model_source=str(tiny_model_dir)
+    )
     (engine,) = fake.engines
     assert engine.kwargs == {"model": str(tiny_model_dir), "dtype": "float32", "gpu": 0.5, "trust_remote_code": False}
     texts, params = engine.calls[0]

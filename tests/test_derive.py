@@ -1,19 +1,12 @@
 import pytest
 import torch
 
-from safepatching.config import DeriveConfig, ImportanceConfig
-from safepatching.derive import (
-    derive_patch,
-    load_patch,
-    make_loader,
-    npo_loss,
-    response_logprobs,
-    response_nll,
-    save_patch,
-    target_parameter_names,
-)
-from safepatching.importance import patched, snip_scores
-from safepatching.models import load_model
+from safepatching.config.settings import DeriveConfig, ImportanceConfig
+from safepatching.method.dense import load_dense_patch, patched, save_dense_patch
+from safepatching.method.derive import derive_patch, make_loader, target_parameter_names
+from safepatching.method.importance import snip_scores
+from safepatching.method.objectives import npo_loss, response_logprobs, response_nll
+from safepatching.models.loading import load_model
 
 FAST = {"learning_rate": 5e-3, "max_steps": 4, "batch_size": 2, "max_length": 64}
 
@@ -128,8 +121,8 @@ def test_lora_patch_is_materialised_as_full_delta(tiny_model_dir, harmful_pairs)
 def test_patch_save_load_round_trip(tmp_path, tiny_model_dir, harmful_pairs):
     model, tokenizer = load_model(str(tiny_model_dir))
     patch = derive_patch(model, tokenizer, harmful_pairs, "ascent", DeriveConfig(**FAST), progress=False)
-    save_patch(patch, tmp_path / "patch", {"label": "safety"})
-    loaded = load_patch(tmp_path / "patch")
+    save_dense_patch(patch, tmp_path / "patch", {"label": "safety"})
+    loaded = load_dense_patch(tmp_path / "patch")
     assert loaded.info["label"] == "safety" and loaded.info["steps"] == patch.info["steps"]
     assert all(torch.equal(loaded.deltas[n], patch.deltas[n]) for n in patch.deltas)
 

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from safepatching.errors import ConfigError
-from safepatching.judges import get_judge, keyword_judge, looping, three_way_judge
+from safepatching.evaluation.judges.registry import get_judge
+from safepatching.evaluation.judges.rules import keyword_judge, looping, three_way_judge
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safepatching.config import EvalConfig
-from safepatching.data import Example
+from safepatching.config.settings import EvalConfig
+from safepatching.data.eval_sets import EvalSets
+from safepatching.data.sources import Example
 from safepatching.errors import ConfigError
-from safepatching.evaluate import EvalSets, evaluate_model
-from safepatching.judges import get_judge, judge_all
-from safepatching.llm_judges import LLMJudge, parse_llama_guard, parse_yes_no
-from safepatching.models import load_model
+from safepatching.evaluation.judges.llm import LLMJudge, parse_llama_guard, parse_yes_no
+from safepatching.evaluation.judges.registry import get_judge, judge_all
+from safepatching.evaluation.suite import evaluate_model
+from safepatching.models.loading import load_model
 
 
 @pytest.mark.parametrize(

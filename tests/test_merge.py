@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from safepatching.config import MergeConfig
-from safepatching.importance import top_region
-from safepatching.merge import MERGE_METHODS, TensorPatches, difference_sets, retain, tensor_seed
+from safepatching.config.settings import MergeConfig
+from safepatching.method.merge_methods import MERGE_METHODS, TensorPatches, retain, tensor_seed
+from safepatching.method.regions import TopRegion, difference_sets
 
 
 def test_safepatching_merge_matches_hand_computation():
@@ -51,7 +51,7 @@ def test_ties_trims_elects_signs_and_takes_the_disjoint_mean():
 
 
 def test_ties_trim_keeps_the_requested_share():
-    from safepatching.merge import trim_to_density
+    from safepatching.method.merge_methods import trim_to_density
 
     values = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     kept = trim_to_density(values, 0.25)
@@ -63,12 +63,12 @@ def test_difference_sets_are_disjoint_and_cover_symmetric_difference():
     generator = torch.Generator().manual_seed(1)
     scores_s = {"a": torch.rand(50, 40, generator=generator), "b": torch.rand(30, generator=generator)}
     scores_o = {"a": torch.rand(50, 40, generator=generator), "b": torch.rand(30, generator=generator)}
-    region_s = top_region(scores_s, 20)
-    region_o = top_region(scores_o, 30)
+    region_s = TopRegion(scores_s, 20)
+    region_o = TopRegion(scores_o, 30)
     for name in scores_s:
-        only_s, only_o = difference_sets(region_s[name], region_o[name])
+        only_s, only_o = difference_sets(region_s.mask(name), region_o.mask(name))
         assert not (only_s & only_o).any()
-        assert torch.equal(only_s | only_o, region_s[name] ^ region_o[name])
+        assert torch.equal(only_s | only_o, region_s.mask(name) ^ region_o.mask(name))
         assert only_s.any() and only_o.any()
 
 
@@ -76,18 +76,18 @@ def test_difference_sets_are_disjoint_and_cover_symmetric_difference():
 def test_top_region_selects_the_requested_share(scope):
     generator = torch.Generator().manual_seed(2)
     scores = {"a": torch.rand(100, 100, generator=generator), "b": torch.rand(50, 20, generator=generator) * 2}
-    region = top_region(scores, 10, scope)
-    total = sum(int(m.sum()) for m in region.values())
+    region = TopRegion(scores, 10, scope)
+    total = sum(int(region.mask(name).sum()) for name in scores)
     assert total == 1100  # 10% of 11000 entries; continuous scores have no ties
     if scope == "per_tensor":
-        assert int(region["a"].sum()) == 1000 and int(region["b"].sum()) == 100
+        assert int(region.mask("a").sum()) == 1000 and int(region.mask("b").sum()) == 100
     else:  # "b" has larger scores, so it takes more than its share of a global region
-        assert int(region["b"].sum()) > 100
+        assert int(region.mask("b").sum()) > 100
 
 
 def test_top_region_never_selects_zero_scores():
-    region = top_region({"a": torch.tensor([0.0, 0.0, 0.0, 1.0])}, 75)
-    assert region["a"].tolist() == [False, False, False, True]
+    region = TopRegion({"a": torch.tensor([0.0, 0.0, 0.0, 1.0])}, 75)
+    assert region.mask("a").tolist() == [False, False, False, True]
 
 
 def test_retention_rate_and_inverse_rescale():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from safepatching.errors import ModelError
-from safepatching.models import DemoModel, WheelMember, assemble_gguf, load_model, resolve_model_path
+from safepatching.models.loading import load_model, resolve_model_path
+from safepatching.models.zoo import DemoModel, WheelMember, assemble_gguf
 
 
 def make_wheel(directory, package, version, member, payload):

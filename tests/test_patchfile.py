@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from safepatching.patchfile import (
+from safepatching.patchfile.sparse import (
     PatchMismatchError,
     apply_delta,
     apply_patches,
@@ -17,7 +17,7 @@ from safepatching.patchfile import (
     inspect_patch,
     revert_patch,
 )
-from safepatching.shards import PlannedTensor, WeightFolder, copy_model_files, write_shards
+from safepatching.storage.shards import WeightFolder
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -43,28 +43,9 @@ def test_diff_apply_revert_are_bit_exact_even_for_awkward_values(dtype):
     assert diff_tensor(before, before.clone()) is None
 
 
-def perturbed_copy(source, target, names, seed=1, scale=1e-2, share=0.05):
-    """A copy of a model folder with a sparse random change to the named tensors."""
-    folder = WeightFolder(source)
-    generator = torch.Generator().manual_seed(seed)
-    target.mkdir(parents=True)
-
-    def produce(planned):
-        value = folder.read(planned.name)
-        if planned.name in names:
-            mask = torch.rand(value.shape, generator=generator) < share
-            value = value + scale * torch.randn(value.shape, generator=generator) * mask
-        return value
-
-    plan = [PlannedTensor(n, i.dtype, i.shape) for n, i in folder.tensors.items()]
-    write_shards(target, plan, produce, 1 << 30)
-    copy_model_files(source, target)
-    return target
-
-
 def read_all(folder):
     weights = WeightFolder(folder)
-    return {name: weights.read(name) for name in weights.names()}
+    return {name: weights.read(name) for name in weights.tensors}
 
 
 def assert_bitwise_equal(a, b):
@@ -73,13 +54,10 @@ def assert_bitwise_equal(a, b):
         assert torch.equal(bits(a[name]), bits(b[name])), name
 
 
-TOUCHED = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
-
-
-def test_export_apply_revert_round_trip_is_bit_exact_and_sharded(tmp_path, tiny_model_dir):
-    patched = perturbed_copy(tiny_model_dir, tmp_path / "patched", TOUCHED)
+def test_export_apply_revert_round_trip_is_bit_exact_and_sharded(tmp_path, tiny_model_dir, perturb, touched):
+    patched = perturb(tiny_model_dir, tmp_path / "patched", touched)
     meta = export_patch(tiny_model_dir, patched, tmp_path / "patch", {"method": "test"}, progress=False)
-    assert set(meta["tensors"]) == set(TOUCHED)
+    assert set(meta["tensors"]) == set(touched)
     assert meta["changed_entries"] == sum(r["changed"] for r in meta["tensors"].values()) > 0
     assert meta["patch_bytes"] < 0.1 * meta["model_bytes"]
 
@@ -94,14 +72,14 @@ def test_export_apply_revert_round_trip_is_bit_exact_and_sharded(tmp_path, tiny_
     assert_bitwise_equal(read_all(tmp_path / "reverted"), read_all(tiny_model_dir))
 
 
-def test_wrong_base_is_refused_unless_forced(tmp_path, tiny_model_dir):
-    patched = perturbed_copy(tiny_model_dir, tmp_path / "patched", TOUCHED)
+def test_wrong_base_is_refused_unless_forced(tmp_path, tiny_model_dir, perturb, touched):
+    patched = perturb(tiny_model_dir, tmp_path / "patched", touched)
     export_patch(tiny_model_dir, patched, tmp_path / "patch", progress=False)
-    other_touched = perturbed_copy(tiny_model_dir, tmp_path / "other", TOUCHED[:1], seed=5)
+    other_touched = perturb(tiny_model_dir, tmp_path / "other", touched[:1], seed=5)
     with pytest.raises(PatchMismatchError, match="differs"):
         apply_patches([tmp_path / "patch"], other_touched, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-    other_untouched = perturbed_copy(tiny_model_dir, tmp_path / "other2", ["model.norm.weight"], share=1.0)
+    other_untouched = perturb(tiny_model_dir, tmp_path / "other2", ["model.norm.weight"], share=1.0)
     with pytest.raises(PatchMismatchError, match="fingerprint"):
         apply_patches([tmp_path / "patch"], other_untouched, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
@@ -109,19 +87,20 @@ def test_wrong_base_is_refused_unless_forced(tmp_path, tiny_model_dir):
     assert record["forced"] and not record["matches_patch"]
 
 
-def test_patch_for_another_architecture_is_refused_even_when_forced(tmp_path, tiny_model_dir):
-    from tests.conftest import build_tiny_model
+def test_patch_for_another_architecture_is_refused_even_when_forced(
+    tmp_path, tiny_model_dir, make_tiny_model, perturb, touched
+):
 
-    patched = perturbed_copy(tiny_model_dir, tmp_path / "patched", TOUCHED)
+    patched = perturb(tiny_model_dir, tmp_path / "patched", touched)
     export_patch(tiny_model_dir, patched, tmp_path / "patch", progress=False)
-    other = build_tiny_model(tmp_path / "wide", hidden_size=48)
+    other = make_tiny_model(tmp_path / "wide", hidden_size=48)
     with pytest.raises(PatchMismatchError, match="expects"):
         apply_patches([tmp_path / "patch"], other, tmp_path / "out", force=True, progress=False)
 
 
-def test_continual_patches_apply_in_order_and_are_checked_against_the_chain(tmp_path, tiny_model_dir):
-    round1 = perturbed_copy(tiny_model_dir, tmp_path / "round1", TOUCHED, seed=1)
-    round2 = perturbed_copy(round1, tmp_path / "round2", TOUCHED[1:], seed=2)
+def test_continual_patches_apply_in_order_and_are_checked_against_the_chain(tmp_path, tiny_model_dir, perturb, touched):
+    round1 = perturb(tiny_model_dir, tmp_path / "round1", touched, seed=1)
+    round2 = perturb(round1, tmp_path / "round2", touched[1:], seed=2)
     export_patch(tiny_model_dir, round1, tmp_path / "p1", progress=False)
     export_patch(round1, round2, tmp_path / "p2", progress=False)
     apply_patches([tmp_path / "p1", tmp_path / "p2"], tiny_model_dir, tmp_path / "both", progress=False)
@@ -130,8 +109,8 @@ def test_continual_patches_apply_in_order_and_are_checked_against_the_chain(tmp_
         apply_patches([tmp_path / "p2"], tiny_model_dir, tmp_path / "wrong", progress=False)
 
 
-def test_inspect_reports_changes_per_layer_and_module(tmp_path, tiny_model_dir):
-    patched = perturbed_copy(tiny_model_dir, tmp_path / "patched", TOUCHED)
+def test_inspect_reports_changes_per_layer_and_module(tmp_path, tiny_model_dir, perturb, touched):
+    patched = perturb(tiny_model_dir, tmp_path / "patched", touched)
     meta = export_patch(tiny_model_dir, patched, tmp_path / "patch", progress=False)
     summary = inspect_patch(tmp_path / "patch")
     assert [row["name"] for row in summary["layers"]] == ["0", "1"]
@@ -141,7 +120,7 @@ def test_inspect_reports_changes_per_layer_and_module(tmp_path, tiny_model_dir):
 
 
 def test_written_files_are_readable_by_others(tmp_path):
-    from safepatching.io import save_tensors, write_json
+    from safepatching.storage.files import save_tensors, write_json
 
     write_json(tmp_path / "a.json", {"x": 1})
     save_tensors(tmp_path / "b.safetensors", {"t": torch.zeros(2)})

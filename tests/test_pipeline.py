@@ -5,35 +5,21 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from safepatching.config import PipelineConfig, fingerprint
-from safepatching.derive import load_patch
+from safepatching.config.settings import PipelineConfig
 from safepatching.errors import DataError
-from safepatching.io import load_tensors
-from safepatching.merge import MERGE_METHODS
-from safepatching.patching import merge_patches
-from safepatching.pipeline import SafePatchingRun, compare_models, harmful_pairs, run_pipeline
-from safepatching.report import summary_schema
+from safepatching.experiments.compare import compare_models
+from safepatching.experiments.pipeline import run_pipeline, run_stages
+from safepatching.experiments.stages import Stages
+from safepatching.method.dense import load_dense_patch
+from safepatching.method.merge_methods import MERGE_METHODS
+from safepatching.method.merger import PatchMerger
+from safepatching.report.results import summary_schema
+from safepatching.storage.files import load_tensors
+from safepatching.storage.stages import fingerprint
 
 
-def tiny_config(model_dir, out, **merge):
-    return PipelineConfig(
-        model=str(model_dir),
-        output_dir=out,
-        harmful_train={
-            "source": "builtin:uncensorbench",
-            "split": "train[:6]",
-            "shuffle_seed": 0,
-            "response_column": "uncensored_response",
-        },
-        derive={"learning_rate": 1e-3, "max_steps": 2, "batch_size": 3, "max_length": 48},
-        importance={"max_examples": 6, "batch_size": 3, "max_length": 48},
-        merge={"top_a": 20, "top_b": 20, "retention": 0.5, **merge},
-        eval={"max_examples": 3, "max_new_tokens": 4, "kl_max_new_tokens": 4, "batch_size": 2},
-    )
-
-
-def test_pipeline_end_to_end_writes_a_loadable_patched_model(tmp_path, tiny_model_dir):
-    config = tiny_config(tiny_model_dir, tmp_path / "run")
+def test_pipeline_end_to_end_writes_a_loadable_patched_model(tmp_path, tiny_model_dir, tiny_pipeline_config):
+    config = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
     result = run_pipeline(config, progress=False)
     model_dir = result.model_dir
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"):
@@ -42,10 +28,10 @@ def test_pipeline_end_to_end_writes_a_loadable_patched_model(tmp_path, tiny_mode
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     merged = AutoModelForCausalLM.from_pretrained(model_dir)
-    safety = load_patch(tmp_path / "run/patches/safety")
-    over = load_patch(tmp_path / "run/patches/over_safety")
+    safety = load_dense_patch(tmp_path / "run/patches/safety")
+    over = load_dense_patch(tmp_path / "run/patches/over_safety")
     scores = [load_tensors(tmp_path / f"run/importance/{k}.safetensors") for k in ("safety", "over_safety")]
-    deltas, counts = merge_patches(safety, over, config.merge, config.seed, *scores)
+    deltas, counts = PatchMerger(safety, over, config.merge, config.seed, *scores).merge_all()
     base_params, merged_params = dict(base.named_parameters()), dict(merged.named_parameters())
     for name, param in merged_params.items():
         expected = base_params[name] + deltas.get(name, 0)
@@ -64,20 +50,19 @@ def test_pipeline_end_to_end_writes_a_loadable_patched_model(tmp_path, tiny_mode
         assert summary["stages"][stage]["wall_seconds"] >= 0 and summary["stages"][stage]["peak_rss_gib"] > 0
 
 
-def test_rerun_reuses_finished_stages_and_redoes_changed_ones(tmp_path, tiny_model_dir):
-    run_pipeline(tiny_config(tiny_model_dir, tmp_path / "run"), progress=False)
+def test_rerun_reuses_finished_stages_and_redoes_changed_ones(tmp_path, tiny_model_dir, tiny_pipeline_config):
+    run_pipeline(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), progress=False)
     patch_mtime = (tmp_path / "run/patches/safety/deltas.safetensors").stat().st_mtime_ns
-    again = SafePatchingRun(tiny_config(tiny_model_dir, tmp_path / "run", alpha=0.5), progress=False)
-    again.run()
+    again = Stages(tiny_pipeline_config(tiny_model_dir, tmp_path / "run", alpha=0.5), progress=False)
+    run_stages(again)
     assert (tmp_path / "run/patches/safety/deltas.safetensors").stat().st_mtime_ns == patch_mtime
-    assert "derive_safety" not in again.stages and "eval_backbone" not in again.stages
-    assert "merge" in again.stages and "eval_patched" in again.stages
+    assert "derive_safety" not in again.meter and "eval_backbone" not in again.meter
+    assert "merge" in again.meter and "eval_patched" in again.meter
 
 
-def test_task_arithmetic_skips_importance(tmp_path, tiny_model_dir):
+def test_task_arithmetic_skips_importance(tmp_path, tiny_model_dir, tiny_pipeline_config):
     assert not MERGE_METHODS["task_arithmetic"].needs_importance
-    run = SafePatchingRun(tiny_config(tiny_model_dir, tmp_path / "run", method="task_arithmetic"), progress=False)
-    run.run()
+    run_pipeline(tiny_pipeline_config(tiny_model_dir, tmp_path / "run", method="task_arithmetic"), progress=False)
     assert not (tmp_path / "run/importance").exists()
 
 
@@ -85,13 +70,13 @@ def test_extra_training_sources_are_deduplicated_and_can_drop_evaluation_prompts
     # The default harmful_train is uncensorbench rows 0-47 and the default harmful eval set rows 100-149
     # (both after a seed-0 shuffle).
     rows = {"source": "builtin:uncensorbench", "shuffle_seed": 0, "response_column": "uncensored_response"}
-    plain = SafePatchingRun(PipelineConfig(output_dir=tmp_path), progress=False)
+    plain = Stages(PipelineConfig(output_dir=tmp_path), progress=False)
     c = plain.config
     assert plain.derive_key() == fingerprint(
         c.model, c.seed, c.compute_dtype, c.harmful_train, c.derive.training_settings()
     )
 
-    widened = SafePatchingRun(
+    widened = Stages(
         PipelineConfig(output_dir=tmp_path, harmful_train_extra=[{**rows, "split": "train[40:50]"}]), progress=False
     )
     assert len(widened.harmful_pairs()) == 50  # rows 40-47 occur in both sources and are kept once
@@ -100,19 +85,18 @@ def test_extra_training_sources_are_deduplicated_and_can_drop_evaluation_prompts
 
     overlapping = PipelineConfig(output_dir=tmp_path, harmful_train_extra=[{**rows, "split": "train[90:110]"}])
     with pytest.raises(DataError, match="also occur"):
-        SafePatchingRun(overlapping, progress=False).eval_sets(harmful_pairs(overlapping))
+        Stages(overlapping, progress=False).eval_sets(Stages(overlapping).harmful_pairs())
     dropping = PipelineConfig(**{**overlapping.model_dump(), "drop_eval_overlap": True})
-    pairs = harmful_pairs(dropping)
+    pairs = Stages(dropping).harmful_pairs()
     assert len(pairs) == 58  # rows 100-109 dropped
-    evaluation = SafePatchingRun(dropping, progress=False).eval_sets(pairs).named()
+    evaluation = Stages(dropping, progress=False).eval_sets(pairs).named()
     assert not {e.prompt for e in pairs} & {e.prompt for examples in evaluation.values() for e in examples}
 
 
-def test_compare_models_writes_side_by_side_summary(tmp_path, tiny_model_dir):
-    from tests.conftest import build_tiny_model
+def test_compare_models_writes_side_by_side_summary(tmp_path, tiny_model_dir, make_tiny_model, tiny_pipeline_config):
 
-    other = build_tiny_model(tmp_path / "other", seed=1)
-    config = tiny_config(tiny_model_dir, tmp_path / "unused")
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    config = tiny_pipeline_config(tiny_model_dir, tmp_path / "unused")
     summary = compare_models([str(tiny_model_dir), str(other)], config, tmp_path / "cmp", progress=False)
     jsonschema.validate(json.loads((tmp_path / "cmp/summary.json").read_text()), summary_schema())
     assert summary["schema_version"] == 2 and list(summary["models"]) == [str(tiny_model_dir), str(other)]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from safepatching.config import PipelineConfig
-from safepatching.pipeline import run_pipeline
+from safepatching.config.settings import PipelineConfig
+from safepatching.experiments.pipeline import run_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +36,15 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
 CONFIGS = __import__("pathlib").Path(__file__).parent.parent / "configs"
 
 
-def test_shipped_quick_bench_and_continual_run_on_smollm2(tmp_path):
+def test_shipped_quick_bench_and_continual_run_on_smollm2(tmp_path, run_command):
     """`--quick` of the shipped reference configs: the commands CI can afford on a real model."""
-    from tests.test_config_cli import run_cli
 
     for command, config, name in (
         ("bench", "bench-reference.yaml", "reference-quick"),
         ("continual", "continual-reference.yaml", "continual-reference-quick"),
     ):
         out, work = tmp_path / command / "results", tmp_path / command / "work"
-        completed = run_cli(
+        completed = run_command(
             command, str(CONFIGS / config), "--quick", "--no-progress",
             "--set", f"output_dir={out}", "--set", f"work_dir={work}",
         )  # fmt: skip

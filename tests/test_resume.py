@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from safepatching.derive import checkpoint_dir_for, load_patch
+from safepatching.method.dense import checkpoint_dir_for, load_dense_patch
 
 
 def derive_command(model_dir, data, out):
@@ -65,7 +65,7 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, ti
     resumed = subprocess.run(derive_command(tiny_model_dir, data, out), capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming derivation" in resumed.stderr
-    first, second = load_patch(tmp_path / "ref"), load_patch(out)
+    first, second = load_dense_patch(tmp_path / "ref"), load_dense_patch(out)
     assert first.info["steps"] == second.info["steps"] == 120
     assert first.info["nll_history"] == second.info["nll_history"]
     for name in first.deltas:

@@ -7,10 +7,10 @@ import json
 import datasets
 import pytest
 
-from safepatching.config import UtilityConfig
+from safepatching.config.settings import UtilityConfig
 from safepatching.errors import DataError
-from safepatching.models import load_model
-from safepatching.utility import _gsm8k_target, evaluate_utility, utility_tasks
+from safepatching.evaluation.utility_tasks import _gsm8k_target, evaluate_utility, utility_tasks
+from safepatching.models.loading import load_model
 
 
 @pytest.fixture

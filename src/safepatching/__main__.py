@@ -1,3 +1,5 @@
-from safepatching.cli import main
+"""`python -m safepatching`: the command line."""
+
+from safepatching.cli.application import main
 
 main()

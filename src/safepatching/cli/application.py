@@ -1,0 +1,85 @@
+"""The application: every command registered in one place, and the entry point that turns errors into one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from safepatching.cli import experiments, patches, stages
+from safepatching.cli.options import err
+from safepatching.errors import SafePatchingError
+
+app = typer.Typer(
+    help="Post safety alignment of chat LLMs with SafePatching.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+STATE = {"debug": False}
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log each step")] = False,
+) -> None:
+    STATE["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING, format="%(levelname)s %(message)s")
+
+
+COMMANDS = (
+    # experiments
+    (experiments.demo, None, {}),
+    (experiments.run, None, {}),
+    (experiments.bench, None, {}),
+    (experiments.continual, None, {}),
+    (experiments.sweep, None, {}),
+    # stages
+    (stages.evaluate, "eval", {"context_settings": {"allow_extra_args": True}}),
+    (stages.show_config, "config", {}),
+    (stages.derive, None, {}),
+    (stages.score, None, {}),
+    (stages.merge, None, {}),
+    # portable patches
+    (patches.export, None, {}),
+    (patches.apply, None, {}),
+    (patches.revert, None, {}),
+    (patches.inspect, None, {}),
+)
+for function, name, options in COMMANDS:
+    app.command(name, **options)(function)
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and a non-zero exit."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except SafePatchingError as exc:
+        if STATE["debug"]:
+            raise
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted; finished stages are kept and a rerun resumes from them")
+        sys.exit(130)
+    except Exception as exc:  # usage errors and anything unexpected
+        # Typer may bring its own copy of click, so usage errors are recognised by shape, not class.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if type(exc).__name__ == "Abort":
+            sys.exit(130)
+        if STATE["debug"]:
+            raise
+        err.print(
+            f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc} (rerun with --debug for the "
+            "traceback and please report it)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

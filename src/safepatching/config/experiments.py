@@ -1,0 +1,190 @@
+"""Experiment settings: bench methods (and their registry), bench, continual and sweep configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, create_model, field_serializer, field_validator, model_validator
+
+from safepatching.config.settings import (
+    DatasetSpec,
+    DecodingConfig,
+    MergeConfig,
+    PipelineConfig,
+    StrictModel,
+    require_responses,
+)
+
+
+def partial_model(full: type[StrictModel]) -> type[StrictModel]:
+    """A model with every field of ``full`` optional (None: keep the base value), each value checked
+    with the full field's type and constraints; overrides are thus typed and validated when read."""
+    fields = {
+        name: (
+            (Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation) | None,
+            Field(None, description=info.description),
+        )
+        for name, info in full.model_fields.items()
+    }
+    return create_model(f"{full.__name__}Overrides", __base__=StrictModel, **fields)
+
+
+MergeOverrides = partial_model(MergeConfig)
+DecodingOverrides = partial_model(DecodingConfig)
+
+
+def overridden(base: StrictModel, overrides: StrictModel) -> Any:
+    """``base`` with the overrides that are set, validated as a whole (cross-field rules included)."""
+    return type(base).model_validate({**base.model_dump(), **overrides.model_dump(exclude_none=True)})
+
+
+class BenchMethod(StrictModel):
+    """One row of the comparison: a merge of the derived patches, a decoding rule, or the backbone."""
+
+    description: str = ""
+    kind: Literal["backbone", "merge", "decoding"] = "merge"
+    safety_patch: Literal["ascent", "npo"] = Field(
+        "ascent", description="which derived patch plays P_s: gradient ascent or NPO"
+    )
+    merge: MergeOverrides = Field(
+        default_factory=MergeOverrides, description="overrides of the pipeline's merge settings"
+    )
+    decoding: DecodingOverrides = Field(default_factory=DecodingOverrides, description="overrides of eval.decoding")
+
+    @field_serializer("merge", "decoding")
+    def _only_set(self, overrides: StrictModel) -> dict[str, Any]:
+        """Only the overrides that are set: results and stage keys read as before overrides were typed."""
+        return overrides.model_dump(mode="json", exclude_none=True)
+
+
+_TASK_ARITHMETIC_FULL = {"method": "task_arithmetic", "retention": 1.0}
+
+
+BENCH_METHODS: dict[str, BenchMethod] = {
+    "backbone": BenchMethod(kind="backbone", description="the untouched backbone"),
+    "safepatching": BenchMethod(description="SafePatching with the pipeline's merge settings"),
+    "ga": BenchMethod(
+        description="unlearning: the gradient-ascent patch alone, applied fully",
+        merge={**_TASK_ARITHMETIC_FULL, "alpha": 1.0, "beta": 0.0},
+    ),
+    "npo": BenchMethod(
+        description="unlearning: the NPO patch alone, applied fully",
+        safety_patch="npo",
+        merge={**_TASK_ARITHMETIC_FULL, "alpha": 1.0, "beta": 0.0},
+    ),
+    "safety-only": BenchMethod(description="ablation: SafePatching without the over-safety term", merge={"beta": 0.0}),
+    "over-safety-only": BenchMethod(description="ablation: SafePatching without the safety term", merge={"alpha": 0.0}),
+    "no-retention": BenchMethod(
+        description="ablation: SafePatching without random retention", merge={"retention": 1.0}
+    ),
+    "intersection": BenchMethod(
+        description="ablation: the intersection of the regions instead of their difference sets",
+        merge={"method": "safepatching_intersection"},
+    ),
+    "per-tensor": BenchMethod(
+        description="ablation: top-a/top-b per tensor instead of one global threshold",
+        merge={"mask_scope": "per_tensor"},
+    ),
+    "task-arithmetic": BenchMethod(
+        description="merging: alpha*P_s + beta*P_o everywhere", merge=dict(_TASK_ARITHMETIC_FULL)
+    ),
+    "ties": BenchMethod(description="merging: TIES over the two patches", merge={"method": "ties"}),
+    "dare": BenchMethod(
+        description="merging: task arithmetic after random retention (DARE)", merge={"method": "task_arithmetic"}
+    ),
+    "self-cd": BenchMethod(kind="decoding", description="decoding: Self-CD", decoding={"method": "self-cd"}),
+    "rose": BenchMethod(kind="decoding", description="decoding: ROSE", decoding={"method": "rose"}),
+    "safedecoding": BenchMethod(
+        kind="decoding",
+        description="decoding: SafeDecoding with backbone + safety patch as the expert",
+        decoding={"method": "safedecoding", "expert_model": "ga"},
+    ),
+}
+
+
+class BenchConfig(StrictModel):
+    """`safepatching bench`: every selected method on one backbone, several seeds, one table."""
+
+    name: str = Field("bench", pattern=r"^[A-Za-z0-9._-]+$", description="results go to OUTPUT_DIR/<name>.md/.json")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    methods: list[str] = Field(default_factory=lambda: list(BENCH_METHODS), min_length=1)
+    custom_methods: dict[str, BenchMethod] = Field(default_factory=dict, description="further rows, by name")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    harmful_label: str = Field("harmful", description="table name of eval.harmful")
+    benign_label: str = Field("benign", description="table name of eval.benign")
+    output_dir: Path = Path("benchmarks/results")
+    work_dir: Path = Field(Path("runs/bench"), description="derived patches, importance and per-cell results")
+    quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --quick")
+
+    def method(self, name: str) -> BenchMethod:
+        return self.custom_methods.get(name) or BENCH_METHODS[name]
+
+    def merge_settings(self, method: BenchMethod) -> MergeConfig:
+        return overridden(self.pipeline.merge, method.merge)
+
+    def decoding_settings(self, method: BenchMethod) -> DecodingConfig:
+        return overridden(self.pipeline.eval.decoding, method.decoding)
+
+    @model_validator(mode="after")
+    def _known_methods(self) -> BenchConfig:
+        unknown = [m for m in self.methods if m not in BENCH_METHODS and m not in self.custom_methods]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; choose from {sorted(BENCH_METHODS)} or custom_methods")
+        for name in self.methods:  # each row's whole settings are valid before any derivation starts
+            try:
+                self.merge_settings(self.method(name))
+                self.decoding_settings(self.method(name))
+            except ValidationError as exc:
+                problem = exc.errors()[0]
+                where = ".".join(str(p) for p in problem["loc"])
+                message = problem["msg"].removeprefix("Value error, ")
+                raise ValueError(f"method {name!r}: {where + ': ' if where else ''}{message}") from None
+        return self
+
+
+class ContinualConfig(StrictModel):
+    """`safepatching continual`: rounds of patching on disjoint harmful data, evaluated after each."""
+
+    name: str = Field("continual", pattern=r"^[A-Za-z0-9._-]+$")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    rounds: list[DatasetSpec] = Field(min_length=1, description="harmful (prompt, response) pairs of each round")
+    methods: list[Literal["safepatching", "ga", "npo"]] = Field(
+        default_factory=lambda: ["safepatching", "ga", "npo"], min_length=1
+    )
+    harmful_label: str = "harmful"
+    benign_label: str = "benign"
+    output_dir: Path = Path("benchmarks/results")
+    work_dir: Path = Path("runs/continual")
+    quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --quick")
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds_have_responses(cls, rounds: list[DatasetSpec]) -> list[DatasetSpec]:
+        return require_responses(rounds, "every round")
+
+    @model_validator(mode="after")
+    def _rounds_are_the_data(self) -> ContinualConfig:
+        if self.pipeline.harmful_train_extra:
+            raise ValueError("continual takes its harmful pairs from rounds; drop pipeline.harmful_train_extra")
+        return self
+
+
+class SweepConfig(StrictModel):
+    """`safepatching sweep`: validation refusal rates of changed merge or training settings."""
+
+    config: Path = Field(description="a bench config, a pipeline config or a run directory holding config.yaml")
+    data_dir: Path
+    vary: list[str] = Field(default_factory=list, description="KEY=V1,V2: one setting changed at a time")
+    grid: list[str] = Field(default_factory=list, description="KEY=V1,V2: every combination")
+    harmful_split: str = Field("train[48:72]", description="validation rows of the training source (after its shuffle)")
+    benign: list[str] = Field(
+        default_factory=lambda: ["oktest-val=bench:oktest@train[:24]"],
+        description="NAME=SOURCE@SPLIT benign-but-scary validation sets (shuffle seed 0)",
+    )
+    set: list[str] = Field(
+        default_factory=list,
+        description="KEY=VALUE changes of the config itself; its patches then live under WORK_DIR/sweep/",
+    )
+    max_new_tokens: int = Field(32, ge=1)
+    out: Path | None = Field(None, description="write OUT.json and OUT.md")

@@ -1,0 +1,128 @@
+"""Generation backends: batched greedy decoding with transformers (left padding, length bucketing,
+KV cache) and, where vLLM is installed and a GPU is present, the same greedy decoding with vLLM."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safepatching.data.chat import chat_prompt
+
+
+class Generator(Protocol):
+    """What the evaluation needs from a generation backend."""
+
+    generated_tokens: int  # new tokens produced so far (up to and including each reply's end token)
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]: ...
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every id that ends a reply: the generation config's (one or several) and the tokenizer's."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [] if configured is None else [configured])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def reply_length(tokens: list[int], eos_ids: set[int]) -> int:
+    """Tokens a reply really took: up to and including its first end token (padding after it is free)."""
+    return next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
+
+
+class HFGenerator:
+    """Greedy decoding with transformers; prompts of similar length share a batch."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int = 16,
+        progress: bool = True,
+        desc: str = "generate",
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+        self.desc = desc
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.generated_tokens = 0
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        """Replies to user prompts, each formatted with the model's chat template."""
+        return self.generate_texts([chat_prompt(self.tokenizer, p) for p in prompts], max_new_tokens)
+
+    def generate_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:
+        """Continuations of already formatted texts."""
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        outputs: list[str] = [""] * len(texts)
+        device = next(self.model.parameters()).device
+        previous_side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            for batch in tqdm(batches, desc=self.desc, disable=not self.progress):
+                encoded = self.tokenizer(
+                    [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
+                with torch.inference_mode():
+                    generated = self.model.generate(
+                        **encoded,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        temperature=None,
+                        top_p=None,
+                        top_k=None,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                    )
+                new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+                self.generated_tokens += sum(reply_length(row, self.eos_ids) for row in new_tokens.tolist())
+                for index, text in zip(
+                    batch, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
+                ):
+                    outputs[index] = text.strip()
+        finally:
+            self.tokenizer.padding_side = previous_side
+        return outputs
+
+
+def vllm_available() -> bool:
+    """vLLM is used only where it is installed and a CUDA device is present."""
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+class VLLMGenerator:
+    """Greedy decoding with vLLM from a model folder or hub id (vLLM loads weights itself, so it
+    serves only models whose in-memory weights are those of ``model_path``)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer: PreTrainedTokenizerBase,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.5,
+        progress: bool = True,
+    ):
+        from vllm import LLM, SamplingParams
+
+        self.tokenizer = tokenizer
+        self.progress = progress
+        self.sampling = SamplingParams
+        self.engine = LLM(
+            model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False
+        )
+        self.generated_tokens = 0
+
+    def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        texts = [chat_prompt(self.tokenizer, p) for p in prompts]
+        params = self.sampling(temperature=0.0, max_tokens=max_new_tokens)
+        outputs = self.engine.generate(texts, params, use_tqdm=self.progress)
+        self.generated_tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+        return [o.outputs[0].text.strip() for o in outputs]

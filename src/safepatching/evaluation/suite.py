@@ -1,0 +1,201 @@
+"""The evaluation suite: safety (harmful and jailbreak sets), over-safety (benign prompts) and utility."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safepatching.config.settings import EvalConfig, ModelLoading
+from safepatching.data.eval_sets import EvalSets
+from safepatching.errors import SafePatchingError
+from safepatching.evaluation.decoding import make_generator
+from safepatching.evaluation.generation import Generator, VLLMGenerator, vllm_available
+from safepatching.evaluation.jailbreaks import wrap_prompts
+from safepatching.evaluation.judges.registry import get_judge, judge_all
+from safepatching.evaluation.judges.rules import looping
+from safepatching.evaluation.metrics import (
+    category_column,
+    mean_token_kl,
+    percent,
+    rates_by_category,
+    refusal_breakdown,
+    response_perplexity,
+)
+from safepatching.evaluation.utility_tasks import evaluate_utility
+from safepatching.models.loading import DEFAULT_LOADING, load_model, weights_folder
+
+
+def use_vllm(settings: EvalConfig, model_source: str | None) -> bool:
+    """Whether replies come from vLLM (see EvalConfig.backend); backend vllm that cannot run is an error."""
+    if settings.backend == "hf":
+        return False
+    possible = model_source is not None and settings.decoding.method == "greedy"
+    if settings.backend == "vllm":
+        if not vllm_available():
+            raise SafePatchingError(
+                "eval.backend is vllm but vLLM is not installed or no GPU is present.",
+                "pip install vllm on a GPU machine, or set eval.backend: auto",
+            )
+        if not possible:
+            raise SafePatchingError(
+                "vLLM serves only plain greedy decoding of a model loaded unchanged from a folder or hub id.",
+                "set eval.backend: auto (or hf) for decoding-time defences and in-memory merges",
+            )
+        return True
+    return possible and vllm_available()
+
+
+def evaluate_model(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sets: EvalSets,
+    settings: EvalConfig,
+    reference: PreTrainedModel | None = None,
+    reference_harmless: list[str] | None = None,
+    label: str = "model",
+    progress: bool = True,
+    data_dir: Path | None = None,
+    generator: Generator | None = None,
+    model_source: str | None = None,
+    loading: ModelLoading = DEFAULT_LOADING,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Metrics and per-prompt records. KL needs the reference model and its harmless replies.
+
+    ``generator`` replaces plain greedy decoding of ``model`` (decoding-time defences); KL,
+    perplexity and utility always score ``model`` itself. ``model_source`` names the model (demo name,
+    folder, hub id) ``model``'s weights were loaded from unchanged, which lets the vLLM backend serve
+    it; ``loading`` is how that model, an expert or a judge model is loaded.
+    """
+    judge = get_judge(settings.judge, data_dir, settings.judge_model, loading)
+    refusal_judge = judge if settings.refusal_judge == settings.judge else get_judge(settings.refusal_judge, data_dir)
+    if generator is None and use_vllm(settings, model_source):
+        folder = str(weights_folder(model_source, loading))
+        generator = VLLMGenerator(
+            folder, tokenizer, loading.compute_dtype, settings.vllm_gpu_memory_utilization, progress
+        )
+    if generator is None:
+        expert = None
+        if settings.decoding.method == "safedecoding":
+            expert, _ = load_model(settings.decoding.expert_model, loading)
+        generator = make_generator(
+            model, tokenizer, settings.decoding, settings.batch_size, progress, f"generate ({label})", expert
+        )
+    started = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    flags: dict[str, list[bool]] = {}
+    labels: dict[str, list[str]] = {}
+    part_seconds: dict[str, float] = {}
+    generation = {"seconds": 0.0, "tokens": 0}
+    unparsed = 0
+    loops: list[bool] = []
+
+    def timed(part: str, work, *args):
+        """Run one part of the suite and record its wall time, so users see where the time goes."""
+        part_started = time.perf_counter()
+        result = work(*args)
+        part_seconds[part] = round(time.perf_counter() - part_started, 1)
+        return result
+
+    def judged(set_name: str, requests: list[str], prompts: list[str], set_judge, set_judge_name, max_new):
+        nonlocal unparsed
+        part_started = time.perf_counter()
+        tokens_before = generator.generated_tokens
+        responses = generator.generate(prompts, max_new)
+        generation["seconds"] += time.perf_counter() - part_started
+        generation["tokens"] += generator.generated_tokens - tokens_before
+        verdicts = judge_all(set_judge, requests, responses)
+        part_seconds[set_name] = round(time.perf_counter() - part_started, 1)
+        labels[set_name] = [v.label for v in verdicts]
+        unparsed += sum(not v.parsed for v in verdicts)
+        looped = [looping(r) for r in responses]
+        loops.extend(looped)
+        records.extend(
+            {
+                "set": set_name,
+                "prompt": p,
+                "request": q,
+                "response": r,
+                "refusal": v.refusal,
+                "label": v.label,
+                "judge": set_judge_name,
+                "judge_parsed": v.parsed,
+                "looping": loop,
+            }  # fmt: skip
+            for q, p, r, v, loop in zip(requests, prompts, responses, verdicts, looped, strict=True)
+        )
+        return [v.refusal for v in verdicts]
+
+    for set_name, examples, set_judge, name, max_new in (
+        ("harmful", sets.harmful, judge, settings.judge, settings.max_new_tokens),
+        ("benign", sets.benign, refusal_judge, settings.refusal_judge, settings.max_new_tokens),
+        ("harmless", sets.harmless, refusal_judge, settings.refusal_judge, settings.kl_max_new_tokens),
+    ):
+        requests = [e.prompt for e in examples]
+        flags[set_name] = judged(set_name, requests, requests, set_judge, name, max_new)
+    by_category = rates_by_category(sets.harmful, flags["harmful"], category_column(settings.harmful))
+    by_benchmark = {}
+    for name, examples in sets.safety.items():
+        requests = [e.prompt for e in examples]
+        refusals = judged(f"safety/{name}", requests, requests, judge, settings.judge, settings.max_new_tokens)
+        by_benchmark[name] = {
+            "harmful_response_rate": 100.0 - percent(refusals),
+            "by_category": rates_by_category(examples, refusals, category_column(settings.safety_benchmarks.get(name))),
+            "count": len(examples),
+        }
+    over_safety = {}
+    for name, examples in sets.over_safety.items():
+        requests = [e.prompt for e in examples]
+        set_name = f"over_safety/{name}"
+        judged(set_name, requests, requests, refusal_judge, settings.refusal_judge, settings.max_new_tokens)
+        over_safety[name] = {**refusal_breakdown(labels[set_name]), "count": len(examples)}
+    jailbreak_rates = {}
+    for family in settings.jailbreaks:
+        requests = [e.prompt for e in sets.harmful[: settings.jailbreak_max_examples]]
+        wrapped = wrap_prompts(requests, family, data_dir, settings.jailbreak_seed)
+        refusals = judged(f"jailbreak/{family}", requests, wrapped, judge, settings.judge, settings.max_new_tokens)
+        jailbreak_rates[family] = 100.0 - percent(refusals)
+    metrics: dict[str, Any] = {
+        "harmful_refusal_rate": percent(flags["harmful"]),
+        "harmful_response_rate": 100.0 - percent(flags["harmful"]),
+        "benign_refusal_rate": percent(flags["benign"]),
+        **{
+            f"benign_{key}": value
+            for key, value in refusal_breakdown(labels["benign"]).items()
+            if key != "refusal_rate"
+        },
+        "harmless_refusal_rate": percent(flags["harmless"]),
+        "harmful_response_rate_by_category": by_category,
+        "jailbreak_harmful_response_rate": jailbreak_rates,
+        "safety_benchmarks": by_benchmark,
+        "over_safety_benchmarks": over_safety,
+        "judge_unparsed": unparsed,
+        "looping_reply_rate": percent(loops),
+        "kl_to_reference": None,
+        "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
+    }
+    if settings.utility.enabled:
+        metrics.update(timed("utility", evaluate_utility, model, tokenizer, settings.utility, data_dir))
+    if sets.perplexity:
+        metrics["response_perplexity"] = timed(
+            "perplexity", response_perplexity, model, tokenizer, sets.perplexity, settings.batch_size
+        )
+    if reference is not None and reference_harmless is not None:
+        prompts = [e.prompt for e in sets.harmless]
+        metrics["kl_to_reference"] = timed(
+            "kl", mean_token_kl, model, reference, tokenizer, prompts, reference_harmless
+        )
+    metrics["part_seconds"] = part_seconds
+    metrics["generation"] = {
+        "seconds": round(generation["seconds"], 2),
+        "tokens": generation["tokens"],
+        "seconds_per_token": generation["seconds"] / max(generation["tokens"], 1),
+    }
+    metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
+    return metrics, records
+
+
+def harmless_responses(records: list[dict[str, Any]]) -> list[str]:
+    return [r["response"] for r in records if r["set"] == "harmless"]

@@ -1,0 +1,286 @@
+"""`safepatching bench`: SafePatching against unlearning, merging and decoding-time baselines.
+
+The patches (ascent, descent and, when asked for, NPO) and the importance scores are derived once
+with the pipeline's cached stages. Every method is then a merge of those patches applied in memory
+to a copy of the backbone (or a decoding rule on the backbone), evaluated with the evaluation suite
+for every seed its result depends on. Each finished cell is saved under ``work_dir/cells``, so a
+rerun after a crash resumes where it stopped. Results: ``OUTPUT_DIR/<name>.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from safepatching import __version__
+from safepatching.config.experiments import BENCH_METHODS, BenchConfig, BenchMethod
+from safepatching.data.eval_sets import EvalSets
+from safepatching.data.sources import Example
+from safepatching.evaluation.decoding import make_generator
+from safepatching.evaluation.suite import evaluate_model, harmless_responses
+from safepatching.experiments.stages import Stages
+from safepatching.method.dense import DensePatch, patched
+from safepatching.method.merge_methods import MERGE_METHODS
+from safepatching.method.merger import PatchMerger
+from safepatching.models.loading import load_model
+from safepatching.report.results import read_jsonl, result_header, save_eval
+from safepatching.report.tables import bench_markdown, table_columns
+from safepatching.storage.files import read_json, write_json, write_text_atomic
+from safepatching.storage.stages import cached, fingerprint
+
+BENCH_SCHEMA_VERSION = 1
+NOT_MEASURED = None  # a cell a method has no value for (e.g. KL of a decoding rule)
+
+
+def depends_on_seed(config: BenchConfig, name: str) -> bool:
+    """Only random retention draws from the seed; derivation is shared by all rows."""
+    method = config.method(name)
+    if method.kind != "merge":
+        return False
+    settings = config.merge_settings(method)
+    return settings.retention < 1.0 and MERGE_METHODS[settings.method].uses_retention
+
+
+def summarise(values: list[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation over seeds (sd is None for a single value)."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"mean": None, "sd": None, "n": 0, "values": values}
+    sd = statistics.stdev(present) if len(present) > 1 else None
+    return {"mean": statistics.fmean(present), "sd": sd, "n": len(present), "values": values}
+
+
+@dataclass
+class Bench:
+    """The shared state of one bench run: backbone, patches, scores and the evaluation sets."""
+
+    config: BenchConfig
+    progress: bool = True
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+
+    def __post_init__(self) -> None:
+        pipeline = self.config.pipeline.model_copy(update={"output_dir": self.config.work_dir})
+        self.stages = Stages(pipeline, self.progress, self.console)
+        self.pairs: list[Example] = self.stages.harmful_pairs()
+        self.sets: EvalSets = self.stages.eval_sets(self.pairs)  # refuses overlap with the training pairs
+        self.patches: dict[str, DensePatch] = {}
+        self.scores: tuple[Any, Any] = (None, None)
+        self.timings: dict[str, float] = {}
+        self._working = None
+        self._reference_harmless: list[str] | None = None
+
+    # -- derived once --------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Derive the patches and scores the selected methods need (cached in work_dir)."""
+        methods = [self.config.method(name) for name in self.config.methods]
+        merges = [m for m in methods if m.kind == "merge"] + [e for m in methods if (e := self.expert_method(m))]
+        if not merges:
+            return
+        self.patches["ascent"], self.patches["descent"] = self.stages.derive(self.pairs)
+        if any(m.safety_patch == "npo" for m in merges):
+            self.patches["npo"] = self.stages.derive_one(self.pairs, "npo", "npo")
+        if any(MERGE_METHODS[self.config.merge_settings(m).method].needs_importance for m in merges):
+            self.scores = self.stages.importance(self.pairs, self.patches["ascent"], self.patches["descent"])
+        self.timings = {label: self.stages.derive_seconds(label) for label in ("safety", "over_safety", "npo")}
+        self.timings["importance"] = self.stages.importance_seconds()
+
+    def derive_seconds(self, method: BenchMethod) -> float:
+        """Derivation (and importance) wall time the method's patches took, from the stage records."""
+        if method.kind == "decoding":
+            expert = self.expert_method(method)
+            return self.derive_seconds(expert) if expert else 0.0
+        if method.kind == "backbone":
+            return 0.0
+        settings = self.config.merge_settings(method)
+        seconds = self.timings.get("npo" if method.safety_patch == "npo" else "safety", 0.0)
+        if settings.beta != 0:
+            seconds += self.timings.get("over_safety", 0.0)
+        if MERGE_METHODS[settings.method].needs_importance:
+            seconds += self.timings.get("importance", 0.0)
+        return seconds
+
+    def merged_method(self, method: BenchMethod) -> BenchMethod | None:
+        """The method whose merge settings shape this row's model (itself, a SafeDecoding expert, or none)."""
+        return method if method.kind == "merge" else self.expert_method(method)
+
+    def expert_method(self, method: BenchMethod) -> BenchMethod | None:
+        """The bench method whose merged model is a SafeDecoding row's expert (None: a folder or no expert)."""
+        name = method.decoding.expert_model
+        known = name in self.config.custom_methods or name in BENCH_METHODS
+        if method.decoding.method == "safedecoding" and known and self.config.method(name).kind == "merge":
+            return self.config.method(name)
+        return None
+
+    # -- cells ---------------------------------------------------------------------------------------
+    def working(self):
+        """A second copy of the backbone that merges are applied to (the first stays the KL reference)."""
+        if self._working is None:
+            self._working = copy.deepcopy(self.stages.backbone()[0])
+        return self._working
+
+    def merged_deltas(self, method: BenchMethod, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], float]:
+        settings = self.config.merge_settings(method)
+        safety = self.patches["npo" if method.safety_patch == "npo" else "ascent"]
+        scores = self.scores if MERGE_METHODS[settings.method].needs_importance else (None, None)
+        started = time.perf_counter()
+        deltas, counts = PatchMerger(safety, self.patches["descent"], settings, seed, *scores).merge_all()
+        return deltas, counts, time.perf_counter() - started
+
+    def cell(self, name: str, seed: int) -> dict[str, Any]:
+        """Metrics of one method at one seed, read from work_dir when already evaluated."""
+        method = self.config.method(name)
+        directory = self.config.work_dir / "cells" / name / f"seed-{seed}"
+        eval_settings = self.config.pipeline.eval
+        merged = self.merged_method(method)
+        key = fingerprint(
+            self.stages.importance_key(),
+            method,
+            seed,
+            eval_settings.cache_settings(),
+            self.config.pipeline.data_dir,
+            __version__,
+            *([self.config.merge_settings(merged).cache_settings()] if merged else []),
+        )
+        return cached(
+            directory,
+            key,
+            lambda: self.evaluate_cell(method, seed, directory),
+            lambda: read_json(directory / "metrics.json"),
+            extra=lambda _: {"method": name, "seed": seed},
+        )
+
+    def evaluate_cell(self, method: BenchMethod, seed: int, directory: Path) -> dict[str, Any]:
+        model, tokenizer = self.stages.backbone()
+        eval_settings = self.config.pipeline.eval
+        extra: dict[str, Any] = {"merge_seconds": 0.0}
+        common = {
+            "label": f"{directory.parent.name} seed {seed}",
+            "progress": self.progress,
+            "data_dir": self.config.pipeline.data_dir,
+            "loading": self.config.pipeline.loading,
+        }
+        if method.kind == "backbone":
+            metrics, records = evaluate_model(model, tokenizer, self.sets, eval_settings, **common)
+        elif method.kind == "merge":
+            deltas, counts, seconds = self.merged_deltas(method, seed)
+            extra.update(merge_seconds=round(seconds, 2), merge_counts=counts)
+            with patched(self.working(), deltas):
+                metrics, records = evaluate_model(
+                    self.working(),
+                    tokenizer,
+                    self.sets,
+                    eval_settings,
+                    reference=model,
+                    reference_harmless=self.reference_harmless(),
+                    **common,
+                )
+        else:
+            metrics, records = self.decoding_cell(method, seed, common)
+        metrics = {**metrics, **extra, "derive_seconds": self.derive_seconds(method)}
+        save_eval(directory, metrics, records)
+        return metrics
+
+    def decoding_cell(self, method: BenchMethod, seed: int, common: dict[str, Any]):
+        """A decoding rule on the backbone. Utility and KL score weights, not a decoding rule, so
+        they are not measured here (they would only repeat the backbone's). SafeDecoding's expert is
+        the merged model of the bench method its ``expert_model`` names (ga by default) or a folder."""
+        model, tokenizer = self.stages.backbone()
+        eval_config = self.config.pipeline.eval
+        decoding = self.config.decoding_settings(method)
+        utility_off = eval_config.utility.model_copy(update={"mmlu_examples": 0, "gsm8k_examples": 0})
+        eval_settings = eval_config.model_copy(update={"utility": utility_off, "perplexity": None})
+        expert_deltas: dict[str, torch.Tensor] = {}
+        expert = None
+        if decoding.method == "safedecoding":
+            expert_method = self.expert_method(method)
+            if expert_method is not None:
+                expert_deltas, _, _ = self.merged_deltas(expert_method, seed)
+                expert = self.working()
+            else:
+                expert, _ = load_model(decoding.expert_model, self.config.pipeline.loading)
+        with patched(self.working(), expert_deltas):
+            generator = make_generator(
+                model, tokenizer, decoding, eval_settings.batch_size, self.progress, common["label"], expert
+            )
+            return evaluate_model(model, tokenizer, self.sets, eval_settings, generator=generator, **common)
+
+    def reference_harmless(self) -> list[str]:
+        """The backbone's own replies to the harmless prompts, the text KL is measured on."""
+        if self._reference_harmless is None:
+            self.cell("backbone", self.config.seeds[0])
+            directory = self.config.work_dir / "cells" / "backbone" / f"seed-{self.config.seeds[0]}"
+            records = read_jsonl(directory / "records.jsonl")
+            self._reference_harmless = harmless_responses(records)
+        return self._reference_harmless
+
+
+def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> dict[str, Any]:
+    """Run every selected method for its seeds and write OUTPUT_DIR/<name>.md and .json."""
+    started = time.perf_counter()
+    bench = Bench(config, progress)
+    bench.prepare()
+    backbone_metrics = bench.cell("backbone", config.seeds[0])
+    rows: dict[str, Any] = {}
+    cell_seconds = {("backbone", config.seeds[0]): evaluation_seconds(backbone_metrics)}
+    for name in config.methods:
+        seeds = config.seeds if depends_on_seed(config, name) else config.seeds[:1]
+        cells = [bench.cell(name, seed) for seed in seeds]
+        cell_seconds.update({(name, seed): evaluation_seconds(cell) for seed, cell in zip(seeds, cells, strict=True)})
+        rows[name] = method_row(config, name, seeds, cells, backbone_metrics)
+        compute = sum(bench.timings.values()) + sum(cell_seconds.values())
+        result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=False)
+        write_results(config, result)  # after every method: a crash keeps what is done
+    result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=True)
+    write_results(config, result)
+    Console().print(bench_markdown(result))
+    return result
+
+
+def evaluation_seconds(metrics: dict[str, Any]) -> float:
+    """Wall time one cell took when it was computed (its merge and every evaluation part)."""
+    return metrics.get("merge_seconds", 0.0) + sum(metrics.get("part_seconds", {}).values())
+
+
+def method_row(
+    config: BenchConfig, name: str, seeds: list[int], cells: list[dict[str, Any]], backbone: dict[str, Any]
+) -> dict[str, Any]:
+    method = config.method(name)
+    per_seed = [table_columns(cell, config.harmful_label, config.benign_label) for cell in cells]
+    columns = {column: summarise([c.get(column) for c in per_seed]) for column in per_seed[0]}
+    backbone_cost = backbone["generation"]["seconds_per_token"]
+    columns["derive + importance (s)"] = summarise([cell["derive_seconds"] for cell in cells])
+    columns["merge (s)"] = summarise([cell["merge_seconds"] for cell in cells])
+    columns["inference cost (× backbone)"] = summarise(
+        [cell["generation"]["seconds_per_token"] / backbone_cost for cell in cells]
+    )
+    if method.kind == "decoding":
+        for column in ("MMLU (%) ↑", "GSM8K (%) ↑", "KL (nats/token) ↓"):
+            columns[column] = summarise([NOT_MEASURED])
+    return {"description": method.description, "seeds": seeds, "columns": columns,
+            "jailbreaks": {family: summarise([c["jailbreak_harmful_response_rate"].get(family) for c in cells])
+                           for family in cells[0].get("jailbreak_harmful_response_rate", {})}}  # fmt: skip
+
+
+def bench_result(
+    config: BenchConfig, command: str, rows: dict[str, Any], seconds: float, compute_seconds: float, complete: bool
+) -> dict[str, Any]:
+    """``compute_seconds``: the derivation, importance and cell times the table rests on, cached ones
+    included (``wall_seconds`` is only this invocation, which may have resumed from a cache)."""
+    header = result_header(config, command, seconds, complete, BENCH_SCHEMA_VERSION)
+    return {**header, "compute_seconds": round(compute_seconds, 1), "methods": rows,
+            "config": config.model_dump(mode="json")}  # fmt: skip
+
+
+def write_results(config: BenchConfig, result: dict[str, Any]) -> tuple[Path, Path]:
+    json_path = config.output_dir / f"{config.name}.json"
+    markdown_path = config.output_dir / f"{config.name}.md"
+    write_json(json_path, result)
+    write_text_atomic(markdown_path, bench_markdown(result))
+    return json_path, markdown_path

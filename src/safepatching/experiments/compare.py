@@ -1,0 +1,61 @@
+"""`safepatching eval --compare`: several models on the same sets, the first one the KL reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from safepatching import __version__
+from safepatching.config.settings import PipelineConfig
+from safepatching.data.eval_sets import load_eval_sets
+from safepatching.evaluation.suite import evaluate_model, harmless_responses
+from safepatching.models.loading import load_model
+from safepatching.report.results import SUMMARY_SCHEMA_VERSION, save_eval
+from safepatching.report.tables import comparison_markdown
+from safepatching.storage.files import write_json, write_text_atomic
+from safepatching.storage.stages import stage_meter
+
+
+def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Evaluate several models on the same sets; the first is the reference for KL. Not cached: a model
+    named by its folder may have been rewritten since."""
+    sets = load_eval_sets(config.eval, config.data_dir)
+    reference, tokenizer = load_model(models[0], config.loading)
+    results: dict[str, Any] = {}
+    reference_records: list[dict[str, Any]] = []
+    for index, spec in enumerate(models):
+        label = f"{index}-{Path(spec).name or spec}"
+        stages: dict[str, Any] = {}
+        with stage_meter(stages, "eval"):
+            model = reference if index == 0 else load_model(spec, config.loading)[0]
+            metrics, records = evaluate_model(
+                model,
+                tokenizer,
+                sets,
+                config.eval,
+                reference=None if index == 0 else reference,
+                reference_harmless=None if index == 0 else harmless_responses(reference_records),
+                label=label,
+                progress=progress,
+                data_dir=config.data_dir,
+                model_source=spec,
+                loading=config.loading,
+            )
+            del model
+        if index == 0:
+            reference_records = records
+        save_eval(out_dir / label, metrics, records)
+        results[spec] = {**metrics, "peak_rss_gib": stages["eval"]["peak_rss_gib"]}
+    summary = {
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "safepatching": __version__,
+        "reference": models[0],
+        "eval": config.eval.model_dump(mode="json"),
+        "models": results,
+    }
+    write_json(out_dir / "summary.json", summary)
+    write_text_atomic(out_dir / "summary.md", comparison_markdown(results))
+    Console().print(comparison_markdown(results))
+    return summary

@@ -1,0 +1,155 @@
+"""`safepatching continual`: post safety alignment round after round on new harmful data.
+
+Each method starts from the backbone; in round r it derives its patches on round r's pairs from the
+model that rounds 1..r-1 produced, merges them in (SafePatching: the controllable merge; GA and NPO:
+the unlearning patch applied fully), and the result is evaluated against the original backbone.
+Derived patches, importance scores and evaluations are cached per round under ``work_dir``, keyed
+by everything that produced the weights they start from, so a rerun resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from safepatching import __version__
+from safepatching.config.experiments import ContinualConfig
+from safepatching.data.eval_sets import EvalSets, load_eval_sets
+from safepatching.data.overlap import assert_disjoint, drop_overlap
+from safepatching.data.sources import Example, load_examples
+from safepatching.evaluation.suite import evaluate_model, harmless_responses
+from safepatching.experiments.stages import Stages
+from safepatching.method.dense import add_deltas
+from safepatching.method.merger import PatchMerger
+from safepatching.models.loading import load_model
+from safepatching.report.plots import plot_rounds
+from safepatching.report.results import read_jsonl, result_header, save_eval
+from safepatching.report.tables import continual_markdown, table_columns
+from safepatching.storage.files import read_json, write_json, write_text_atomic
+from safepatching.storage.stages import cached, fingerprint
+
+CONTINUAL_SCHEMA_VERSION = 1
+
+
+def load_rounds(config: ContinualConfig, sets: EvalSets) -> list[list[Example]]:
+    """Each round's pairs; refused when a round shares a prompt with another round or an eval set
+    (unless pipeline.drop_eval_overlap, which drops the eval set's prompts from the round)."""
+    data_dir = config.pipeline.data_dir
+    rounds = [load_examples(spec, data_dir) for spec in config.rounds]
+    if config.pipeline.drop_eval_overlap:
+        rounds = [drop_overlap(pairs, sets.named()) for pairs in rounds]
+    for index, pairs in enumerate(rounds):
+        others = {f"round {j + 1}": other for j, other in enumerate(rounds) if j != index}
+        assert_disjoint(pairs, {**sets.named(), **others})
+    return rounds
+
+
+def round_deltas(run: Stages, method: str, pairs: list[Example]) -> dict[str, torch.Tensor]:
+    """What one round adds to the model for ``method``."""
+    if method == "ga":
+        return dict(run.derive_one(pairs, "safety", "ascent").deltas)
+    if method == "npo":
+        return dict(run.derive_one(pairs, "npo", "npo").deltas)
+    safety, over_safety = run.derive(pairs)
+    scores = run.importance(pairs, safety, over_safety)
+    deltas, _ = PatchMerger(safety, over_safety, run.config.merge, run.config.seed, *scores).merge_all()
+    return deltas
+
+
+class Continual:
+    def __init__(self, config: ContinualConfig, progress: bool = True):
+        self.config, self.progress = config, progress
+        pipeline = config.pipeline
+        self.sets = load_eval_sets(pipeline.eval, pipeline.data_dir)
+        self.rounds = load_rounds(config, self.sets)
+        self.backbone, self.tokenizer = load_model(pipeline.model, pipeline.loading)
+        self.work = Path(config.work_dir)
+
+    def evaluate(self, directory: Path, model, state: str, reference_harmless: list[str] | None) -> dict[str, Any]:
+        """Evaluate ``model`` (whose weights ``state`` names), or read the saved result."""
+        pipeline = self.config.pipeline
+        key = fingerprint(state, pipeline.eval.cache_settings(), pipeline.data_dir, __version__)
+        return cached(
+            directory,
+            key,
+            lambda: self.evaluate_now(directory, model, reference_harmless),
+            lambda: read_json(directory / "metrics.json"),
+        )
+
+    def evaluate_now(self, directory: Path, model, reference_harmless: list[str] | None) -> dict[str, Any]:
+        pipeline = self.config.pipeline
+        metrics, records = evaluate_model(
+            model,
+            self.tokenizer,
+            self.sets,
+            pipeline.eval,
+            reference=None if reference_harmless is None else self.backbone,
+            reference_harmless=reference_harmless,
+            label=directory.name,
+            progress=self.progress,
+            data_dir=pipeline.data_dir,
+            loading=pipeline.loading,
+        )
+        save_eval(directory, metrics, records)
+        return metrics
+
+    def run(self, command: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        origin = fingerprint(self.config.pipeline.model, self.config.pipeline.compute_dtype)
+        baseline = self.evaluate(self.work / "round-0", self.backbone, origin, None)
+        reference_harmless = harmless_responses(read_jsonl(self.work / "round-0" / "records.jsonl"))
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for method in self.config.methods:
+            working = copy.deepcopy(self.backbone)
+            state = origin
+            rows[method] = [baseline]
+            for number, (spec, pairs) in enumerate(zip(self.config.rounds, self.rounds, strict=True), start=1):
+                directory = self.work / method / f"round-{number}"
+                settings = self.config.pipeline.model_copy(update={"harmful_train": spec, "output_dir": directory})
+                run = Stages(settings, self.progress, loaded=(working, self.tokenizer), base_state=state)
+                add_deltas(working, round_deltas(run, method, pairs))
+                state = fingerprint(state, method, run.merge_key())
+                rows[method].append(self.evaluate(directory / "eval", working, state, reference_harmless))
+                write_results(self.config, continual_result(self.config, command, rows, started, complete=False))
+            del working
+        result = continual_result(self.config, command, rows, started, complete=True)
+        write_results(self.config, result)
+        Console().print(continual_markdown(result))
+        return result
+
+
+def continual_result(
+    config: ContinualConfig, command: str, rows: dict[str, list[dict[str, Any]]], started: float, complete: bool
+) -> dict[str, Any]:
+    return {
+        **result_header(config, command, time.perf_counter() - started, complete, CONTINUAL_SCHEMA_VERSION),
+        "methods": {
+            method: [
+                {
+                    "round": number,
+                    "columns": table_columns(metrics, config.harmful_label, config.benign_label),
+                    "harmful_response_rate_by_category": metrics.get("harmful_response_rate_by_category", {}),
+                }
+                for number, metrics in enumerate(per_round)
+            ]
+            for method, per_round in rows.items()
+        },
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def write_results(config: ContinualConfig, result: dict[str, Any]) -> None:
+    base = Path(config.output_dir)
+    write_json(base / f"{config.name}.json", result)
+    write_text_atomic(base / f"{config.name}.md", continual_markdown(result))
+    plot_rounds(result, base / f"{config.name}.png")
+
+
+def run_continual(config: ContinualConfig, command: str = "", progress: bool = True) -> dict[str, Any]:
+    """Run every method's rounds and write OUTPUT_DIR/<name>.md, .json and .png."""
+    return Continual(config, progress).run(command)

@@ -1,0 +1,243 @@
+"""The stages every experiment is built from: derive, score, merge, evaluate, each cached by its settings.
+
+A stage is skipped when its directory holds a finished stage made from the same settings (see
+``storage.stages.cached``); otherwise it is recomputed. The pipeline, bench, continual PSA, the
+sweep and the CLI's stage commands all go through this one class, so a stage computed by one of
+them is reused by the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from safepatching.config.settings import PipelineConfig
+from safepatching.data.eval_sets import EvalSets, load_eval_sets
+from safepatching.data.overlap import assert_disjoint, drop_overlap
+from safepatching.data.sources import Example, load_pairs
+from safepatching.evaluation.suite import evaluate_model, harmless_responses
+from safepatching.method.dense import DensePatch, checkpoint_dir_for, load_dense_patch, patched, save_dense_patch
+from safepatching.method.derive import Direction, derive_patch
+from safepatching.method.importance import snip_scores
+from safepatching.method.merge_methods import MERGE_METHODS
+from safepatching.method.merger import PatchMerger, settings_record, write_patched_model
+from safepatching.models.loading import DTYPES, load_model, weights_folder
+from safepatching.report.results import read_jsonl, save_eval
+from safepatching.storage.files import read_json, save_tensors
+from safepatching.storage.shards import LazyTensors
+from safepatching.storage.stages import cached, fingerprint, stage_meter, stage_record
+
+log = logging.getLogger(__name__)
+SCORE_LABELS = ("safety", "over_safety")
+
+
+class Stages:
+    """The cached stages of one config, writing under ``config.output_dir``; ``meter`` collects each
+    computed stage's wall time and peak memory."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        progress: bool = True,
+        console: Console | None = None,
+        loaded: tuple[Any, Any] | None = None,
+        base_state: str | None = None,
+    ):
+        """``loaded`` is an in-memory (model, tokenizer) to patch instead of loading ``config.model``;
+        ``base_state`` then names its weights (e.g. the rounds already applied), so cached stages of
+        other weights are not reused."""
+        self.config = config
+        self.progress = progress
+        self.console = console or Console(stderr=True)
+        self.out = Path(config.output_dir)
+        self.meter: dict[str, Any] = {}
+        self._model, self._tokenizer = loaded or (None, None)
+        self.base_state = base_state
+        self._pairs: list[Example] | None = None
+
+    # -- shared inputs -------------------------------------------------------------------------------
+    def backbone(self):
+        if self._model is None:
+            with stage_meter(self.meter, "load_backbone"):
+                self._model, self._tokenizer = load_model(self.config.model, self.config.loading)
+        return self._model, self._tokenizer
+
+    def harmful_pairs(self) -> list[Example]:
+        """The pairs the patches are derived from: every harmful_train source, less (when asked) the
+        prompts an evaluation set holds."""
+        if self._pairs is None:
+            pairs = load_pairs(self.config.harmful_train_specs(), self.config.data_dir)
+            if self.config.drop_eval_overlap:
+                pairs = drop_overlap(pairs, load_eval_sets(self.config.eval, self.config.data_dir).named())
+            self._pairs = pairs
+        return self._pairs
+
+    def eval_sets(self, pairs: list[Example]) -> EvalSets:
+        """The evaluation sets, refused when they share a prompt with the training pairs."""
+        sets = load_eval_sets(self.config.eval, self.config.data_dir)
+        assert_disjoint(pairs, sets.named())
+        return sets
+
+    # -- stage keys ----------------------------------------------------------------------------------
+    def derive_key(self) -> str:
+        c = self.config
+        parts = [c.model, c.seed, c.compute_dtype, c.harmful_train, c.derive.training_settings()]
+        if c.harmful_train_extra or c.drop_eval_overlap:  # keyed by content: dropping depends on the eval sets
+            parts.append([(e.prompt, e.response) for e in self.harmful_pairs()])
+        return fingerprint(*parts, *([self.base_state] if self.base_state else []))
+
+    def importance_key(self) -> str:
+        return fingerprint(self.derive_key(), self.config.importance)
+
+    def merge_key(self) -> str:
+        return fingerprint(self.importance_key(), self.config.merge.cache_settings())
+
+    def backbone_eval_key(self) -> str:
+        c = self.config
+        return fingerprint(c.model, c.compute_dtype, c.eval.cache_settings(), c.data_dir)
+
+    # -- derivation and importance -------------------------------------------------------------------
+    def derive(self, pairs: list[Example]) -> tuple[DensePatch, DensePatch]:
+        return self.derive_one(pairs, "safety", "ascent"), self.derive_one(pairs, "over_safety", "descent")
+
+    def derive_one(
+        self, pairs: list[Example], label: str, direction: Direction, directory: Path | None = None, refresh=False
+    ) -> DensePatch:
+        """One dense patch, saved under ``directory`` (default patches/<label>) and reused while its
+        settings have not changed (unless ``refresh``)."""
+        directory = Path(directory) if directory is not None else self.out / "patches" / label
+
+        def produce() -> DensePatch:
+            model, tokenizer = self.backbone()
+            patch = derive_patch(
+                model,
+                tokenizer,
+                pairs,
+                direction,
+                self.config.derive,
+                self.config.seed,
+                self.progress,
+                checkpoint_dir_for(directory),
+            )
+            save_dense_patch(patch, directory, {"label": label, "base_model": self.config.model})
+            return patch
+
+        load = lambda: load_dense_patch(directory)  # noqa: E731
+        return cached(directory, self.derive_key(), produce, load, self.meter, f"derive_{label}", refresh=refresh)
+
+    def derive_seconds(self, label: str) -> float:
+        """Wall time the cached patch of ``label`` took to derive (0 when it was never derived here)."""
+        return stage_record(self.out / "patches" / label).get("wall_seconds", 0.0)
+
+    def importance_seconds(self) -> float:
+        return stage_record(self.out / "importance").get("wall_seconds", 0.0)
+
+    def score(self, pairs: list[Example], patch: DensePatch, label: str) -> dict[str, Any]:
+        """SNIP importance of backbone + ``patch`` on the pairs (not cached: `importance` caches both)."""
+        model, tokenizer = self.backbone()
+        names = list(patch.deltas)  # the tensors the patch was derived on
+        with stage_meter(self.meter, f"importance_{label}"), patched(model, patch.deltas):
+            return snip_scores(
+                model, tokenizer, pairs, names, self.config.importance, f"importance ({label})", self.progress
+            )
+
+    def importance(self, pairs: list[Example], safety: DensePatch, over_safety: DensePatch):
+        """Both patches' importance scores, or (None, None) when the merge method needs none."""
+        if not MERGE_METHODS[self.config.merge.method].needs_importance:
+            return None, None
+        directory = self.out / "importance"
+
+        def produce():
+            scores = []
+            for label, patch in zip(SCORE_LABELS, (safety, over_safety), strict=True):
+                scores.append(self.score(pairs, patch, label))
+                save_tensors(directory / f"{label}.safetensors", scores[-1])
+            return tuple(scores)
+
+        def load():
+            return tuple(LazyTensors(directory / f"{label}.safetensors") for label in SCORE_LABELS)
+
+        return cached(directory, self.importance_key(), produce, load, {}, "importance")
+
+    # -- merge and evaluation ------------------------------------------------------------------------
+    def merge(
+        self, safety: DensePatch, over_safety: DensePatch, scores, directory: Path | None = None, refresh=False
+    ) -> dict[str, Any]:
+        """The patched model as a HF folder (default model/), streamed from the backbone's weights;
+        returns the merge counts."""
+        directory = Path(directory) if directory is not None else self.out / "model"
+        settings = self.config.merge
+
+        def produce() -> dict[str, Any]:
+            merger = PatchMerger(safety, over_safety, settings, self.config.seed, *scores)
+            counts = write_patched_model(
+                weights_folder(self.config.model, self.config.loading),
+                directory,
+                merger,
+                None if settings.output_dtype == "auto" else DTYPES[settings.output_dtype],
+                self.config.model,
+                settings_record(self.config, safety, over_safety),
+                settings.shard_size_mb,
+                progress=self.progress,
+            )
+            if counts["rounding_loss_fraction"] > 0.05:
+                log.warning(
+                    "%.0f%% of patched entries round away in the output dtype; set merge.output_dtype: float32",
+                    100 * counts["rounding_loss_fraction"],
+                )
+            return counts
+
+        def load() -> dict[str, Any]:
+            return stage_record(directory / "safepatching")["counts"]
+
+        stage_dir = directory / "safepatching"  # inside the model folder, which is written atomically
+        counted = lambda counts: {"counts": counts}  # noqa: E731
+        return cached(stage_dir, self.merge_key(), produce, load, self.meter, "merge", counted, refresh)
+
+    def evaluate(self, sets: EvalSets, model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Backbone and patched model on the same sets; KL is taken on the backbone's own replies."""
+        eval_dir = self.out / "eval"
+        model, tokenizer = self.backbone()
+        common = {"progress": self.progress, "data_dir": self.config.data_dir, "loading": self.config.loading}
+
+        def backbone_eval():
+            metrics, records = evaluate_model(
+                model, tokenizer, sets, self.config.eval, label="backbone", model_source=self.config.model, **common
+            )
+            save_eval(eval_dir / "backbone", metrics, records)
+            return metrics, records
+
+        def saved(directory: Path):
+            return read_json(directory / "metrics.json"), read_jsonl(directory / "records.jsonl")
+
+        backbone_key = self.backbone_eval_key()
+        before, records = cached(
+            eval_dir / "backbone", backbone_key, backbone_eval, lambda: saved(eval_dir / "backbone"), self.meter,
+            "eval_backbone",
+        )  # fmt: skip
+
+        def patched_eval():
+            patched_model, _ = load_model(str(model_dir), self.config.loading)
+            metrics, patched_records = evaluate_model(
+                patched_model,
+                tokenizer,
+                sets,
+                self.config.eval,
+                reference=model,
+                reference_harmless=harmless_responses(records),
+                label="patched",
+                model_source=str(model_dir),
+                **common,
+            )
+            save_eval(eval_dir / "patched", metrics, patched_records)
+            return metrics
+
+        patched_key = fingerprint(backbone_key, self.merge_key())
+        after = cached(
+            eval_dir / "patched", patched_key, patched_eval, lambda: saved(eval_dir / "patched")[0], self.meter,
+            "eval_patched",
+        )  # fmt: skip
+        return before, after

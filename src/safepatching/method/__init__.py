@@ -1,0 +1,1 @@
+"""The SafePatching method: objectives, derivation, dense patches, SNIP importance, regions and merging."""

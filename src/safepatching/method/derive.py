@@ -1,0 +1,311 @@
+"""Patch derivation: fine-tune on harmful pairs and keep the weight difference as a patch.
+
+Gradient ascent on the harmful responses' NLL unlearns them (the safety patch); gradient descent
+on the same pairs loosens refusals (the over-safety patch). NPO (negative preference
+optimisation, Zhang et al. 2024) is the bounded alternative to ascent, a baseline of the paper:
+loss -(2/beta) log sigmoid(-beta (log p(y|x) - log p_ref(y|x))) with sequence log-probabilities and
+the untouched backbone as reference. Ascent and NPO stop as soon as the mean response NLL of a
+step exceeds the first step's by ``ascent_max_nll_increase`` nats per token (or at max_steps /
+the end of the epochs). A step's NLL is measured before its update; ``ascent_stop`` says whether
+that overshooting update is still applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safepatching.config.settings import DeriveConfig
+from safepatching.data.chat import collate, encode_pair
+from safepatching.data.sources import Example
+from safepatching.errors import TrainingError
+from safepatching.method.dense import DensePatch
+from safepatching.method.objectives import npo_loss, response_logprobs, response_nll
+from safepatching.storage.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
+from safepatching.storage.shards import tensor_digest
+from safepatching.storage.stages import fingerprint
+
+log = logging.getLogger(__name__)
+Direction = Literal["ascent", "descent", "npo"]
+UNLEARNING = ("ascent", "npo")  # directions that raise the NLL and stop at its ceiling
+
+
+def target_parameter_names(model: torch.nn.Module, target_modules: list[str]) -> list[str]:
+    """Parameters (weights and biases) of modules whose last name component is a target."""
+    wanted = set(target_modules)
+    names = [
+        name
+        for name, _ in model.named_parameters()
+        if "." in name and name.rsplit(".", 2)[-2] in wanted and name.rsplit(".", 1)[-1] in ("weight", "bias")
+    ]
+    if not names:
+        raise TrainingError(
+            f"no parameters match target_modules {target_modules}.", "list module names that exist in this model"
+        )
+    return names
+
+
+def pairs_digest(pairs: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(pair.prompt.encode())
+        digest.update(b"\0")
+        digest.update((pair.response or "").encode())
+        digest.update(b"\1")
+    return digest.hexdigest()
+
+
+def make_loader(
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[Example],
+    max_length: int,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    reference: torch.nn.Module | None = None,
+) -> DataLoader:
+    """Batches of encoded pairs; with ``reference`` each example also carries its reference log-prob (NPO)."""
+    encoded = [encode_pair(tokenizer, p.prompt, p.response or "", max_length) for p in pairs]
+    truncated = sum(item["truncated"] for item in encoded)
+    if truncated:
+        log.warning(
+            "%d of %d examples are longer than max_length=%d tokens and were truncated "
+            "(prompt kept from its end, response from its start)",
+            truncated,
+            len(encoded),
+            max_length,
+        )
+    if reference is not None:
+        with torch.no_grad():
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start : start + batch_size]
+                logprobs, _ = response_logprobs(reference, collate(chunk, tokenizer.pad_token_id))
+                for item, value in zip(chunk, logprobs.tolist(), strict=True):
+                    item["reference_logprob"] = value
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        encoded,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        collate_fn=lambda batch: collate(batch, tokenizer.pad_token_id),
+    )
+
+
+@dataclass
+class TrainingState:
+    """Where the loop is: optimizer steps taken, their NLLs, and the position in the data."""
+
+    history: list[float] = field(default_factory=list)
+    epoch: int = 0
+    batches_done: int = 0
+
+
+class Checkpointer:
+    """Saves trainable weights, optimizer state, RNG state and loop position; restores them exactly.
+
+    A checkpoint is only used when its key (direction, settings, seed, data and backbone) matches,
+    so a changed run never resumes from a stale one. Writes are atomic, so ``kill -9`` mid-write
+    leaves the previous checkpoint intact.
+    """
+
+    def __init__(self, directory: Path | None, key: str, settings: DeriveConfig):
+        self.directory = None if directory is None else Path(directory)
+        self.key = key
+        self.settings = settings
+        self.last_save = time.monotonic()
+
+    def due(self, steps: int) -> bool:
+        if self.directory is None:
+            return False
+        every, minutes = self.settings.checkpoint_every_steps, self.settings.checkpoint_every_minutes
+        return bool(every and steps % every == 0) or bool(minutes and time.monotonic() - self.last_save >= 60 * minutes)
+
+    def save(self, trainable: torch.nn.Module, optimizer, state: TrainingState, epoch_length: int) -> None:
+        weights = {n: p.detach() for n, p in trainable.named_parameters() if p.requires_grad}
+        position = asdict(state)
+        if state.batches_done == epoch_length:  # the epoch is finished: resume at the next one
+            position.update(epoch=state.epoch + 1, batches_done=0)
+        with atomic_dir(self.directory) as staging:
+            save_tensors(staging / "trainable.safetensors", weights)
+            torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, staging / "optimizer.pt")
+            write_json(staging / "state.json", {"key": self.key, **position})
+        self.last_save = time.monotonic()
+
+    def restore(self, trainable: torch.nn.Module, optimizer) -> TrainingState:
+        """Load a matching checkpoint into the model and optimizer; a fresh state when there is none."""
+        if self.directory is None or not (self.directory / "state.json").is_file():
+            return TrainingState()
+        saved = read_json(self.directory / "state.json")
+        if saved.pop("key", None) != self.key:
+            log.warning("ignoring checkpoint %s: it was made with other settings or data", self.directory)
+            return TrainingState()
+        weights = load_tensors(self.directory / "trainable.safetensors")
+        extra = torch.load(self.directory / "optimizer.pt", weights_only=True)
+        with torch.no_grad():
+            for name, param in trainable.named_parameters():
+                if name in weights:
+                    param.copy_(weights[name])
+        optimizer.load_state_dict(extra["optimizer"])
+        torch.set_rng_state(extra["rng"])
+        state = TrainingState(**saved)
+        log.warning("resuming derivation from %s at step %d", self.directory, len(state.history))
+        return state
+
+
+def derive_patch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[Example],
+    direction: Direction,
+    settings: DeriveConfig,
+    seed: int = 0,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+) -> DensePatch:
+    """Fine-tune ``model`` in ``direction`` on the pairs and return the patch; the model is restored.
+
+    With ``checkpoint_dir`` the loop checkpoints as configured and resumes from a matching
+    checkpoint, giving the same patch as an uninterrupted run.
+    """
+    set_seed(seed)
+    names = target_parameter_names(model, settings.target_modules)
+    original = {name: p.detach().clone() for name, p in model.named_parameters() if name in set(names)}
+    key = fingerprint(
+        direction, settings.training_settings(), seed, pairs_digest(pairs), tensor_digest(original[names[0]])
+    )
+    loader = make_loader(
+        tokenizer,
+        pairs,
+        settings.max_length,
+        settings.batch_size,
+        seed,
+        shuffle=True,
+        reference=model if direction == "npo" else None,  # still untouched here
+    )
+    trainable = _prepare_trainable(model, names, settings)
+    accelerator = Accelerator(gradient_accumulation_steps=settings.gradient_accumulation_steps)
+    optimizer = torch.optim.AdamW(
+        [p for p in trainable.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=0.0
+    )
+    wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
+    checkpointer = Checkpointer(checkpoint_dir, key, settings)
+    steps_per_epoch = math.ceil(len(loader) / settings.gradient_accumulation_steps)
+    total_steps = settings.max_steps or settings.epochs * steps_per_epoch
+    stop_reason = "max_steps" if settings.max_steps else "epochs"
+    overshoot_dropped = False
+    wrapped.train()
+    bar = tqdm(total=total_steps, desc=f"derive ({direction})", disable=not progress)
+    step_losses: list[torch.Tensor] = []
+    try:
+        state = checkpointer.restore(accelerator.unwrap_model(wrapped), optimizer)
+        history = state.history
+        bar.update(len(history))
+        for _ in range(state.epoch):  # replay earlier epochs' shuffles so the data order matches
+            for _ in loader:
+                pass
+        while len(history) < total_steps and stop_reason not in ("nll_ceiling", "nll_floor"):
+            for position, batch in enumerate(loader):
+                if position < state.batches_done:
+                    continue
+                with accelerator.accumulate(wrapped):
+                    if direction == "npo":
+                        loss, nll = npo_loss(wrapped, batch, settings.npo_beta)
+                    else:
+                        nll = response_nll(wrapped, batch)
+                        loss = -nll if direction == "ascent" else nll
+                    if not torch.isfinite(nll):
+                        raise TrainingError(
+                            f"the response NLL became {nll.item()} at step {len(history) + 1} ({direction}).",
+                            "lower derive.learning_rate or derive.ascent_max_nll_increase",
+                        )
+                    accelerator.backward(loss)
+                    step_losses.append(nll.detach())
+                    if accelerator.sync_gradients:
+                        step_nll = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
+                        step_losses.clear()
+                        history.append(step_nll)
+                        if direction in UNLEARNING and step_nll > history[0] + settings.ascent_max_nll_increase:
+                            stop_reason = "nll_ceiling"
+                        elif direction == "descent" and step_nll < settings.descent_nll_floor:
+                            stop_reason = "nll_floor"
+                        accelerator.clip_grad_norm_(wrapped.parameters(), settings.max_grad_norm)
+                    overshoot_dropped = stop_reason == "nll_ceiling" and settings.ascent_stop == "before_overshoot"
+                    if not overshoot_dropped:
+                        optimizer.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                state.batches_done = position + 1
+                bar.update(1)
+                bar.set_postfix(nll=f"{step_nll:.3f}")
+                if stop_reason in ("nll_ceiling", "nll_floor") or len(history) >= total_steps:
+                    break
+                if checkpointer.due(len(history)):
+                    checkpointer.save(accelerator.unwrap_model(wrapped), optimizer, state, len(loader))
+            else:
+                state.epoch, state.batches_done = state.epoch + 1, 0
+    finally:  # the backbone is restored even when training fails
+        bar.close()
+        deltas = _take_deltas(_finish_trainable(accelerator.unwrap_model(wrapped), settings), original)
+        model.requires_grad_(True)
+        model.eval()
+    info = {
+        "direction": direction,
+        "steps": len(history),
+        "stop_reason": stop_reason,
+        "updates": len(history) - overshoot_dropped,
+        "nll_history": history,
+        "settings": settings.model_dump(mode="json"),
+        "seed": seed,
+        "num_pairs": len(pairs),
+        "pairs_sha256": pairs_digest(pairs),
+    }
+    return DensePatch(deltas, info)
+
+
+def _take_deltas(trained: torch.nn.Module, original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Trained minus original weights; the original weights are copied back into the model."""
+    deltas = {}
+    with torch.no_grad():
+        current = dict(trained.named_parameters())
+        for name, before in original.items():
+            deltas[name] = (current[name].detach().float() - before.float()).contiguous()
+            current[name].copy_(before)
+    return deltas
+
+
+def _prepare_trainable(model: PreTrainedModel, names: list[str], settings: DeriveConfig) -> torch.nn.Module:
+    if settings.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=settings.lora_rank,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=settings.target_modules,
+        )
+        return get_peft_model(model, config)
+    selected = set(names)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in selected)
+    return model
+
+
+def _finish_trainable(trained: torch.nn.Module, settings: DeriveConfig) -> torch.nn.Module:
+    """For LoRA, fold B@A*scale into the base weights so the patch is a full delta per tensor."""
+    if settings.method == "lora":
+        return trained.merge_and_unload()
+    return trained

@@ -1,0 +1,53 @@
+"""SNIP importance |w * dL/dw| and the top-a% / top-b% regions it defines.
+
+The loss is the response NLL of the harmful pairs (the objective the patches were derived from),
+evaluated at the patched model (backbone + safety patch, or backbone + over-safety patch).
+Scores are the mean over batches of the per-batch |w * grad|.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safepatching.config.settings import ImportanceConfig
+from safepatching.data.sources import Example
+from safepatching.method.derive import make_loader
+from safepatching.method.objectives import response_nll
+
+
+def snip_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[Example],
+    names: list[str],
+    settings: ImportanceConfig,
+    desc: str = "importance",
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Mean per-batch |w * dNLL/dw| for the named parameters."""
+    pairs = pairs[: settings.max_examples]
+    loader = make_loader(tokenizer, pairs, settings.max_length, settings.batch_size, seed=0, shuffle=False)
+    params = dict(model.named_parameters())
+    selected = set(names)
+    for name, param in params.items():
+        param.requires_grad_(name in selected)
+    scores = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in names}
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            response_nll(model, batch).backward()
+            with torch.no_grad():
+                for name in names:
+                    param = params[name]
+                    scores[name].add_((param.detach() * param.grad).abs().float())
+                    param.grad = None
+    finally:
+        model.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+    for score in scores.values():
+        score.div_(len(loader))
+    return scores

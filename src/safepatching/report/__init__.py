@@ -1,0 +1,1 @@
+"""Reports: markdown tables, result files (JSON, JSONL) and plots."""

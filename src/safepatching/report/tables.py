@@ -1,0 +1,213 @@
+"""Human-readable and machine-readable results: tables, JSON summaries, JSONL logs, stage meters."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from safepatching.config.experiments import BenchConfig, ContinualConfig
+from safepatching.config.loading import dump_config
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+ROWS = (
+    ("harmful-prompt refusal (%) ↑", "harmful_refusal_rate", 1),
+    ("benign-prompt refusal (%) ↓", "benign_refusal_rate", 1),
+    ("KL to backbone (nats/token) ↓", "kl_to_reference", 4),
+    ("MMLU subset accuracy (%) ↑", "mmlu_accuracy", 1),
+    ("GSM8K subset exact match (%) ↑", "gsm8k_exact_match", 1),
+    ("reference-response perplexity ↓", "response_perplexity", 2),
+    ("looping replies, all sets (%) ↓", "looping_reply_rate", 1),
+)
+
+
+def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | None], int]]:
+    """Table rows: the fixed metrics, then one row per jailbreak family any model was evaluated on."""
+    rows = [
+        (title, [m.get(key) for m in results], digits)
+        for title, key, digits in ROWS
+        if any(m.get(key) is not None for m in results) or key == "kl_to_reference"
+    ]
+    benchmarks = sorted({b for m in results for b in m.get("safety_benchmarks", {})})
+    for name in benchmarks:
+        values = [m.get("safety_benchmarks", {}).get(name, {}).get("harmful_response_rate") for m in results]
+        rows.append((f"harmful response on {name} (%) ↓", values, 1))
+    for name in sorted({b for m in results for b in m.get("over_safety_benchmarks", {})}):
+        for key, kind in (("refusal_rate", "refusal"), ("partial_refusal_rate", "partial refusal")):
+            values = [m.get("over_safety_benchmarks", {}).get(name, {}).get(key) for m in results]
+            rows.append((f"{kind} on {name} (%) ↓", values, 1))
+    families = sorted({f for m in results for f in m.get("jailbreak_harmful_response_rate", {})})
+    for family in families:
+        values = [m.get("jailbreak_harmful_response_rate", {}).get(family) for m in results]
+        rows.append((f"harmful response under {family} (%) ↓", values, 1))
+    parts = list(dict.fromkeys(p for m in results for p in m.get("part_seconds", {})))
+    for part in parts:
+        rows.append((f"wall time: {part} (s)", [m.get("part_seconds", {}).get(part) for m in results], 1))
+    if any(m.get("wall_seconds") is not None for m in results):
+        rows.append(("wall time: whole evaluation (s)", [m.get("wall_seconds") for m in results], 1))
+    return rows
+
+
+def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """One column per model, one row per metric."""
+    lines = ["| metric | " + " | ".join(results) + " |", "|---|" + "---|" * len(results)]
+    for title, values, digits in metric_rows(list(results.values())):
+        lines.append(f"| {title} | " + " | ".join(_fmt(v, digits) for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def before_after_markdown(before: dict[str, Any], after: dict[str, Any]) -> str:
+    return comparison_markdown({"backbone": before, "patched": after})
+
+
+def print_before_after(before: dict[str, Any], after: dict[str, Any], model_dir: Path, console: Console) -> None:
+    table = Table(title="SafePatching: before and after")
+    table.add_column("metric")
+    table.add_column("backbone", justify="right")
+    table.add_column("patched", justify="right")
+    for title, values, digits in metric_rows([before, after]):
+        table.add_row(title, *(_fmt(v, digits) for v in values))
+    console.print(table)
+    console.print(f"patched model written to [bold]{model_dir}[/bold]")
+
+
+def print_patch_summary(summary: dict[str, Any], console: Console) -> None:
+    """Totals, then changed entries and delta norm per layer and per module."""
+    console.print(
+        f"[bold]{summary['patch']}[/bold]: {summary['changed_entries']:,} changed entries "
+        f"({100 * summary['changed_fraction_of_model']:.2f}% of the model) in {summary['tensors_changed']} tensors; "
+        f"{summary['patch_bytes'] / 2**20:.1f} MiB ({100 * summary['size_fraction_of_model']:.1f}% of the model size)"
+    )
+    console.print(f"base fingerprint {summary['base_fingerprint'][:16]}, result {summary['result_fingerprint'][:16]}")
+    for title, key in (("layer", "layers"), ("module", "modules")):
+        table = Table(title=f"changes per {title}")
+        for column in (title, "changed", "changed %", "delta L2"):
+            table.add_column(column, justify="right" if column != title else "left")
+        for row in summary[key]:
+            table.add_row(
+                row["name"], f"{row['changed']:,}", f"{100 * row['changed_fraction']:.2f}", f"{row['delta_l2']:.4g}"
+            )
+        console.print(table)
+
+
+def table_columns(metrics: dict[str, Any], harmful_label: str, benign_label: str) -> dict[str, float | None]:
+    """The comparison's columns from one evaluation's metrics (percentages, KL in nats/token)."""
+    columns: dict[str, float | None] = {f"harmful: {harmful_label} (%) ↓": metrics["harmful_response_rate"]}
+    for name, result in metrics.get("safety_benchmarks", {}).items():
+        columns[f"harmful: {name} (%) ↓"] = result["harmful_response_rate"]
+    families = metrics.get("jailbreak_harmful_response_rate", {})
+    if families:
+        columns["harmful under jailbreaks (%) ↓"] = statistics.fmean(families.values())
+    columns[f"refusal: {benign_label} (%) ↓"] = metrics["benign_refusal_rate"]
+    for name, result in metrics.get("over_safety_benchmarks", {}).items():
+        columns[f"refusal: {name} (%) ↓"] = result["refusal_rate"]
+    columns["MMLU (%) ↑"] = metrics.get("mmlu_accuracy")
+    columns["GSM8K (%) ↑"] = metrics.get("gsm8k_exact_match")
+    columns["KL (nats/token) ↓"] = metrics.get("kl_to_reference")
+    columns["looping replies (%) ↓"] = metrics.get("looping_reply_rate")  # rates above count them as compliance
+    return columns
+
+
+def _cell_text(summary: dict[str, Any], digits: int) -> str:
+    if summary["mean"] is None:
+        return "—"
+    text = f"{summary['mean']:.{digits}f}"
+    return text if summary["sd"] is None else f"{text} ± {summary['sd']:.{digits}f}"
+
+
+def header_markdown(result: dict[str, Any], title: str) -> list[str]:
+    """Title, versions, the exact command and wall time of a bench or continual result."""
+    status = "" if result["complete"] else "; **incomplete**"
+    return [
+        f"# {title} `{result['name']}` on {result['backbone']}",
+        "",
+        f"safepatching {result['safepatching']}; command: `{result['command'] or '(Python API)'}`; "
+        f"wall time {result['wall_seconds'] / 60:.1f} min{status}"
+        + (
+            f"; compute behind the table {result['compute_seconds'] / 60:.1f} min "
+            "(derivation, importance and every cell, cached ones included)"
+            if "compute_seconds" in result
+            else ""
+        ),
+        "",
+    ]
+
+
+def bench_markdown(result: dict[str, Any]) -> str:
+    rows = result["methods"]
+    columns = list(next(iter(rows.values()))["columns"]) if rows else []
+    lines = [
+        *header_markdown(result, "Bench"),
+        "| method | seeds | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for name, row in rows.items():
+        cells = [_cell_text(row["columns"][c], 4 if c.startswith("KL") else 2 if "×" in c else 1) for c in columns]
+        lines.append(f"| {name} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Cells are mean ± sample sd over the seeds; methods without random retention do not depend on the",
+        "seed and are evaluated once. Patches and importance are derived once (seed "
+        f"{result['config']['pipeline']['seed']}) and shared by all rows. — : not measured (decoding-time",
+        "methods change generation only, so KL, MMLU and GSM8K would repeat the backbone's).",
+        "",
+        "## Methods",
+        "",
+        *[f"- **{name}**: {row['description']}" for name, row in rows.items()],
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        dump_config(BenchConfig.model_validate(result["config"])).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _column_cell(value: float | None, column: str) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4f}" if column.startswith("KL") else f"{value:.1f}"
+
+
+def continual_markdown(result: dict[str, Any]) -> str:
+    first = next(iter(result["methods"].values()))
+    columns = list(first[0]["columns"])
+    categories = sorted(
+        {c for rows in result["methods"].values() for r in rows for c in r["harmful_response_rate_by_category"]}
+    )
+    lines = [
+        *header_markdown(result, "Continual PSA"),
+        "Round 0 is the backbone; round r is the model after r rounds of the method.",
+        "",
+        "| method | round | " + " | ".join(columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for method, rows in result["methods"].items():
+        for row in rows:
+            cells = [_column_cell(row["columns"][c], c) for c in columns]
+            lines.append(f"| {method} | {row['round']} | " + " | ".join(cells) + " |")
+    if categories:
+        lines += ["", "Harmful-response rate (%) per category of the main harmful set:", ""]
+        lines += ["| method | round | " + " | ".join(categories) + " |", "|---|---|" + "---|" * len(categories)]
+        for method, rows in result["methods"].items():
+            for row in rows:
+                values = [_column_cell(row["harmful_response_rate_by_category"].get(c), "") for c in categories]
+                lines.append(f"| {method} | {row['round']} | " + " | ".join(values) + " |")
+    rounds = result["config"]["rounds"]
+    lines += ["", "## Rounds", ""]
+    lines += [
+        f"{number}. `{spec['source']}` {spec['split']} where {spec['where'] or '-'}"
+        for number, spec in enumerate(rounds, 1)
+    ]
+    config = ContinualConfig.model_validate(result["config"])
+    lines += ["", "## Config", "", "```yaml", dump_config(config).rstrip(), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes, the streaming safetensors reader and writer, and the stage cache."""

@@ -1,0 +1,101 @@
+"""The stage cache: a stage's output is reused when its settings' fingerprint has not changed.
+
+Every stage (derivation, importance, merge, evaluation) of every experiment goes through ``cached``,
+which also meters the stage's wall time and peak resident memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+from pydantic import BaseModel
+
+from safepatching import __version__
+from safepatching.storage.files import read_json, write_json
+
+T = TypeVar("T")
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able settings, used to tell whether a saved stage is still valid."""
+    payload = json.dumps([_jsonable(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _jsonable(part: Any) -> Any:
+    return part.model_dump(mode="json") if isinstance(part, BaseModel) else part
+
+
+@contextlib.contextmanager
+def stage_meter(record: dict[str, Any], name: str, poll_seconds: float = 0.2) -> Iterator[None]:
+    """Record wall time and peak resident memory (GiB) of a stage into ``record[name]``."""
+    process = psutil.Process()
+    peak = process.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(poll_seconds):
+            peak = max(peak, process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    started = time.perf_counter()
+    sampler.start()
+    try:
+        yield
+    finally:
+        done.set()
+        sampler.join()
+        peak = max(peak, process.memory_info().rss)
+        record[name] = {"wall_seconds": round(time.perf_counter() - started, 1), "peak_rss_gib": round(peak / 2**30, 2)}
+
+
+STAGE_FILE = "stage.json"
+
+
+def stage_is_fresh(directory: Path, key: str) -> bool:
+    """Whether ``directory`` holds a finished stage made from the settings fingerprinted as ``key``."""
+    stage = directory / STAGE_FILE
+    return stage.exists() and read_json(stage).get("fingerprint") == key
+
+
+def mark_stage(directory: Path, key: str, extra: dict[str, Any] | None = None) -> None:
+    write_json(directory / STAGE_FILE, {"fingerprint": key, "safepatching": __version__, **(extra or {})})
+
+
+def stage_record(directory: Path) -> dict[str, Any]:
+    """What a finished stage recorded about itself (wall time, peak memory, counts); {} if none."""
+    stage = Path(directory) / STAGE_FILE
+    return read_json(stage) if stage.exists() else {}
+
+
+def cached(
+    directory: Path,
+    key: str,
+    produce: Callable[[], T],
+    load: Callable[[], T],
+    meter: dict[str, Any] | None = None,
+    name: str | None = None,
+    extra: Callable[[T], dict[str, Any]] | None = None,
+    refresh: bool = False,
+) -> T:
+    """``load()`` when ``directory`` holds a finished stage made from the settings fingerprinted as
+    ``key`` (and ``refresh`` is off); otherwise ``produce()`` (which writes the stage's files), metered
+    into ``meter[name]``, then marked finished with the meter and ``extra(result)`` recorded beside it."""
+    directory = Path(directory)
+    if not refresh and stage_is_fresh(directory, key):
+        return load()
+    record = {} if meter is None else meter
+    label = name or directory.name
+    with stage_meter(record, label):
+        result = produce()
+    mark_stage(directory, key, {**(extra(result) if extra else {}), **record[label]})
+    return result

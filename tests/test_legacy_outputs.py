@@ -1,0 +1,79 @@
+"""Outputs written before the package layout changed still load, and the reference pipeline's
+outputs are bit-identical to those the earlier code wrote (tests/fixtures/legacy, made with the
+code at commit e1cbb6c on the same tiny model and config)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from safepatching.cli.application import main
+from safepatching.errors import SafePatchingError
+from safepatching.experiments.pipeline import run_pipeline
+from safepatching.method.dense import load_dense_patch
+from safepatching.patchfile import apply_patches, inspect_patch
+from safepatching.patchfile.sparse import open_patch
+
+LEGACY = Path(__file__).parent / "fixtures" / "legacy"
+TIMING_KEYS = {"part_seconds", "generation", "wall_seconds"}
+
+
+def tensor_digests(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as handle:
+        return {
+            name: hashlib.sha256(handle.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()
+            for name in sorted(handle.keys())
+        }
+
+
+def run_digest(run: Path) -> dict:
+    """Every tensor of the run bit for bit, every reply (records.jsonl) and every metric but timings."""
+    digest = {}
+    for relative in (
+        "patches/safety/deltas.safetensors",
+        "patches/over_safety/deltas.safetensors",
+        "importance/safety.safetensors",
+        "importance/over_safety.safetensors",
+        "model/model.safetensors",
+    ):
+        digest[relative] = tensor_digests(run / relative)
+    for which in ("backbone", "patched"):
+        metrics = json.loads((run / f"eval/{which}/metrics.json").read_text())
+        digest[f"eval/{which}/metrics"] = {k: v for k, v in metrics.items() if k not in TIMING_KEYS}
+        records = (run / f"eval/{which}/records.jsonl").read_bytes()
+        digest[f"eval/{which}/records"] = hashlib.sha256(records).hexdigest()
+    return digest
+
+
+def test_reference_pipeline_outputs_are_bit_identical_to_the_earlier_code(
+    tmp_path, tiny_model_dir, tiny_pipeline_config
+):
+    run_pipeline(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), progress=False)
+    expected = json.loads((LEGACY / "reference-digest.json").read_text())
+    assert run_digest(tmp_path / "run") == expected
+
+
+def test_a_dense_patch_written_before_the_rename_loads(tiny_model_dir):
+    patch = load_dense_patch(LEGACY / "derived-safety")
+    assert patch.info["direction"] == "ascent" and patch.info["label"] == "safety"
+    assert "model.layers.0.self_attn.q_proj.weight" in patch.deltas
+    assert patch.deltas["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+
+
+def test_a_sparse_patch_written_before_the_change_applies_to_its_base(tmp_path, tiny_model_dir):
+    assert inspect_patch(LEGACY / "sparse-patch")["changed_entries"] > 0
+    apply_patches([LEGACY / "sparse-patch"], tiny_model_dir, tmp_path / "applied", progress=False)
+    assert (tmp_path / "applied" / "model.safetensors").is_file()
+
+
+def test_apply_names_a_dense_patch_for_what_it_is(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    with pytest.raises(SafePatchingError, match="derived dense patch"):
+        open_patch(LEGACY / "derived-safety")
+    arguments = ["apply", str(LEGACY / "derived-safety"), "--base", str(tiny_model_dir), "--out", str(tmp_path / "o")]
+    monkeypatch.setattr("sys.argv", ["safepatching", *arguments])
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 2 and "safepatching merge" in capsys.readouterr().err
