@@ -180,3 +180,17 @@ def test_usage_errors_are_one_line_and_compare_takes_several_models(tmp_path, ru
     assert result.returncode == 2 and "first" in result.stderr and "does not exist" in result.stderr
     result = run_command("eval", "stray", "--out", str(tmp_path / "o"))
     assert result.returncode == 2 and "--compare" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ({"merge": {"alpah": 1}}, "custom_methods.typo.merge.alpah: unknown key"),
+        ({"merge": {"retention": 2}}, "custom_methods.typo.merge.retention: Input should be less than or equal to 1"),
+        ({"kind": "decoding", "decoding": {"method": "safedecoding"}}, "needs decoding.expert_model"),
+    ],
+)
+def test_bench_method_overrides_are_validated_when_the_config_is_read(method, expected):
+    with pytest.raises(ConfigError) as raised:
+        build_config(overrides={"custom_methods": {"typo": method}, "methods": ["typo"]}, model=BenchConfig)
+    assert expected in str(raised.value)

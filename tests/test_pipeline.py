@@ -131,3 +131,13 @@ def test_schema_rejects_malformed_summaries(change):
     change(summary)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(summary, summary_schema())
+
+
+def test_run_options_leave_the_cache_keys(tmp_path, tiny_model_dir, tiny_pipeline_config):
+    run_pipeline(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), progress=False)
+    resharded = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
+    resharded.merge.shard_size_mb = 1
+    resharded.eval.vllm_gpu_memory_utilization = 0.9
+    again = Stages(resharded, progress=False)
+    run_stages(again)
+    assert not {"merge", "eval_backbone", "eval_patched"} & set(again.meter)
