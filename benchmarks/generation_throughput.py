@@ -1,8 +1,13 @@
-"""Tokens/s of the batched generation engine against a naive one-prompt-at-a-time `generate` loop.
+"""Generation throughput: a naive float32 loop, our engine in float32, our engine with the defaults.
 
-Both decode greedily the same prompts with the same model and token budget; useful tokens are
-counted the same way for both (the decoded replies re-tokenised), so padding and tokens generated
-after a sequence finished do not count. Last line: ``speedup: X`` (batched / naive tokens/s).
+All three decode greedily the same prompts with the same token budget; useful tokens are counted
+the same way for each (the decoded replies re-tokenised), so padding and tokens generated after a
+reply ended do not count. The bf16 matmul rate of this machine is measured in the same run, which
+gives the share of the hardware's limit the default engine reaches (2 FLOPs per parameter per token).
+
+Last line: ``speedup: X vs_fp32: Y limit_fraction: Z`` with X = default engine / naive loop,
+Y = default engine / float32 engine at batch 16 (the earlier default), Z = default engine's tokens/s
+x 2 x parameters / bf16 FLOP/s.
 """
 
 from __future__ import annotations
@@ -12,11 +17,12 @@ import time
 
 import torch
 
-from safepatching.config.settings import DatasetSpec
+from safepatching.config.settings import DatasetSpec, EvalConfig, ModelLoading
 from safepatching.data.chat import chat_prompt
 from safepatching.data.sources import load_examples
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.models.loading import load_model
+from safepatching.models.precision import resolve_dtype
 
 
 def count_tokens(tokenizer, texts: list[str]) -> int:
@@ -41,36 +47,66 @@ def naive_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
     return replies
 
 
+def matmul_flops(dtype: torch.dtype, shape: tuple[int, int, int] = (512, 896, 4864), seconds: float = 3.0) -> float:
+    """Sustained FLOP/s of (m x k) @ (k x n) in ``dtype`` (the reference backbone's MLP shape)."""
+    m, k, n = shape
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        runs += 1
+    return 2 * m * k * n * runs / (time.perf_counter() - started)
+
+
+def timed(function, *args) -> tuple[list[str], float]:
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--prompts", type=int, default=48)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--prompts", type=int, default=96)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
-    model, tokenizer = load_model(args.model)
-    examples = load_examples(DatasetSpec(source="builtin:benign-but-scary"))
-    examples += load_examples(DatasetSpec(source="builtin:harmless"))
+    examples = [
+        *load_examples(DatasetSpec(source="builtin:benign-but-scary")),
+        *load_examples(DatasetSpec(source="builtin:uncensorbench", split="train[100:]", shuffle_seed=0)),
+        *load_examples(DatasetSpec(source="builtin:harmless")),
+    ]
     prompts = [e.prompt for e in examples][: args.prompts]
+    default_dtype = resolve_dtype(ModelLoading().compute_dtype)
+    default_batch = EvalConfig().batch_size
 
-    started = time.perf_counter()
-    naive = naive_generate(model, tokenizer, prompts, args.max_new_tokens)
-    naive_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    batched = HFGenerator(model, tokenizer, args.batch_size, progress=False).generate(prompts, args.max_new_tokens)
-    batched_seconds = time.perf_counter() - started
+    fp32_model, tokenizer = load_model(args.model, ModelLoading(compute_dtype="float32"))
+    naive, naive_seconds = timed(naive_generate, fp32_model, tokenizer, prompts, args.max_new_tokens)
+    engine_fp32 = HFGenerator(fp32_model, tokenizer, 16, progress=False)
+    fp32_replies, fp32_seconds = timed(engine_fp32.generate, prompts, args.max_new_tokens)
+    parameters = sum(p.numel() for p in fp32_model.parameters())
+    del fp32_model, engine_fp32
+    model, _ = load_model(args.model, ModelLoading())
+    engine = HFGenerator(model, tokenizer, default_batch, progress=False)
+    replies, seconds = timed(engine.generate, prompts, args.max_new_tokens)
+    bf16_flops = matmul_flops(torch.bfloat16)
 
     naive_rate = count_tokens(tokenizer, naive) / naive_seconds
-    batched_rate = count_tokens(tokenizer, batched) / batched_seconds
-    same = sum(a == b for a, b in zip(naive, batched, strict=True))
+    fp32_rate = count_tokens(tokenizer, fp32_replies) / fp32_seconds
+    rate = count_tokens(tokenizer, replies) / seconds
+    same = sum(a == b for a, b in zip(fp32_replies, replies, strict=True))
     print(
-        f"model: {args.model}; prompts: {len(prompts)}; max_new_tokens: {args.max_new_tokens}; "
-        f"threads: {torch.get_num_threads()}"
+        f"model: {args.model} ({parameters / 1e6:.0f} M parameters); prompts: {len(prompts)}; "
+        f"max_new_tokens: {args.max_new_tokens}; threads: {torch.get_num_threads()}"
     )
-    print(f"naive one-at-a-time generate: {naive_rate:.1f} tokens/s ({naive_seconds:.1f} s)")
-    print(f"batched engine (batch {args.batch_size}): {batched_rate:.1f} tokens/s ({batched_seconds:.1f} s)")
-    print(f"identical replies: {same}/{len(prompts)} (greedy; batching may flip near-ties)")
-    print(f"speedup: {batched_rate / naive_rate:.2f}")
+    print(f"naive one-at-a-time generate, float32: {naive_rate:.1f} tokens/s ({naive_seconds:.1f} s)")
+    print(f"engine, float32, batch 16: {fp32_rate:.1f} tokens/s ({fp32_seconds:.1f} s)")
+    print(f"engine, defaults ({default_dtype}, batch {default_batch}): {rate:.1f} tokens/s ({seconds:.1f} s)")
+    print(f"bf16 matmul (512x896 @ 896x4864): {bf16_flops / 1e9:.0f} GFLOP/s")
+    print(f"replies identical between float32 and defaults: {same}/{len(prompts)}")
+    limit = rate * 2 * parameters / bf16_flops
+    print(f"speedup: {rate / naive_rate:.2f} vs_fp32: {rate / fp32_rate:.2f} limit_fraction: {limit:.2f}")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ def tiny_config(model_dir, out, **merge):
     return PipelineConfig(
         model=str(model_dir),
         output_dir=out,
+        compute_dtype="float32",
         harmful_train={
             "source": "builtin:uncensorbench",
             "split": "train[:6]",

@@ -17,6 +17,7 @@ from safepatching.method.dense import add_deltas, load_dense_patch
 from safepatching.method.derive import derive_patch
 from safepatching.method.regions import TopRegion, difference_sets
 from safepatching.models.loading import load_model
+from safepatching.models.precision import resolve_dtype
 
 
 def pipeline_settings(model_dir, **extra):
@@ -266,13 +267,16 @@ def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir, run_comm
     assert "| ga | 2 |" in (tmp_path / "results/tiny-continual.md").read_text()
 
     # round 2's GA patch was derived from the round-1 model, not from the backbone
-    model, tokenizer = load_model(str(tiny_model_dir))
+    model, tokenizer = load_model(str(tiny_model_dir), training=True)
     round_one = load_dense_patch(tmp_path / "work/ga/round-1/patches/safety")
     round_two = load_dense_patch(tmp_path / "work/ga/round-2/patches/safety")
     settings = build_config(path, model=ContinualConfig, quick=True)
     pairs = load_examples(settings.rounds[1])
     add_deltas(model, round_one.deltas)
-    again = derive_patch(model, tokenizer, pairs, "ascent", settings.pipeline.derive, settings.pipeline.seed, False)
+    dtype = resolve_dtype(settings.pipeline.compute_dtype)
+    again = derive_patch(
+        model, tokenizer, pairs, "ascent", settings.pipeline.derive, settings.pipeline.seed, False, compute_dtype=dtype
+    )
     for name in round_two.deltas:
         torch.testing.assert_close(again.deltas[name], round_two.deltas[name])
 

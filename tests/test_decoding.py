@@ -159,6 +159,7 @@ def test_vllm_backend_serves_folder_models_with_greedy_chat_prompts(tmp_path, ti
     module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # auto serves bf16 on such a GPU
     assert use_vllm(settings, str(tiny_model_dir))
     assert not use_vllm(settings, None)  # an in-memory merge is never served from a folder
     rose = settings.model_copy(update={"decoding": DecodingConfig(method="rose")})
@@ -169,7 +170,7 @@ def test_vllm_backend_serves_folder_models_with_greedy_chat_prompts(tmp_path, ti
         model, tokenizer, sets, settings, progress=False, model_source=str(tiny_model_dir)
     )
     (engine,) = fake.engines
-    assert engine.kwargs == {"model": str(tiny_model_dir), "dtype": "float32", "gpu": 0.5, "trust_remote_code": False}
+    assert engine.kwargs == {"model": str(tiny_model_dir), "dtype": "bfloat16", "gpu": 0.5, "trust_remote_code": False}
     texts, params = engine.calls[0]
     assert texts == [chat_prompt(tokenizer, e.prompt) for e in sets.harmful]
     assert params.temperature == 0.0 and params.max_tokens == 7

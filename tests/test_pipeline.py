@@ -73,7 +73,7 @@ def test_extra_training_sources_are_deduplicated_and_can_drop_evaluation_prompts
     plain = Stages(PipelineConfig(output_dir=tmp_path), progress=False)
     c = plain.config
     assert plain.derive_key() == fingerprint(
-        c.model, c.seed, c.compute_dtype, c.harmful_train, c.derive.training_settings()
+        c.model, c.seed, plain.compute_dtype, c.harmful_train, c.derive.training_settings()
     )
 
     widened = Stages(

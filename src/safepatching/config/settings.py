@@ -21,7 +21,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-ComputeDtype = Literal["float32", "bfloat16", "float16"]
+ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
 # The merge methods of method.merge_methods.MERGE_METHODS (a test keeps the two in step), named here so
 # that a config is validated before any work without the settings importing the method.
 MergeMethodName = Literal["safepatching", "task_arithmetic", "safepatching_intersection", "ties"]
@@ -32,7 +32,11 @@ class ModelLoading(StrictModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    compute_dtype: ComputeDtype = "float32"
+    compute_dtype: ComputeDtype = Field(
+        "auto",
+        description="evaluation weights and the autocast dtype of derivation and importance (which keep "
+        "float32 master weights); auto: bfloat16 where the hardware runs it fast, float32 elsewhere",
+    )
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
@@ -219,7 +223,9 @@ class EvalConfig(StrictModel):
     harmless: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="builtin:harmless"))
     max_examples: int | None = Field(None, ge=1, description="cap on prompts per set")
     max_new_tokens: int = Field(48, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(
+        64, ge=1, description="prompts generated together (fewer when long: a batch holds at most 512 tokens a row)"
+    )
     judge: str = Field(
         "keyword",
         description="judge for harmful prompts: keyword, three-way, gcg, xstest-strmatch, "
@@ -278,7 +284,11 @@ class PipelineConfig(StrictModel):
     output_dir: Path = Path("runs/demo")
     seed: int = 0
     data_dir: Path | None = Field(default_factory=lambda: _env_path(DATA_DIR_ENV))
-    compute_dtype: ComputeDtype = "float32"
+    compute_dtype: ComputeDtype = Field(
+        "auto",
+        description="evaluation weights and the autocast dtype of derivation and importance (which keep "
+        "float32 master weights); auto: bfloat16 where the hardware runs it fast, float32 elsewhere",
+    )
     trust_remote_code: bool = False
     allow_pickle: bool = False
     harmful_train: DatasetSpec = Field(

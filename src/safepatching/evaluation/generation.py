@@ -35,8 +35,12 @@ def reply_length(tokens: list[int], eos_ids: set[int]) -> int:
     return next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
 
 
+ROW_TOKENS = 512  # a batch holds batch_size rows of this many tokens, or fewer rows of longer ones
+
+
 class HFGenerator:
-    """Greedy decoding with transformers; prompts of similar length share a batch."""
+    """Greedy decoding with transformers; prompts of similar length share a batch, and a batch ends
+    as soon as every row has produced an end token."""
 
     def __init__(
         self,
@@ -67,7 +71,7 @@ class HFGenerator:
         previous_side = self.tokenizer.padding_side
         self.tokenizer.padding_side = "left"
         try:
-            batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+            batches = length_buckets(order, lengths, self.batch_size, max_new_tokens)
             for batch in tqdm(batches, desc=self.desc, disable=not self.progress):
                 encoded = self.tokenizer(
                     [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
@@ -81,6 +85,7 @@ class HFGenerator:
                         top_p=None,
                         top_k=None,
                         pad_token_id=self.tokenizer.pad_token_id,
+                        eos_token_id=sorted(self.eos_ids),
                     )
                 new_tokens = generated[:, encoded["input_ids"].shape[1] :]
                 self.generated_tokens += sum(reply_length(row, self.eos_ids) for row in new_tokens.tolist())
@@ -91,6 +96,21 @@ class HFGenerator:
         finally:
             self.tokenizer.padding_side = previous_side
         return outputs
+
+
+def length_buckets(order: list[int], lengths: list[int], batch_size: int, max_new_tokens: int) -> list[list[int]]:
+    """Consecutive runs of ``order`` (indices sorted by prompt length) of at most ``batch_size`` rows
+    and at most batch_size * ROW_TOKENS padded tokens, so long prompts (jailbreak templates) do not
+    take a full batch's memory each."""
+    budget = batch_size * ROW_TOKENS
+    batches: list[list[int]] = []
+    for index in order:
+        width = lengths[index] + max_new_tokens  # the longest row so far, as prompts come sorted
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * width <= budget:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
 
 
 def vllm_available() -> bool:

@@ -26,6 +26,7 @@ from safepatching.evaluation.metrics import (
 )
 from safepatching.evaluation.utility_tasks import evaluate_utility
 from safepatching.models.loading import DEFAULT_LOADING, load_model, weights_folder
+from safepatching.models.precision import resolve_dtype
 
 
 def use_vllm(settings: EvalConfig, model_source: str | None) -> bool:
@@ -74,7 +75,7 @@ def evaluate_model(
     if generator is None and use_vllm(settings, model_source):
         folder = str(weights_folder(model_source, loading))
         generator = VLLMGenerator(
-            folder, tokenizer, loading.compute_dtype, settings.vllm_gpu_memory_utilization, progress
+            folder, tokenizer, resolve_dtype(loading.compute_dtype), settings.vllm_gpu_memory_utilization, progress
         )
     if generator is None:
         expert = None
@@ -193,6 +194,7 @@ def evaluate_model(
         "tokens": generation["tokens"],
         "seconds_per_token": generation["seconds"] / max(generation["tokens"], 1),
     }
+    metrics["compute_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
     return metrics, records
 

@@ -164,14 +164,14 @@ class Bench:
             "label": f"{directory.parent.name} seed {seed}",
             "progress": self.progress,
             "data_dir": self.config.pipeline.data_dir,
-            "loading": self.config.pipeline.loading,
+            "loading": self.stages.loading,
         }
         if method.kind == "backbone":
             metrics, records = evaluate_model(model, tokenizer, self.sets, eval_settings, **common)
         elif method.kind == "merge":
             deltas, counts, seconds = self.merged_deltas(method, seed)
             extra.update(merge_seconds=round(seconds, 2), merge_counts=counts)
-            with patched(self.working(), deltas):
+            with patched(self.working(), deltas, self.stages.base_weight):
                 metrics, records = evaluate_model(
                     self.working(),
                     tokenizer,
@@ -204,8 +204,8 @@ class Bench:
                 expert_deltas, _, _ = self.merged_deltas(expert_method, seed)
                 expert = self.working()
             else:
-                expert, _ = load_model(decoding.expert_model, self.config.pipeline.loading)
-        with patched(self.working(), expert_deltas):
+                expert, _ = load_model(decoding.expert_model, self.stages.loading)
+        with patched(self.working(), expert_deltas, self.stages.base_weight):
             generator = make_generator(
                 model, tokenizer, decoding, eval_settings.batch_size, self.progress, common["label"], expert
             )

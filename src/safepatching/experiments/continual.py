@@ -27,6 +27,7 @@ from safepatching.experiments.stages import Stages
 from safepatching.method.dense import add_deltas
 from safepatching.method.merger import PatchMerger
 from safepatching.models.loading import load_model
+from safepatching.models.precision import DTYPES, resolved
 from safepatching.report.plots import plot_rounds
 from safepatching.report.results import read_jsonl, result_header, save_eval
 from safepatching.report.tables import continual_markdown, table_columns
@@ -67,11 +68,13 @@ class Continual:
         pipeline = config.pipeline
         self.sets = load_eval_sets(pipeline.eval, pipeline.data_dir)
         self.rounds = load_rounds(config, self.sets)
-        self.backbone, self.tokenizer = load_model(pipeline.model, pipeline.loading)
+        self.loading = resolved(pipeline.loading)
+        self.backbone, self.tokenizer = load_model(pipeline.model, self.loading)  # the KL reference
         self.work = Path(config.work_dir)
 
     def evaluate(self, directory: Path, model, state: str, reference_harmless: list[str] | None) -> dict[str, Any]:
-        """Evaluate ``model`` (whose weights ``state`` names), or read the saved result."""
+        """Evaluate ``model`` (whose weights ``state`` names) in the compute dtype, or read the saved
+        result. A float32 working model is evaluated through a copy in the compute dtype."""
         pipeline = self.config.pipeline
         key = fingerprint(state, pipeline.eval.cache_settings(), pipeline.data_dir, __version__)
         return cached(
@@ -83,6 +86,9 @@ class Continual:
 
     def evaluate_now(self, directory: Path, model, reference_harmless: list[str] | None) -> dict[str, Any]:
         pipeline = self.config.pipeline
+        dtype = DTYPES[self.loading.compute_dtype]
+        if next(model.parameters()).dtype != dtype:
+            model = copy.deepcopy(model).to(dtype)
         metrics, records = evaluate_model(
             model,
             self.tokenizer,
@@ -93,19 +99,19 @@ class Continual:
             label=directory.name,
             progress=self.progress,
             data_dir=pipeline.data_dir,
-            loading=pipeline.loading,
+            loading=self.loading,
         )
         save_eval(directory, metrics, records)
         return metrics
 
     def run(self, command: str) -> dict[str, Any]:
         started = time.perf_counter()
-        origin = fingerprint(self.config.pipeline.model, self.config.pipeline.compute_dtype)
+        origin = fingerprint(self.config.pipeline.model, self.loading.compute_dtype)
         baseline = self.evaluate(self.work / "round-0", self.backbone, origin, None)
         reference_harmless = harmless_responses(read_jsonl(self.work / "round-0" / "records.jsonl"))
         rows: dict[str, list[dict[str, Any]]] = {}
         for method in self.config.methods:
-            working = copy.deepcopy(self.backbone)
+            working, _ = load_model(self.config.pipeline.model, self.loading, training=True)  # float32 master
             state = origin
             rows[method] = [baseline]
             for number, (spec, pairs) in enumerate(zip(self.config.rounds, self.rounds, strict=True), start=1):

@@ -43,6 +43,7 @@ def run_stages(stages: Stages) -> RunResult:
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "safepatching": __version__,
         "model": config.model,
+        "compute_dtype": stages.compute_dtype,
         "patched_model": str(model_dir),
         "backbone": before,
         "patched": after,

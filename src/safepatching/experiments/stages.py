@@ -24,10 +24,11 @@ from safepatching.method.derive import Direction, derive_patch
 from safepatching.method.importance import snip_scores
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger, settings_record, write_patched_model
-from safepatching.models.loading import DTYPES, load_model, weights_folder
+from safepatching.models.loading import load_model, weights_folder
+from safepatching.models.precision import DTYPES, resolved
 from safepatching.report.results import read_jsonl, save_eval
 from safepatching.storage.files import read_json, save_tensors
-from safepatching.storage.shards import LazyTensors
+from safepatching.storage.shards import LazyTensors, WeightFolder
 from safepatching.storage.stages import cached, fingerprint, stage_meter, stage_record
 
 log = logging.getLogger(__name__)
@@ -53,17 +54,39 @@ class Stages:
         self.progress = progress
         self.console = console or Console(stderr=True)
         self.out = Path(config.output_dir)
+        self.loading = resolved(config.loading)  # a dtype this machine cannot run fast fails here
         self.meter: dict[str, Any] = {}
         self._model, self._tokenizer = loaded or (None, None)
+        self._given = loaded is not None
         self.base_state = base_state
         self._pairs: list[Example] | None = None
+        self._weights: WeightFolder | None = None
 
     # -- shared inputs -------------------------------------------------------------------------------
-    def backbone(self):
-        if self._model is None:
-            with stage_meter(self.meter, "load_backbone"):
-                self._model, self._tokenizer = load_model(self.config.model, self.config.loading)
+    @property
+    def compute_dtype(self) -> str:
+        return self.loading.compute_dtype
+
+    def backbone(self, training: bool = False):
+        """The backbone in float32 for ``training`` (derivation, importance), in the compute dtype
+        otherwise. One copy is held: after training it is cast in place, since the stages that
+        train all come before evaluation; a model given to the constructor is used as it is."""
+        dtype = DTYPES["float32" if training else self.compute_dtype]
+        if self._model is not None and (self._given or next(self._model.parameters()).dtype == dtype):
+            return self._model, self._tokenizer
+        if self._model is not None and not training:
+            self._model.to(dtype)
+            return self._model, self._tokenizer
+        self._model = None  # a float32 copy is loaded afresh rather than widened from rounded weights
+        with stage_meter(self.meter, "load_backbone"):
+            self._model, self._tokenizer = load_model(self.config.model, self.loading, training=training)
         return self._model, self._tokenizer
+
+    def base_weight(self, name: str):
+        """A backbone weight as stored (float32 for the demo models), read from disk on demand."""
+        if self._weights is None:
+            self._weights = WeightFolder(weights_folder(self.config.model, self.loading))
+        return self._weights.read(name)
 
     def harmful_pairs(self) -> list[Example]:
         """The pairs the patches are derived from: every harmful_train source, less (when asked) the
@@ -84,7 +107,7 @@ class Stages:
     # -- stage keys ----------------------------------------------------------------------------------
     def derive_key(self) -> str:
         c = self.config
-        parts = [c.model, c.seed, c.compute_dtype, c.harmful_train, c.derive.training_settings()]
+        parts = [c.model, c.seed, self.compute_dtype, c.harmful_train, c.derive.training_settings()]
         if c.harmful_train_extra or c.drop_eval_overlap:  # keyed by content: dropping depends on the eval sets
             parts.append([(e.prompt, e.response) for e in self.harmful_pairs()])
         return fingerprint(*parts, *([self.base_state] if self.base_state else []))
@@ -97,7 +120,7 @@ class Stages:
 
     def backbone_eval_key(self) -> str:
         c = self.config
-        return fingerprint(c.model, c.compute_dtype, c.eval.cache_settings(), c.data_dir)
+        return fingerprint(c.model, self.compute_dtype, c.eval.cache_settings(), c.data_dir)
 
     # -- derivation and importance -------------------------------------------------------------------
     def derive(self, pairs: list[Example]) -> tuple[DensePatch, DensePatch]:
@@ -111,7 +134,7 @@ class Stages:
         directory = Path(directory) if directory is not None else self.out / "patches" / label
 
         def produce() -> DensePatch:
-            model, tokenizer = self.backbone()
+            model, tokenizer = self.backbone(training=True)
             patch = derive_patch(
                 model,
                 tokenizer,
@@ -121,6 +144,7 @@ class Stages:
                 self.config.seed,
                 self.progress,
                 checkpoint_dir_for(directory),
+                self.compute_dtype,
             )
             save_dense_patch(patch, directory, {"label": label, "base_model": self.config.model})
             return patch
@@ -137,11 +161,18 @@ class Stages:
 
     def score(self, pairs: list[Example], patch: DensePatch, label: str) -> dict[str, Any]:
         """SNIP importance of backbone + ``patch`` on the pairs (not cached: `importance` caches both)."""
-        model, tokenizer = self.backbone()
+        model, tokenizer = self.backbone(training=True)
         names = list(patch.deltas)  # the tensors the patch was derived on
         with stage_meter(self.meter, f"importance_{label}"), patched(model, patch.deltas):
             return snip_scores(
-                model, tokenizer, pairs, names, self.config.importance, f"importance ({label})", self.progress
+                model,
+                tokenizer,
+                pairs,
+                names,
+                self.config.importance,
+                f"importance ({label})",
+                self.progress,
+                self.compute_dtype,
             )
 
     def importance(self, pairs: list[Example], safety: DensePatch, over_safety: DensePatch):
@@ -174,7 +205,7 @@ class Stages:
         def produce() -> dict[str, Any]:
             merger = PatchMerger(safety, over_safety, settings, self.config.seed, *scores)
             counts = write_patched_model(
-                weights_folder(self.config.model, self.config.loading),
+                weights_folder(self.config.model, self.loading),
                 directory,
                 merger,
                 None if settings.output_dtype == "auto" else DTYPES[settings.output_dtype],
@@ -201,7 +232,7 @@ class Stages:
         """Backbone and patched model on the same sets; KL is taken on the backbone's own replies."""
         eval_dir = self.out / "eval"
         model, tokenizer = self.backbone()
-        common = {"progress": self.progress, "data_dir": self.config.data_dir, "loading": self.config.loading}
+        common = {"progress": self.progress, "data_dir": self.config.data_dir, "loading": self.loading}
 
         def backbone_eval():
             metrics, records = evaluate_model(
@@ -220,7 +251,7 @@ class Stages:
         )  # fmt: skip
 
         def patched_eval():
-            patched_model, _ = load_model(str(model_dir), self.config.loading)
+            patched_model, _ = load_model(str(model_dir), self.loading)
             metrics, patched_records = evaluate_model(
                 patched_model,
                 tokenizer,

@@ -18,6 +18,7 @@ under WORK_DIR/sweep/.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from safepatching.config.experiments import BenchConfig, SweepConfig
@@ -39,6 +41,7 @@ from safepatching.evaluation.judges.rules import looping
 from safepatching.experiments.stages import Stages
 from safepatching.method.dense import patched
 from safepatching.method.merger import PatchMerger
+from safepatching.models.precision import DTYPES
 
 TRAINING_SECTIONS = ("derive", "importance")
 
@@ -123,7 +126,11 @@ def run_sweep(request: SweepConfig, command: str = "") -> list[dict[str, Any]]:
     for name, examples in run.eval_sets(train).named().items():  # never tune on what is reported
         assert_disjoint(examples, validation, against=f"reported {name} set")
 
-    model, tokenizer = run.backbone()
+    master, tokenizer = run.backbone(training=True)  # float32: derivation and importance update it
+    dtype = DTYPES[run.compute_dtype]
+    model = master if dtype == torch.float32 else copy.deepcopy(master).to(dtype)  # what generates
+    master_weights = dict(master.named_parameters())
+    base = None if model is master else lambda name: master_weights[name].detach()
     judges = {
         "harmful": get_judge(config.eval.judge, request.data_dir),
         "benign": get_judge(config.eval.refusal_judge, request.data_dir),
@@ -148,7 +155,7 @@ def run_sweep(request: SweepConfig, command: str = "") -> list[dict[str, Any]]:
         if settings.derive != config.derive or settings.importance != config.importance:
             out = sweep_dir(work_dir, [settings.derive.training_settings(), settings.importance.model_dump()])
             settings = settings.model_copy(update={"output_dir": out})
-        sweep_run = Stages(settings, progress=True, loaded=(model, tokenizer))
+        sweep_run = Stages(settings, progress=True, loaded=(master, tokenizer))
         safety, over_safety = sweep_run.derive(train)
         return safety, over_safety, sweep_run.importance(train, safety, over_safety)
 
@@ -157,7 +164,7 @@ def run_sweep(request: SweepConfig, command: str = "") -> list[dict[str, Any]]:
         when freshly derived) are freed on return, before the next candidate derives its own."""
         safety, over_safety, scores = derived(settings)
         deltas, counts = PatchMerger(safety, over_safety, settings.merge, settings.seed, *scores).merge_all()
-        with patched(model, deltas):
+        with patched(model, deltas, base):
             return refusal_rates(), counts["changed_fraction"]
 
     rows = [{"candidate": "backbone", **refusal_rates()}]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,11 +66,24 @@ def add_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> No
 
 
 @contextlib.contextmanager
-def patched(model: torch.nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[torch.nn.Module]:
-    """Temporarily add a patch's deltas to the model's weights, restoring them exactly afterwards."""
+def patched(
+    model: torch.nn.Module,
+    deltas: Mapping[str, torch.Tensor],
+    base: Callable[[str], torch.Tensor] | None = None,
+) -> Iterator[torch.nn.Module]:
+    """Temporarily add a patch's deltas to the model's weights, restoring them exactly afterwards.
+
+    ``base`` gives a weight's float32 value by name: a model held in a lower precision then gets
+    round(base + delta), as if the patched float32 model had been loaded in that precision, rather
+    than round(round(base) + delta)."""
     params = dict(model.named_parameters())
     saved = {name: params[name].detach().clone() for name in deltas}
-    add_deltas(model, deltas)
+    if base is None:
+        add_deltas(model, deltas)
+    else:
+        with torch.no_grad():
+            for name, delta in deltas.items():
+                params[name].copy_(base(name).float() + delta.float())
     try:
         yield model
     finally:

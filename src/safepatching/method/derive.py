@@ -32,7 +32,8 @@ from safepatching.data.chat import collate, encode_pair
 from safepatching.data.sources import Example
 from safepatching.errors import TrainingError
 from safepatching.method.dense import DensePatch
-from safepatching.method.objectives import npo_loss, response_logprobs, response_nll
+from safepatching.method.objectives import autocast, npo_loss, response_logprobs, response_nll
+from safepatching.models.precision import DTYPES
 from safepatching.storage.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from safepatching.storage.shards import tensor_digest
 from safepatching.storage.stages import fingerprint
@@ -75,6 +76,7 @@ def make_loader(
     seed: int,
     shuffle: bool,
     reference: torch.nn.Module | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> DataLoader:
     """Batches of encoded pairs; with ``reference`` each example also carries its reference log-prob (NPO)."""
     encoded = [encode_pair(tokenizer, p.prompt, p.response or "", max_length) for p in pairs]
@@ -88,7 +90,7 @@ def make_loader(
             max_length,
         )
     if reference is not None:
-        with torch.no_grad():
+        with torch.no_grad(), autocast(reference, compute_dtype):
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start : start + batch_size]
                 logprobs, _ = response_logprobs(reference, collate(chunk, tokenizer.pad_token_id))
@@ -165,6 +167,17 @@ class Checkpointer:
         return state
 
 
+def require_float32_masters(model: torch.nn.Module, names: list[str]) -> None:
+    """Derivation updates float32 master weights: AdamW's small steps round away in bf16 or fp16."""
+    params = dict(model.named_parameters())
+    low = [name for name in names if params[name].dtype != torch.float32]
+    if low:
+        raise TrainingError(
+            f"derivation needs float32 master weights, but {low[0]} is {params[low[0]].dtype}.",
+            "load the backbone in float32 (load_model(..., training=True)); compute_dtype then sets autocast",
+        )
+
+
 def derive_patch(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -174,6 +187,7 @@ def derive_patch(
     seed: int = 0,
     progress: bool = True,
     checkpoint_dir: Path | None = None,
+    compute_dtype: str = "float32",
 ) -> DensePatch:
     """Fine-tune ``model`` in ``direction`` on the pairs and return the patch; the model is restored.
 
@@ -182,9 +196,16 @@ def derive_patch(
     """
     set_seed(seed)
     names = target_parameter_names(model, settings.target_modules)
+    require_float32_masters(model, names)
+    mixed = DTYPES[compute_dtype]
     original = {name: p.detach().clone() for name, p in model.named_parameters() if name in set(names)}
     key = fingerprint(
-        direction, settings.training_settings(), seed, pairs_digest(pairs), tensor_digest(original[names[0]])
+        direction,
+        settings.training_settings(),
+        seed,
+        pairs_digest(pairs),
+        tensor_digest(original[names[0]]),
+        compute_dtype,
     )
     loader = make_loader(
         tokenizer,
@@ -194,6 +215,7 @@ def derive_patch(
         seed,
         shuffle=True,
         reference=model if direction == "npo" else None,  # still untouched here
+        compute_dtype=mixed,
     )
     trainable = _prepare_trainable(model, names, settings)
     accelerator = Accelerator(gradient_accumulation_steps=settings.gradient_accumulation_steps)
@@ -221,11 +243,12 @@ def derive_patch(
                 if position < state.batches_done:
                     continue
                 with accelerator.accumulate(wrapped):
-                    if direction == "npo":
-                        loss, nll = npo_loss(wrapped, batch, settings.npo_beta)
-                    else:
-                        nll = response_nll(wrapped, batch)
-                        loss = -nll if direction == "ascent" else nll
+                    with autocast(wrapped, mixed):
+                        if direction == "npo":
+                            loss, nll = npo_loss(wrapped, batch, settings.npo_beta)
+                        else:
+                            nll = response_nll(wrapped, batch)
+                            loss = -nll if direction == "ascent" else nll
                     if not torch.isfinite(nll):
                         raise TrainingError(
                             f"the response NLL became {nll.item()} at step {len(history) + 1} ({direction}).",
@@ -270,6 +293,7 @@ def derive_patch(
         "nll_history": history,
         "settings": settings.model_dump(mode="json"),
         "seed": seed,
+        "compute_dtype": compute_dtype,
         "num_pairs": len(pairs),
         "pairs_sha256": pairs_digest(pairs),
     }

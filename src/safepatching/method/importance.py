@@ -14,7 +14,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safepatching.config.settings import ImportanceConfig
 from safepatching.data.sources import Example
 from safepatching.method.derive import make_loader
-from safepatching.method.objectives import response_nll
+from safepatching.method.objectives import autocast, response_nll
+from safepatching.models.precision import DTYPES
 
 
 def snip_scores(
@@ -25,8 +26,10 @@ def snip_scores(
     settings: ImportanceConfig,
     desc: str = "importance",
     progress: bool = True,
+    compute_dtype: str = "float32",
 ) -> dict[str, torch.Tensor]:
-    """Mean per-batch |w * dNLL/dw| for the named parameters."""
+    """Mean per-batch |w * dNLL/dw| for the named parameters (float32 weights and gradients; the
+    forward pass under autocast in ``compute_dtype``)."""
     pairs = pairs[: settings.max_examples]
     loader = make_loader(tokenizer, pairs, settings.max_length, settings.batch_size, seed=0, shuffle=False)
     params = dict(model.named_parameters())
@@ -39,7 +42,9 @@ def snip_scores(
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress):
             batch = {k: v.to(device) for k, v in batch.items()}
-            response_nll(model, batch).backward()
+            with autocast(model, DTYPES[compute_dtype]):
+                loss = response_nll(model, batch)
+            loss.backward()
             with torch.no_grad():
                 for name in names:
                     param = params[name]

@@ -1,24 +1,67 @@
-"""Training objectives on response tokens: NLL, summed log-probabilities and the NPO loss."""
+"""Training objectives on response tokens: NLL, summed log-probabilities and the NPO loss.
+
+Only response positions carry a loss, so the output projection is applied to their hidden states
+alone: on short pairs with a large vocabulary (152k for Qwen2.5) the logits of the prompt tokens
+would be most of the work and memory of a step. Models whose logits are more than a plain
+projection of the decoder's last hidden state (e.g. soft-capped) take the full forward pass.
+"""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 
 from safepatching.data.chat import IGNORE_INDEX
 
 
+def autocast(model: torch.nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for a float32 model: matrix work in ``dtype``, master weights untouched."""
+    device = next(model.parameters()).device.type
+    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def _sliceable(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    plain = getattr(config, "final_logit_softcapping", None) is None and getattr(config, "logit_scale", None) is None
+    return plain and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
+
+
+def response_token_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every response token (a flat vector) and the mask of their positions."""
+    targets = batch["labels"][:, 1:]
+    scored = targets != IGNORE_INDEX
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if _sliceable(model):
+        hidden = model.get_decoder()(**inputs).last_hidden_state[:, :-1][scored]
+        logits = model.get_output_embeddings()(hidden)
+    else:
+        logits = model(**inputs).logits[:, :-1][scored]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return logprobs.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1), scored
+
+
 def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean negative log-likelihood per response token (prompt tokens carry no loss)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    targets = batch["labels"][:, 1:]
+    if not _sliceable(model):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return model(**inputs, labels=batch["labels"]).loss
+    scored = targets != IGNORE_INDEX
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][scored])
+    return F.cross_entropy(logits.float(), targets[scored])
 
 
 def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each example's response tokens, and how many there are."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    scored = labels != IGNORE_INDEX
-    token_logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1))
-    return (token_logprobs.squeeze(-1) * scored).sum(-1), scored.sum(-1)
+    token_logprobs, scored = response_token_logprobs(model, batch)
+    per_position = torch.zeros(scored.shape, dtype=token_logprobs.dtype, device=token_logprobs.device)
+    per_position[scored] = token_logprobs
+    return per_position.sum(-1), scored.sum(-1)
 
 
 def npo_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,10 +12,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from safepatching.config.settings import ModelLoading, cache_dir
 from safepatching.errors import ModelError
+from safepatching.models.precision import DTYPES, resolve_dtype
 from safepatching.models.zoo import DEMO_MODELS, convert_gguf, ensure_demo_model
 
 if TYPE_CHECKING:
@@ -23,13 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 DEFAULT_LOADING = ModelLoading()
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The compute_dtype setting for a torch dtype."""
-    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def resolve_model_path(spec: str) -> tuple[Path | str, str | None]:
@@ -85,8 +77,14 @@ def weights_folder(spec: str, loading: ModelLoading = DEFAULT_LOADING) -> Path:
     return location
 
 
-def load_model(spec: str, loading: ModelLoading = DEFAULT_LOADING) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, refusing pickle weights and remote code unless asked."""
+def load_model(
+    spec: str, loading: ModelLoading = DEFAULT_LOADING, training: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, refusing pickle weights and remote code unless asked.
+
+    Weights come in the compute dtype (``auto`` resolved for this machine), or in float32 for
+    ``training`` (derivation keeps float32 master weights and computes under autocast)."""
+    dtype = "float32" if training else resolve_dtype(loading.compute_dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     location, gguf_file = resolve_model_path(spec)
@@ -99,7 +97,7 @@ def load_model(spec: str, loading: ModelLoading = DEFAULT_LOADING) -> tuple[PreT
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             location,
-            dtype=DTYPES[loading.compute_dtype],
+            dtype=DTYPES[dtype],
             use_safetensors=None if (loading.allow_pickle or gguf_file) else True,
             **kwargs,
         )

@@ -9,6 +9,7 @@ from typing import Any
 
 from safepatching import __version__
 from safepatching.config.experiments import BenchConfig, ContinualConfig
+from safepatching.models.precision import resolve_dtype
 from safepatching.storage.files import write_json, write_text_atomic
 
 SUMMARY_SCHEMA_VERSION = 2  # resources/summary.schema.json
@@ -35,9 +36,14 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def result_header(
-    config: BenchConfig | ContinualConfig, command: str, seconds: float, complete: bool, schema_version: int
+    config: BenchConfig | ContinualConfig,
+    command: str,
+    seconds: float,
+    complete: bool,
+    schema_version: int,
 ) -> dict[str, Any]:
-    """What every bench or continual result starts with: versions, the exact command, timing."""
+    """What every bench or continual result starts with: versions, the exact command, the compute
+    dtype the run resolved, timing."""
     return {
         "schema_version": schema_version,
         "safepatching": __version__,
@@ -45,5 +51,6 @@ def result_header(
         "command": command,
         "complete": complete,
         "backbone": config.pipeline.model,
+        "compute_dtype": resolve_dtype(config.pipeline.compute_dtype),
         "wall_seconds": round(seconds, 1),
     }

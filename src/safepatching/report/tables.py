@@ -128,7 +128,8 @@ def header_markdown(result: dict[str, Any], title: str) -> list[str]:
     return [
         f"# {title} `{result['name']}` on {result['backbone']}",
         "",
-        f"safepatching {result['safepatching']}; command: `{result['command'] or '(Python API)'}`; "
+        f"safepatching {result['safepatching']}; compute dtype {result.get('compute_dtype', 'float32')}; "
+        f"command: `{result['command'] or '(Python API)'}`; "
         f"wall time {result['wall_seconds'] / 60:.1f} min{status}"
         + (
             f"; compute behind the table {result['compute_seconds'] / 60:.1f} min "

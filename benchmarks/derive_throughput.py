@@ -1,0 +1,104 @@
+"""Derivation throughput: float32, the default (float32 masters + autocast), and Hugging Face Trainer.
+
+Each runs the same number of optimizer steps of gradient descent on the same harmful pairs, with
+the same batch size, accumulation, sequence length, AdamW settings and trainable tensors (the
+attention and MLP projections), starting from the same float32 weights. Trainer gets bf16
+autocast (``bf16=True``), as a user of it would. Training tokens per second count every token of
+the pairs processed.
+
+Last line: ``speedup: X vs_trainer: Y`` with X = default / float32 and Y = default / Trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from safepatching.config.settings import DeriveConfig, ModelLoading, PipelineConfig
+from safepatching.data.chat import collate, encode_pair
+from safepatching.data.sources import load_pairs
+from safepatching.method.derive import derive_patch, target_parameter_names
+from safepatching.models.loading import load_model
+from safepatching.models.precision import resolve_dtype
+
+
+def ours(model, tokenizer, pairs, settings: DeriveConfig, dtype: str) -> float:
+    started = time.perf_counter()
+    patch = derive_patch(model, tokenizer, pairs, "descent", settings, progress=False, compute_dtype=dtype)
+    assert patch.info["steps"] == settings.max_steps
+    return time.perf_counter() - started
+
+
+def with_trainer(model, tokenizer, pairs, settings: DeriveConfig) -> float:
+    names = set(target_parameter_names(model, settings.target_modules))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+    encoded = [encode_pair(tokenizer, p.prompt, p.response or "", settings.max_length) for p in pairs]
+    with tempfile.TemporaryDirectory() as out:
+        arguments = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=settings.batch_size,
+            gradient_accumulation_steps=settings.gradient_accumulation_steps,
+            max_steps=settings.max_steps,
+            learning_rate=settings.learning_rate,
+            weight_decay=0.0,
+            lr_scheduler_type="constant",
+            max_grad_norm=settings.max_grad_norm,
+            optim="adamw_torch",
+            bf16=True,
+            use_cpu=not torch.cuda.is_available(),
+            report_to=[],
+            save_strategy="no",
+            logging_strategy="no",
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=arguments,
+            train_dataset=encoded,
+            data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
+        )
+        started = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    config = PipelineConfig(model=args.model)
+    settings = config.derive.model_copy(update={"max_steps": args.steps})
+    pairs = load_pairs(config.harmful_train_specs())
+    model, tokenizer = load_model(args.model, ModelLoading(), training=True)
+    lengths = [len(encode_pair(tokenizer, p.prompt, p.response or "", settings.max_length)["input_ids"]) for p in pairs]
+    tokens = args.steps * settings.gradient_accumulation_steps * settings.batch_size * statistics.fmean(lengths)
+    default_dtype = resolve_dtype(ModelLoading().compute_dtype)
+
+    fp32_seconds = ours(model, tokenizer, pairs, settings, "float32")
+    default_seconds = ours(model, tokenizer, pairs, settings, default_dtype)
+    trainer_seconds = with_trainer(model, tokenizer, pairs, settings)
+    print(
+        f"model: {args.model}; {args.steps} optimizer steps of batch {settings.batch_size} x "
+        f"{settings.gradient_accumulation_steps} accumulation, max_length {settings.max_length} "
+        f"({tokens:.0f} training tokens); threads: {torch.get_num_threads()}"
+    )
+    for label, seconds in (
+        ("float32", fp32_seconds),
+        (f"default ({default_dtype} autocast, float32 masters)", default_seconds),
+        ("Hugging Face Trainer (bf16=True)", trainer_seconds),
+    ):
+        print(f"{label}: {tokens / seconds:.1f} tokens/s ({seconds:.1f} s)")
+    print(f"speedup: {fp32_seconds / default_seconds:.2f} vs_trainer: {trainer_seconds / default_seconds:.2f}")
+
+
+if __name__ == "__main__":
+    main()
