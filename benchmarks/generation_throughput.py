@@ -90,7 +90,7 @@ def main() -> None:
     model, _ = load_model(args.model, ModelLoading())
     engine = HFGenerator(model, tokenizer, default_batch, progress=False)
     replies, seconds = timed(engine.generate, prompts, args.max_new_tokens)
-    bf16_flops = matmul_flops(torch.bfloat16)
+    bf16_flops, fp32_flops = matmul_flops(torch.bfloat16), matmul_flops(torch.float32)
 
     naive_rate = count_tokens(tokenizer, naive) / naive_seconds
     fp32_rate = count_tokens(tokenizer, fp32_replies) / fp32_seconds
@@ -103,7 +103,10 @@ def main() -> None:
     print(f"naive one-at-a-time generate, float32: {naive_rate:.1f} tokens/s ({naive_seconds:.1f} s)")
     print(f"engine, float32, batch 16: {fp32_rate:.1f} tokens/s ({fp32_seconds:.1f} s)")
     print(f"engine, defaults ({default_dtype}, batch {default_batch}): {rate:.1f} tokens/s ({seconds:.1f} s)")
-    print(f"bf16 matmul (512x896 @ 896x4864): {bf16_flops / 1e9:.0f} GFLOP/s")
+    print(
+        f"matmul (512x896 @ 896x4864): bf16 {bf16_flops / 1e9:.0f} GFLOP/s, float32 {fp32_flops / 1e9:.0f} GFLOP/s "
+        f"(the hardware's ratio: {bf16_flops / fp32_flops:.2f})"
+    )
     print(f"replies identical between float32 and defaults: {same}/{len(prompts)}")
     limit = rate * 2 * parameters / bf16_flops
     print(f"speedup: {rate / naive_rate:.2f} vs_fp32: {rate / fp32_rate:.2f} limit_fraction: {limit:.2f}")

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from safepatching.data.chat import chat_prompt
 
@@ -58,6 +58,47 @@ class HFGenerator:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.generated_tokens = 0
 
+    @torch.inference_mode()
+    def greedy(self, encoded: dict[str, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
+        """Each left-padded row's greedy tokens, up to and including its end token. A row that has
+        ended leaves the batch (its KV cache rows are dropped), so later steps compute only for rows
+        still writing; the prompt's logits are computed for its last position alone."""
+        attention_mask = encoded["attention_mask"]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        replies: list[list[int]] = [[] for _ in range(attention_mask.shape[0])]
+        active = torch.arange(attention_mask.shape[0])
+        eos = torch.tensor(sorted(self.eos_ids), device=attention_mask.device)
+        out = self.model(
+            input_ids=encoded["input_ids"],
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=DynamicCache(config=self.model.config),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        for step in range(max_new_tokens):
+            token = out.logits[:, -1].argmax(-1)
+            for row, value in zip(active.tolist(), token.tolist(), strict=True):
+                replies[row].append(value)
+            writing = ~torch.isin(token, eos)
+            if step == max_new_tokens - 1 or not bool(writing.any()):
+                break
+            if not bool(writing.all()):
+                keep = writing.nonzero().squeeze(-1)
+                out.cache.batch_select_indices(keep)
+                active, token = active[keep.cpu()], token[keep]
+                attention_mask, position_ids = attention_mask[keep], position_ids[keep]
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+            out = self.model(
+                input_ids=token.unsqueeze(-1),
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=out.cache,
+                use_cache=True,
+            )
+        return replies
+
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         """Replies to user prompts, each formatted with the model's chat template."""
         return self.generate_texts([chat_prompt(self.tokenizer, p) for p in prompts], max_new_tokens)
@@ -76,23 +117,9 @@ class HFGenerator:
                 encoded = self.tokenizer(
                     [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(device)
-                with torch.inference_mode():
-                    generated = self.model.generate(
-                        **encoded,
-                        max_new_tokens=max_new_tokens,
-                        do_sample=False,
-                        temperature=None,
-                        top_p=None,
-                        top_k=None,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        eos_token_id=sorted(self.eos_ids),
-                    )
-                new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-                self.generated_tokens += sum(reply_length(row, self.eos_ids) for row in new_tokens.tolist())
-                for index, text in zip(
-                    batch, self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True
-                ):
-                    outputs[index] = text.strip()
+                for index, tokens in zip(batch, self.greedy(encoded, max_new_tokens), strict=True):
+                    self.generated_tokens += len(tokens)
+                    outputs[index] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
         finally:
             self.tokenizer.padding_side = previous_side
         return outputs

@@ -36,6 +36,7 @@ def run_stages(stages: Stages) -> RunResult:
     sets = stages.eval_sets(pairs)
     safety, over_safety = stages.derive(pairs)
     scores = stages.importance(pairs, safety, over_safety)
+    stages.backbone()  # training is over: the one backbone copy drops to the compute dtype before the merge
     model_dir = out / "model"
     stages.merge(safety, over_safety, scores, model_dir)
     before, after = stages.evaluate(sets, model_dir)

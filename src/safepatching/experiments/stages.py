@@ -145,6 +145,7 @@ class Stages:
                 self.progress,
                 checkpoint_dir_for(directory),
                 self.compute_dtype,
+                None if self._given else self.base_weight,
             )
             save_dense_patch(patch, directory, {"label": label, "base_model": self.config.model})
             return patch
@@ -181,15 +182,13 @@ class Stages:
             return None, None
         directory = self.out / "importance"
 
-        def produce():
-            scores = []
-            for label, patch in zip(SCORE_LABELS, (safety, over_safety), strict=True):
-                scores.append(self.score(pairs, patch, label))
-                save_tensors(directory / f"{label}.safetensors", scores[-1])
-            return tuple(scores)
-
         def load():
             return tuple(LazyTensors(directory / f"{label}.safetensors") for label in SCORE_LABELS)
+
+        def produce():  # each label's scores go to disk before the next are computed
+            for label, patch in zip(SCORE_LABELS, (safety, over_safety), strict=True):
+                save_tensors(directory / f"{label}.safetensors", self.score(pairs, patch, label))
+            return load()
 
         return cached(directory, self.importance_key(), produce, load, {}, "importance")
 

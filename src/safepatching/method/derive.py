@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -188,23 +189,26 @@ def derive_patch(
     progress: bool = True,
     checkpoint_dir: Path | None = None,
     compute_dtype: str = "float32",
+    base: Callable[[str], torch.Tensor] | None = None,
 ) -> DensePatch:
     """Fine-tune ``model`` in ``direction`` on the pairs and return the patch; the model is restored.
 
     With ``checkpoint_dir`` the loop checkpoints as configured and resumes from a matching
-    checkpoint, giving the same patch as an uninterrupted run.
+    checkpoint, giving the same patch as an uninterrupted run. ``compute_dtype`` is the autocast
+    dtype (weights stay float32); ``base`` reads the untrained weights from the backbone's files,
+    so no copy of them is held while training.
     """
     set_seed(seed)
     names = target_parameter_names(model, settings.target_modules)
     require_float32_masters(model, names)
     mixed = DTYPES[compute_dtype]
-    original = {name: p.detach().clone() for name, p in model.named_parameters() if name in set(names)}
+    original = _original_weights(model, names, base)
     key = fingerprint(
         direction,
         settings.training_settings(),
         seed,
         pairs_digest(pairs),
-        tensor_digest(original[names[0]]),
+        tensor_digest(original(names[0])),
         compute_dtype,
     )
     loader = make_loader(
@@ -219,8 +223,11 @@ def derive_patch(
     )
     trainable = _prepare_trainable(model, names, settings)
     accelerator = Accelerator(gradient_accumulation_steps=settings.gradient_accumulation_steps)
-    optimizer = torch.optim.AdamW(
-        [p for p in trainable.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=0.0
+    optimizer = torch.optim.AdamW(  # one tensor at a time: no transient copy of every trainable weight
+        [p for p in trainable.parameters() if p.requires_grad],
+        lr=settings.learning_rate,
+        weight_decay=0.0,
+        foreach=False,
     )
     wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
     checkpointer = Checkpointer(checkpoint_dir, key, settings)
@@ -282,7 +289,7 @@ def derive_patch(
                 state.epoch, state.batches_done = state.epoch + 1, 0
     finally:  # the backbone is restored even when training fails
         bar.close()
-        deltas = _take_deltas(_finish_trainable(accelerator.unwrap_model(wrapped), settings), original)
+        deltas = _take_deltas(_finish_trainable(accelerator.unwrap_model(wrapped), settings), original, names)
         model.requires_grad_(True)
         model.eval()
     info = {
@@ -300,12 +307,28 @@ def derive_patch(
     return DensePatch(deltas, info)
 
 
-def _take_deltas(trained: torch.nn.Module, original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _original_weights(
+    model: torch.nn.Module, names: list[str], base: Callable[[str], torch.Tensor] | None
+) -> Callable[[str], torch.Tensor]:
+    """The target weights before training, by name: read on demand from ``base`` (the backbone's
+    files) when it holds exactly the model's weights, which saves a copy of every target weight;
+    otherwise a copy taken now."""
+    params = dict(model.named_parameters())
+    if base is not None and all(torch.equal(base(name).float(), params[name].detach()) for name in names):
+        return lambda name: base(name).float()
+    copies = {name: params[name].detach().clone() for name in names}
+    return copies.__getitem__
+
+
+def _take_deltas(
+    trained: torch.nn.Module, original: Callable[[str], torch.Tensor], names: list[str]
+) -> dict[str, torch.Tensor]:
     """Trained minus original weights; the original weights are copied back into the model."""
     deltas = {}
     with torch.no_grad():
         current = dict(trained.named_parameters())
-        for name, before in original.items():
+        for name in names:
+            before = original(name)
             deltas[name] = (current[name].detach().float() - before.float()).contiguous()
             current[name].copy_(before)
     return deltas
