@@ -14,6 +14,7 @@ nats/token, the overall patch cosine).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from safepatching.config.settings import DatasetSpec, ModelLoading, PipelineConfig
+from safepatching.config.settings import DatasetSpec, EvalConfig, ModelLoading, PipelineConfig
 from safepatching.data.sources import load_examples, load_pairs
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.evaluation.judges.registry import get_judge
@@ -65,7 +66,7 @@ def main() -> None:
     agreeing = total = 0
     for name, prompts in sets.items():
         exact, exact_seconds = decisions(reference, tokenizer, 16, prompts, args.max_new_tokens, judge)
-        mixed, mixed_seconds = decisions(model, tokenizer, 64, prompts, args.max_new_tokens, judge)
+        mixed, mixed_seconds = decisions(model, tokenizer, EvalConfig().batch_size, prompts, args.max_new_tokens, judge)
         same = sum(a == b for a, b in zip(exact, mixed, strict=True))
         agreeing, total = agreeing + same, total + len(prompts)
         result["sets"][name] = {
@@ -74,17 +75,18 @@ def main() -> None:
             "refusal_percent_float32": 100 * sum(exact) / len(prompts),
             f"refusal_percent_{default_dtype}": 100 * sum(mixed) / len(prompts),
             "seconds_float32_batch16": round(exact_seconds, 1),
-            f"seconds_{default_dtype}_batch64": round(mixed_seconds, 1),
+            f"seconds_{default_dtype}_default_batch": round(mixed_seconds, 1),
         }
     result["agreement_percent"] = 100 * agreeing / total
     replies = HFGenerator(reference, tokenizer, 16, progress=False).generate(harmless, 32)
     result["kl_float32_to_default"] = mean_token_kl(model, reference, tokenizer, harmless, replies)
     del model
 
+    del reference
+    gc.collect()
     config = PipelineConfig(model=args.model)
     pairs = load_pairs(config.harmful_train_specs())
     master, _ = load_model(args.model, ModelLoading(), training=True)
-    del reference
     patches = {
         dtype: derive_patch(master, tokenizer, pairs, "ascent", config.derive, progress=False, compute_dtype=dtype)
         for dtype in ("float32", default_dtype)

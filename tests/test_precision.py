@@ -7,6 +7,7 @@ import torch
 from safepatching.config.settings import DeriveConfig, ModelLoading
 from safepatching.errors import ModelError, TrainingError
 from safepatching.evaluation.generation import ROW_TOKENS, length_buckets
+from safepatching.method.dense import patched
 from safepatching.method.derive import derive_patch
 from safepatching.models import precision
 from safepatching.models.loading import load_model
@@ -88,3 +89,17 @@ def test_the_cli_refuses_a_slow_dtype_in_one_line_before_any_work(tmp_path, tiny
     assert completed.returncode == 2 and "no fast path" in completed.stderr
     assert "Traceback" not in completed.stderr and len(completed.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_patch_on_a_bf16_copy_rounds_the_float32_sum_once():
+    layer = torch.nn.Linear(64, 64, bias=False)
+    base = layer.weight.detach().clone()
+    delta = torch.randn_like(base) * 1e-3
+    low = torch.nn.Linear(64, 64, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        low.weight.copy_(base)
+    before = low.weight.detach().clone()
+    with patched(low, {"weight": delta}, lambda name: base):
+        assert torch.equal(low.weight, (base + delta).to(torch.bfloat16))
+        assert not torch.equal(low.weight, (before.float() + delta).to(torch.bfloat16))  # not rounded twice
+    assert torch.equal(low.weight, before)

@@ -58,24 +58,43 @@ class HFGenerator:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.generated_tokens = 0
 
-    @torch.inference_mode()
-    def greedy(self, encoded: dict[str, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
-        """Each left-padded row's greedy tokens, up to and including its end token. A row that has
-        ended leaves the batch (its KV cache rows are dropped), so later steps compute only for rows
-        still writing; the prompt's logits are computed for its last position alone."""
-        attention_mask = encoded["attention_mask"]
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        replies: list[list[int]] = [[] for _ in range(attention_mask.shape[0])]
-        active = torch.arange(attention_mask.shape[0])
-        eos = torch.tensor(sorted(self.eos_ids), device=attention_mask.device)
+    def prefill(self, rows: list[list[int]]):
+        """Run the prompts into a new KV cache and return the model's output (logits of each row's last
+        position) with the attention mask and positions so far. The token prefix every row shares
+        (the chat template's system turn, often) is run once and its cache copied to every row; each
+        row's own tokens are left-padded after it."""
+        device = next(self.model.parameters()).device
+        shared = min(shared_prefix_length(rows), min(map(len, rows)) - 1)
+        cache = DynamicCache(config=self.model.config)
+        if shared:
+            prefix = torch.tensor([rows[0][:shared]], device=device)
+            self.model(input_ids=prefix, cache=cache, use_cache=True, logits_to_keep=1)
+            cache.batch_repeat_interleave(len(rows))
+        width = max(len(row) for row in rows) - shared
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r) + shared) + r[shared:] for r in rows], device=device)
+        own = torch.tensor([[0] * (width - len(r) + shared) + [1] * (len(r) - shared) for r in rows], device=device)
+        attention_mask = torch.cat([torch.ones((len(rows), shared), dtype=own.dtype, device=device), own], dim=-1)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
         out = self.model(
-            input_ids=encoded["input_ids"],
+            input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=DynamicCache(config=self.model.config),
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
+        return out, attention_mask, position_ids
+
+    @torch.inference_mode()
+    def greedy(self, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Each prompt's greedy tokens, up to and including its end token. A row that has ended
+        leaves the batch (its KV cache rows are dropped), so later steps compute only for rows still
+        writing; the prompts' logits are computed for their last position alone."""
+        out, attention_mask, position_ids = self.prefill(rows)
+        replies: list[list[int]] = [[] for _ in rows]
+        active = torch.arange(len(rows))
+        eos = torch.tensor(sorted(self.eos_ids), device=attention_mask.device)
         for step in range(max_new_tokens):
             token = out.logits[:, -1].argmax(-1)
             for row, value in zip(active.tolist(), token.tolist(), strict=True):
@@ -105,24 +124,21 @@ class HFGenerator:
 
     def generate_texts(self, texts: list[str], max_new_tokens: int) -> list[str]:
         """Continuations of already formatted texts."""
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        tokens = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
         outputs: list[str] = [""] * len(texts)
-        device = next(self.model.parameters()).device
-        previous_side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            batches = length_buckets(order, lengths, self.batch_size, max_new_tokens)
-            for batch in tqdm(batches, desc=self.desc, disable=not self.progress):
-                encoded = self.tokenizer(
-                    [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
-                ).to(device)
-                for index, tokens in zip(batch, self.greedy(encoded, max_new_tokens), strict=True):
-                    self.generated_tokens += len(tokens)
-                    outputs[index] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        finally:
-            self.tokenizer.padding_side = previous_side
+        batches = length_buckets(order, [len(ids) for ids in tokens], self.batch_size, max_new_tokens)
+        for batch in tqdm(batches, desc=self.desc, disable=not self.progress):
+            for index, reply in zip(batch, self.greedy([tokens[i] for i in batch], max_new_tokens), strict=True):
+                self.generated_tokens += len(reply)
+                outputs[index] = self.tokenizer.decode(reply, skip_special_tokens=True).strip()
         return outputs
+
+
+def shared_prefix_length(rows: list[list[int]]) -> int:
+    """How many leading tokens every row has in common."""
+    shortest = min(map(len, rows))
+    return next((i for i in range(shortest) if any(row[i] != rows[0][i] for row in rows)), shortest)
 
 
 def length_buckets(order: list[int], lengths: list[int], batch_size: int, max_new_tokens: int) -> list[list[int]]:

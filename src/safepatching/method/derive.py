@@ -289,7 +289,10 @@ def derive_patch(
                 state.epoch, state.batches_done = state.epoch + 1, 0
     finally:  # the backbone is restored even when training fails
         bar.close()
-        deltas = _take_deltas(_finish_trainable(accelerator.unwrap_model(wrapped), settings), original, names)
+        trained = _finish_trainable(accelerator.unwrap_model(wrapped), settings)
+        del optimizer, wrapped
+        accelerator.free_memory()  # the optimizer's state (GBs) goes before the deltas are made
+        deltas = _take_deltas(trained, original, names)
         model.requires_grad_(True)
         model.eval()
     info = {
