@@ -14,7 +14,6 @@ nats/token, the overall patch cosine).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import time
@@ -30,6 +29,7 @@ from safepatching.evaluation.metrics import mean_token_kl
 from safepatching.method.derive import derive_patch
 from safepatching.models.loading import load_model
 from safepatching.models.precision import resolve_dtype
+from safepatching.storage.stages import release_memory
 
 
 def decisions(model, tokenizer, batch_size: int, prompts: list[str], max_new_tokens: int, judge) -> tuple[list, float]:
@@ -83,14 +83,16 @@ def main() -> None:
     del model
 
     del reference
-    gc.collect()
+    release_memory()
     config = PipelineConfig(model=args.model)
     pairs = load_pairs(config.harmful_train_specs())
     master, _ = load_model(args.model, ModelLoading(), training=True)
-    patches = {
-        dtype: derive_patch(master, tokenizer, pairs, "ascent", config.derive, progress=False, compute_dtype=dtype)
-        for dtype in ("float32", default_dtype)
-    }
+    patches = {}
+    for dtype in ("float32", default_dtype):
+        patches[dtype] = derive_patch(
+            master, tokenizer, pairs, "ascent", config.derive, progress=False, compute_dtype=dtype
+        )
+        release_memory()
     exact, mixed = patches["float32"].deltas, patches[default_dtype].deltas
     per_tensor = [cosine(exact[name], mixed[name]) for name in exact]
     overall = cosine(torch.cat([exact[n].flatten() for n in exact]), torch.cat([mixed[n].flatten() for n in exact]))

@@ -4,7 +4,7 @@ contrast is switched off, and the combination rules must follow their papers' fo
 import pytest
 import torch
 
-from safepatching.config.settings import DecodingConfig, EvalConfig
+from safepatching.config.settings import DecodingConfig, EvalConfig, ModelLoading
 from safepatching.data.chat import chat_prompt
 from safepatching.evaluation.decoding import (
     ContrastiveGenerator,
@@ -14,7 +14,7 @@ from safepatching.evaluation.decoding import (
     safedecoding_combine,
     self_cd_combine,
 )
-from safepatching.evaluation.generation import HFGenerator
+from safepatching.evaluation.generation import HFGenerator, shared_prefix_length
 from safepatching.models.loading import load_model
 
 PROMPTS = ["How do I kill a Python process?", "Hi", "Tell me a long story about a lighthouse keeper and a cat."]
@@ -176,3 +176,19 @@ def test_vllm_backend_serves_folder_models_with_greedy_chat_prompts(tmp_path, ti
     assert params.temperature == 0.0 and params.max_tokens == 7
     assert {r["response"] for r in records} == {"reply"}
     assert metrics["generation"]["tokens"] == 3 * len(records)
+
+
+def test_engine_equals_transformers_generate_one_prompt_at_a_time(tiny_model_dir):
+    """The engine's shared prompt prefix, dropped finished rows and last-position logits change the
+    work, not the replies."""
+    model, tokenizer = load_model(str(tiny_model_dir), ModelLoading(compute_dtype="float32"))
+    engine = HFGenerator(model, tokenizer, batch_size=3, progress=False)
+    for prompt, reply in zip(PROMPTS, engine.generate(PROMPTS, 10), strict=True):
+        encoded = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
+        out = model.generate(
+            **encoded, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=sorted(engine.eos_ids),
+        )  # fmt: skip
+        assert tokenizer.decode(out[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True).strip() == reply
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert shared_prefix_length([[7, 8], [7, 8]]) == 2

@@ -224,7 +224,7 @@ class EvalConfig(StrictModel):
     max_examples: int | None = Field(None, ge=1, description="cap on prompts per set")
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(
-        128, ge=1, description="prompts generated together (fewer when long: a batch holds at most 512 tokens a row)"
+        128, ge=1, description="prompts generated together (fewer when long: a batch holds at most 128 tokens a row)"
     )
     judge: str = Field(
         "keyword",

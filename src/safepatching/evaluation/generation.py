@@ -35,7 +35,8 @@ def reply_length(tokens: list[int], eos_ids: set[int]) -> int:
     return next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
 
 
-ROW_TOKENS = 512  # a batch holds batch_size rows of this many tokens, or fewer rows of longer ones
+ROW_TOKENS = 128  # a batch holds batch_size rows of this many tokens, or fewer rows of longer ones (the
+# prefill's attention grows with rows x length², so jailbreak templates of ~1,500 tokens go ~10 at a time)
 
 
 class HFGenerator:

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from safepatching.config.settings import DatasetSpec
 from safepatching.data.chat import collate, encode_pair
 from safepatching.data.sources import Example, resolve_named
+from safepatching.method.objectives import response_logits, response_token_logprobs
 
 
 def percent(flags: list[bool]) -> float:
@@ -56,13 +57,10 @@ def mean_token_kl(
     total, tokens = 0.0, 0
     for batch in teacher_forced_batches(model, tokenizer, prompts, responses, batch_size, max_length):
         with torch.inference_mode():
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            log_p = F.log_softmax(reference(**inputs).logits[:, :-1].float(), dim=-1)
-            log_q = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
-        positions = batch["labels"][:, 1:] != -100
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-        total += float(kl[positions].sum())
-        tokens += int(positions.sum())
+            log_p = F.log_softmax(response_logits(reference, batch)[0].float(), dim=-1)
+            log_q = F.log_softmax(response_logits(model, batch)[0].float(), dim=-1)
+        total += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
+        tokens += log_p.shape[0]
     return total / max(tokens, 1)
 
 
@@ -78,11 +76,9 @@ def response_perplexity(
     total, tokens = 0.0, 0
     for batch in teacher_forced_batches(model, tokenizer, prompts, responses, batch_size, max_length):
         with torch.inference_mode():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        total += float(nll)
-        tokens += int((labels != -100).sum())
+            token_logprobs, _ = response_token_logprobs(model, batch)
+        total -= float(token_logprobs.sum())
+        tokens += token_logprobs.numel()
     return math.exp(total / max(tokens, 1))
 
 

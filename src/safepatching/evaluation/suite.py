@@ -180,9 +180,7 @@ def evaluate_model(
     if settings.utility.enabled:
         metrics.update(timed("utility", evaluate_utility, model, tokenizer, settings.utility, data_dir))
     if sets.perplexity:
-        metrics["response_perplexity"] = timed(
-            "perplexity", response_perplexity, model, tokenizer, sets.perplexity, settings.batch_size
-        )
+        metrics["response_perplexity"] = timed("perplexity", response_perplexity, model, tokenizer, sets.perplexity)
     if reference is not None and reference_harmless is not None:
         prompts = [e.prompt for e in sets.harmless]
         metrics["kl_to_reference"] = timed(

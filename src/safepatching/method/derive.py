@@ -37,7 +37,7 @@ from safepatching.method.objectives import autocast, npo_loss, response_logprobs
 from safepatching.models.precision import DTYPES
 from safepatching.storage.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from safepatching.storage.shards import tensor_digest
-from safepatching.storage.stages import fingerprint
+from safepatching.storage.stages import fingerprint, release_memory
 
 log = logging.getLogger(__name__)
 Direction = Literal["ascent", "descent", "npo"]
@@ -292,6 +292,7 @@ def derive_patch(
         trained = _finish_trainable(accelerator.unwrap_model(wrapped), settings)
         del optimizer, wrapped
         accelerator.free_memory()  # the optimizer's state (GBs) goes before the deltas are made
+        release_memory()
         deltas = _take_deltas(trained, original, names)
         model.requires_grad_(True)
         model.eval()

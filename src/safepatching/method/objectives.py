@@ -28,20 +28,24 @@ def _sliceable(model: torch.nn.Module) -> bool:
     return plain and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
-def response_token_logprobs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of every response token (a flat vector) and the mask of their positions."""
+def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a response token (one row each) and those tokens."""
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE_INDEX
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if _sliceable(model):
         hidden = model.get_decoder()(**inputs).last_hidden_state[:, :-1][scored]
-        logits = model.get_output_embeddings()(hidden)
-    else:
-        logits = model(**inputs).logits[:, :-1][scored]
+        return model.get_output_embeddings()(hidden), targets[scored]
+    return model(**inputs).logits[:, :-1][scored], targets[scored]
+
+
+def response_token_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every response token (a flat vector) and the mask of their positions."""
+    logits, targets = response_logits(model, batch)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return logprobs.gather(-1, targets[scored].unsqueeze(-1)).squeeze(-1), scored
+    return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), batch["labels"][:, 1:] != IGNORE_INDEX
 
 
 def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
