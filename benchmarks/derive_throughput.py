@@ -41,25 +41,19 @@ def with_trainer(model, tokenizer, pairs, settings: DeriveConfig) -> float:
         param.requires_grad_(name in names)
     encoded = [encode_pair(tokenizer, p.prompt, p.response or "", settings.max_length) for p in pairs]
     with tempfile.TemporaryDirectory() as out:
+        ours_too = {  # the settings derivation uses, so both run the same training
+            "per_device_train_batch_size": settings.batch_size,
+            "gradient_accumulation_steps": settings.gradient_accumulation_steps,
+            "max_steps": settings.max_steps,
+            "learning_rate": settings.learning_rate,
+            "max_grad_norm": settings.max_grad_norm,
+        }
+        quiet = {"report_to": [], "save_strategy": "no", "logging_strategy": "no", "disable_tqdm": True}
         arguments = TrainingArguments(
-            output_dir=out,
-            per_device_train_batch_size=settings.batch_size,
-            gradient_accumulation_steps=settings.gradient_accumulation_steps,
-            max_steps=settings.max_steps,
-            learning_rate=settings.learning_rate,
-            weight_decay=0.0,
-            lr_scheduler_type="constant",
-            max_grad_norm=settings.max_grad_norm,
-            optim="adamw_torch",
-            bf16=True,
-            use_cpu=not torch.cuda.is_available(),
-            report_to=[],
-            save_strategy="no",
-            logging_strategy="no",
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
+            output_dir=out, weight_decay=0.0, lr_scheduler_type="constant", optim="adamw_torch", bf16=True,
+            use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, dataloader_num_workers=0,
+            **ours_too, **quiet,
+        )  # fmt: skip
         trainer = Trainer(
             model=model,
             args=arguments,

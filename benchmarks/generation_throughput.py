@@ -29,19 +29,16 @@ def count_tokens(tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
+
 def naive_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     replies = []
     for prompt in prompts:
         encoded = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():
             out = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
+                **encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **GREEDY
             )
         replies.append(tokenizer.decode(out[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True).strip())
     return replies

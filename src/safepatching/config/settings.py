@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -22,6 +22,13 @@ class StrictModel(BaseModel):
 
 
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
+ComputeDtypeSetting = Annotated[
+    ComputeDtype,
+    Field(
+        description="evaluation weights and the autocast dtype of derivation and importance (which keep "
+        "float32 master weights); auto: bfloat16 where the hardware runs it fast, float32 elsewhere"
+    ),
+]
 # The merge methods of method.merge_methods.MERGE_METHODS (a test keeps the two in step), named here so
 # that a config is validated before any work without the settings importing the method.
 MergeMethodName = Literal["safepatching", "task_arithmetic", "safepatching_intersection", "ties"]
@@ -32,11 +39,7 @@ class ModelLoading(StrictModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    compute_dtype: ComputeDtype = Field(
-        "auto",
-        description="evaluation weights and the autocast dtype of derivation and importance (which keep "
-        "float32 master weights); auto: bfloat16 where the hardware runs it fast, float32 elsewhere",
-    )
+    compute_dtype: ComputeDtypeSetting = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
 
@@ -284,11 +287,7 @@ class PipelineConfig(StrictModel):
     output_dir: Path = Path("runs/demo")
     seed: int = 0
     data_dir: Path | None = Field(default_factory=lambda: _env_path(DATA_DIR_ENV))
-    compute_dtype: ComputeDtype = Field(
-        "auto",
-        description="evaluation weights and the autocast dtype of derivation and importance (which keep "
-        "float32 master weights); auto: bfloat16 where the hardware runs it fast, float32 elsewhere",
-    )
+    compute_dtype: ComputeDtypeSetting = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
     harmful_train: DatasetSpec = Field(
