@@ -50,14 +50,8 @@ def response_token_logprobs(
 
 def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean negative log-likelihood per response token (prompt tokens carry no loss)."""
-    targets = batch["labels"][:, 1:]
-    if not _sliceable(model):
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return model(**inputs, labels=batch["labels"]).loss
-    scored = targets != IGNORE_INDEX
-    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = model.get_output_embeddings()(hidden.last_hidden_state[:, :-1][scored])
-    return F.cross_entropy(logits.float(), targets[scored])
+    logits, targets = response_logits(model, batch)
+    return F.cross_entropy(logits.float(), targets)
 
 
 def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
