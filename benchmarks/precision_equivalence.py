@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -109,7 +111,7 @@ def main() -> None:
     lines = [
         f"# float32 vs {default_dtype} on {args.model}",
         "",
-        f"`python benchmarks/precision_equivalence.py --data-dir DIR` ({torch.get_num_threads()} threads)",
+        f"`python {shlex.join(sys.argv)}` ({torch.get_num_threads()} threads)",
         "",
         "| set | prompts | decisions agreeing (%) | refusal float32 (%) | refusal default (%) |",
         "|---|---|---|---|---|",
