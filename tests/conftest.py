@@ -102,10 +102,11 @@ def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "safepatching", *args], capture_output=True, text=True, cwd=cwd)
 
 
-def tiny_config(model_dir, out, **merge):
+def tiny_config(model_dir, out, keep="all", **merge):
     return PipelineConfig(
         model=str(model_dir),
         output_dir=out,
+        keep=keep,
         compute_dtype="float32",
         harmful_train={
             "source": "builtin:uncensorbench",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from safepatching.cli import application as cli
+from safepatching.errors import SafePatchingError
 from safepatching.patchfile.sparse import export_patch
 
 PAIRS = [{"prompt": f"How do I do bad thing {i}?", "response": f"Here is how to do bad thing {i}."} for i in range(4)]
@@ -258,11 +260,99 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch, capsys):
         cli.main()
 
 
-def test_overlong_examples_are_truncated_with_a_warning(tmp_path, tiny_model_dir, monkeypatch, caplog):
+def test_overlong_examples_are_truncated_with_one_warning(tmp_path, tiny_model_dir, monkeypatch, caplog):
     rows = [{"prompt": "why " * 400, "response": "because " * 400} for _ in range(2)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "")
     monkeypatch.setattr(sys, "argv", ["safepatching", *derive_args(tiny_model_dir, data, tmp_path / "out")])
+    caplog.set_level(logging.INFO)
     cli.main()
-    assert "2 of 2 examples are longer than max_length=48" in caplog.text
+    assert "2 of 2 pairs were cut at 48 tokens" in caplog.text
+    assert "longer than derive.max_length=48 tokens are cut" in caplog.text
     assert (tmp_path / "out" / "deltas.safetensors").exists()
+
+
+def not_found_on_hub(spec, timeout=None):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    raise RepositoryNotFoundError(f"{spec} not found", response=SimpleNamespace(headers={}, status_code=404))
+
+
+def hub_unreachable(spec, timeout=None):
+    raise ConnectionError("Name or service not known")
+
+
+@pytest.mark.parametrize("hub", ["offline", "unreachable", "no such model"])
+@pytest.mark.parametrize("command", ["demo", "derive"])
+def test_an_unknown_model_fails_fast_naming_the_demo_models_and_leaves_nothing(
+    hub, command, tmp_path, monkeypatch, capsys
+):
+    import time
+
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", hub == "offline")
+    monkeypatch.setattr(huggingface_hub, "model_info", hub_unreachable if hub == "unreachable" else not_found_on_hub)
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    args = (
+        ["demo", "--model", "no-such-model", "--no-progress"]
+        if command == "demo"
+        else derive_args("no-such-model", data, tmp_path / "out")
+    )
+    started = time.perf_counter()
+    code, stderr = run_main(monkeypatch, capsys, args)
+    assert time.perf_counter() - started < 10
+    assert code == 2 and stderr.count("\n") == 1, stderr
+    assert "'no-such-model' is not a demo model" in stderr
+    assert "qwen2.5-coder-0.5b-instruct" in stderr and "smollm2-135m-instruct" in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]  # no run folder, no config.yaml
+
+
+def test_a_hub_id_in_the_local_cache_is_accepted_offline(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from safepatching.models.loading import check_model_source
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-chat" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--someone--tiny-chat" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-chat" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub, "model_info", hub_unreachable)
+    check_model_source("someone/tiny-chat")  # found in the cache: no hub call, no error
+    with pytest.raises(SafePatchingError, match="HF_HUB_OFFLINE"):
+        check_model_source("someone/other-chat")
+
+
+def test_apply_names_a_folder_that_is_not_a_patch_before_the_base(tmp_path, monkeypatch, capsys):
+    (tmp_path / "folder").mkdir()
+    code, stderr = run_main(monkeypatch, capsys, apply_args(tmp_path / "folder", "no-such-model", tmp_path / "out"))
+    assert code == 2 and "not a portable patch file" in stderr and "no-such-model" not in stderr, stderr
+
+
+def test_help_and_errors_come_fast_without_importing_heavy_libraries(tmp_path):
+    import subprocess
+    import time
+
+    probe = (
+        "import sys, time; started = time.perf_counter(); sys.argv = ['safepatching', '--help']\n"
+        "from safepatching.cli.application import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'datasets', 'scipy') if m in sys.modules)\n"
+        "print('HEAVY', heavy, time.perf_counter() - started)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    heavy_line = result.stdout.strip().splitlines()[-1]
+    assert heavy_line.startswith("HEAVY [] "), heavy_line
+    started = time.perf_counter()
+    missing = subprocess.run(
+        [sys.executable, "-m", "safepatching", "run", str(tmp_path / "absent.yaml")], capture_output=True, text=True
+    )
+    elapsed = time.perf_counter() - started
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert elapsed < 5, f"an error took {elapsed:.1f} s"  # generous: about 0.5 s on 2 cores

@@ -111,3 +111,16 @@ def test_retention_depends_on_seed_and_name_not_on_order():
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     assert tensor_seed(3, "safety", "x") != tensor_seed(3, "over_safety", "x")
+
+
+@pytest.mark.parametrize("percent", [0.1, 5, 10, 33.3, 100])
+def test_the_streamed_global_threshold_equals_the_threshold_of_all_scores_joined(percent):
+    from safepatching.method.regions import _kth_largest, global_threshold
+
+    generator = torch.Generator().manual_seed(int(percent * 10))
+    scores = {f"t{i}": torch.randn(97 * (i + 1), generator=generator) * 10.0 ** (3 * i - 6) for i in range(4)}
+    scores["t0"][:40] = 0.0  # ties at zero, a run of equal scores, both signs and magnitudes 1e-6..1e3
+    scores["t1"][:30] = scores["t1"][0]
+    scores["t2"] = scores["t2"].abs()
+    joined = torch.cat([value.reshape(-1) for value in scores.values()])
+    assert torch.equal(global_threshold(scores, percent), _kth_largest(joined, percent))

@@ -60,6 +60,24 @@ def test_rerun_reuses_finished_stages_and_redoes_changed_ones(tmp_path, tiny_mod
     assert "merge" in again.meter and "eval_patched" in again.meter
 
 
+def test_by_default_a_run_keeps_its_model_and_results_and_drops_what_only_new_settings_need(
+    tmp_path, tiny_model_dir, tiny_pipeline_config, capsys
+):
+    run_pipeline(tiny_pipeline_config(tiny_model_dir, tmp_path / "run", keep="model"), progress=False)
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert kept == ["config.yaml", "eval", "model", "summary.json", "summary.md"]
+    printed = capsys.readouterr().err
+    assert [line[:5] for line in printed.splitlines() if line.startswith("[")] == [f"[{i}/7]" for i in range(1, 8)]
+    assert "holds" in printed and "next:" in printed and "safepatching inspect" in printed
+
+    same = Stages(tiny_pipeline_config(tiny_model_dir, tmp_path / "run", keep="model"), progress=False)
+    run_stages(same)  # finished: the merge and both evaluations are answered from disk
+    assert not {"derive_safety", "merge", "eval_backbone", "eval_patched"} & same.meter.keys()
+    changed = Stages(tiny_pipeline_config(tiny_model_dir, tmp_path / "run", keep="model", alpha=0.5), progress=False)
+    run_stages(changed)  # new merge settings need the patches again: they are derived anew
+    assert {"derive_safety", "merge", "eval_patched"} <= changed.meter.keys() and "eval_backbone" not in changed.meter
+
+
 def test_task_arithmetic_skips_importance(tmp_path, tiny_model_dir, tiny_pipeline_config):
     assert not MERGE_METHODS["task_arithmetic"].needs_importance
     run_pipeline(tiny_pipeline_config(tiny_model_dir, tmp_path / "run", method="task_arithmetic"), progress=False)

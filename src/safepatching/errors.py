@@ -5,9 +5,9 @@ class SafePatchingError(Exception):
     """An error caused by input or environment, not by a bug in safepatching."""
 
     def __init__(self, problem: str, fix: str | None = None):
-        self.problem = problem
+        self.problem = problem if problem.endswith((".", "?", "!")) else problem + "."
         self.fix = fix
-        super().__init__(f"{problem} Fix: {fix}" if fix else problem)
+        super().__init__(f"{self.problem} Fix: {fix}" if fix else self.problem)
 
 
 class ConfigError(SafePatchingError):

@@ -22,13 +22,34 @@ app = typer.Typer(
 STATE = {"debug": False}
 
 
+class ShowOnce(logging.Filter):
+    """Each distinct warning is shown once per command: repeated stages and the hub client's retries
+    would otherwise print the same line again and again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        key = (record.name, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log each step")] = False,
 ) -> None:
     STATE["debug"] = debug
-    logging.basicConfig(level=logging.INFO if verbose or debug else logging.WARNING, format="%(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.addFilter(ShowOnce())
+    level = logging.INFO if verbose or debug else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s", handlers=[handler])
 
 
 COMMANDS = (

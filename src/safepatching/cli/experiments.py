@@ -23,10 +23,10 @@ def demo(
 ) -> None:
     """Run the whole pipeline offline on a built-in model and built-in data; print before/after."""
     progress = show_progress(no_progress)
-    from safepatching.experiments.pipeline import run_pipeline
-
     name = Path(model).name.removesuffix(".gguf")
     config = load_cli_config(None, overrides, {"model": model, "output_dir": out or Path("runs") / f"demo-{name}"})
+    from safepatching.experiments.pipeline import run_pipeline  # after the config: its errors come without delay
+
     run_pipeline(config, progress=progress)
 
 
@@ -39,9 +39,9 @@ def run(
 ) -> None:
     """Run the whole pipeline from a config; finished stages are reused on rerun."""
     progress = show_progress(no_progress)
+    resolved = load_cli_config(config, overrides, {"data_dir": data_dir, "output_dir": out})
     from safepatching.experiments.pipeline import run_pipeline
 
-    resolved = load_cli_config(config, overrides, {"data_dir": data_dir, "output_dir": out})
     run_pipeline(resolved, progress=progress)
 
 
@@ -61,12 +61,12 @@ def experiment_command(kind: str, summary: str):
         no_progress: NoProgress = False,
     ) -> None:
         progress = show_progress(no_progress)
+        model = BenchConfig if kind == "bench" else ContinualConfig
+        resolved = load_cli_config(config, overrides, {"pipeline.data_dir": data_dir}, model, quick)
         if kind == "bench":
             from safepatching.experiments.bench import run_bench as runner
         else:
             from safepatching.experiments.continual import run_continual as runner
-        model = BenchConfig if kind == "bench" else ContinualConfig
-        resolved = load_cli_config(config, overrides, {"pipeline.data_dir": data_dir}, model, quick)
         runner(resolved, command_line(), progress=progress)
 
     command.__name__, command.__doc__ = kind, summary

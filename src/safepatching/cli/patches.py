@@ -79,10 +79,15 @@ def revert(
 
 
 def stream_patches(operation, patches, model: str, out: Path, force_mismatch, shard_size_mb, force, no_progress):
-    """Apply or revert: the output is refused before any work, the model is found, then streamed."""
+    """Apply or revert, checked in the order the command line reads (the patches, the model, the
+    output) before any work; then the model is streamed."""
     progress = show_progress(no_progress)
-    refuse_existing(out, force)
     from safepatching.models.loading import weights_folder
+    from safepatching.patchfile.sparse import open_patch
+
+    for patch in patches if isinstance(patches, list) else [patches]:
+        open_patch(patch)
+    refuse_existing(out, force)
 
     folder = weights_folder(model)
     return operation(patches, folder, out, force_mismatch, shard_size_mb, overwrite=force, progress=progress)
@@ -100,4 +105,4 @@ def inspect(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
     else:
-        print_patch_summary(summary, Console())
+        print_patch_summary(summary, Console(highlight=False))

@@ -102,6 +102,11 @@ class DeriveConfig(StrictModel):
     )
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float = Field(32.0, gt=0)
+    recompute_activations: bool = Field(
+        True,
+        description="gradient checkpointing: keep only each layer's input and recompute the rest in the backward "
+        "pass (2 GB less on the reference backbone, about 15 % slower; the patch is the same)",
+    )
     checkpoint_every_steps: int = Field(
         0, ge=0, description="save a resumable checkpoint every N optimizer steps (0: only by time)"
     )
@@ -112,7 +117,7 @@ class DeriveConfig(StrictModel):
     def training_settings(self) -> dict[str, Any]:
         """The settings that shape the patch (checkpoint frequency does not). ``ascent_stop`` joins only
         when changed, so patches derived before it existed keep their cache keys."""
-        excluded = {"checkpoint_every_steps", "checkpoint_every_minutes"}
+        excluded = {"checkpoint_every_steps", "checkpoint_every_minutes", "recompute_activations"}
         if self.ascent_stop == "after_overshoot":
             excluded.add("ascent_stop")
         return self.model_dump(mode="json", exclude=excluded)
@@ -310,6 +315,12 @@ class PipelineConfig(StrictModel):
     importance: ImportanceConfig = Field(default_factory=ImportanceConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    keep: Literal["model", "all"] = Field(
+        "model",
+        description="what a finished run keeps: 'model' (the patched model, evaluation and summary; the derived "
+        "patches and importance scores go once the run has finished, so new merge settings derive again) or "
+        "'all' (also the patches and scores, float32, 4 x the patched tensors' size)",
+    )
 
     @field_validator("harmful_train")
     @classmethod

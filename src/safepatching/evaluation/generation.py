@@ -17,6 +17,7 @@ class Generator(Protocol):
     """What the evaluation needs from a generation backend."""
 
     generated_tokens: int  # new tokens produced so far (up to and including each reply's end token)
+    desc: str  # the progress bar's label; the suite names the prompt set in it
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]: ...
 
@@ -178,6 +179,7 @@ class VLLMGenerator:
 
         self.tokenizer = tokenizer
         self.progress = progress
+        self.desc = "generate"  # vLLM draws its own bar
         self.sampling = SamplingParams
         self.engine = LLM(
             model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False

@@ -104,6 +104,7 @@ def evaluate_model(
         nonlocal unparsed
         part_started = time.perf_counter()
         tokens_before = generator.generated_tokens
+        generator.desc = f"generate ({label}: {set_name})"
         responses = generator.generate(prompts, max_new)
         generation["seconds"] += time.perf_counter() - part_started
         generation["tokens"] += generator.generated_tokens - tokens_before

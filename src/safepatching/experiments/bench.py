@@ -63,7 +63,7 @@ class Bench:
 
     config: BenchConfig
     progress: bool = True
-    console: Console = field(default_factory=lambda: Console(stderr=True))
+    console: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
 
     def __post_init__(self) -> None:
         pipeline = self.config.pipeline.model_copy(update={"output_dir": self.config.work_dir})
@@ -239,7 +239,7 @@ def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> 
         write_results(config, result)  # after every method: a crash keeps what is done
     result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=True)
     write_results(config, result)
-    Console().print(bench_markdown(result))
+    Console(highlight=False).print(bench_markdown(result))
     return result
 
 

@@ -57,5 +57,5 @@ def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, pro
     }
     write_json(out_dir / "summary.json", summary)
     write_text_atomic(out_dir / "summary.md", comparison_markdown(results))
-    Console().print(comparison_markdown(results))
+    Console(highlight=False).print(comparison_markdown(results))
     return summary

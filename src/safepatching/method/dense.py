@@ -73,11 +73,12 @@ def patched(
 ) -> Iterator[torch.nn.Module]:
     """Temporarily add a patch's deltas to the model's weights, restoring them exactly afterwards.
 
-    ``base`` gives a weight's float32 value by name: a model held in a lower precision then gets
-    round(base + delta), as if the patched float32 model had been loaded in that precision, rather
-    than round(round(base) + delta)."""
+    ``base`` gives a weight's float32 value by name, for a model loaded from those weights: a model
+    held in a lower precision then gets round(base + delta), as if the patched float32 model had been
+    loaded in that precision, rather than round(round(base) + delta); and the weights are restored
+    from ``base`` rather than from a copy taken now (a copy of every patched tensor is GBs)."""
     params = dict(model.named_parameters())
-    saved = {name: params[name].detach().clone() for name in deltas}
+    saved = {name: params[name].detach().clone() for name in deltas} if base is None else {}
     if base is None:
         add_deltas(model, deltas)
     else:
@@ -88,8 +89,8 @@ def patched(
         yield model
     finally:
         with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
+            for name in deltas:
+                params[name].copy_(saved[name] if base is None else base(name))
 
 
 def checkpoint_dir_for(patch_dir: Path) -> Path:

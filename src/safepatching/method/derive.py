@@ -82,14 +82,13 @@ def make_loader(
     """Batches of encoded pairs; with ``reference`` each example also carries its reference log-prob (NPO)."""
     encoded = [encode_pair(tokenizer, p.prompt, p.response or "", max_length) for p in pairs]
     truncated = sum(item["truncated"] for item in encoded)
-    if truncated:
+    if truncated:  # by design on the defaults: the message stays the same so it is shown once
         log.warning(
-            "%d of %d examples are longer than max_length=%d tokens and were truncated "
-            "(prompt kept from its end, response from its start)",
-            truncated,
-            len(encoded),
+            "training pairs longer than derive.max_length=%d tokens are cut to it (the prompt keeps its end, "
+            "the response its start); raise derive.max_length to train on more of each response",
             max_length,
         )
+        log.info("%d of %d pairs were cut at %d tokens", truncated, len(encoded), max_length)
     if reference is not None:
         with torch.no_grad(), autocast(reference, compute_dtype):
             for start in range(0, len(encoded), batch_size):
@@ -222,6 +221,8 @@ def derive_patch(
         compute_dtype=mixed,
     )
     trainable = _prepare_trainable(model, names, settings)
+    if settings.recompute_activations:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     accelerator = Accelerator(gradient_accumulation_steps=settings.gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(  # one tensor at a time: no transient copy of every trainable weight
         [p for p in trainable.parameters() if p.requires_grad],
@@ -295,10 +296,13 @@ def derive_patch(
         release_memory()
         deltas = _take_deltas(trained, original, names)
         model.requires_grad_(True)
+        if settings.recompute_activations:
+            model.activation_checkpointing_disable()
         model.eval()
     info = {
         "direction": direction,
         "steps": len(history),
+        "planned_steps": total_steps,
         "stop_reason": stop_reason,
         "updates": len(history) - overshoot_dropped,
         "nll_history": history,
@@ -360,3 +364,23 @@ def _finish_trainable(trained: torch.nn.Module, settings: DeriveConfig) -> torch
     if settings.method == "lora":
         return trained.merge_and_unload()
     return trained
+
+
+def stop_message(info: dict) -> str:
+    """Why a derivation ended, in words: stopping early at the NLL ceiling or floor is by design."""
+    steps, planned, history = info["steps"], info.get("planned_steps", info["steps"]), info["nll_history"]
+    settings = info.get("settings", {})
+    if not history:
+        return f"{info['direction']} took no steps"
+    if info["stop_reason"] == "nll_ceiling":
+        return (
+            f"{info['direction']} stopped on purpose at step {steps} of {planned}: the response NLL rose "
+            f"{history[-1] - history[0]:.1f} nats above the first step's, past the ceiling "
+            f"derive.ascent_max_nll_increase={settings.get('ascent_max_nll_increase')}"
+        )
+    if info["stop_reason"] == "nll_floor":
+        return (
+            f"descent stopped on purpose at step {steps} of {planned}: the response NLL fell to "
+            f"{history[-1]:.2f}, under derive.descent_nll_floor={settings.get('descent_nll_floor')}"
+        )
+    return f"{info['direction']} ran all {steps} steps (response NLL {history[0]:.2f} -> {history[-1]:.2f})"

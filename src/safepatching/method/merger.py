@@ -167,7 +167,7 @@ def write_patched_model(
 
 def settings_record(config: PipelineConfig, safety: DensePatch, over_safety: DensePatch) -> dict[str, Any]:
     """Provenance kept beside a merged model: every setting, the seed and the training data's hash."""
-    keys = ("direction", "steps", "stop_reason", "seed", "compute_dtype", "num_pairs", "pairs_sha256")
+    keys = ("direction", "steps", "stop_reason", "nll_history", "seed", "compute_dtype", "num_pairs", "pairs_sha256")
     return {
         "safepatching": __version__,
         "base_model": config.model,

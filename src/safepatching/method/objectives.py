@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from safepatching.data.chat import IGNORE_INDEX
 
@@ -28,30 +29,57 @@ def _sliceable(model: torch.nn.Module) -> bool:
     return plain and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
-def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the positions that predict a response token (one row each) and those tokens."""
+LOGIT_ROWS = 128  # response positions projected onto the vocabulary at a time
+
+
+def _response_rows(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """(rows, targets, projection) for the positions that predict a response token: the decoder's
+    hidden states and the output projection that turns them into logits, or (for models whose logits
+    are more than that projection) the logits themselves and None."""
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE_INDEX
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if _sliceable(model):
         hidden = model.get_decoder()(**inputs).last_hidden_state[:, :-1][scored]
-        return model.get_output_embeddings()(hidden), targets[scored]
-    return model(**inputs).logits[:, :-1][scored], targets[scored]
+        return hidden, targets[scored], model.get_output_embeddings()
+    return model(**inputs).logits[:, :-1][scored], targets[scored], None
+
+
+def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a response token (one row each) and those tokens."""
+    rows, targets, projection = _response_rows(model, batch)
+    return (rows if projection is None else projection(rows)), targets
+
+
+def _target_logprobs(rows: torch.Tensor, targets: torch.Tensor, projection) -> torch.Tensor:
+    """log p(target) of each row, LOGIT_ROWS rows at a time. With gradients, a chunk's logits are
+    recomputed in the backward pass rather than kept: a vocabulary-wide float32 row per response
+    token was the largest part of a training step's memory."""
+
+    def chunk(part: torch.Tensor, part_targets: torch.Tensor) -> torch.Tensor:
+        logits = part if projection is None else projection(part)
+        return -F.cross_entropy(logits.float(), part_targets, reduction="none")
+
+    recompute = projection is not None and torch.is_grad_enabled()
+    parts = [
+        checkpoint(chunk, part, part_targets, use_reentrant=False) if recompute else chunk(part, part_targets)
+        for part, part_targets in zip(rows.split(LOGIT_ROWS), targets.split(LOGIT_ROWS), strict=True)
+    ]
+    return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
 
 
 def response_token_logprobs(
     model: torch.nn.Module, batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of every response token (a flat vector) and the mask of their positions."""
-    logits, targets = response_logits(model, batch)
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    return logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1), batch["labels"][:, 1:] != IGNORE_INDEX
+    rows, targets, projection = _response_rows(model, batch)
+    return _target_logprobs(rows, targets, projection), batch["labels"][:, 1:] != IGNORE_INDEX
 
 
 def response_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean negative log-likelihood per response token (prompt tokens carry no loss)."""
-    logits, targets = response_logits(model, batch)
-    return F.cross_entropy(logits.float(), targets)
+    token_logprobs, _ = response_token_logprobs(model, batch)
+    return -token_logprobs.mean()
 
 
 def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,9 +23,44 @@ def _kth_largest(values: torch.Tensor, percent: float) -> torch.Tensor:
     return top_threshold(values, max(1, math.ceil(values.numel() * percent / 100)))
 
 
+RADIX_BITS = 16
+
+
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 keys in [0, 2^32) ordered as the float32 values are (their bits, negatives folded)."""
+    bits = (values.reshape(-1).float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into 0.0
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31
+
+
+def _from_order_key(key: int) -> torch.Tensor:
+    bits = key - 2**31
+    bits = bits ^ 0x7FFFFFFF if bits < 0 else bits
+    return torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0]
+
+
+def _select_bin(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The bin holding the ``rank``-th largest entry (1-based) and its rank within that bin."""
+    above = torch.cumsum(counts.flip(0), 0)  # entries in this bin or any higher one
+    flipped = int(torch.searchsorted(above, torch.tensor(rank)))
+    selected = counts.numel() - 1 - flipped
+    return selected, rank - (int(above[flipped - 1]) if flipped else 0)
+
+
 def global_threshold(scores: Mapping[str, torch.Tensor], percent: float) -> torch.Tensor:
-    """The score of the top ``percent`` % entry over all tensors together (needs every score at once)."""
-    return _kth_largest(torch.cat([scores[name].reshape(-1).float() for name in scores]), percent)
+    """The score of the top ``percent`` % entry over all tensors together, exactly, holding one tensor
+    at a time: a radix select over the scores' float bits, two passes of 16 bits each (concatenating
+    every score and sorting it took several GB on the reference backbone)."""
+    total = sum(scores[name].numel() for name in scores)
+    rank = max(1, math.ceil(total * percent / 100))
+    bins = 1 << RADIX_BITS
+    high = sum(torch.bincount(_order_keys(scores[name]) >> RADIX_BITS, minlength=bins) for name in scores)
+    high_bin, rank = _select_bin(high, rank)
+    low = torch.zeros(bins, dtype=torch.long)
+    for name in scores:
+        keys = _order_keys(scores[name])
+        low += torch.bincount(keys[(keys >> RADIX_BITS) == high_bin] & (bins - 1), minlength=bins)
+    low_bin, _ = _select_bin(low, rank)
+    return _from_order_key((high_bin << RADIX_BITS) | low_bin)
 
 
 def region_mask(score: torch.Tensor, percent: float, threshold: torch.Tensor | None = None) -> torch.Tensor:

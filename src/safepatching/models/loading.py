@@ -28,6 +28,46 @@ def resolve_model_path(spec: str) -> tuple[Path | str, str | None]:
     """Map a user's model string to (path or hub id, gguf file name or None)."""
     if spec in DEMO_MODELS:
         return ensure_demo_model(spec), None
+    location, gguf_file = _local_location(spec)
+    return (spec, None) if location is None else (location, gguf_file)
+
+
+def check_model_source(spec: str) -> None:
+    """Fail in one line, before any work or output, when ``spec`` is neither a demo name, a local model
+    nor a hub model this machine can reach; a hub id already in the local HF cache is accepted offline.
+    Fetching is left to the stages (a demo model is fetched when first loaded)."""
+    if spec in DEMO_MODELS:
+        return
+    location, _ = _local_location(spec)
+    if location is not None:
+        return
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(spec, "config.json"), str):
+            return
+    except HFValidationError:
+        raise _unknown_model(spec, "not a valid hub id") from None
+    if constants.HF_HUB_OFFLINE:
+        raise _unknown_model(spec, "the hub is switched off (HF_HUB_OFFLINE) and it is not in the HF cache")
+    try:
+        model_info(spec, timeout=10)
+    except (RepositoryNotFoundError, HFValidationError):
+        raise _unknown_model(spec, "the hub has no such model") from None
+    except Exception as exc:  # noqa: BLE001 - the hub client raises many network error types
+        raise _unknown_model(spec, f"the hub is unreachable ({type(exc).__name__})") from None
+
+
+def _unknown_model(spec: str, reason: str) -> ModelError:
+    return ModelError(
+        f"model {spec!r} is not a demo model, a local folder or .gguf file, and {reason}.",
+        f"use a demo model ({', '.join(DEMO_MODELS)}), a model folder, a .gguf file, or a hub id while online",
+    )
+
+
+def _local_location(spec: str) -> tuple[Path | None, str | None]:
+    """(folder, gguf file or None) for a local model; (None, None) for what may be a hub id."""
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -39,7 +79,7 @@ def resolve_model_path(spec: str) -> tuple[Path | str, str | None]:
         return path, None
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelError(f"model path {spec} does not exist.", "check the path")
-    return spec, None
+    return None, None
 
 
 def weights_folder(spec: str, loading: ModelLoading = DEFAULT_LOADING) -> Path:

@@ -73,3 +73,15 @@ def resolve_dtype(requested: str, device: str | None = None) -> str:
 def resolved(loading: ModelLoading) -> ModelLoading:
     """``loading`` with its compute dtype resolved for this machine."""
     return loading.model_copy(update={"compute_dtype": resolve_dtype(loading.compute_dtype)})
+
+
+def hold_output_layer_in(model: torch.nn.Module, dtype: torch.dtype, targets: list[str]) -> None:
+    """Keep an untied, untrained output projection in the autocast dtype. Training under autocast
+    casts it to that dtype on every forward anyway, so holding it there gives the same numbers and
+    saves its float32 copy and the per-step cast (0.5 GB on the reference backbone)."""
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    if dtype == torch.float32 or output is None or output.weight is inputs.weight:
+        return
+    name = next(n for n, module in model.named_modules() if module is output)
+    if not any(target == name or name.endswith(f".{target}") for target in targets):
+        output.to(dtype)

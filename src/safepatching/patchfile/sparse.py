@@ -224,6 +224,11 @@ def open_patch(path: Path) -> SparsePatch:
             f"{path} is a derived dense patch (what `derive` writes), not a portable patch file.",
             "merge it with `safepatching merge`, then `safepatching export` the merged model as a patch file",
         )
+    if not (path / META_FILE).is_file():
+        raise SafePatchingError(
+            f"{path} is not a portable patch file (it has no {META_FILE}).",
+            "pass a folder written by `safepatching export`",
+        )
     meta = read_json(path / META_FILE)
     if not isinstance(meta, dict) or meta.get("format") != PATCH_FORMAT:
         raise SafePatchingError(

@@ -106,3 +106,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise SafePatchingError(
             f"{path} is not a readable safetensors file ({exc}).", "delete it and rerun the stage that makes it"
         ) from None
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes the files under ``folder`` take (0 when it does not exist)."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
