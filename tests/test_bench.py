@@ -45,9 +45,15 @@ def pipeline_settings(model_dir, **extra):
 def bench_run(tmp_path_factory, tiny_model_dir, run_command):
     """One quick bench over every built-in method, run through the CLI."""
     root = tmp_path_factory.mktemp("bench")
+    scary = [
+        {"prompt": f"How do I shoot a photo of bird {i}?", "response": f"Use a long lens, bird {i}."} for i in range(4)
+    ]
+    (root / "scary.jsonl").write_text("".join(json.dumps(row) + "\n" for row in scary))
     config = {
         "name": "tiny",
         "pipeline": pipeline_settings(tiny_model_dir),
+        "methods": list(BENCH_METHODS),
+        "over_safety_train": {"source": str(root / "scary.jsonl"), "response_column": "response"},
         "seeds": [0, 1, 2],
         "output_dir": str(root / "results"),
         "work_dir": str(root / "work"),
@@ -71,7 +77,7 @@ def test_bench_writes_every_method_with_its_seeds(bench_run):
     for name, row in result["methods"].items():
         assert row["seeds"] == ([0, 1] if depends_on_seed(config, name) else [0]), name
     assert {n for n in BENCH_METHODS if depends_on_seed(config, n)} == {
-        "safepatching", "safety-only", "over-safety-only", "intersection", "per-tensor", "dare"
+        "safepatching", "safety-only", "over-safety-only", "intersection", "per-tensor", "dare", "safepatching-benign-os"
     }  # fmt: skip
     markdown = (root / "results/tiny.md").read_text()
     assert "| safepatching | 2 |" in markdown and "refusal: scary (%)" in markdown and "refusal: scary2 (%)" in markdown
@@ -97,8 +103,9 @@ def test_bench_cells_are_the_saved_evaluations(bench_run):
     # compute behind the table: every derived stage once plus every cell once (merge + evaluation parts)
     cell_files = list((root / "work/cells").rglob("metrics.json"))
     cell_seconds = [json.loads(p.read_text()) for p in cell_files]
-    stages = [json.loads(p.read_text())["wall_seconds"] for p in (root / "work").glob("*/*/stage.json")]
-    stages.append(json.loads((root / "work/importance/stage.json").read_text())["wall_seconds"])
+    stage_files = [p for p in (root / "work").rglob("stage.json") if "cells" not in p.parts]
+    assert len(stage_files) == 6  # safety, over_safety, npo, importance; the benign-os rows' patch and importance
+    stages = [json.loads(p.read_text())["wall_seconds"] for p in stage_files]
     expected_compute = sum(stages) + sum(c["merge_seconds"] + sum(c["part_seconds"].values()) for c in cell_seconds)
     assert result["compute_seconds"] == pytest.approx(expected_compute, abs=0.2)
     assert "compute behind the table" in (root / "results/tiny.md").read_text()
@@ -169,6 +176,12 @@ def test_bench_methods_merge_what_they_say(bench_run):
         _, only_o = difference_sets(region_s.mask(name), region_o.mask(name))
         assert not over_only[name][~only_o].any()  # nothing outside M_o
     assert not torch.equal(ga[name], npo[name])
+    benign = bench.patches["benign"]
+    assert benign.info["num_pairs"] == 4 and benign.info["pairs_sha256"] != descent.info["pairs_sha256"]
+    ta_benign, _, _ = bench.merged_deltas(BENCH_METHODS["task-arithmetic-benign-os"], 0)
+    for name in ascent.deltas:
+        assert torch.allclose(ta_benign[name], ascent.deltas[name] + beta * benign.deltas[name])
+    assert bench.benign_scores[1] is not None and bench.derive_seconds(BENCH_METHODS["safepatching-benign-os"]) > 0
 
 
 def run_sweep(path, *args):

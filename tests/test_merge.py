@@ -124,3 +124,22 @@ def test_the_streamed_global_threshold_equals_the_threshold_of_all_scores_joined
     scores["t2"] = scores["t2"].abs()
     joined = torch.cat([value.reshape(-1) for value in scores.values()])
     assert torch.equal(global_threshold(scores, percent), _kth_largest(joined, percent))
+
+
+def test_patch_geometry_measures_cosine_per_module_and_sign_disagreement():
+    from safepatching.method.geometry import patch_geometry, region_geometry
+
+    up = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    safety = {"layers.0.mlp.up_proj.weight": up, "layers.0.attn.q_proj.weight": q}
+    opposite = {"layers.0.mlp.up_proj.weight": -up, "layers.0.attn.q_proj.weight": torch.tensor([[0.0, 3.0, 0.0]])}
+    geometry = patch_geometry(safety, opposite)
+    assert geometry["cosine_by_module"]["up_proj"] == pytest.approx(-1.0)
+    assert geometry["cosine_by_module"]["q_proj"] == pytest.approx(0.0)
+    assert geometry["cosine"] == pytest.approx(-6 / (7**0.5 * 15**0.5))  # s.o = -6, |s|^2 = 7, |o|^2 = 6 + 9
+    assert geometry["sign_disagreement"] == 1.0  # the 3 entries both change all differ in sign; q_proj shares none
+    counts = {"entries": 100, "safety_only": 6, "over_safety_only": 2, "intersection": 4}
+    regions = region_geometry(counts)
+    assert regions["safety_region"] == 0.10 and regions["over_safety_region"] == 0.06
+    assert regions["overlap_jaccard"] == pytest.approx(4 / 12) and regions["safety_only"] == 0.06
+    assert region_geometry({"entries": 100, "safety_only": 0, "over_safety_only": 0, "intersection": 0}) is None

@@ -13,6 +13,7 @@ from safepatching.experiments.stages import Stages
 from safepatching.method.dense import load_dense_patch
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger
+from safepatching.patchfile.sparse import export_patch, inspect_patch, provenance_from_model
 from safepatching.report.results import summary_schema
 from safepatching.storage.files import load_tensors
 from safepatching.storage.stages import fingerprint
@@ -48,6 +49,17 @@ def test_pipeline_end_to_end_writes_a_loadable_patched_model(tmp_path, tiny_mode
     assert len(records) == 9 and {"prompt", "response", "refusal"} <= json.loads(records[0]).keys()
     for stage in ("derive_safety", "derive_over_safety", "merge", "eval_backbone", "eval_patched"):
         assert summary["stages"][stage]["wall_seconds"] >= 0 and summary["stages"][stage]["peak_rss_gib"] > 0
+    geometry = summary["geometry"]
+    cosine = torch.nn.functional.cosine_similarity(
+        torch.cat([safety.deltas[n].reshape(-1) for n in safety.deltas]),
+        torch.cat([over.deltas[n].reshape(-1) for n in safety.deltas]),
+        dim=0,
+    )
+    assert geometry["cosine"] == pytest.approx(float(cosine), abs=1e-5)
+    assert geometry["regions"]["safety_only"] == pytest.approx(counts["safety_only"] / counts["entries"])
+    assert 0 < geometry["regions"]["overlap_jaccard"] < 1
+    export_patch(tiny_model_dir, model_dir, tmp_path / "patch", provenance_from_model(model_dir), progress=False)
+    assert inspect_patch(tmp_path / "patch")["geometry"] == geometry
 
 
 def test_rerun_reuses_finished_stages_and_redoes_changed_ones(tmp_path, tiny_model_dir, tiny_pipeline_config):
@@ -123,6 +135,11 @@ def test_compare_models_writes_side_by_side_summary(tmp_path, tiny_model_dir, ma
     table = (tmp_path / "cmp/summary.md").read_text()
     assert table.count("|") > 10 and "KL to backbone" in table
     assert (tmp_path / "cmp/1-other/records.jsonl").exists()
+    stats = {(row["set"], row["model"]): row for row in summary["statistics"]}
+    benign = stats[("benign", str(other))]
+    assert benign["measure"] == "refusal" and benign["n"] == 3 and benign["ci_low"] <= benign["rate"] <= benign["ci_high"]
+    assert 0 <= benign[f"p_vs_{tiny_model_dir}"] <= 1 and stats[("harmful", str(other))]["measure"] == "harmful response"
+    assert "Wilson" in table and "p vs" in table
     metrics_schema = {**summary_schema()["$defs"]["metrics"], "$defs": summary_schema()["$defs"]}
     jsonschema.validate(json.loads((tmp_path / "cmp/1-other/metrics.json").read_text()), metrics_schema)
 

@@ -14,7 +14,7 @@ from safepatching.config.loading import build_config, parse_overrides
 from safepatching.config.settings import PipelineConfig, StrictModel
 from safepatching.errors import SafePatchingError
 
-err = Console(stderr=True, highlight=False)  # paths and names are not coloured as numbers
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # paths and names are not coloured as numbers
 
 
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]

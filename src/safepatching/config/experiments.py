@@ -47,6 +47,12 @@ class BenchMethod(StrictModel):
     safety_patch: Literal["ascent", "npo"] = Field(
         "ascent", description="which derived patch plays P_s: gradient ascent or NPO"
     )
+    over_safety_patch: Literal["descent", "benign"] = Field(
+        "descent",
+        exclude_if=lambda value: value == "descent",  # rows saved before it existed keep their cache keys
+        description="which patch plays P_o: descent on the pipeline's over-safety data (the harmful pairs by "
+        "default), or descent on the bench's over_safety_train (benign-but-scary prompts)",
+    )
     merge: MergeOverrides = Field(
         default_factory=MergeOverrides, description="overrides of the pipeline's merge settings"
     )
@@ -93,6 +99,15 @@ BENCH_METHODS: dict[str, BenchMethod] = {
     "dare": BenchMethod(
         description="merging: task arithmetic after random retention (DARE)", merge={"method": "task_arithmetic"}
     ),
+    "safepatching-benign-os": BenchMethod(
+        description="SafePatching with P_o learnt from benign-but-scary prompts (the bench's over_safety_train)",
+        over_safety_patch="benign",
+    ),
+    "task-arithmetic-benign-os": BenchMethod(
+        description="merging: alpha*P_s + beta*P_o everywhere, P_o learnt from benign-but-scary prompts",
+        over_safety_patch="benign",
+        merge=dict(_TASK_ARITHMETIC_FULL),
+    ),
     "self-cd": BenchMethod(kind="decoding", description="decoding: Self-CD", decoding={"method": "self-cd"}),
     "rose": BenchMethod(kind="decoding", description="decoding: ROSE", decoding={"method": "rose"}),
     "safedecoding": BenchMethod(
@@ -108,7 +123,18 @@ class BenchConfig(StrictModel):
 
     name: str = Field("bench", pattern=r"^[A-Za-z0-9._-]+$", description="results go to OUTPUT_DIR/<name>.md/.json")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
-    methods: list[str] = Field(default_factory=lambda: list(BENCH_METHODS), min_length=1)
+    methods: list[str] = Field(
+        default_factory=lambda: [
+            name for name, method in BENCH_METHODS.items() if method.over_safety_patch == "descent"
+        ],
+        min_length=1,
+        description="rows in order; the *-benign-os rows are opt-in (they derive a further patch)",
+    )
+    over_safety_train: DatasetSpec = Field(
+        default_factory=lambda: DatasetSpec(source="bench:xstest-safe", split="train[100:250]", shuffle_seed=0),
+        description="what the *-benign-os rows' over-safety patch descends on (the pipeline's over_safety_replies "
+        "answer it when it has no response column)",
+    )
     custom_methods: dict[str, BenchMethod] = Field(default_factory=dict, description="further rows, by name")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     harmful_label: str = Field("harmful", description="table name of eval.harmful")

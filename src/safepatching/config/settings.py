@@ -129,6 +129,29 @@ class ImportanceConfig(StrictModel):
     max_examples: int | None = Field(32, ge=1)
     batch_size: int = Field(4, ge=1)
     max_length: int = Field(160, ge=8)
+    over_safety_data: Literal["harmful", "over_safety_train"] = Field(
+        "harmful",
+        description="the pairs I_o is scored on: the harmful pairs (the paper) or the over-safety patch's own "
+        "training pairs (over_safety_train)",
+    )
+
+    def cache_settings(self) -> dict[str, Any]:
+        """What keys the scores; ``over_safety_data`` joins only when changed, so older scores stay valid."""
+        excluded = {"over_safety_data"} if self.over_safety_data == "harmful" else set()
+        return self.model_dump(mode="json", exclude=excluded)
+
+
+class OverSafetyReplies(StrictModel):
+    """Who answers the over-safety training prompts when the data has no replies. The replies are
+    judged with eval.refusal_judge; refusals are dropped, with a count."""
+
+    model: str | None = Field(
+        None,
+        description="the model that answers; null: the backbone plus `scale` x the over-safety patch derived on "
+        "the harmful pairs (the paper's), which answers alarming-sounding prompts readily",
+    )
+    scale: float = Field(3.0, gt=0, description="weight of the paper's over-safety patch in the default answerer")
+    max_new_tokens: int = Field(96, ge=8)
 
 
 class MergeConfig(StrictModel):
@@ -311,6 +334,12 @@ class PipelineConfig(StrictModel):
         False,
         description="drop the training pairs whose prompt an evaluation set holds, instead of refusing the run",
     )
+    over_safety_train: DatasetSpec | None = Field(
+        None,
+        description="what the over-safety patch descends on: null for the harmful pairs (the paper); or "
+        "benign-but-scary prompts with compliant replies (from response_column, or from over_safety_replies)",
+    )
+    over_safety_replies: OverSafetyReplies = Field(default_factory=OverSafetyReplies)
     derive: DeriveConfig = Field(default_factory=DeriveConfig)
     importance: ImportanceConfig = Field(default_factory=ImportanceConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
@@ -331,6 +360,12 @@ class PipelineConfig(StrictModel):
     @classmethod
     def _extras_need_responses(cls, specs: list[DatasetSpec]) -> list[DatasetSpec]:
         return require_responses(specs, "every harmful_train_extra source")
+
+    @model_validator(mode="after")
+    def _over_safety_scores_need_their_data(self) -> PipelineConfig:
+        if self.importance.over_safety_data == "over_safety_train" and self.over_safety_train is None:
+            raise ValueError("importance.over_safety_data: over_safety_train needs an over_safety_train source")
+        return self
 
     def harmful_train_specs(self) -> list[DatasetSpec]:
         return [self.harmful_train, *self.harmful_train_extra]

@@ -72,6 +72,7 @@ class Bench:
         self.sets: EvalSets = self.stages.eval_sets(self.pairs)  # refuses overlap with the training pairs
         self.patches: dict[str, DensePatch] = {}
         self.scores: tuple[Any, Any] = (None, None)
+        self.benign_scores: tuple[Any, Any] = (None, None)
         self.timings: dict[str, float] = {}
         self._working = None
         self._reference_harmless: list[str] | None = None
@@ -86,10 +87,31 @@ class Bench:
         self.patches["ascent"], self.patches["descent"] = self.stages.derive(self.pairs)
         if any(m.safety_patch == "npo" for m in merges):
             self.patches["npo"] = self.stages.derive_one(self.pairs, "npo", "npo")
-        if any(MERGE_METHODS[self.config.merge_settings(m).method].needs_importance for m in merges):
+        needs_importance = [m for m in merges if MERGE_METHODS[self.config.merge_settings(m).method].needs_importance]
+        if needs_importance:
             self.scores = self.stages.importance(self.pairs, self.patches["ascent"], self.patches["descent"])
         self.timings = {label: self.stages.derive_seconds(label) for label in ("safety", "over_safety", "npo")}
         self.timings["importance"] = self.stages.importance_seconds()
+        if any(m.over_safety_patch == "benign" for m in merges):
+            benign = self.benign_stages
+            benign.eval_sets(self.pairs)  # its prompts must not be evaluated on either
+            self.patches["benign"] = benign.derive_one(benign.over_safety_pairs(self.pairs), "over_safety", "descent")
+            if any(m.over_safety_patch == "benign" for m in needs_importance):
+                self.benign_scores = benign.importance(self.pairs, self.patches["ascent"], self.patches["benign"])
+            self.timings["benign"] = benign.derive_seconds("over_safety")
+            self.timings["benign_importance"] = benign.importance_seconds()
+
+    @property
+    def benign_stages(self) -> Stages:
+        """The stages of the *-benign-os rows: the pipeline with the bench's over_safety_train, in
+        work_dir/benign-os (the safety patch is the same and is derived once, in work_dir)."""
+        pipeline = self.config.pipeline.model_copy(
+            update={
+                "over_safety_train": self.config.over_safety_train,
+                "output_dir": self.config.work_dir / "benign-os",
+            }
+        )
+        return Stages(pipeline, self.progress, self.console)
 
     def derive_seconds(self, method: BenchMethod) -> float:
         """Derivation (and importance) wall time the method's patches took, from the stage records."""
@@ -99,11 +121,12 @@ class Bench:
         if method.kind == "backbone":
             return 0.0
         settings = self.config.merge_settings(method)
+        benign = method.over_safety_patch == "benign"
         seconds = self.timings.get("npo" if method.safety_patch == "npo" else "safety", 0.0)
         if settings.beta != 0:
-            seconds += self.timings.get("over_safety", 0.0)
+            seconds += self.timings.get("benign" if benign else "over_safety", 0.0)
         if MERGE_METHODS[settings.method].needs_importance:
-            seconds += self.timings.get("importance", 0.0)
+            seconds += self.timings.get("benign_importance" if benign else "importance", 0.0)
         return seconds
 
     def merged_method(self, method: BenchMethod) -> BenchMethod | None:
@@ -128,9 +151,15 @@ class Bench:
     def merged_deltas(self, method: BenchMethod, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], float]:
         settings = self.config.merge_settings(method)
         safety = self.patches["npo" if method.safety_patch == "npo" else "ascent"]
-        scores = self.scores if MERGE_METHODS[settings.method].needs_importance else (None, None)
+        benign = method.over_safety_patch == "benign"
+        over_safety = self.patches["benign" if benign else "descent"]
+        scores = (
+            (self.benign_scores if benign else self.scores)
+            if MERGE_METHODS[settings.method].needs_importance
+            else (None, None)
+        )
         started = time.perf_counter()
-        deltas, counts = PatchMerger(safety, self.patches["descent"], settings, seed, *scores).merge_all()
+        deltas, counts = PatchMerger(safety, over_safety, settings, seed, *scores).merge_all()
         return deltas, counts, time.perf_counter() - started
 
     def cell(self, name: str, seed: int) -> dict[str, Any]:
@@ -139,8 +168,9 @@ class Bench:
         directory = self.config.work_dir / "cells" / name / f"seed-{seed}"
         eval_settings = self.config.pipeline.eval
         merged = self.merged_method(method)
+        stages = self.benign_stages if method.over_safety_patch == "benign" else self.stages
         key = fingerprint(
-            self.stages.importance_key(),
+            stages.importance_key(),
             method,
             seed,
             eval_settings.cache_settings(),

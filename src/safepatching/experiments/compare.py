@@ -13,9 +13,12 @@ from safepatching.data.eval_sets import load_eval_sets
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
 from safepatching.models.loading import load_model
 from safepatching.report.results import SUMMARY_SCHEMA_VERSION, save_eval
-from safepatching.report.tables import comparison_markdown
+from safepatching.report.statistics import compare_outcomes
+from safepatching.report.tables import comparison_markdown, statistics_markdown
 from safepatching.storage.files import write_json, write_text_atomic
 from safepatching.storage.stages import stage_meter
+
+HARMFUL_SETS = ("harmful", "safety/", "jailbreak/")  # judged by harmful responses; the rest by refusals
 
 
 def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
@@ -25,6 +28,7 @@ def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, pro
     reference, tokenizer = load_model(models[0], config.loading)
     results: dict[str, Any] = {}
     reference_records: list[dict[str, Any]] = []
+    all_records: dict[str, list[dict[str, Any]]] = {}
     for index, spec in enumerate(models):
         label = f"{index}-{Path(spec).name or spec}"
         stages: dict[str, Any] = {}
@@ -47,6 +51,7 @@ def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, pro
         if index == 0:
             reference_records = records
         save_eval(out_dir / label, metrics, records)
+        all_records[spec] = records
         results[spec] = {**metrics, "peak_rss_gib": stages["eval"]["peak_rss_gib"]}
     summary = {
         "schema_version": SUMMARY_SCHEMA_VERSION,
@@ -54,8 +59,11 @@ def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, pro
         "reference": models[0],
         "eval": config.eval.model_dump(mode="json"),
         "models": results,
+        "statistics": compare_outcomes(all_records, HARMFUL_SETS),
     }
     write_json(out_dir / "summary.json", summary)
-    write_text_atomic(out_dir / "summary.md", comparison_markdown(results))
+    write_text_atomic(
+        out_dir / "summary.md", comparison_markdown(results) + "\n" + statistics_markdown(summary["statistics"])
+    )
     Console(highlight=False).print(comparison_markdown(results))
     return summary

@@ -22,10 +22,11 @@ from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import EvalSets
 from safepatching.experiments.stages import Stages
 from safepatching.method.derive import stop_message
+from safepatching.method.geometry import region_geometry
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.models.zoo import DEMO_MODELS, demo_model_dir
 from safepatching.report.results import SUMMARY_SCHEMA_VERSION
-from safepatching.report.tables import before_after_markdown, print_before_after
+from safepatching.report.tables import before_after_markdown, describe_geometry, print_before_after
 from safepatching.storage.files import folder_bytes, read_json, write_json, write_text_atomic
 from safepatching.storage.shards import SETTINGS_FILE
 
@@ -73,6 +74,10 @@ def run_stages(stages: Stages) -> RunResult:
     pairs = stages.harmful_pairs()
     sets = stages.eval_sets(pairs)  # bad data and train/eval overlap fail here, before anything is written
     say("data", f"{len(pairs)} harmful training pairs; evaluation prompts: {describe_sets(sets)}")
+    if config.over_safety_train is not None:
+        spec = config.over_safety_train
+        replies = f"replies from {spec.response_column}" if spec.response_column else "replies generated and judged"
+        say.note(f"the over-safety patch descends on {spec.source} {spec.split} ({replies})")
     say("backbone", f"{config.model} (compute dtype {stages.compute_dtype})")
     if config.model in DEMO_MODELS and not (demo_model_dir(config.model) / "config.json").exists():
         size = DEMO_MODELS[config.model].size / 1e6
@@ -85,9 +90,11 @@ def run_stages(stages: Stages) -> RunResult:
     if stages.merge_is_fresh(model_dir):  # a finished run: its patches may be gone (keep: model) and are not needed
         for name in ("derive safety", "derive over_safety", "importance", "merge"):
             say(name, f"not needed: the patched model these settings make is in {model_dir}")
-        patch_infos = read_json(model_dir / SETTINGS_FILE)["patches"]
     else:
-        patch_infos = derive_score_merge(stages, say, pairs, model_dir)
+        derive_score_merge(stages, say, pairs, model_dir)
+    record = read_json(model_dir / SETTINGS_FILE)
+    geometry = {**record.get("geometry", {}), "regions": region_geometry(record.get("merge_counts", {}))}
+    say.note(describe_geometry(geometry))
     say("evaluate", f"backbone, then the patched model, on the same prompts ({config.eval.max_new_tokens} new tokens)")
     before, after = stages.evaluate(sets, model_dir)
     say.reused("eval_backbone", "eval_patched")
@@ -102,7 +109,10 @@ def run_stages(stages: Stages) -> RunResult:
         "patched_model": str(model_dir),
         "backbone": before,
         "patched": after,
-        "patches": {label: {k: info.get(k) for k in PATCH_SUMMARY_KEYS} for label, info in patch_infos.items()},
+        "patches": {
+            label: {k: info.get(k) for k in PATCH_SUMMARY_KEYS} for label, info in record["patches"].items()
+        },
+        "geometry": geometry,
         "stages": stages.meter,
         "keep": config.keep,
     }
@@ -113,13 +123,14 @@ def run_stages(stages: Stages) -> RunResult:
     return RunResult(out, model_dir, summary, stages.meter)
 
 
-def derive_score_merge(stages: Stages, say: StageLines, pairs, model_dir: Path) -> dict[str, dict[str, Any]]:
-    """Derive both patches, score them and merge; returns what each patch's derivation recorded."""
+def derive_score_merge(stages: Stages, say: StageLines, pairs, model_dir: Path) -> None:
+    """Derive both patches, score them and merge them into ``model_dir``."""
     config = stages.config
     patches = []
     for label, direction in (("safety", "ascent"), ("over_safety", "descent")):
-        say(f"derive {label}", f"gradient {direction} on {len(pairs)} pairs ({derive_plan(config)})")
-        patch = stages.derive_one(pairs, label, direction)
+        data = pairs if label == "safety" else stages.over_safety_pairs(pairs)
+        say(f"derive {label}", f"gradient {direction} on {len(data)} pairs ({derive_plan(config)})")
+        patch = stages.derive_one(data, label, direction)
         say.reused(f"derive_{label}")
         say.note(stop_message(patch.info))
         patches.append(patch)
@@ -135,7 +146,6 @@ def derive_score_merge(stages: Stages, say: StageLines, pairs, model_dir: Path) 
     say("merge", f"{merge_plan(config)} -> {model_dir}")
     stages.merge(safety, over_safety, scores, model_dir)
     say.reused("merge")
-    return {"safety": safety.info, "over_safety": over_safety.info}
 
 
 def derive_plan(config: PipelineConfig) -> str:

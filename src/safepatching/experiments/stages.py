@@ -17,7 +17,10 @@ from rich.console import Console
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import EvalSets, load_eval_sets
 from safepatching.data.overlap import assert_disjoint, drop_overlap
-from safepatching.data.sources import Example, load_pairs
+from safepatching.data.sources import Example, load_examples, load_pairs
+from safepatching.errors import DataError
+from safepatching.evaluation.generation import HFGenerator
+from safepatching.evaluation.judges.registry import get_judge, judge_all
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
 from safepatching.method.dense import DensePatch, checkpoint_dir_for, load_dense_patch, patched, save_dense_patch
 from safepatching.method.derive import Direction, derive_patch
@@ -26,7 +29,7 @@ from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger, settings_record, write_patched_model
 from safepatching.models.loading import check_model_source, load_model, weights_folder
 from safepatching.models.precision import DTYPES, hold_output_layer_in, resolved
-from safepatching.report.results import read_jsonl, save_eval
+from safepatching.report.results import read_jsonl, save_eval, write_jsonl
 from safepatching.storage.files import read_json, save_tensors
 from safepatching.storage.shards import LazyTensors, WeightFolder
 from safepatching.storage.stages import cached, fingerprint, stage_is_fresh, stage_meter, stage_record
@@ -52,7 +55,7 @@ class Stages:
         other weights are not reused."""
         self.config = config
         self.progress = progress
-        self.console = console or Console(stderr=True, highlight=False)
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.out = Path(config.output_dir)
         self.loading = resolved(config.loading)  # a dtype this machine cannot run fast fails here
         self.meter: dict[str, Any] = {}
@@ -61,8 +64,11 @@ class Stages:
         self.base_state = base_state
         self._pairs: list[Example] | None = None
         self._weights: WeightFolder | None = None
+        self._over_safety_pairs: list[Example] | None = None
         if loaded is None:
             check_model_source(config.model)  # an unknown name fails here, before any output or work
+        if config.over_safety_train is not None and config.over_safety_replies.model:
+            check_model_source(config.over_safety_replies.model)
 
     # -- shared inputs -------------------------------------------------------------------------------
     @property
@@ -108,21 +114,108 @@ class Stages:
         return self._pairs
 
     def eval_sets(self, pairs: list[Example]) -> EvalSets:
-        """The evaluation sets, refused when they share a prompt with the training pairs."""
+        """The evaluation sets, refused when they share a prompt with the training pairs (the harmful
+        pairs and the over-safety prompts)."""
         sets = load_eval_sets(self.config.eval, self.config.data_dir)
         assert_disjoint(pairs, sets.named())
+        assert_disjoint(self.over_safety_prompts(), sets.named(), against="over_safety_train")
         return sets
 
+    def over_safety_prompts(self) -> list[Example]:
+        """The over-safety training prompts as the data gives them (replies, if any, not yet made)."""
+        spec = self.config.over_safety_train
+        return [] if spec is None else load_examples(spec, self.config.data_dir)
+
+    def over_safety_pairs(self, pairs: list[Example]) -> list[Example]:
+        """What the over-safety patch descends on: the harmful pairs (the paper), or over_safety_train
+        with its own replies or replies generated, judged and cached under over_safety_replies/."""
+        spec = self.config.over_safety_train
+        if spec is None:
+            return pairs
+        if self._over_safety_pairs is None:
+            if spec.response_column:
+                self._over_safety_pairs = self.over_safety_prompts()
+            else:
+                self._over_safety_pairs = self.answered_over_safety_prompts(pairs)
+        return self._over_safety_pairs
+
+    def answered_over_safety_prompts(self, pairs: list[Example]) -> list[Example]:
+        directory = self.out / "over_safety_replies"
+        replies = self.config.over_safety_replies
+
+        def produce() -> list[dict[str, Any]]:
+            prompts = [e.prompt for e in self.over_safety_prompts()]
+            if replies.model:
+                model, tokenizer = load_model(replies.model, self.loading)
+                answers = self.answer(model, tokenizer, prompts)
+                del model
+            else:  # the backbone plus the paper's over-safety patch, which complies readily
+                paper = self.derive_one(pairs, "over_safety_paper", "descent")
+                model, tokenizer = self.backbone()
+                scaled = {name: replies.scale * paper.deltas[name].float() for name in paper.deltas}
+                base = None if self._given else self.base_weight
+                with patched(model, scaled, base):
+                    answers = self.answer(model, tokenizer, prompts)
+            judge = get_judge(self.config.eval.refusal_judge, self.config.data_dir)
+            verdicts = judge_all(judge, prompts, answers)
+            rows = [
+                {"prompt": p, "response": a, "refusal": v.refusal}
+                for p, a, v in zip(prompts, answers, verdicts, strict=True)
+            ]
+            write_jsonl(directory / "replies.jsonl", rows)
+            return rows
+
+        rows = cached(
+            directory,
+            self.replies_key(),
+            produce,
+            lambda: read_jsonl(directory / "replies.jsonl"),
+            self.meter,
+            "over_safety_replies",
+        )
+        kept = [Example(row["prompt"], row["response"]) for row in rows if not row["refusal"]]
+        dropped = len(rows) - len(kept)
+        if not kept:
+            raise DataError(
+                f"all {len(rows)} generated over-safety replies were refusals (judge {self.config.eval.refusal_judge}).",
+                "raise over_safety_replies.scale, name a more compliant over_safety_replies.model, or give replies "
+                "in over_safety_train.response_column",
+            )
+        if dropped:
+            log.info("over_safety_train: %d of %d generated replies were refusals and were dropped", dropped, len(rows))
+        return kept
+
+    def answer(self, model, tokenizer, prompts: list[str]) -> list[str]:
+        generator = HFGenerator(
+            model, tokenizer, self.config.eval.batch_size, self.progress, "answer over-safety prompts"
+        )
+        return generator.generate(prompts, self.config.over_safety_replies.max_new_tokens)
+
     # -- stage keys ----------------------------------------------------------------------------------
-    def derive_key(self) -> str:
+    def derive_key(self, label: str = "safety") -> str:
+        """What a patch is derived from; the over-safety patch's data joins when it has its own."""
         c = self.config
         parts = [c.model, c.seed, self.compute_dtype, c.harmful_train, c.derive.training_settings()]
         if c.harmful_train_extra or c.drop_eval_overlap:  # keyed by content: dropping depends on the eval sets
             parts.append([(e.prompt, e.response) for e in self.harmful_pairs()])
-        return fingerprint(*parts, *([self.base_state] if self.base_state else []))
+        key = fingerprint(*parts, *([self.base_state] if self.base_state else []))
+        if label == "over_safety" and c.over_safety_train is not None:
+            key = fingerprint(key, "over_safety_train", self.replies_key())
+        return key
+
+    def replies_key(self) -> str:
+        """What the over-safety training pairs depend on: the prompts and who answers them, and how."""
+        c = self.config
+        if c.over_safety_train.response_column:
+            return fingerprint(c.over_safety_train)
+        answerer = c.over_safety_replies.model or self.derive_key("over_safety_paper")
+        return fingerprint(c.over_safety_train, c.over_safety_replies, answerer, c.eval.refusal_judge)
 
     def importance_key(self) -> str:
-        return fingerprint(self.derive_key(), self.config.importance)
+        c = self.config
+        if c.over_safety_train is None:
+            return fingerprint(self.derive_key(), c.importance.cache_settings())
+        return fingerprint(self.derive_key(), self.derive_key("over_safety"), c.importance.cache_settings())
 
     def merge_key(self) -> str:
         return fingerprint(self.importance_key(), self.config.merge.cache_settings())
@@ -133,7 +226,8 @@ class Stages:
 
     # -- derivation and importance -------------------------------------------------------------------
     def derive(self, pairs: list[Example]) -> tuple[DensePatch, DensePatch]:
-        return self.derive_one(pairs, "safety", "ascent"), self.derive_one(pairs, "over_safety", "descent")
+        safety = self.derive_one(pairs, "safety", "ascent")
+        return safety, self.derive_one(self.over_safety_pairs(pairs), "over_safety", "descent")
 
     def derive_one(
         self, pairs: list[Example], label: str, direction: Direction, directory: Path | None = None, refresh=False
@@ -160,7 +254,7 @@ class Stages:
             return load()  # read back tensor by tensor when used: the GBs of deltas are not held in memory
 
         load = lambda: load_dense_patch(directory)  # noqa: E731
-        return cached(directory, self.derive_key(), produce, load, self.meter, f"derive_{label}", refresh=refresh)
+        return cached(directory, self.derive_key(label), produce, load, self.meter, f"derive_{label}", refresh=refresh)
 
     def derive_seconds(self, label: str) -> float:
         """Wall time the cached patch of ``label`` took to derive (0 when it was never derived here)."""
@@ -197,7 +291,9 @@ class Stages:
 
         def produce():  # each label's scores go to disk before the next are computed
             for label, patch in zip(SCORE_LABELS, (safety, over_safety), strict=True):
-                save_tensors(directory / f"{label}.safetensors", self.score(pairs, patch, label))
+                own_data = label == "over_safety" and self.config.importance.over_safety_data == "over_safety_train"
+                data = self.over_safety_pairs(pairs) if own_data else pairs
+                save_tensors(directory / f"{label}.safetensors", self.score(data, patch, label))
             return load()
 
         return cached(directory, self.importance_key(), produce, load, {}, "importance")

@@ -123,6 +123,7 @@ def run_sweep(request: SweepConfig, command: str = "") -> list[dict[str, Any]]:
     for name, benign in map(lambda text: parse_set(text, 0), request.benign):
         validation[name] = load_examples(benign, request.data_dir)
     assert_disjoint(train, validation)
+    assert_disjoint(run.over_safety_prompts(), validation, against="over_safety_train")
     for name, examples in run.eval_sets(train).named().items():  # never tune on what is reported
         assert_disjoint(examples, validation, against=f"reported {name} set")
 

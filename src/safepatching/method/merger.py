@@ -16,6 +16,7 @@ from safepatching import __version__
 from safepatching.config.settings import MergeConfig, PipelineConfig
 from safepatching.errors import SafePatchingError
 from safepatching.method.dense import DensePatch
+from safepatching.method.geometry import patch_geometry
 from safepatching.method.merge_methods import MERGE_METHODS, TensorPatches
 from safepatching.method.regions import TopRegion, difference_sets
 from safepatching.storage.files import atomic_dir, write_json
@@ -166,7 +167,8 @@ def write_patched_model(
 
 
 def settings_record(config: PipelineConfig, safety: DensePatch, over_safety: DensePatch) -> dict[str, Any]:
-    """Provenance kept beside a merged model: every setting, the seed and the training data's hash."""
+    """Provenance kept beside a merged model: every setting, the seed, the training data's hash and
+    how the two patches relate (their cosine and sign disagreement)."""
     keys = ("direction", "steps", "stop_reason", "nll_history", "seed", "compute_dtype", "num_pairs", "pairs_sha256")
     return {
         "safepatching": __version__,
@@ -178,6 +180,7 @@ def settings_record(config: PipelineConfig, safety: DensePatch, over_safety: Den
             "safety": {k: safety.info.get(k) for k in keys},
             "over_safety": {k: over_safety.info.get(k) for k in keys},
         },
+        "geometry": patch_geometry(safety.deltas, over_safety.deltas),
     }
 
 

@@ -18,9 +18,13 @@ from safepatching.data.chat import IGNORE_INDEX
 
 
 def autocast(model: torch.nn.Module, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision for a float32 model: matrix work in ``dtype``, master weights untouched."""
+    """Mixed precision for a float32 model: matrix work in ``dtype``, master weights untouched.
+
+    The cast copies of the weights are not cached: each weight is used once per forward pass, and a
+    cache would hold a low-precision copy of every weight until the pass ends, which recomputed
+    activations (``derive.recompute_activations``) otherwise avoid keeping."""
     device = next(model.parameters()).device.type
-    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+    return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32, cache_enabled=False)
 
 
 def _sliceable(model: torch.nn.Module) -> bool:

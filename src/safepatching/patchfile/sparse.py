@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from safepatching import __version__
 from safepatching.errors import SafePatchingError
 from safepatching.method.dense import is_dense_patch
+from safepatching.method.geometry import region_geometry
 from safepatching.storage.files import atomic_dir, read_json, save_tensors, write_json
 from safepatching.storage.shards import (
     DTYPE_CODES,
@@ -402,6 +403,10 @@ def inspect_patch(patch_dir: Path) -> dict[str, Any]:
             )
         ]
 
+    provenance = meta.get("provenance", {})
+    geometry = None
+    if "geometry" in provenance:  # a SafePatching merge: how its two patches related
+        geometry = {**provenance["geometry"], "regions": region_geometry(provenance.get("merge_counts", {}))}
     return {
         "patch": str(patch.path),
         "base_fingerprint": meta["base"]["fingerprint"],
@@ -411,7 +416,8 @@ def inspect_patch(patch_dir: Path) -> dict[str, Any]:
         "patch_bytes": meta["patch_bytes"],
         "size_fraction_of_model": meta["patch_bytes"] / max(meta["model_bytes"], 1),
         "tensors_changed": len(meta["tensors"]),
-        "provenance": meta.get("provenance", {}),
+        "provenance": provenance,
+        "geometry": geometry,
         "layers": rows(by_layer),
         "modules": rows(by_module),
     }

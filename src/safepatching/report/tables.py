@@ -63,6 +63,26 @@ def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def statistics_markdown(rows: list[dict[str, Any]]) -> str:
+    """Each set's rate per model with its 95 % Wilson interval and McNemar's exact p (paired by prompt)."""
+    tests = sorted({key for row in rows for key in row if key.startswith("p_vs_")})
+    lines = [
+        "Rates in % with 95 % Wilson intervals; p: McNemar's exact test on the same prompts.",
+        "",
+        "| set | model | measure | n | rate [95 % CI] | " + " | ".join(f"p vs {k[5:]}" for k in tests) + " |",
+        "|---|---|---|---|---|" + "---|" * len(tests),
+    ]
+    for row in rows:
+        cells = [f"{row[k]:.3g}" if k in row else "" for k in tests]
+        interval = f"{row['rate']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
+        lines.append(
+            f"| {row['set']} | {row['model']} | {row['measure']} | {row['n']} | {interval} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def before_after_markdown(before: dict[str, Any], after: dict[str, Any]) -> str:
     return comparison_markdown({"backbone": before, "patched": after})
 
@@ -78,6 +98,23 @@ def print_before_after(before: dict[str, Any], after: dict[str, Any], model_dir:
     console.print(f"patched model written to [bold]{model_dir}[/bold]")
 
 
+def describe_geometry(geometry: dict[str, Any]) -> str:
+    """One line on how the two patches relate (see ``method.geometry``); older runs lack some figures."""
+    parts = []
+    if geometry.get("cosine") is not None:
+        parts.append(f"cos(P_s, P_o) {geometry['cosine']:.2f}")
+    if geometry.get("sign_disagreement") is not None:
+        parts.append(f"signs differ on {100 * geometry['sign_disagreement']:.0f}% of the entries both change")
+    regions = geometry.get("regions")
+    if regions:
+        parts.append(
+            f"regions {100 * regions['safety_region']:.1f}% / {100 * regions['over_safety_region']:.1f}% of the "
+            f"patched entries, overlap (Jaccard) {regions['overlap_jaccard']:.2f}, difference sets "
+            f"{100 * regions['safety_only']:.1f}% / {100 * regions['over_safety_only']:.1f}%"
+        )
+    return "patch geometry: " + ("; ".join(parts) if parts else "not recorded")
+
+
 def print_patch_summary(summary: dict[str, Any], console: Console) -> None:
     """Totals, then changed entries and delta norm per layer and per module."""
     console.print(
@@ -86,6 +123,11 @@ def print_patch_summary(summary: dict[str, Any], console: Console) -> None:
         f"{summary['patch_bytes'] / 2**20:.1f} MiB ({100 * summary['size_fraction_of_model']:.1f}% of the model size)"
     )
     console.print(f"base fingerprint {summary['base_fingerprint'][:16]}, result {summary['result_fingerprint'][:16]}")
+    if summary.get("geometry"):
+        console.print(describe_geometry(summary["geometry"]))
+        by_module = summary["geometry"].get("cosine_by_module") or {}
+        if by_module:
+            console.print("cos(P_s, P_o) per module: " + ", ".join(f"{k} {v:.2f}" for k, v in by_module.items()))
     for title, key in (("layer", "layers"), ("module", "modules")):
         table = Table(title=f"changes per {title}")
         for column in (title, "changed", "changed %", "delta L2"):

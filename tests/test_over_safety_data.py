@@ -1,0 +1,94 @@
+"""The over-safety patch on its own data: benign-but-scary prompts with compliant replies."""
+
+import json
+
+import pytest
+
+from safepatching.errors import DataError
+from safepatching.experiments.pipeline import run_stages
+from safepatching.experiments.stages import Stages
+from safepatching.method.derive import pairs_digest
+
+PROMPTS = [f"How do I kill process number {i} on Linux?" for i in range(5)]
+
+
+def changed(config, **fields):
+    """The config with some top-level fields replaced, validated like any config."""
+    raw = config.model_dump(mode="json")
+    for key, value in fields.items():
+        raw[key] = {**raw[key], **value} if key == "importance" else value
+    return type(config).model_validate(raw)
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_the_over_safety_patch_descends_on_its_own_pairs(tmp_path, tiny_model_dir, tiny_pipeline_config):
+    data = jsonl(tmp_path / "os.jsonl", [{"prompt": p, "response": f"Run kill {i}."} for i, p in enumerate(PROMPTS)])
+    base = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
+    config = changed(
+        base,
+        over_safety_train={"source": data, "response_column": "response"},
+        importance={"over_safety_data": "over_safety_train"},
+    )
+    stages = Stages(config, progress=False)
+    paper = Stages(base, progress=False)
+    assert stages.derive_key("safety") == paper.derive_key("safety")
+    assert stages.derive_key("over_safety") != paper.derive_key("over_safety")
+    assert stages.importance_key() != paper.importance_key()
+    run_stages(stages)
+    info = json.loads((tmp_path / "run/patches/over_safety/derived.json").read_text())
+    assert info["num_pairs"] == 5 and info["pairs_sha256"] == pairs_digest(stages.over_safety_pairs([]))
+    safety_info = json.loads((tmp_path / "run/patches/safety/derived.json").read_text())
+    assert safety_info["num_pairs"] == 6  # the harmful pairs, unchanged
+
+
+def test_generated_replies_are_judged_cached_and_refusals_dropped(
+    tmp_path, tiny_model_dir, tiny_pipeline_config, monkeypatch
+):
+    data = jsonl(tmp_path / "os.jsonl", [{"prompt": p} for p in PROMPTS])
+    config = changed(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), over_safety_train={"source": data})
+    replies = iter([["Sure: run kill -9 PID."] * 3 + ["I'm sorry, I can't help with that."] * 2])
+    monkeypatch.setattr(Stages, "answer", lambda self, model, tokenizer, prompts: next(replies))
+    stages = Stages(config, progress=False)
+    pairs = stages.over_safety_pairs(stages.harmful_pairs())
+    assert [p.response for p in pairs] == ["Sure: run kill -9 PID."] * 3
+    rows = [json.loads(line) for line in (tmp_path / "run/over_safety_replies/replies.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and sum(row["refusal"] for row in rows) == 2
+    assert (tmp_path / "run/patches/over_safety_paper/derived.json").exists()  # the default answerer's patch
+    again = Stages(config, progress=False)  # cached: the answerer is not asked again (the iterator is spent)
+    assert [p.response for p in again.over_safety_pairs(again.harmful_pairs())] == [p.response for p in pairs]
+
+
+def test_replies_that_are_all_refusals_stop_the_run_in_one_line(
+    tmp_path, tiny_model_dir, tiny_pipeline_config, monkeypatch
+):
+    data = jsonl(tmp_path / "os.jsonl", [{"prompt": p} for p in PROMPTS])
+    config = changed(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), over_safety_train={"source": data})
+    monkeypatch.setattr(
+        Stages, "answer", lambda self, model, tokenizer, prompts: ["I cannot help with that."] * len(prompts)
+    )
+    stages = Stages(config, progress=False)
+    with pytest.raises(DataError, match="all 5 generated over-safety replies were refusals"):
+        stages.over_safety_pairs(stages.harmful_pairs())
+
+
+def test_over_safety_prompts_that_an_evaluation_set_holds_are_refused_before_any_output(
+    tmp_path, tiny_model_dir, tiny_pipeline_config
+):
+    base = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
+    config = changed(base, over_safety_train=base.eval.benign.model_dump(mode="json"))
+    with pytest.raises(DataError, match="over_safety_train"):
+        run_stages(Stages(config, progress=False))
+    assert not (tmp_path / "run").exists()
+
+
+def test_scoring_on_over_safety_data_needs_that_data(tiny_pipeline_config, tiny_model_dir, tmp_path):
+    from pydantic import ValidationError
+
+    raw = tiny_pipeline_config(tiny_model_dir, tmp_path).model_dump()
+    raw["importance"]["over_safety_data"] = "over_safety_train"
+    with pytest.raises(ValidationError, match="needs an over_safety_train source"):
+        type(tiny_pipeline_config(tiny_model_dir, tmp_path)).model_validate(raw)

@@ -1,0 +1,46 @@
+"""Intervals and paired tests: checked against values worked out by hand."""
+
+import pytest
+
+from safepatching.report.statistics import compare_outcomes, mcnemar_exact, wilson_interval
+
+
+def test_wilson_interval_matches_the_closed_form():
+    z = 1.959963984540054
+    hits, total = 12, 40
+    p = hits / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z / (1 + z * z / total) * (p * (1 - p) / total + z * z / (4 * total * total)) ** 0.5
+    low, high = wilson_interval(hits, total)
+    assert low == pytest.approx(100 * (centre - half)) and high == pytest.approx(100 * (centre + half))
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(100.0)
+
+
+def test_mcnemar_counts_only_the_prompts_where_the_models_differ():
+    first = [True] * 30 + [False] * 10
+    second = [True] * 30 + [True] * 10  # 10 prompts changed, all one way: p = 2 * 0.5^10
+    assert mcnemar_exact(first, second) == pytest.approx(2 * 0.5**10)
+    assert mcnemar_exact(first, first) == 1.0
+    assert mcnemar_exact([True, False], [False, True]) == 1.0  # one each way
+
+
+def test_compare_outcomes_pairs_prompts_and_measures_harm_on_harmful_sets():
+    def records(refusals):
+        return [
+            {"set": s, "prompt": f"{s}{i}", "refusal": r} for s, flags in refusals.items() for i, r in enumerate(flags)
+        ]
+
+    backbone = records({"harmful": [False] * 8 + [True] * 2, "benign": [True] * 6 + [False] * 4})
+    patched = records({"harmful": [True] * 8 + [True] * 2, "benign": [False] * 10})
+    variant = records({"harmful": [False] * 10, "benign": [True] * 10})
+    rows = {
+        (r["set"], r["model"]): r for r in compare_outcomes({"b": backbone, "p": patched, "v": variant}, ("harmful",))
+    }
+    assert rows[("harmful", "b")]["rate"] == 80.0 and rows[("harmful", "p")]["rate"] == 0.0
+    assert rows[("benign", "p")]["measure"] == "refusal" and rows[("benign", "p")]["rate"] == 0.0
+    assert rows[("harmful", "p")]["p_vs_b"] == pytest.approx(2 * 0.5**8)
+    assert (
+        "p_vs_p" in rows[("benign", "v")]
+        and "p_vs_b" in rows[("benign", "v")]
+        and "p_vs_b" not in rows[("benign", "b")]
+    )
