@@ -226,7 +226,9 @@ def report(results: dict[str, Any]) -> str:
     ]
     for family, result in results["families"].items():
         for row in result["validation"]:
-            beta = "backbone" if row["candidate"] == "backbone" else row["candidate"]
+            beta = {"backbone": "backbone", "config defaults": "3 (the config's)"}.get(
+                row["candidate"], row["candidate"].removeprefix("merge.beta=")
+            )
             mark = "**yes**" if row is result["chosen"]["validation"] or row == result["chosen"]["validation"] else ""
             lines.append(
                 f"| {family} | {beta} | {row['harmful']:.1f} | {row['oktest-val']:.1f} | {row['looping']:.1f} | {mark} |"
