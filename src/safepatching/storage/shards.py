@@ -16,7 +16,7 @@ import math
 import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -248,7 +248,10 @@ def write_shards(
     metadata: dict[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Path]:
-    """Write ``tensors`` (values from ``produce``, called once each in order) as HF safetensors shards."""
+    """Write ``tensors`` (values from ``produce``, called once each in order) as HF safetensors shards.
+
+    A tensor is written by a background thread while the next one is produced (the write call
+    releases the GIL), so disk writes overlap reading and patching; one write is in flight at most."""
     shards = plan_shards(tensors, shard_bytes)
     names = (
         [SINGLE_FILE]
@@ -256,21 +259,34 @@ def write_shards(
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     written = []
-    for file_name, shard in zip(names, shards, strict=True):
-        path = Path(directory) / file_name
-        header = _shard_header(shard, metadata)
-        with path.open("wb") as handle:
-            handle.write(struct.pack("<Q", len(header)))
-            handle.write(header)
-            for planned in shard:
-                value = produce(planned)
-                if value.dtype != planned.dtype or tuple(value.shape) != planned.shape:
-                    raise ValueError(f"produced {planned.name} with the wrong dtype or shape")
-                if value.numel():
-                    write_buffer(handle, value.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-                if progress:
-                    progress(planned.nbytes)
-        written.append(path)
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for file_name, shard in zip(names, shards, strict=True):
+            path = Path(directory) / file_name
+            header = _shard_header(shard, metadata)
+            with path.open("wb") as handle:
+                handle.write(struct.pack("<Q", len(header)))
+                handle.write(header)
+                in_flight: tuple[Future, torch.Tensor] | None = None  # the tensor stays alive until written
+                try:
+                    for planned in shard:
+                        value = produce(planned)
+                        if value.dtype != planned.dtype or tuple(value.shape) != planned.shape:
+                            raise ValueError(f"produced {planned.name} with the wrong dtype or shape")
+                        if in_flight is not None:
+                            in_flight[0].result()
+                            in_flight = None
+                        if value.numel():
+                            value = value.contiguous()
+                            data = value.reshape(-1).view(torch.uint8).numpy().data
+                            in_flight = (writer.submit(write_buffer, handle, data), value)
+                        if progress:
+                            progress(planned.nbytes)
+                finally:  # the file is not closed under a write still running
+                    if in_flight is not None:
+                        in_flight[0].exception()
+                if in_flight is not None:
+                    in_flight[0].result()
+            written.append(path)
     if len(shards) > 1:
         weight_map = {t.name: file_name for file_name, shard in zip(names, shards, strict=True) for t in shard}
         index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
