@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from safepatching.config.settings import PipelineConfig
+from safepatching.config.settings import CACHE_DIR_ENV, PipelineConfig
 from safepatching.data.sources import Example
 from safepatching.storage.shards import PlannedTensor, WeightFolder, copy_model_files, write_shards
 
@@ -119,6 +119,14 @@ def tiny_config(model_dir, out, keep="all", **merge):
         merge={"top_a": 20, "top_b": 20, "retention": 0.5, **merge},
         eval={"max_examples": 3, "max_new_tokens": 4, "kl_max_new_tokens": 4, "batch_size": 2},
     )
+
+
+@pytest.fixture(autouse=True)
+def private_cache(request, tmp_path_factory, monkeypatch):
+    """Fast tests keep what they cache (e.g. remembered model hashes) out of the user's cache; the
+    slow tests share the real one, where the fetched demo models live."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 # Helpers shared by several test modules are handed out as fixtures, so test modules never import each other.

@@ -125,3 +125,26 @@ def test_written_files_are_readable_by_others(tmp_path):
     write_json(tmp_path / "a.json", {"x": 1})
     save_tensors(tmp_path / "b.safetensors", {"t": torch.zeros(2)})
     assert all((tmp_path / name).stat().st_mode & 0o777 == 0o644 for name in ("a.json", "b.safetensors"))
+
+
+def test_a_repeat_apply_to_unchanged_files_reuses_the_base_hashes(
+    tmp_path, tiny_model_dir, perturb, touched, monkeypatch
+):
+    import os
+
+    import safepatching.patchfile.sparse as sparse
+
+    base = perturb(tiny_model_dir, tmp_path / "base", [], share=0.0)  # a private copy this test may touch
+    patched = perturb(base, tmp_path / "patched", touched)
+    export_patch(base, patched, tmp_path / "patch", progress=False)
+    first = apply_patches([tmp_path / "patch"], base, tmp_path / "first", progress=False)
+    hashed = []
+    monkeypatch.setattr(sparse, "_digest_entry", lambda value: hashed.append(1) or ("F32", tuple(value.shape), "x"))
+    second = apply_patches([tmp_path / "patch"], base, tmp_path / "second", progress=False)
+    assert hashed == [] and second["input_fingerprint"] == first["input_fingerprint"] and second["matches_patch"]
+    assert_bitwise_equal(read_all(tmp_path / "second"), read_all(patched))
+    weights = next(base.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # "rewritten"
+    with pytest.raises(PatchMismatchError):  # the base is hashed again (here by the stub, which matches nothing)
+        apply_patches([tmp_path / "patch"], base, tmp_path / "third", progress=False)
+    assert hashed

@@ -292,10 +292,14 @@ def _stream(
     for patch in patches:
         _check_layout(patch, model, options.force)
     stage_digests: list[dict[str, tuple[str, tuple[int, ...], str]]] = [{} for _ in range(len(patches) + 1)]
-    tensors = read_ahead(model, list(model.tensors), _digest_entry)
+    remembered = model.remembered_digests()  # the input's hashes from an earlier pass over the same files
+    tensors = read_ahead(model, list(model.tensors), (lambda value: None) if remembered else _digest_entry)
 
     def produce(planned: PlannedTensor) -> torch.Tensor:
         name, value, digest = next(tensors)
+        if remembered:
+            dtype, shape, content = remembered[name]  # read back from JSON: the shape is a list
+            digest = (dtype, tuple(shape), content)
         stage_digests[0][name] = digest
         for k, patch in enumerate(patches):
             record = patch.meta["tensors"].get(name)
@@ -330,6 +334,8 @@ def _stream(
                     "use the patch's own base model (see `safepatching inspect`), or pass --force-mismatch",
                 )
         copy_model_files(model.folder, staging, skip=())
+        if remembered is None:
+            model.remember_digests(stage_digests[0])
         record = {
             "operation": "apply" if sign > 0 else "revert",
             "patches": [str(p.path) for p in patches],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -23,6 +24,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from safepatching.config.settings import cache_dir
 from safepatching.errors import ModelError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -173,6 +175,43 @@ class WeightFolder:
 
     def read(self, name: str) -> torch.Tensor:
         return read_tensor(self.tensors[name])
+
+    # -- remembered content hashes: hashing a 2.5 GB model takes seconds; a repeat apply skips it --------
+    def _file_states(self) -> dict[str, list[int]]:
+        """Each weight file's size, modification time (ns) and inode: what a rewrite would change."""
+        states = {}
+        for file in sorted({info.file for info in self.tensors.values()}):
+            stat = file.stat()
+            states[file.name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        return states
+
+    def _digest_file(self) -> Path:
+        key = hashlib.sha256(str(self.folder.resolve()).encode()).hexdigest()[:24]
+        return cache_dir() / "digests" / f"{key}.json"
+
+    def remembered_digests(self) -> dict[str, Any] | None:
+        """The per-tensor content hashes recorded for these files, if no file changed since (size,
+        mtime and inode, as git's index trusts them); None otherwise."""
+        path = self._digest_file()
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if record.get("folder") != str(self.folder.resolve()) or record.get("files") != self._file_states():
+            return None
+        return record["digests"] if set(record["digests"]) == set(self.tensors) else None
+
+    def remember_digests(self, digests: Mapping[str, Any]) -> None:
+        """Record the content hashes of every tensor (best effort: a cache that cannot be written is skipped)."""
+        record = {"folder": str(self.folder.resolve()), "files": self._file_states(), "digests": dict(digests)}
+        path = self._digest_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(f".tmp-{os.getpid()}")
+            temporary.write_text(json.dumps(record), encoding="utf-8")
+            temporary.replace(path)
+        except OSError:
+            return
 
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
