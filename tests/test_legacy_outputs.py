@@ -2,6 +2,7 @@
 outputs are bit-identical to those the earlier code wrote (tests/fixtures/legacy, made with the
 code at commit e1cbb6c on the same tiny model and config)."""
 
+import base64
 import hashlib
 import json
 from pathlib import Path
@@ -17,8 +18,24 @@ from safepatching.method.dense import load_dense_patch
 from safepatching.patchfile import apply_patches, inspect_patch
 from safepatching.patchfile.sparse import open_patch
 
-LEGACY = Path(__file__).parent / "fixtures" / "legacy"
+FIXTURES = Path(__file__).parent / "fixtures" / "legacy"
 TIMING_KEYS = {"part_seconds", "generation", "wall_seconds"}
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory) -> Path:
+    """The fixtures as the earlier code wrote them. Weight files are kept in git as base64 text
+    (``NAME.b64``) and decoded here to their exact original bytes."""
+    folder = tmp_path_factory.mktemp("legacy")
+    for source in FIXTURES.rglob("*"):
+        if source.is_file():
+            target = folder / source.relative_to(FIXTURES)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.suffix == ".b64":
+                target.with_suffix("").write_bytes(base64.b64decode(source.read_text()))
+            else:
+                target.write_bytes(source.read_bytes())
+    return folder
 
 
 def tensor_digests(path: Path) -> dict[str, str]:
@@ -52,7 +69,7 @@ def test_reference_pipeline_outputs_are_bit_identical_to_the_earlier_code(
     tmp_path, tiny_model_dir, tiny_pipeline_config
 ):
     run_pipeline(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), progress=False)
-    expected = json.loads((LEGACY / "reference-digest.json").read_text())
+    expected = json.loads((FIXTURES / "reference-digest.json").read_text())
     digest = run_digest(tmp_path / "run")
     for which in ("backbone", "patched"):  # metrics added since (e.g. compute_dtype) are not compared
         metrics = digest[f"eval/{which}/metrics"]
@@ -60,23 +77,23 @@ def test_reference_pipeline_outputs_are_bit_identical_to_the_earlier_code(
     assert digest == expected
 
 
-def test_a_dense_patch_written_before_the_rename_loads(tiny_model_dir):
-    patch = load_dense_patch(LEGACY / "derived-safety")
+def test_a_dense_patch_written_before_the_rename_loads(tiny_model_dir, legacy):
+    patch = load_dense_patch(legacy / "derived-safety")
     assert patch.info["direction"] == "ascent" and patch.info["label"] == "safety"
     assert "model.layers.0.self_attn.q_proj.weight" in patch.deltas
     assert patch.deltas["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
 
 
-def test_a_sparse_patch_written_before_the_change_applies_to_its_base(tmp_path, tiny_model_dir):
-    assert inspect_patch(LEGACY / "sparse-patch")["changed_entries"] > 0
-    apply_patches([LEGACY / "sparse-patch"], tiny_model_dir, tmp_path / "applied", progress=False)
+def test_a_sparse_patch_written_before_the_change_applies_to_its_base(tmp_path, tiny_model_dir, legacy):
+    assert inspect_patch(legacy / "sparse-patch")["changed_entries"] > 0
+    apply_patches([legacy / "sparse-patch"], tiny_model_dir, tmp_path / "applied", progress=False)
     assert (tmp_path / "applied" / "model.safetensors").is_file()
 
 
-def test_apply_names_a_dense_patch_for_what_it_is(tmp_path, tiny_model_dir, capsys, monkeypatch):
+def test_apply_names_a_dense_patch_for_what_it_is(tmp_path, tiny_model_dir, capsys, monkeypatch, legacy):
     with pytest.raises(SafePatchingError, match="derived dense patch"):
-        open_patch(LEGACY / "derived-safety")
-    arguments = ["apply", str(LEGACY / "derived-safety"), "--base", str(tiny_model_dir), "--out", str(tmp_path / "o")]
+        open_patch(legacy / "derived-safety")
+    arguments = ["apply", str(legacy / "derived-safety"), "--base", str(tiny_model_dir), "--out", str(tmp_path / "o")]
     monkeypatch.setattr("sys.argv", ["safepatching", *arguments])
     with pytest.raises(SystemExit) as stopped:
         main()
