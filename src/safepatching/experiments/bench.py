@@ -13,6 +13,7 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ class Bench:
             self.timings["benign"] = benign.derive_seconds("over_safety")
             self.timings["benign_importance"] = benign.importance_seconds()
 
-    @property
+    @cached_property
     def benign_stages(self) -> Stages:
         """The stages of the *-benign-os rows: the pipeline with the bench's over_safety_train, in
         work_dir/benign-os (the safety patch is the same and is derived once, in work_dir)."""

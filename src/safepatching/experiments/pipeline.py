@@ -128,7 +128,7 @@ def derive_score_merge(stages: Stages, say: StageLines, pairs, model_dir: Path) 
     config = stages.config
     patches = []
     for label, direction in (("safety", "ascent"), ("over_safety", "descent")):
-        data = pairs if label == "safety" else stages.over_safety_pairs(pairs)
+        data = stages.training_pairs(label, pairs)
         say(f"derive {label}", f"gradient {direction} on {len(data)} pairs ({derive_plan(config)})")
         patch = stages.derive_one(data, label, direction)
         say.reused(f"derive_{label}")

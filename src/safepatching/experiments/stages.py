@@ -225,9 +225,13 @@ class Stages:
         return fingerprint(c.model, self.compute_dtype, c.eval.cache_settings(), c.data_dir)
 
     # -- derivation and importance -------------------------------------------------------------------
+    def training_pairs(self, label: str, pairs: list[Example]) -> list[Example]:
+        """What the patch of ``label`` descends or ascends on: its own data for the over-safety patch."""
+        return self.over_safety_pairs(pairs) if label == "over_safety" else pairs
+
     def derive(self, pairs: list[Example]) -> tuple[DensePatch, DensePatch]:
         safety = self.derive_one(pairs, "safety", "ascent")
-        return safety, self.derive_one(self.over_safety_pairs(pairs), "over_safety", "descent")
+        return safety, self.derive_one(self.training_pairs("over_safety", pairs), "over_safety", "descent")
 
     def derive_one(
         self, pairs: list[Example], label: str, direction: Direction, directory: Path | None = None, refresh=False
