@@ -44,6 +44,45 @@ def teacher_forced_batches(
         yield {k: v.to(device) for k, v in batch.items()}
 
 
+def _logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return F.log_softmax(response_logits(model, batch)[0].float(), dim=-1)
+
+
+def _kl_sum(log_p: torch.Tensor, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> float:
+    """Sum over the batch's response tokens of KL(p || model), p given as log-probabilities."""
+    return float((log_p.exp() * (log_p - _logprobs(model, batch))).sum())
+
+
+def reference_logprobs(
+    reference: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    batch_size: int = 4,
+    max_length: int = 512,
+) -> list[torch.Tensor]:
+    """The reference's log-probabilities on its own replies' tokens, one float32 tensor per batch:
+    kept instead of a second model when many candidates are compared with one reference."""
+    batches = teacher_forced_batches(reference, tokenizer, prompts, responses, batch_size, max_length)
+    return [_logprobs(reference, batch) for batch in batches]
+
+
+def kl_to_logprobs(
+    model: PreTrainedModel,
+    reference: list[torch.Tensor],
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    batch_size: int = 4,
+    max_length: int = 512,
+) -> float:
+    """KL(reference || model) per response token, from ``reference_logprobs`` of the same batches."""
+    batches = teacher_forced_batches(model, tokenizer, prompts, responses, batch_size, max_length)
+    total = sum(_kl_sum(log_p, model, batch) for log_p, batch in zip(reference, batches, strict=True))
+    return total / max(sum(log_p.shape[0] for log_p in reference), 1)
+
+
 def mean_token_kl(
     model: PreTrainedModel,
     reference: PreTrainedModel,
@@ -53,13 +92,12 @@ def mean_token_kl(
     batch_size: int = 4,
     max_length: int = 512,
 ) -> float:
-    """KL(reference || model) per response token, teacher-forced on the reference's own replies."""
+    """KL(reference || model) per response token, teacher-forced on the reference's own replies
+    (batch by batch: the reference's log-probabilities of one batch are held at a time)."""
     total, tokens = 0.0, 0
     for batch in teacher_forced_batches(model, tokenizer, prompts, responses, batch_size, max_length):
-        with torch.inference_mode():
-            log_p = F.log_softmax(response_logits(reference, batch)[0].float(), dim=-1)
-            log_q = F.log_softmax(response_logits(model, batch)[0].float(), dim=-1)
-        total += float((log_p.exp() * (log_p - log_q)).sum(-1).sum())
+        log_p = _logprobs(reference, batch)
+        total += _kl_sum(log_p, model, batch)
         tokens += log_p.shape[0]
     return total / max(tokens, 1)
 

@@ -18,30 +18,20 @@ under WORK_DIR/sweep/.
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import itertools
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from safepatching.config.experiments import BenchConfig, SweepConfig
 from safepatching.config.loading import build_config, parse_assignment, read_yaml
 from safepatching.config.settings import DatasetSpec, PipelineConfig
-from safepatching.data.overlap import assert_disjoint
 from safepatching.data.sources import Example, load_examples
 from safepatching.errors import ConfigError
-from safepatching.evaluation.generation import HFGenerator
-from safepatching.evaluation.judges.registry import get_judge
-from safepatching.evaluation.judges.rules import looping
-from safepatching.experiments.stages import Stages
-from safepatching.method.dense import patched
-from safepatching.method.merger import PatchMerger
-from safepatching.models.precision import DTYPES
+from safepatching.experiments.validation import ValidationScorer, ValidationSet, sweep_dir
 
 TRAINING_SECTIONS = ("derive", "importance")
 
@@ -58,11 +48,6 @@ def read_config(path: Path, data_dir: Path) -> tuple[PipelineConfig, Path]:
         config = build_config(path)
         work_dir = config.output_dir
     return config.model_copy(update={"data_dir": data_dir, "output_dir": work_dir}), work_dir
-
-
-def sweep_dir(work_dir: Path, changes: Any) -> Path:
-    """Where patches derived for ``changes`` (any JSON-able description of them) live."""
-    return work_dir / "sweep" / hashlib.sha256(json.dumps(changes, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def parse_axes(items: list[str]) -> dict[str, list[Any]]:
@@ -116,65 +101,25 @@ def run_sweep(request: SweepConfig, command: str = "") -> list[dict[str, Any]]:
         work_dir = sweep_dir(work_dir, changes)
         config = with_settings(config, changes).model_copy(update={"output_dir": work_dir})
     planned = [(c, with_settings(config, c)) for c in [{}, *candidates(parse_axes(vary), parse_axes(request.grid))]]
-    run = Stages(config, progress=False)
-    train = run.harmful_pairs()
     spec = config.harmful_train.model_copy(update={"split": request.harmful_split})
-    validation: dict[str, list[Example]] = {"harmful": load_examples(spec, request.data_dir)}
+    sets = [ValidationSet("harmful", "harmful", load_examples(spec, request.data_dir))]
     for name, benign in map(lambda text: parse_set(text, 0), request.benign):
-        validation[name] = load_examples(benign, request.data_dir)
-    assert_disjoint(train, validation)
-    assert_disjoint(run.over_safety_prompts(), validation, against="over_safety_train")
-    for name, examples in run.eval_sets(train).named().items():  # never tune on what is reported
-        assert_disjoint(examples, validation, against=f"reported {name} set")
-
-    master, tokenizer = run.backbone(training=True)  # float32: derivation and importance update it
-    dtype = DTYPES[run.compute_dtype]
-    model = master if dtype == torch.float32 else copy.deepcopy(master).to(dtype)  # what generates
-    master_weights = dict(master.named_parameters())
-    base = None if model is master else lambda name: master_weights[name].detach()
-    judges = {
-        "harmful": get_judge(config.eval.judge, request.data_dir),
-        "benign": get_judge(config.eval.refusal_judge, request.data_dir),
-    }
-    generator = HFGenerator(model, tokenizer, config.eval.batch_size, progress=False)
+        sets.append(ValidationSet(name, "benign", load_examples(benign, request.data_dir)))
+    validation = {s.name: s.examples for s in sets}
+    scorer = ValidationScorer(config, work_dir, sets, progress=True)
 
     def refusal_rates() -> dict[str, float]:
-        """Refusal per validation set, and the share of looping replies over all of them: a collapsed
-        model's loops read as no refusal, which a low benign rate alone would hide."""
-        rates, loops = {}, 0
-        for name, examples in validation.items():
-            judge = judges["harmful" if name == "harmful" else "benign"]
-            responses = generator.generate([e.prompt for e in examples], request.max_new_tokens)
-            refused = sum(judge(e.prompt, r).refusal for e, r in zip(examples, responses, strict=True))
-            rates[name] = round(100 * refused / len(examples), 1)
-            loops += sum(map(looping, responses))
-        rates["looping"] = round(100 * loops / sum(map(len, validation.values())), 1)
-        return rates
-
-    def derived(settings: PipelineConfig):
-        """Patches and scores for these training settings (the config's own, or a sweep directory)."""
-        if settings.derive != config.derive or settings.importance != config.importance:
-            out = sweep_dir(work_dir, [settings.derive.training_settings(), settings.importance.model_dump()])
-            settings = settings.model_copy(update={"output_dir": out})
-        sweep_run = Stages(settings, progress=True, loaded=(master, tokenizer))
-        safety, over_safety = sweep_run.derive(train)
-        return safety, over_safety, sweep_run.importance(train, safety, over_safety)
-
-    def merged_rates(settings: PipelineConfig) -> tuple[dict[str, float], float]:
-        """Refusal rates and changed fraction of one candidate. Its patches, scores and deltas (GBs
-        when freshly derived) are freed on return, before the next candidate derives its own."""
-        safety, over_safety, scores = derived(settings)
-        deltas, counts = PatchMerger(safety, over_safety, settings.merge, settings.seed, *scores).merge_all()
-        with patched(model, deltas, base):
-            return refusal_rates(), counts["changed_fraction"]
+        judged = scorer.judge(request.max_new_tokens)
+        return {**{name: judged.rate(name) for name in validation}, "looping": judged.looping_rate()}
 
     rows = [{"candidate": "backbone", **refusal_rates()}]
     print(json.dumps(rows[0]), flush=True)
     for candidate, settings in planned:
         started = time.perf_counter()
-        rates, changed_fraction = merged_rates(settings)
+        with scorer.merged(settings) as counts:
+            rates = refusal_rates()
         label = ", ".join(f"{k}={v}" for k, v in candidate.items()) or "config defaults"
-        row = {"candidate": label, **rates, "changed_fraction": round(changed_fraction, 4)}
+        row = {"candidate": label, **rates, "changed_fraction": round(counts["changed_fraction"], 4)}
         rows.append({**row, "seconds": round(time.perf_counter() - started)})
         print(json.dumps(rows[-1]), flush=True)
         if request.out:  # after every candidate, so a crash keeps the rows already paid for

@@ -1,0 +1,147 @@
+"""Scoring merge candidates on validation prompts, shared by `sweep` and `tune`.
+
+The backbone is loaded once in float32 (derivation and importance train it) plus, when the compute
+dtype is lower, one copy in that dtype that generates. Each candidate is merged in memory, patched
+into that copy, judged, and taken out again. The validation sets are checked to be disjoint from
+the training pairs, from the over-safety prompts and from every set the config reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from safepatching.config.settings import PipelineConfig
+from safepatching.data.overlap import assert_disjoint
+from safepatching.data.sources import Example
+from safepatching.evaluation.generation import HFGenerator
+from safepatching.evaluation.judges.registry import get_judge
+from safepatching.evaluation.judges.rules import looping
+from safepatching.evaluation.metrics import kl_to_logprobs, reference_logprobs
+from safepatching.experiments.stages import Stages
+from safepatching.method.dense import patched
+from safepatching.method.merger import PatchMerger
+from safepatching.models.precision import DTYPES
+
+
+def sweep_dir(work_dir: Path, changes: Any) -> Path:
+    """Where patches derived for ``changes`` (any JSON-able description of them) live."""
+    return work_dir / "sweep" / hashlib.sha256(json.dumps(changes, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class ValidationSet:
+    name: str
+    kind: str  # "harmful" (refusal should rise) or "benign" (refusal should fall)
+    examples: list[Example]
+
+
+@dataclass
+class Judged:
+    """Per-prompt refusal decisions of one model on every validation set, and which replies loop."""
+
+    refusals: dict[str, list[bool]]
+    looping: list[bool]
+
+    def rate(self, name: str) -> float:
+        flags = self.refusals[name]
+        return round(100 * sum(flags) / max(len(flags), 1), 1)
+
+    def pooled(self, names: list[str]) -> list[bool]:
+        return [flag for name in names for flag in self.refusals[name]]
+
+    def looping_rate(self) -> float:
+        return round(100 * sum(self.looping) / max(len(self.looping), 1), 1)
+
+
+class ValidationScorer:
+    """Merges candidates of one config and judges them on validation sets (see the module doc)."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        work_dir: Path,
+        sets: list[ValidationSet],
+        harmless: list[Example] | None = None,
+        kl_max_new_tokens: int = 32,
+        progress: bool = False,
+    ):
+        """``harmless`` prompts, when given, measure each candidate's KL to the backbone, teacher-forced
+        on the backbone's own replies (its log-probabilities are kept, not a second model)."""
+        self.config, self.work_dir, self.sets, self.progress = config, work_dir, sets, progress
+        run = Stages(config, progress=False)
+        self.train = run.harmful_pairs()
+        named = {s.name: s.examples for s in sets}
+        assert_disjoint(self.train, named)
+        assert_disjoint(run.over_safety_prompts(), named, against="over_safety_train")
+        for name, examples in run.eval_sets(self.train).named().items():  # never tune on what is reported
+            assert_disjoint(examples, named, against=f"reported {name} set")
+        if harmless:
+            assert_disjoint(self.train, {"harmless": harmless})
+
+        self.master, self.tokenizer = run.backbone(training=True)  # float32: derivation updates it
+        dtype = DTYPES[run.compute_dtype]
+        self.compute_dtype = run.compute_dtype
+        self.model = self.master if dtype == torch.float32 else copy.deepcopy(self.master).to(dtype)
+        master_weights = dict(self.master.named_parameters())
+        self.base = None if self.model is self.master else lambda name: master_weights[name].detach()
+        self.judges = {
+            "harmful": get_judge(config.eval.judge, config.data_dir),
+            "benign": get_judge(config.eval.refusal_judge, config.data_dir),
+        }
+        self.generator = HFGenerator(self.model, self.tokenizer, config.eval.batch_size, progress=False)
+        self.harmless_prompts = [e.prompt for e in harmless or []]
+        self.harmless_replies, self.reference = [], []
+        if self.harmless_prompts:
+            self.harmless_replies = self.generator.generate(self.harmless_prompts, kl_max_new_tokens)
+            self.reference = reference_logprobs(
+                self.model, self.tokenizer, self.harmless_prompts, self.harmless_replies
+            )
+
+    def judge(self, max_new_tokens: int) -> Judged:
+        """Refusal decisions of the model as it stands (patched or not) on every validation set. The
+        looping share covers all of them: a collapsed model's loops read as no refusal, which a low
+        benign rate alone would hide."""
+        refusals, loops = {}, []
+        for validation in self.sets:
+            judge = self.judges[validation.kind]
+            self.generator.desc = validation.name
+            responses = self.generator.generate([e.prompt for e in validation.examples], max_new_tokens)
+            refusals[validation.name] = [
+                judge(e.prompt, r).refusal for e, r in zip(validation.examples, responses, strict=True)
+            ]
+            loops += list(map(looping, responses))
+        return Judged(refusals, loops)
+
+    def kl(self) -> float | None:
+        """KL(backbone || model as it stands) per token on the harmless prompts, if any."""
+        if not self.harmless_prompts:
+            return None
+        return kl_to_logprobs(self.model, self.reference, self.tokenizer, self.harmless_prompts, self.harmless_replies)
+
+    def derived(self, settings: PipelineConfig):
+        """Patches and scores for these training settings (the config's own, or a sweep directory)."""
+        if settings.derive != self.config.derive or settings.importance != self.config.importance:
+            out = sweep_dir(self.work_dir, [settings.derive.training_settings(), settings.importance.model_dump()])
+            settings = settings.model_copy(update={"output_dir": out})
+        run = Stages(settings, progress=self.progress, loaded=(self.master, self.tokenizer))
+        safety, over_safety = run.derive(self.train)
+        return safety, over_safety, run.importance(self.train, safety, over_safety)
+
+    @contextmanager
+    def merged(self, settings: PipelineConfig) -> Iterator[dict[str, Any]]:
+        """The model patched with this candidate's merge while the block runs; yields the merge's
+        counts. Its patches, scores and deltas (GBs when freshly derived) are freed on exit."""
+        safety, over_safety, scores = self.derived(settings)
+        deltas, counts = PatchMerger(safety, over_safety, settings.merge, settings.seed, *scores).merge_all()
+        del safety, over_safety, scores
+        with patched(self.model, deltas, self.base):
+            yield counts
