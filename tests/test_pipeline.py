@@ -137,8 +137,12 @@ def test_compare_models_writes_side_by_side_summary(tmp_path, tiny_model_dir, ma
     assert (tmp_path / "cmp/1-other/records.jsonl").exists()
     stats = {(row["set"], row["model"]): row for row in summary["statistics"]}
     benign = stats[("benign", str(other))]
-    assert benign["measure"] == "refusal" and benign["n"] == 3 and benign["ci_low"] <= benign["rate"] <= benign["ci_high"]
-    assert 0 <= benign[f"p_vs_{tiny_model_dir}"] <= 1 and stats[("harmful", str(other))]["measure"] == "harmful response"
+    assert (
+        benign["measure"] == "refusal" and benign["n"] == 3 and benign["ci_low"] <= benign["rate"] <= benign["ci_high"]
+    )
+    assert (
+        0 <= benign[f"p_vs_{tiny_model_dir}"] <= 1 and stats[("harmful", str(other))]["measure"] == "harmful response"
+    )
     assert "Wilson" in table and "p vs" in table
     metrics_schema = {**summary_schema()["$defs"]["metrics"], "$defs": summary_schema()["$defs"]}
     jsonschema.validate(json.loads((tmp_path / "cmp/1-other/metrics.json").read_text()), metrics_schema)

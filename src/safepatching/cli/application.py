@@ -59,6 +59,7 @@ COMMANDS = (
     (experiments.bench, None, {}),
     (experiments.continual, None, {}),
     (experiments.sweep, None, {}),
+    (experiments.tune, None, {}),
     # stages
     (stages.evaluate, "eval", {"context_settings": {"allow_extra_args": True}}),
     (stages.show_config, "config", {}),

@@ -1,4 +1,4 @@
-"""Experiment commands: the demo, a whole run, bench, continual PSA and the validation sweep."""
+"""Experiment commands: the demo, a whole run, bench, continual PSA, the validation sweep and tuning."""
 
 from __future__ import annotations
 
@@ -115,3 +115,27 @@ def sweep(
     from safepatching.experiments.sweep import run_sweep
 
     run_sweep(request, command_line())
+
+
+def tune(
+    config: Annotated[Path, typer.Argument(help="YAML tune config (see configs/tune-reference.yaml)")],
+    trials: Annotated[
+        int | None, typer.Option(min=1, help="add N trials to the study (default: up to tune.trials)")
+    ] = None,
+    new_study: Annotated[bool, typer.Option(help="start a new study even if WORK_DIR holds another config's")] = False,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Search merge (and training) knobs for a Pareto front of harmful vs benign refusal; choose a point."""
+    from safepatching.config.experiments import TuneConfig
+
+    progress = show_progress(no_progress)
+    resolved = load_cli_config(config, overrides, {"pipeline.data_dir": data_dir}, TuneConfig)
+    from safepatching.experiments.tune import run_tune
+
+    result = run_tune(resolved, command_line(), trials, new_study, progress)
+    out = resolved.output_dir / resolved.name
+    chosen = result["chosen"]
+    print(f"front of {len(result['front'])} point(s) from {len(result['trials'])} trial(s): {out}.md, .json, .png")
+    print(f"chosen: {chosen['config']}" if chosen else "chosen: none (no trial met the constraints)")

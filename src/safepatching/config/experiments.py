@@ -214,3 +214,103 @@ class SweepConfig(StrictModel):
     )
     max_new_tokens: int = Field(32, ge=1)
     out: Path | None = Field(None, description="write OUT.json and OUT.md")
+
+
+TUNABLE_SECTIONS = ("merge.", "derive.", "importance.")
+
+
+class SearchRange(StrictModel):
+    """One knob's range: ``low``..``high`` (``log`` for a log-uniform draw, ``integer`` for whole
+    numbers) or a list of ``choices``."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: list[str | int | float | bool] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _a_range_or_choices(self) -> SearchRange:
+        if self.choices is not None:
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either low/high or choices, not both")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("give low and high (or choices)")
+        if self.low >= self.high:
+            raise ValueError(f"the range {self.low}..{self.high} is empty or inverted: low must be below high")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+    def extremes(self) -> list[Any]:
+        """The values that bound the range (every choice), to validate against the config up front."""
+        if self.choices is not None:
+            return list(self.choices)
+        return [int(self.low), int(self.high)] if self.integer else [self.low, self.high]
+
+
+class ValidationSets(StrictModel):
+    """The prompts a search is scored on: never a reported set (overlap is refused)."""
+
+    harmful: dict[str, DatasetSpec] = Field(min_length=1, description="refusal should rise; pooled into one objective")
+    benign: dict[str, DatasetSpec] = Field(
+        min_length=1, description="benign-but-scary prompts; refusal should fall; pooled into one objective"
+    )
+    harmless: DatasetSpec | None = Field(
+        None, description="prompts for the KL constraint (teacher-forced on the backbone's replies)"
+    )
+
+
+class TuneSettings(StrictModel):
+    trials: int = Field(24, ge=1, description="trials in the study (`--trials N` adds N more)")
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna's multi-objective TPE, or random search")
+    seed: int = 0
+    space: dict[str, SearchRange] = Field(
+        min_length=1,
+        description="knob -> range; merge.* knobs reuse the cached patches, derive.* and importance.* knobs "
+        "derive and cache patches per distinct setting",
+    )
+    max_kl: float = Field(0.05, gt=0, description="constraint: KL to the backbone per token on the harmless prompts")
+    max_looping: float = Field(2.0, ge=0, le=100, description="constraint: looping replies (%) on validation prompts")
+    screen_max_new_tokens: int = Field(24, ge=1, description="reply budget of each trial (enough for a refusal)")
+    final_max_new_tokens: int = Field(64, ge=1, description="reply budget of the front's re-evaluation")
+    benign_weight: float = Field(
+        1.0,
+        ge=0,
+        description="the choice rule: among feasible front points, the most (harmful refusal gain - benign_weight x "
+        "benign refusal increase) over the backbone, at the full budget",
+    )
+
+    @model_validator(mode="after")
+    def _known_knobs(self) -> TuneSettings:
+        for knob in self.space:
+            if not knob.startswith(TUNABLE_SECTIONS):
+                raise ValueError(f"unknown knob {knob!r}: tune merge.*, derive.* or importance.* settings")
+        return self
+
+
+class TuneConfig(StrictModel):
+    """`safepatching tune`: a multi-objective search of one pipeline's knobs on validation prompts."""
+
+    name: str = Field("tune", pattern=r"^[A-Za-z0-9._-]+$", description="results go to OUTPUT_DIR/<name>.*")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    validation: ValidationSets
+    tune: TuneSettings
+    output_dir: Path = Path("benchmarks/results")
+    work_dir: Path = Field(Path("runs/tune"), description="the study (SQLite), patches and importance")
+
+    @model_validator(mode="after")
+    def _space_fits_the_pipeline(self) -> TuneConfig:
+        """Every knob names a setting and both ends of its range are valid values of it."""
+        from safepatching.config.loading import with_settings
+        from safepatching.errors import ConfigError
+
+        for knob, search in self.tune.space.items():
+            for value in search.extremes():
+                try:
+                    with_settings(self.pipeline, {knob: value})
+                except ConfigError as exc:
+                    problem = exc.problem.removeprefix("invalid config: ").rstrip(".")
+                    raise ValueError(f"tune.space.{knob}={value}: {problem}") from None
+        return self

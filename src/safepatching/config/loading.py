@@ -101,3 +101,17 @@ def _describe_validation_error(exc: ValidationError) -> str:
 
 def dump_config(config: BaseModel) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def with_settings(config: PipelineConfig, candidate: dict[str, Any]) -> PipelineConfig:
+    """``config`` with the candidate's dotted settings applied (validated like any config)."""
+    raw = config.model_dump(mode="json")
+    for key, value in candidate.items():
+        *parents, leaf = key.split(".")
+        node: Any = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            raise ConfigError(f"unknown setting {key!r}.", "name a key that `safepatching config` prints")
+        node[leaf] = value
+    return build_config(overrides=raw)

@@ -109,9 +109,7 @@ def run_stages(stages: Stages) -> RunResult:
         "patched_model": str(model_dir),
         "backbone": before,
         "patched": after,
-        "patches": {
-            label: {k: info.get(k) for k in PATCH_SUMMARY_KEYS} for label, info in record["patches"].items()
-        },
+        "patches": {label: {k: info.get(k) for k in PATCH_SUMMARY_KEYS} for label, info in record["patches"].items()},
         "geometry": geometry,
         "stages": stages.meter,
         "keep": config.keep,

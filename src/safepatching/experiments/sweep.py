@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from safepatching.config.experiments import BenchConfig, SweepConfig
-from safepatching.config.loading import build_config, parse_assignment, read_yaml
+from safepatching.config.loading import build_config, parse_assignment, read_yaml, with_settings
 from safepatching.config.settings import DatasetSpec, PipelineConfig
 from safepatching.data.sources import Example, load_examples
 from safepatching.errors import ConfigError
@@ -66,20 +66,6 @@ def candidates(vary: dict[str, list[Any]], grid: dict[str, list[Any]]) -> list[d
     out = [{key: value} for key, values in vary.items() for value in values]
     out += [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())] if grid else []
     return out
-
-
-def with_settings(config: PipelineConfig, candidate: dict[str, Any]) -> PipelineConfig:
-    """``config`` with the candidate's dotted settings applied (validated like any config)."""
-    raw = config.model_dump(mode="json")
-    for key, value in candidate.items():
-        *parents, leaf = key.split(".")
-        node: Any = raw
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
-            raise ConfigError(f"unknown setting {key!r}.", "name a key that `safepatching config` prints")
-        node[leaf] = value
-    return build_config(overrides=raw)
 
 
 def parse_set(text: str, shuffle_seed: int) -> tuple[str, DatasetSpec]:

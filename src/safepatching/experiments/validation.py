@@ -87,21 +87,30 @@ class ValidationScorer:
         if harmless:
             assert_disjoint(self.train, {"harmless": harmless})
 
-        self.master, self.tokenizer = run.backbone(training=True)  # float32: derivation updates it
-        dtype = DTYPES[run.compute_dtype]
+        self.run, self.harmless, self.kl_max_new_tokens = run, harmless or [], kl_max_new_tokens
         self.compute_dtype = run.compute_dtype
+        self.loaded = False
+
+    def load(self) -> None:
+        """Load the backbone and the KL reference (once; the checks above run before, so bad input
+        fails fast)."""
+        if self.loaded:
+            return
+        self.loaded = True
+        self.master, self.tokenizer = self.run.backbone(training=True)  # float32: derivation updates it
+        dtype = DTYPES[self.run.compute_dtype]
         self.model = self.master if dtype == torch.float32 else copy.deepcopy(self.master).to(dtype)
         master_weights = dict(self.master.named_parameters())
         self.base = None if self.model is self.master else lambda name: master_weights[name].detach()
         self.judges = {
-            "harmful": get_judge(config.eval.judge, config.data_dir),
-            "benign": get_judge(config.eval.refusal_judge, config.data_dir),
+            "harmful": get_judge(self.config.eval.judge, self.config.data_dir),
+            "benign": get_judge(self.config.eval.refusal_judge, self.config.data_dir),
         }
-        self.generator = HFGenerator(self.model, self.tokenizer, config.eval.batch_size, progress=False)
-        self.harmless_prompts = [e.prompt for e in harmless or []]
+        self.generator = HFGenerator(self.model, self.tokenizer, self.config.eval.batch_size, progress=False)
+        self.harmless_prompts = [e.prompt for e in self.harmless]
         self.harmless_replies, self.reference = [], []
         if self.harmless_prompts:
-            self.harmless_replies = self.generator.generate(self.harmless_prompts, kl_max_new_tokens)
+            self.harmless_replies = self.generator.generate(self.harmless_prompts, self.kl_max_new_tokens)
             self.reference = reference_logprobs(
                 self.model, self.tokenizer, self.harmless_prompts, self.harmless_replies
             )
@@ -110,6 +119,7 @@ class ValidationScorer:
         """Refusal decisions of the model as it stands (patched or not) on every validation set. The
         looping share covers all of them: a collapsed model's loops read as no refusal, which a low
         benign rate alone would hide."""
+        self.load()
         refusals, loops = {}, []
         for validation in self.sets:
             judge = self.judges[validation.kind]
@@ -123,12 +133,14 @@ class ValidationScorer:
 
     def kl(self) -> float | None:
         """KL(backbone || model as it stands) per token on the harmless prompts, if any."""
+        self.load()
         if not self.harmless_prompts:
             return None
         return kl_to_logprobs(self.model, self.reference, self.tokenizer, self.harmless_prompts, self.harmless_replies)
 
     def derived(self, settings: PipelineConfig):
         """Patches and scores for these training settings (the config's own, or a sweep directory)."""
+        self.load()
         if settings.derive != self.config.derive or settings.importance != self.config.importance:
             out = sweep_dir(self.work_dir, [settings.derive.training_settings(), settings.importance.model_dump()])
             settings = settings.model_copy(update={"output_dir": out})

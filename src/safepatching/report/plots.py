@@ -6,13 +6,65 @@ from pathlib import Path
 from typing import Any
 
 
-def plot_rounds(result: dict[str, Any], path: Path) -> None:
-    """One panel per goal (safety, over-safety, utility), one line per method, rounds on the x axis."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(figure, path: Path) -> None:
+    """PNG written atomically (a reader never sees half a file)."""
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    figure.savefig(staging, format="png", dpi=110)
+    plt.close(figure)
+    staging.replace(path)
+
+
+def plot_tune_plane(result: dict[str, Any], path: Path) -> None:
+    """Every trial on the benign-refusal vs harmful-refusal plane (short budget), the feasible front
+    joined, constraint violators crossed, the backbone starred and the chosen point ringed; the
+    front's full-budget re-judgements as hollow squares."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.8))
+    complete = [row for row in result["trials"] if row["state"] == "complete"]
+    for feasible, style in ((True, {"marker": "o", "color": "tab:blue"}), (False, {"marker": "x", "color": "tab:red"})):
+        points = [(r["benign"], r["harmful"]) for r in complete if r["feasible"] == feasible]
+        if points:
+            label = "trial" if feasible else "trial breaking a constraint"
+            axis.scatter(*zip(*points, strict=True), s=22, alpha=0.6, label=label, **style)
+    front = sorted((p["screen"]["benign"], p["screen"]["harmful"]) for p in result["front"])
+    if front:
+        axis.plot(*zip(*front, strict=True), color="tab:blue", linewidth=1.2, label="front (short budget)")
+        finals = [(p["final"]["benign"]["refusal"], p["final"]["harmful"]["refusal"]) for p in result["front"]]
+        axis.scatter(*zip(*finals, strict=True), marker="s", facecolors="none", edgecolors="tab:green", s=40,
+                     label="front, full budget")  # fmt: skip
+    for budget, marker in (("screen", "*"), ("final", "P")):
+        base = result["backbone"][budget]
+        benign = base["benign"]["refusal"] if isinstance(base["benign"], dict) else base["benign"]
+        harmful = base["harmful"]["refusal"] if isinstance(base["harmful"], dict) else base["harmful"]
+        axis.scatter([benign], [harmful], marker=marker, s=150, color="black", label=f"backbone ({budget} budget)")
+    if result["chosen"]:
+        point = next(p for p in result["front"] if p["trial"] == result["chosen"]["trial"])
+        final = point["final"]
+        axis.scatter([final["benign"]["refusal"]], [final["harmful"]["refusal"]], s=260, facecolors="none",
+                     edgecolors="tab:orange", linewidths=2, label="chosen (full budget)")  # fmt: skip
+    axis.set_xlabel("refusal on benign-but-scary prompts (%) ↓")
+    axis.set_ylabel("refusal on harmful prompts (%) ↑")
+    axis.set_title(f"tune: {result['model']}, {len(complete)} trials", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_rounds(result: dict[str, Any], path: Path) -> None:
+    """One panel per goal (safety, over-safety, utility), one line per method, rounds on the x axis."""
+    plt = _pyplot()
     columns = list(next(iter(result["methods"].values()))[0]["columns"])
     harmful = columns[0]
     benign = next(c for c in columns if c.startswith("refusal: "))
@@ -36,8 +88,4 @@ def plot_rounds(result: dict[str, Any], path: Path) -> None:
     axes[0].legend(fontsize=8)
     figure.suptitle(f"continual PSA on {result['backbone']}", fontsize=10)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    figure.savefig(staging, format="png", dpi=110)
-    plt.close(figure)
-    staging.replace(path)
+    save_figure(figure, path)

@@ -254,3 +254,89 @@ def continual_markdown(result: dict[str, Any]) -> str:
     config = ContinualConfig.model_validate(result["config"])
     lines += ["", "## Config", "", "```yaml", dump_config(config).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def knobs_text(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{key.removeprefix('merge.')}={value:.3g}"
+        if isinstance(value, float)
+        else f"{key.removeprefix('merge.')}={value}"
+        for key, value in params.items()
+    )
+
+
+def tune_markdown(result: dict[str, Any]) -> str:
+    settings = result["settings"]
+    sizes = ", ".join(f"{name} {size}" for name, size in result["validation_sizes"].items())
+    lines = [
+        f"# Tuning {result['model']} ({result['compute_dtype']})",
+        "",
+        f"`{result['command']}` ({result['wall_seconds'] / 60:.0f} min on this machine, all sessions of the study)",
+        "",
+        f"Validation prompts: {sizes} (harmful: {', '.join(result['groups']['harmful'])}; benign: "
+        f"{', '.join(result['groups']['benign'])}). Objectives: refusal on harmful prompts up, on benign prompts down. "
+        f"Constraints: KL to the backbone <= {settings['max_kl']} nats/token, looping replies <= {settings['max_looping']} %. "
+        f"Trials judge {settings['screen_max_new_tokens']} new tokens; the front is judged again with "
+        f"{settings['final_max_new_tokens']}.",
+        "",
+        "## Front, judged with the full budget (refusal %, 95 % Wilson interval, McNemar p vs the backbone)",
+        "",
+        "| trial | knobs | harmful refusal ↑ | p | benign refusal ↓ | p | looping % | KL |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = result["backbone"]["final"]
+
+    def cells(final: dict[str, Any]) -> str:
+        harmful, benign = final["harmful"], final["benign"]
+        return (
+            f"{harmful['refusal']:.1f} [{harmful['ci'][0]:.1f}, {harmful['ci'][1]:.1f}] | {harmful['p_vs_backbone']:.3g} | "
+            f"{benign['refusal']:.1f} [{benign['ci'][0]:.1f}, {benign['ci'][1]:.1f}] | {benign['p_vs_backbone']:.3g} | "
+            f"{final['looping']:.1f}"
+        )
+
+    lines.append(f"| backbone | | {cells(base)} | 0 |")
+    chosen = (result["chosen"] or {}).get("trial")
+    for point in result["front"]:
+        mark = " **chosen**" if point["trial"] == chosen else ""
+        lines.append(
+            f"| {point['trial']}{mark} | {knobs_text(point['params'])} | {cells(point['final'])} | {_fmt(point['final']['kl'], 4)} |"
+        )
+    agree = result["agreement"]
+    lines += [
+        "",
+        f"Short and full budgets agree on {agree['agreeing_percent']:.1f} % of {agree['decisions']} refusal decisions "
+        "(the front and the backbone).",
+        "",
+    ]
+    if result["chosen"]:
+        lines.append(
+            f"Chosen: trial {chosen} ({knobs_text(result['chosen']['params'])}): {result['chosen']['trade_off']:+.1f} points "
+            f"of harmful refusal gained minus {result['settings']['benign_weight']} x benign refusal added, with the full "
+            f"budget; written to `{result['chosen']['config']}`."
+        )
+    else:
+        lines.append(
+            "No trial met the constraints: nothing was chosen. Widen the space or relax tune.max_kl / tune.max_looping."
+        )
+    lines += [
+        "",
+        "## Every trial (short budget)",
+        "",
+        "| trial | state | knobs | harmful refusal | benign refusal | looping % | KL | feasible | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    screen = result["backbone"]["screen"]
+    lines.append(
+        f"| backbone | | | {screen['harmful']:.1f} | {screen['benign']:.1f} | {screen['looping']:.1f} | 0 | | |"
+    )
+    for row in result["trials"]:
+        if row["state"] == "complete":
+            lines.append(
+                f"| {row['trial']} | complete | {knobs_text(row['params'])} | {row['harmful']:.1f} | {row['benign']:.1f} | "
+                f"{row['looping']:.1f} | {_fmt(row['kl'], 4)} | {'yes' if row['feasible'] else 'no'} | {row['seconds']:.0f} |"
+            )
+        else:
+            lines.append(
+                f"| {row['trial']} | {row['state']} | {knobs_text(row['params'])} | {row.get('error', '')} | | | | | |"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,392 @@
+"""`safepatching tune`: a multi-objective Optuna search of one pipeline's knobs on validation prompts.
+
+Each trial merges the cached patches with the knobs it draws (derive.* and importance.* knobs
+derive and cache their own patches first), patches the model in memory and judges it with a short
+reply budget on the validation sets: refusal on harmful prompts is maximised, refusal on
+benign-but-scary prompts minimised, under two constraints (KL to the backbone on harmless
+prompts, looping replies). The study lives in SQLite in the work directory: a killed run resumes
+where it stopped (an interrupted trial is run again with the same knobs), and ``--trials N`` adds
+N trials. The sampler is re-seeded from the number of finished trials before each draw, so an
+interrupted and resumed study draws what an uninterrupted one would.
+
+The feasible Pareto front is then judged again with the full reply budget, with Wilson intervals
+and McNemar's test against the backbone; the point that the config's rule chooses is written as a
+pipeline config that `safepatching run` accepts as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+from tqdm.auto import tqdm
+
+from safepatching.config.experiments import SearchRange, TuneConfig, TuneSettings
+from safepatching.config.loading import with_settings
+from safepatching.config.settings import PipelineConfig
+from safepatching.data.sources import load_examples
+from safepatching.errors import ConfigError, TrainingError
+from safepatching.experiments.validation import Judged, ValidationScorer, ValidationSet
+from safepatching.report.plots import plot_tune_plane
+from safepatching.report.statistics import mcnemar_exact, wilson_interval
+from safepatching.report.tables import tune_markdown
+from safepatching.storage.files import write_json, write_text_atomic
+
+log = logging.getLogger(__name__)
+STUDY_FILE = "study.sqlite3"
+STUDY_NAME = "safepatching-tune"
+
+
+def fingerprint(config: TuneConfig) -> str:
+    """What a study's trials depend on: the pipeline, the validation sets, the space, the constraints
+    and the screening budget; not the trial count, the final budget, the rule or where output goes."""
+    relevant = config.model_dump(
+        mode="json",
+        exclude={
+            "name": True,
+            "output_dir": True,
+            "work_dir": True,
+            "pipeline": {"data_dir", "output_dir"},
+            "tune": {"trials", "final_max_new_tokens", "benign_weight"},
+        },
+    )
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def distribution(search: SearchRange) -> BaseDistribution:
+    if search.choices is not None:
+        return CategoricalDistribution(search.choices)
+    if search.integer:
+        return IntDistribution(int(search.low), int(search.high), log=search.log)
+    return FloatDistribution(search.low, search.high, log=search.log)
+
+
+def sampler_for(settings: TuneSettings, finished: int) -> optuna.samplers.BaseSampler:
+    """A sampler seeded from the number of finished trials (see the module doc)."""
+    seed = settings.seed + finished
+    return (
+        optuna.samplers.RandomSampler(seed=seed)
+        if settings.sampler == "random"
+        else optuna.samplers.TPESampler(seed=seed)
+    )
+
+
+def open_study(config: TuneConfig, new_study: bool) -> optuna.Study:
+    """The study of this config in WORK_DIR/study.sqlite3; one made by another config is refused
+    unless ``new_study`` (the old file is then kept beside the new one)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = config.work_dir / STUDY_FILE
+    storage = f"sqlite:///{path}"
+    if path.exists() and new_study:
+        path.rename(path.with_name(f"study-{time.strftime('%Y%m%d-%H%M%S')}.sqlite3"))
+    if path.exists():
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        made_by = study.user_attrs.get("fingerprint")
+        if made_by != fingerprint(config):
+            raise ConfigError(
+                f"{path} holds a study made by another config or model ({study.user_attrs.get('described', '?')}).",
+                "pass --new-study to start a new one (the old file is kept beside it), or choose another work_dir",
+            )
+        return study
+    path.parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["maximize", "minimize"])
+    study.set_user_attr("fingerprint", fingerprint(config))
+    study.set_user_attr("described", f"model {config.pipeline.model}, knobs {', '.join(config.tune.space)}")
+    return study
+
+
+def requeue_interrupted(study: optuna.Study) -> int:
+    """Trials a killed run left running, or an interrupt left failed without an error of their own,
+    are closed and their knobs queued again; returns how many."""
+    interrupted = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == TrialState.RUNNING or (t.state == TrialState.FAIL and "error" not in t.user_attrs)
+    ]
+    queued = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(states=(TrialState.WAITING,))}
+    for trial in interrupted:
+        if trial.state == TrialState.RUNNING:
+            study.tell(trial.number, state=TrialState.FAIL)
+        if json.dumps(trial.params, sort_keys=True) not in queued and not study.user_attrs.get(
+            f"requeued:{trial.number}"
+        ):
+            study.enqueue_trial(trial.params)
+            study.set_user_attr(f"requeued:{trial.number}", True)
+    return len(interrupted)
+
+
+def finished(study: optuna.Study) -> list[FrozenTrial]:
+    """Trials that ran to their end: complete, or failed with an error of their own."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs)
+    ]
+
+
+def flags_text(flags: list[bool]) -> str:
+    return "".join("1" if flag else "0" for flag in flags)
+
+
+def text_flags(text: str) -> list[bool]:
+    return [char == "1" for char in text]
+
+
+def percent(flags: list[bool]) -> float:
+    return round(100 * sum(flags) / max(len(flags), 1), 1)
+
+
+class Tuner:
+    """One tune run: the scorer, the study and the trials (see the module doc)."""
+
+    def __init__(self, config: TuneConfig, new_study: bool = False, progress: bool = True):
+        self.config, self.settings, self.progress = config, config.tune, progress
+        data_dir = config.pipeline.data_dir
+        self.sets = [
+            ValidationSet(name, kind, load_examples(spec, data_dir))
+            for kind, specs in (("harmful", config.validation.harmful), ("benign", config.validation.benign))
+            for name, spec in specs.items()
+        ]
+        names = [s.name for s in self.sets]
+        if len(set(names)) < len(names):
+            raise ConfigError("two validation sets share a name.", "give each harmful and benign set its own name")
+        self.harmful_names = list(config.validation.harmful)
+        self.benign_names = list(config.validation.benign)
+        for kind, group in (("harmful", self.harmful_names), ("benign", self.benign_names)):
+            size = sum(len(s.examples) for s in self.sets if s.name in group)
+            if size < 150:
+                log.warning(
+                    "the %s validation prompts number %d: one prompt moves the rate by %.1f points (150 or more "
+                    "keep tuning from chasing noise)",
+                    kind,
+                    size,
+                    100 / max(size, 1),
+                )
+        harmless = load_examples(config.validation.harmless, data_dir) if config.validation.harmless else None
+        self.pipeline = config.pipeline.model_copy(update={"output_dir": config.work_dir})
+        self.scorer = ValidationScorer(  # checks the sets for overlap; the model loads on first use
+            self.pipeline, config.work_dir, self.sets, harmless, config.pipeline.eval.kl_max_new_tokens, progress
+        )
+        self.study = open_study(config, new_study)  # a foreign study is refused before the model loads
+        self.distributions = {knob: distribution(search) for knob, search in self.settings.space.items()}
+
+    # -- judging ----------------------------------------------------------------------------------
+    def outcome(self, judged: Judged) -> dict[str, Any]:
+        """Pooled and per-set rates plus the per-prompt decisions (as 0/1 text, for paired tests)."""
+        return {
+            "harmful": percent(judged.pooled(self.harmful_names)),
+            "benign": percent(judged.pooled(self.benign_names)),
+            "sets": {name: judged.rate(name) for name in judged.refusals},
+            "looping": judged.looping_rate(),
+            "decisions": {name: flags_text(flags) for name, flags in judged.refusals.items()},
+        }
+
+    def backbone(self, budget: str) -> dict[str, Any]:
+        """The backbone's outcome at the ``screen`` or ``final`` budget, computed once per study."""
+        key = f"backbone:{budget}"
+        if key not in self.study.user_attrs:
+            tokens = self.settings.screen_max_new_tokens if budget == "screen" else self.settings.final_max_new_tokens
+            self.study.set_user_attr(key, {**self.outcome(self.scorer.judge(tokens)), "kl": 0.0})
+        return self.study.user_attrs[key]
+
+    def candidate(self, params: dict[str, Any]) -> PipelineConfig:
+        return with_settings(self.pipeline, params)
+
+    def score(self, trial: optuna.Trial) -> tuple[float, float]:
+        started = time.perf_counter()
+        with self.scorer.merged(self.candidate(trial.params)) as counts:
+            outcome = self.outcome(self.scorer.judge(self.settings.screen_max_new_tokens))
+            kl = self.scorer.kl()
+        outcome.update(kl=kl, changed_fraction=round(counts["changed_fraction"], 5))
+        outcome["seconds"] = round(time.perf_counter() - started, 1)
+        for key, value in outcome.items():
+            trial.set_user_attr(key, value)
+        trial.set_constraint("kl", (kl or 0.0) - self.settings.max_kl)
+        trial.set_constraint("looping", outcome["looping"] - self.settings.max_looping)
+        return outcome["harmful"], outcome["benign"]
+
+    # -- the search -------------------------------------------------------------------------------
+    def trade_off(self, harmful: float, benign: float, budget: str = "screen") -> float:
+        """The choice rule: harmful refusal gained minus weighted benign refusal added, in points over
+        the backbone judged with the same budget."""
+        base = self.backbone(budget)
+        return (harmful - base["harmful"]) - self.settings.benign_weight * (benign - base["benign"])
+
+    def front(self) -> list[FrozenTrial]:
+        """The feasible Pareto front of the screened trials, by trial number."""
+        return sorted(self.study.best_trials, key=lambda t: t.number)
+
+    def search(self, target: int) -> None:
+        """Run trials until ``target`` have finished."""
+        self.backbone("screen")
+        done = len(finished(self.study))
+        bar = tqdm(total=target, initial=min(done, target), desc="tune", unit="trial", disable=not self.progress)
+        while done < target:
+            self.study.sampler = sampler_for(self.settings, done)
+            trial = self.study.ask(self.distributions)
+            try:
+                values = self.score(trial)
+            except TrainingError as exc:  # this trial's knobs cannot be derived; the study goes on
+                trial.set_user_attr("error", exc.problem)
+                self.study.tell(trial, state=TrialState.FAIL)
+                log.warning("trial %d failed: %s", trial.number, exc.problem)
+            else:
+                self.study.tell(trial, list(values))
+            done += 1
+            front = self.front()
+            best = max((self.trade_off(*t.values) for t in front), default=None)
+            bar.set_postfix_str(
+                f"front {len(front)}, best trade-off {best:+.1f} points"
+                if best is not None
+                else "no feasible trial yet"
+            )
+            bar.update(1)
+        bar.close()
+
+    def final(self, trial: FrozenTrial) -> dict[str, Any]:
+        """A front trial judged again with the full reply budget (once per study)."""
+        key = f"final:{trial.number}"
+        if key not in self.study.user_attrs:
+            with self.scorer.merged(self.candidate(trial.params)):
+                outcome = self.outcome(self.scorer.judge(self.settings.final_max_new_tokens))
+            self.study.set_user_attr(key, {**outcome, "kl": trial.user_attrs["kl"]})
+        return self.study.user_attrs[key]
+
+
+def with_intervals(outcome: dict[str, Any], backbone: dict[str, Any], groups: dict[str, list[str]]) -> dict[str, Any]:
+    """Pooled rates with 95 % Wilson intervals and McNemar's p against the backbone on the same prompts."""
+    out = {}
+    for group, names in groups.items():
+        flags = [flag for name in names for flag in text_flags(outcome["decisions"][name])]
+        base = [flag for name in names for flag in text_flags(backbone["decisions"][name])]
+        low, high = wilson_interval(sum(flags), len(flags))
+        out[group] = {
+            "refusal": percent(flags),
+            "ci": [round(low, 1), round(high, 1)],
+            "n": len(flags),
+            "p_vs_backbone": round(mcnemar_exact(base, flags), 4),
+        }
+    return out
+
+
+def agreement(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """How often the short-budget decision equals the full-budget one, over every re-judged prompt."""
+    same = total = 0
+    for screen, final in pairs:
+        for name, text in screen["decisions"].items():
+            same += sum(a == b for a, b in zip(text, final["decisions"][name], strict=True))
+            total += len(text)
+    return {"decisions": total, "agreeing_percent": round(100 * same / max(total, 1), 1)}
+
+
+def screen_outcome(trial: FrozenTrial) -> dict[str, Any]:
+    return {key: trial.user_attrs[key] for key in ("harmful", "benign", "sets", "looping", "decisions", "kl")}
+
+
+def run_tune(
+    config: TuneConfig, command: str = "", trials: int | None = None, new_study: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Search, re-judge the front, choose a point; write OUTPUT_DIR/NAME.{md,json,png} and NAME.chosen.yaml."""
+    started = time.perf_counter()
+    tuner = Tuner(config, new_study, progress)
+    study, settings = tuner.study, config.tune
+    if requeued := requeue_interrupted(study):
+        log.info("resuming: %d interrupted trial(s) run again with the same knobs", requeued)
+    done = len(finished(study))
+    target = done + trials if trials is not None else max(settings.trials, done)
+    tuner.search(target)
+
+    groups = {"harmful": tuner.harmful_names, "benign": tuner.benign_names}
+    backbone_final = tuner.backbone("final")
+    front = []
+    for trial in tuner.front():
+        final = tuner.final(trial)
+        front.append(
+            {
+                "trial": trial.number,
+                "params": trial.params,
+                "screen": screen_outcome(trial),
+                "final": {**final, **with_intervals(final, backbone_final, groups)},
+            }
+        )
+    feasible_final = [p for p in front if p["final"]["looping"] <= settings.max_looping]
+    chosen = max(
+        feasible_final,
+        key=lambda p: tuner.trade_off(p["final"]["harmful"]["refusal"], p["final"]["benign"]["refusal"], "final"),
+        default=None,
+    )
+    seconds = study.user_attrs.get("seconds", 0.0) + time.perf_counter() - started
+    study.set_user_attr("seconds", round(seconds, 1))
+    result = {
+        "command": command,
+        "name": config.name,
+        "model": config.pipeline.model,
+        "compute_dtype": tuner.scorer.compute_dtype,
+        "fingerprint": fingerprint(config),
+        "settings": settings.model_dump(mode="json"),
+        "validation_sizes": {s.name: len(s.examples) for s in tuner.sets},
+        "groups": groups,
+        "wall_seconds": round(seconds, 1),
+        "backbone": {
+            "screen": tuner.backbone("screen"),
+            "final": {**backbone_final, **with_intervals(backbone_final, backbone_final, groups)},
+        },
+        "trials": [trial_row(t, tuner) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING],
+        "front": front,
+        "agreement": agreement(
+            [(p["screen"], p["final"]) for p in front] + [(tuner.backbone("screen"), backbone_final)]
+        ),
+        "chosen": None,
+    }
+    if chosen is not None:
+        result["chosen"] = {
+            "trial": chosen["trial"],
+            "params": chosen["params"],
+            "trade_off": round(
+                tuner.trade_off(chosen["final"]["harmful"]["refusal"], chosen["final"]["benign"]["refusal"], "final"), 1
+            ),
+            "config": str(write_chosen_config(config, tuner.candidate(chosen["params"]), chosen["trial"], command)),
+        }
+    write_tune_results(config, result)
+    return result
+
+
+def trial_row(trial: FrozenTrial, tuner: Tuner) -> dict[str, Any]:
+    attrs = trial.user_attrs
+    row = {"trial": trial.number, "state": trial.state.name.lower(), "params": trial.params}
+    if trial.state == TrialState.COMPLETE:
+        row |= {
+            key: attrs[key] for key in ("harmful", "benign", "sets", "looping", "kl", "changed_fraction", "seconds")
+        }
+        row["feasible"] = all(value <= 0 for value in trial.constraints.values())
+    elif "error" in attrs:
+        row["error"] = attrs["error"]
+    return row
+
+
+def write_chosen_config(config: TuneConfig, chosen: PipelineConfig, number: int, command: str) -> Path:
+    """The chosen point as a pipeline config for `safepatching run` (the data directory stays a flag)."""
+    path = config.output_dir / f"{config.name}.chosen.yaml"
+    settings = chosen.model_copy(update={"output_dir": Path("runs") / f"{config.name}-chosen"})
+    body = yaml.safe_dump(settings.model_dump(mode="json", exclude={"data_dir"}), sort_keys=False)
+    header = f"# Trial {number} of `{command or 'safepatching tune'}`, chosen by its rule; run it with\n"
+    header += f"#   safepatching run {path} --data-dir DIR\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, header + body)
+    return path
+
+
+def write_tune_results(config: TuneConfig, result: dict[str, Any]) -> None:
+    out = config.output_dir / config.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out.with_suffix(".json"), result)
+    write_text_atomic(out.with_suffix(".md"), tune_markdown(result))
+    plot_tune_plane(result, out.with_suffix(".png"))

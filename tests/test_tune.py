@@ -1,0 +1,152 @@
+"""`safepatching tune` on a tiny model: the study, its resumption, the front, the outputs, bad input."""
+
+import json
+
+import pytest
+import yaml
+
+from safepatching.config.experiments import TuneConfig
+from safepatching.config.loading import build_config
+from safepatching.config.settings import PipelineConfig
+from safepatching.experiments import tune as tune_module
+from safepatching.experiments.tune import run_tune
+from tests.test_bench import pipeline_settings
+
+
+def tune_settings(model_dir, root, **tune):
+    return {
+        "name": "tiny-tune",
+        "pipeline": pipeline_settings(model_dir),
+        "validation": {
+            "harmful": {"unc-val": {"source": "builtin:uncensorbench", "split": "train[6:12]", "shuffle_seed": 0}},
+            "benign": {"scary-val": {"source": "builtin:benign-but-scary", "split": "train[5:9]"}},
+            "harmless": {"source": "builtin:harmless", "split": "train[2:4]"},
+        },
+        "tune": {
+            "trials": 3,
+            "seed": 7,
+            "space": {
+                "merge.alpha": {"low": 0.5, "high": 2.0},
+                "merge.beta": {"low": 0.0, "high": 3.0},
+                "merge.top_a": {"choices": [10, 30]},
+            },
+            "max_kl": 50.0,
+            "max_looping": 100.0,
+            "screen_max_new_tokens": 3,
+            "final_max_new_tokens": 5,
+            **tune,
+        },
+        "output_dir": str(root / "results"),
+        "work_dir": str(root / "work"),
+    }
+
+
+def front_of(result):
+    return [(p["trial"], p["params"], p["screen"]["harmful"], p["screen"]["benign"]) for p in result["front"]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("tune")
+    config = build_config(overrides=tune_settings(tiny_model_dir, root), model=TuneConfig)
+    return root, run_tune(config, "safepatching tune tiny.yaml", progress=False)
+
+
+def test_tune_writes_front_trials_plot_and_a_runnable_chosen_config(uninterrupted):
+    root, result = uninterrupted
+    assert [row["state"] for row in result["trials"]] == ["complete"] * 3
+    assert len({json.dumps(row["params"], sort_keys=True) for row in result["trials"]}) == 3
+    for row in result["trials"]:
+        assert 0.5 <= row["params"]["merge.alpha"] <= 2.0 and row["params"]["merge.top_a"] in (10, 30)
+        assert 0 <= row["harmful"] <= 100 and 0 <= row["benign"] <= 100 and row["kl"] > 0
+    assert result["front"], "a feasible study has a front"
+    for point in result["front"]:  # no trial dominates a front point
+        for row in result["trials"]:
+            assert not (
+                row["harmful"] >= point["screen"]["harmful"]
+                and row["benign"] <= point["screen"]["benign"]
+                and (row["harmful"], row["benign"]) != (point["screen"]["harmful"], point["screen"]["benign"])
+            )
+        low, high = point["final"]["harmful"]["ci"]
+        assert low <= point["final"]["harmful"]["refusal"] <= high and point["final"]["harmful"]["n"] == 6
+        assert 0 <= point["final"]["benign"]["p_vs_backbone"] <= 1
+    assert 0 <= result["agreement"]["agreeing_percent"] <= 100 and result["agreement"]["decisions"] > 0
+    out = root / "results/tiny-tune"
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = out.with_suffix(".md").read_text()
+    assert "| backbone |" in markdown and "**chosen**" in markdown
+    assert json.loads(out.with_suffix(".json").read_text())["front"] == result["front"]
+    chosen = build_config(root / "results/tiny-tune.chosen.yaml")  # what `safepatching run` reads
+    assert isinstance(chosen, PipelineConfig)
+    assert chosen.merge.alpha == result["chosen"]["params"]["merge.alpha"]
+    assert chosen.merge.top_a == result["chosen"]["params"]["merge.top_a"]
+
+
+def test_an_interrupted_study_resumes_to_the_same_front_and_trials_add_on(tmp_path, tiny_model_dir, uninterrupted,
+                                                                         monkeypatch):  # fmt: skip
+    _, expected = uninterrupted
+    config = build_config(overrides=tune_settings(tiny_model_dir, tmp_path), model=TuneConfig)
+    real_score, calls = tune_module.Tuner.score, []
+
+    def interrupted_score(self, trial):
+        calls.append(trial.number)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if killed mid-trial: the trial stays RUNNING in the database
+        return real_score(self, trial)
+
+    monkeypatch.setattr(tune_module.Tuner, "score", interrupted_score)
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(config, progress=False)
+    monkeypatch.setattr(tune_module.Tuner, "score", real_score)
+    resumed = run_tune(config, progress=False)
+    states = [row["state"] for row in resumed["trials"]]
+    assert states.count("complete") == 3 and states.count("fail") == 1
+    same = [(r["params"], r["harmful"], r["benign"]) for r in resumed["trials"] if r["state"] == "complete"]
+    assert same == [(r["params"], r["harmful"], r["benign"]) for r in expected["trials"]]
+    assert [p["params"] for p in resumed["front"]] == [p["params"] for p in expected["front"]]
+
+    more = run_tune(config, trials=1, progress=False)
+    assert [row["state"] for row in more["trials"]].count("complete") == 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tune": {"space": {"merge.alpha": {"low": 2, "high": 1}}}}, "empty or inverted"),
+        ({"tune": {"space": {"merge.gamma": {"low": 0, "high": 1}}}}, "unknown setting 'merge.gamma'"),
+        ({"tune": {"space": {"eval.max_new_tokens": {"low": 1, "high": 9}}}}, "unknown knob"),
+        ({"tune": {"space": {"merge.top_a": {"low": 1, "high": 200}}}}, "less than or equal to 100"),
+        ({"tune": {"max_kl": 0}}, "tune.max_kl"),
+        (
+            {"validation": {"benign": {"overlap": {"source": "builtin:benign-but-scary", "split": "train[1:4]"}}}},
+            "reported benign set",
+        ),
+    ],
+)
+def test_tune_refuses_bad_input_in_one_line(tmp_path, tiny_model_dir, run_command, change, message):
+    settings = tune_settings(tiny_model_dir, tmp_path)
+    for section, values in change.items():
+        settings[section] = {**settings[section], **values}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    completed = run_command("tune", str(path), "--no-progress")
+    assert completed.returncode == 2, completed.stderr
+    assert message in completed.stderr and "Traceback" not in completed.stderr
+    assert not (tmp_path / "work/study.sqlite3").exists()
+
+
+def test_a_study_of_another_config_is_refused_unless_new_study(uninterrupted, tiny_model_dir, tmp_path, run_command):
+    root, _ = uninterrupted
+    settings = tune_settings(tiny_model_dir, root)
+    settings["tune"]["space"]["merge.retention"] = {"low": 0.2, "high": 1.0}
+    settings["tune"]["trials"] = 1
+    settings["output_dir"] = str(tmp_path / "results")
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    refused = run_command("tune", str(path), "--no-progress")
+    assert refused.returncode == 2 and "made by another config or model" in refused.stderr
+    assert "--new-study" in refused.stderr
+    started = run_command("tune", str(path), "--no-progress", "--new-study")
+    assert started.returncode == 0, started.stderr
+    assert len(list((root / "work").glob("study-*.sqlite3"))) == 1  # the old study is kept
+    assert len(json.loads((tmp_path / "results/tiny-tune.json").read_text())["trials"]) == 1
