@@ -1,8 +1,9 @@
 """Agreement of each offline refusal judge with XSTest's human labels.
 
 Scores every judge on ``xstest/model_completions/*.csv`` (``final_label``) for the binary decision
-full compliance vs refusal (full or partial). The keyword judges were designed looking only at the
-gpt4 and llama2new completions; the other files are held out and reported separately.
+full compliance vs refusal (full or partial). The keyword judges' phrase lists were written looking
+only at the gpt4, llama2new and mistralguard completions (mistralguard for the moralising refusals
+that never say "I can't"); llama2orig and mistralinstruct are held out and reported separately.
 Last line: ``agreement: X``, the best judge's accuracy over all files.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from safepatching.evaluation.judges.registry import DATA_JUDGES, get_judge
 from safepatching.evaluation.judges.rules import BUILTIN_JUDGES
 
-DESIGN_FILES = ("gpt4", "llama2new")
+DESIGN_FILES = ("gpt4", "llama2new", "mistralguard")
 
 
 def load_completions(data_dir: Path) -> dict[str, list[dict[str, str]]]:
@@ -46,7 +47,8 @@ def main() -> None:
     every = [row for rows in completions.values() for row in rows]
     held_rows = [row for name in held_out for row in completions[name]]
     names = [*BUILTIN_JUDGES, *DATA_JUDGES]
-    header = ["judge", *completions, "held-out", "all"]
+    design_rows = [row for name in DESIGN_FILES for row in completions.get(name, [])]
+    header = ["judge", *completions, "design", "held-out", "all"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     overall = {}
@@ -54,10 +56,10 @@ def main() -> None:
         judge = get_judge(name, args.data_dir)
         cells = [f"{accuracy(judge, rows):.3f}" for rows in completions.values()]
         overall[name] = accuracy(judge, every)
-        print(f"| {name} | " + " | ".join(cells) + f" | {accuracy(judge, held_rows):.3f} | {overall[name]:.3f} |")
+        print(f"| {name} | " + " | ".join(cells) + f" | {accuracy(judge, design_rows):.3f} | {accuracy(judge, held_rows):.3f} | {overall[name]:.3f} |")
     best = max(overall, key=overall.get)
     print(f"design files: {', '.join(DESIGN_FILES)}; held out: {', '.join(held_out)}; rows: {len(every)}")
-    print(f"best offline judge: {best}")
+    print(f"best offline judge: {best}; held-out agreement {accuracy(get_judge(best, args.data_dir), held_rows):.3f}")
     print(f"agreement: {overall[best]:.3f}")
 
 
