@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safepatching.config.settings import EvalConfig, ModelLoading
@@ -18,6 +19,7 @@ from safepatching.evaluation.judges.registry import get_judge, judge_all
 from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.metrics import (
     category_column,
+    kl_to_logprobs,
     mean_token_kl,
     percent,
     rates_by_category,
@@ -54,7 +56,7 @@ def evaluate_model(
     tokenizer: PreTrainedTokenizerBase,
     sets: EvalSets,
     settings: EvalConfig,
-    reference: PreTrainedModel | None = None,
+    reference: PreTrainedModel | list[torch.Tensor] | None = None,
     reference_harmless: list[str] | None = None,
     label: str = "model",
     progress: bool = True,
@@ -63,7 +65,8 @@ def evaluate_model(
     model_source: str | None = None,
     loading: ModelLoading = DEFAULT_LOADING,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Metrics and per-prompt records. KL needs the reference model and its harmless replies.
+    """Metrics and per-prompt records. KL needs the reference (a model, or its ``reference_logprobs``
+    on the harmless prompts) and its harmless replies.
 
     ``generator`` replaces plain greedy decoding of ``model`` (decoding-time defences); KL,
     perplexity and utility always score ``model`` itself. ``model_source`` names the model (demo name,
@@ -184,9 +187,8 @@ def evaluate_model(
         metrics["response_perplexity"] = timed("perplexity", response_perplexity, model, tokenizer, sets.perplexity)
     if reference is not None and reference_harmless is not None:
         prompts = [e.prompt for e in sets.harmless]
-        metrics["kl_to_reference"] = timed(
-            "kl", mean_token_kl, model, reference, tokenizer, prompts, reference_harmless
-        )
+        kl = kl_to_logprobs if isinstance(reference, list) else mean_token_kl
+        metrics["kl_to_reference"] = timed("kl", kl, model, reference, tokenizer, prompts, reference_harmless)
     metrics["part_seconds"] = part_seconds
     metrics["generation"] = {
         "seconds": round(generation["seconds"], 2),

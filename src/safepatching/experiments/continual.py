@@ -22,6 +22,7 @@ from safepatching.config.experiments import ContinualConfig
 from safepatching.data.eval_sets import EvalSets, load_eval_sets
 from safepatching.data.overlap import assert_disjoint, drop_overlap
 from safepatching.data.sources import Example, load_examples
+from safepatching.evaluation.metrics import reference_logprobs
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
 from safepatching.experiments.stages import Stages
 from safepatching.method.dense import add_deltas
@@ -69,8 +70,9 @@ class Continual:
         self.sets = load_eval_sets(pipeline.eval, pipeline.data_dir)
         self.rounds = load_rounds(config, self.sets)
         self.loading = resolved(pipeline.loading)
-        self.backbone, self.tokenizer = load_model(pipeline.model, self.loading)  # the KL reference
         self.work = Path(config.work_dir)
+        self.tokenizer = None
+        self.reference: list[torch.Tensor] | None = None  # the backbone's log-probabilities for KL
 
     def evaluate(self, directory: Path, model, state: str, reference_harmless: list[str] | None) -> dict[str, Any]:
         """Evaluate ``model`` (whose weights ``state`` names) in the compute dtype, or read the saved
@@ -94,7 +96,7 @@ class Continual:
             self.tokenizer,
             self.sets,
             pipeline.eval,
-            reference=None if reference_harmless is None else self.backbone,
+            reference=self.reference,
             reference_harmless=reference_harmless,
             label=directory.name,
             progress=self.progress,
@@ -107,8 +109,12 @@ class Continual:
     def run(self, command: str) -> dict[str, Any]:
         started = time.perf_counter()
         origin = fingerprint(self.config.pipeline.model, self.loading.compute_dtype)
-        baseline = self.evaluate(self.work / "round-0", self.backbone, origin, None)
+        backbone, self.tokenizer = load_model(self.config.pipeline.model, self.loading)
+        baseline = self.evaluate(self.work / "round-0", backbone, origin, None)
         reference_harmless = harmless_responses(read_jsonl(self.work / "round-0" / "records.jsonl"))
+        prompts = [e.prompt for e in self.sets.harmless]
+        self.reference = reference_logprobs(backbone, self.tokenizer, prompts, reference_harmless)
+        del backbone  # its log-probabilities on the harmless replies are all that KL needs from it
         rows: dict[str, list[dict[str, Any]]] = {}
         for method in self.config.methods:
             working, _ = load_model(self.config.pipeline.model, self.loading, training=True)  # float32 master
