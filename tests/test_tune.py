@@ -29,6 +29,7 @@ def tune_settings(model_dir, root, **tune):
                 "merge.alpha": {"low": 0.5, "high": 2.0},
                 "merge.beta": {"low": 0.0, "high": 3.0},
                 "merge.top_a": {"choices": [10, 30]},
+                "derive.max_steps": {"choices": [1, 2]},  # a training knob: patches per distinct value
             },
             "max_kl": 50.0,
             "max_looping": 100.0,
@@ -58,6 +59,7 @@ def test_tune_writes_front_trials_plot_and_a_runnable_chosen_config(uninterrupte
     assert len({json.dumps(row["params"], sort_keys=True) for row in result["trials"]}) == 3
     for row in result["trials"]:
         assert 0.5 <= row["params"]["merge.alpha"] <= 2.0 and row["params"]["merge.top_a"] in (10, 30)
+        assert row["params"]["derive.max_steps"] in (1, 2)
         assert 0 <= row["harmful"] <= 100 and 0 <= row["benign"] <= 100 and row["kl"] > 0
     assert result["front"], "a feasible study has a front"
     for point in result["front"]:  # no trial dominates a front point
@@ -80,6 +82,10 @@ def test_tune_writes_front_trials_plot_and_a_runnable_chosen_config(uninterrupte
     assert isinstance(chosen, PipelineConfig)
     assert chosen.merge.alpha == result["chosen"]["params"]["merge.alpha"]
     assert chosen.merge.top_a == result["chosen"]["params"]["merge.top_a"]
+    assert chosen.derive.max_steps == result["chosen"]["params"]["derive.max_steps"]
+    steps = {row["params"]["derive.max_steps"] for row in result["trials"]}
+    own = {2} if 2 in steps else set()  # the config's own setting derives under WORK_DIR/patches
+    assert len(list((root / "work/sweep").glob("*/patches/safety"))) == len(steps - own)
 
 
 def test_an_interrupted_study_resumes_to_the_same_front_and_trials_add_on(tmp_path, tiny_model_dir, uninterrupted,
