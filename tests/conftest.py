@@ -129,6 +129,28 @@ def private_cache(request, tmp_path_factory, monkeypatch):
         monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+def pipeline_settings(model_dir, **extra):
+    """Pipeline settings of the experiment tests (bench, continual, sweep, tune) on the tiny model."""
+    return {
+        "model": str(model_dir),
+        "harmful_train": {"source": "builtin:uncensorbench", "split": "train[:6]", "shuffle_seed": 0,
+                          "response_column": "uncensored_response"},
+        "derive": {"learning_rate": 1e-3, "max_steps": 2, "batch_size": 3, "max_length": 48},
+        "importance": {"max_examples": 6, "batch_size": 3, "max_length": 48},
+        "merge": {"top_a": 20, "top_b": 20, "retention": 0.5},
+        "eval": {
+            "harmful": {"source": "builtin:uncensorbench", "split": "train[100:103]", "shuffle_seed": 0,
+                        "category_column": "topic"},
+            "benign": {"source": "builtin:benign-but-scary", "split": "train[:3]"},
+            "harmless": {"source": "builtin:harmless", "split": "train[:2]"},
+            "over_safety_benchmarks": {"scary2": {"source": "builtin:benign-but-scary", "split": "train[3:5]"}},
+            "jailbreaks": ["past-tense"],
+            "max_new_tokens": 4, "kl_max_new_tokens": 4, "batch_size": 3,
+        },
+        **extra,
+    }  # fmt: skip
+
+
 # Helpers shared by several test modules are handed out as fixtures, so test modules never import each other.
 @pytest.fixture(scope="session")
 def make_tiny_model():
@@ -153,3 +175,8 @@ def touched() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_pipeline_config():
     return tiny_config
+
+
+@pytest.fixture(scope="session")
+def bench_pipeline():
+    return pipeline_settings

@@ -20,29 +20,8 @@ from safepatching.models.loading import load_model
 from safepatching.models.precision import resolve_dtype
 
 
-def pipeline_settings(model_dir, **extra):
-    return {
-        "model": str(model_dir),
-        "harmful_train": {"source": "builtin:uncensorbench", "split": "train[:6]", "shuffle_seed": 0,
-                          "response_column": "uncensored_response"},
-        "derive": {"learning_rate": 1e-3, "max_steps": 2, "batch_size": 3, "max_length": 48},
-        "importance": {"max_examples": 6, "batch_size": 3, "max_length": 48},
-        "merge": {"top_a": 20, "top_b": 20, "retention": 0.5},
-        "eval": {
-            "harmful": {"source": "builtin:uncensorbench", "split": "train[100:103]", "shuffle_seed": 0,
-                        "category_column": "topic"},
-            "benign": {"source": "builtin:benign-but-scary", "split": "train[:3]"},
-            "harmless": {"source": "builtin:harmless", "split": "train[:2]"},
-            "over_safety_benchmarks": {"scary2": {"source": "builtin:benign-but-scary", "split": "train[3:5]"}},
-            "jailbreaks": ["past-tense"],
-            "max_new_tokens": 4, "kl_max_new_tokens": 4, "batch_size": 3,
-        },
-        **extra,
-    }  # fmt: skip
-
-
 @pytest.fixture(scope="module")
-def bench_run(tmp_path_factory, tiny_model_dir, run_command):
+def bench_run(tmp_path_factory, tiny_model_dir, run_command, bench_pipeline):
     """One quick bench over every built-in method, run through the CLI."""
     root = tmp_path_factory.mktemp("bench")
     scary = [
@@ -51,7 +30,7 @@ def bench_run(tmp_path_factory, tiny_model_dir, run_command):
     (root / "scary.jsonl").write_text("".join(json.dumps(row) + "\n" for row in scary))
     config = {
         "name": "tiny",
-        "pipeline": pipeline_settings(tiny_model_dir),
+        "pipeline": bench_pipeline(tiny_model_dir),
         "methods": list(BENCH_METHODS),
         "over_safety_train": {"source": str(root / "scary.jsonl"), "response_column": "response"},
         "seeds": [0, 1, 2],
@@ -252,7 +231,7 @@ def test_sweep_set_changes_the_training_data_and_leaves_the_configs_patches_alon
     assert unknown.returncode != 0 and "unknown setting 'harmful_train_extras'" in unknown.stderr
 
 
-def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir, run_command):
+def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir, run_command, bench_pipeline):
     rounds = [
         {"source": "builtin:uncensorbench", "split": f"train[{a}:{a + 4}]", "shuffle_seed": 0,
          "response_column": "uncensored_response"}
@@ -260,7 +239,7 @@ def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir, run_comm
     ]  # fmt: skip
     config = {
         "name": "tiny-continual",
-        "pipeline": pipeline_settings(tiny_model_dir),
+        "pipeline": bench_pipeline(tiny_model_dir),
         "rounds": rounds,
         "output_dir": str(tmp_path / "results"),
         "work_dir": str(tmp_path / "work"),
@@ -294,10 +273,10 @@ def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir, run_comm
         torch.testing.assert_close(again.deltas[name], round_two.deltas[name])
 
 
-def test_continual_refuses_overlapping_rounds(tmp_path, tiny_model_dir, run_command):
+def test_continual_refuses_overlapping_rounds(tmp_path, tiny_model_dir, run_command, bench_pipeline):
     spec = {"source": "builtin:uncensorbench", "split": "train[:4]", "shuffle_seed": 0,
             "response_column": "uncensored_response"}  # fmt: skip
-    config = {"pipeline": pipeline_settings(tiny_model_dir), "rounds": [spec, {**spec, "split": "train[2:6]"}],
+    config = {"pipeline": bench_pipeline(tiny_model_dir), "rounds": [spec, {**spec, "split": "train[2:6]"}],
               "output_dir": str(tmp_path / "r"), "work_dir": str(tmp_path / "w")}  # fmt: skip
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -180,3 +180,30 @@ def test_run_options_leave_the_cache_keys(tmp_path, tiny_model_dir, tiny_pipelin
     again = Stages(resharded, progress=False)
     run_stages(again)
     assert not {"merge", "eval_backbone", "eval_patched"} & set(again.meter)
+
+
+def test_a_backbone_too_big_for_the_machine_fails_before_any_patch(
+    tiny_model_dir, tmp_path, monkeypatch, tiny_pipeline_config
+):
+    from collections import namedtuple
+
+    from safepatching.errors import ConfigError
+    from safepatching.experiments import stages as stages_module
+    from safepatching.method.memory import GIB, check_training_fits
+
+    memory = namedtuple("memory", "total")
+    monkeypatch.setattr(stages_module.psutil, "virtual_memory", lambda: memory(5 * GIB))
+    with pytest.raises(ConfigError, match="needs about 1.5 GiB, but this machine has 5.0 GiB"):
+        run_pipeline(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "patches").exists()
+
+    # the 1.5B backbone's counts on a 23.5 GiB machine: full fine-tuning is refused, LoRA named as the fix
+    full = PipelineConfig().derive
+    with pytest.raises(ConfigError, match=r"needs about 22.8 GiB.*set derive.method=lora \(about 13.0 GiB\)"):
+        check_training_fits("big", 1_777_088_000, 1_310_253_056, full, int(23.5 * GIB))
+    check_training_fits(
+        "big", 1_777_088_000, 1_310_253_056, full.model_copy(update={"method": "lora"}), int(23.5 * GIB)
+    )
+    check_training_fits("big", 1_777_088_000, 1_310_253_056, full.model_copy(update={"memory_check": False}), GIB)
+    with pytest.raises(ConfigError, match="use a machine with more memory"):
+        check_training_fits("big", 1_777_088_000, 1_310_253_056, full, 12 * GIB)

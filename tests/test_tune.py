@@ -10,13 +10,12 @@ from safepatching.config.loading import build_config
 from safepatching.config.settings import PipelineConfig
 from safepatching.experiments import tune as tune_module
 from safepatching.experiments.tune import run_tune
-from tests.test_bench import pipeline_settings
 
 
-def tune_settings(model_dir, root, **tune):
+def tune_settings(pipeline, model_dir, root, **tune):
     return {
         "name": "tiny-tune",
-        "pipeline": pipeline_settings(model_dir),
+        "pipeline": pipeline(model_dir),
         "validation": {
             "harmful": {"unc-val": {"source": "builtin:uncensorbench", "split": "train[6:12]", "shuffle_seed": 0}},
             "benign": {"scary-val": {"source": "builtin:benign-but-scary", "split": "train[5:9]"}},
@@ -47,9 +46,9 @@ def front_of(result):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_model_dir):
+def uninterrupted(tmp_path_factory, tiny_model_dir, bench_pipeline):
     root = tmp_path_factory.mktemp("tune")
-    config = build_config(overrides=tune_settings(tiny_model_dir, root), model=TuneConfig)
+    config = build_config(overrides=tune_settings(bench_pipeline, tiny_model_dir, root), model=TuneConfig)
     return root, run_tune(config, "safepatching tune tiny.yaml", progress=False)
 
 
@@ -88,10 +87,11 @@ def test_tune_writes_front_trials_plot_and_a_runnable_chosen_config(uninterrupte
     assert len(list((root / "work/sweep").glob("*/patches/safety"))) == len(steps - own)
 
 
-def test_an_interrupted_study_resumes_to_the_same_front_and_trials_add_on(tmp_path, tiny_model_dir, uninterrupted,
-                                                                         monkeypatch):  # fmt: skip
+def test_an_interrupted_study_resumes_to_the_same_front_and_trials_add_on(
+    tmp_path, tiny_model_dir, uninterrupted, monkeypatch, bench_pipeline
+):
     _, expected = uninterrupted
-    config = build_config(overrides=tune_settings(tiny_model_dir, tmp_path), model=TuneConfig)
+    config = build_config(overrides=tune_settings(bench_pipeline, tiny_model_dir, tmp_path), model=TuneConfig)
     real_score, calls = tune_module.Tuner.score, []
 
     def interrupted_score(self, trial):
@@ -129,8 +129,8 @@ def test_an_interrupted_study_resumes_to_the_same_front_and_trials_add_on(tmp_pa
         ),
     ],
 )
-def test_tune_refuses_bad_input_in_one_line(tmp_path, tiny_model_dir, run_command, change, message):
-    settings = tune_settings(tiny_model_dir, tmp_path)
+def test_tune_refuses_bad_input_in_one_line(tmp_path, tiny_model_dir, run_command, bench_pipeline, change, message):
+    settings = tune_settings(bench_pipeline, tiny_model_dir, tmp_path)
     for section, values in change.items():
         settings[section] = {**settings[section], **values}
     path = tmp_path / "tune.yaml"
@@ -141,9 +141,11 @@ def test_tune_refuses_bad_input_in_one_line(tmp_path, tiny_model_dir, run_comman
     assert not (tmp_path / "work/study.sqlite3").exists()
 
 
-def test_a_study_of_another_config_is_refused_unless_new_study(uninterrupted, tiny_model_dir, tmp_path, run_command):
+def test_a_study_of_another_config_is_refused_unless_new_study(
+    uninterrupted, tiny_model_dir, tmp_path, run_command, bench_pipeline
+):
     root, _ = uninterrupted
-    settings = tune_settings(tiny_model_dir, root)
+    settings = tune_settings(bench_pipeline, tiny_model_dir, root)
     settings["tune"]["space"]["merge.retention"] = {"low": 0.2, "high": 1.0}
     settings["tune"]["trials"] = 1
     settings["output_dir"] = str(tmp_path / "results")

@@ -107,6 +107,9 @@ class DeriveConfig(StrictModel):
         description="gradient checkpointing: keep only each layer's input and recompute the rest in the backward "
         "pass (2 GB less on the reference backbone, about 15 % slower; the patch is the same)",
     )
+    memory_check: bool = Field(
+        True, description="refuse, before loading, a derivation whose estimated memory leaves under 4 GiB free"
+    )
     checkpoint_every_steps: int = Field(
         0, ge=0, description="save a resumable checkpoint every N optimizer steps (0: only by time)"
     )
@@ -117,7 +120,7 @@ class DeriveConfig(StrictModel):
     def training_settings(self) -> dict[str, Any]:
         """The settings that shape the patch (checkpoint frequency does not). ``ascent_stop`` joins only
         when changed, so patches derived before it existed keep their cache keys."""
-        excluded = {"checkpoint_every_steps", "checkpoint_every_minutes", "recompute_activations"}
+        excluded = {"checkpoint_every_steps", "checkpoint_every_minutes", "recompute_activations", "memory_check"}
         if self.ascent_stop == "after_overshoot":
             excluded.add("ascent_stop")
         return self.model_dump(mode="json", exclude=excluded)

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import psutil
 from rich.console import Console
 
 from safepatching.config.settings import PipelineConfig
@@ -25,6 +26,7 @@ from safepatching.evaluation.suite import evaluate_model, harmless_responses
 from safepatching.method.dense import DensePatch, checkpoint_dir_for, load_dense_patch, patched, save_dense_patch
 from safepatching.method.derive import Direction, derive_patch
 from safepatching.method.importance import snip_scores
+from safepatching.method.memory import check_training_fits, is_target
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger, settings_record, write_patched_model
 from safepatching.models.loading import check_model_source, load_model, weights_folder
@@ -102,6 +104,15 @@ class Stages:
         """A backbone weight as stored (float32 for the demo models), read from disk on demand."""
         self.backbone_folder()
         return self._weights.read(name)
+
+    def check_training_fits(self) -> None:
+        """Refuse a derivation this machine cannot hold, from the weight files' headers alone."""
+        self.backbone_folder()
+        counts = {name: info.numel for name, info in self._weights.tensors.items()}
+        wanted = set(self.config.derive.target_modules)
+        target = sum(n for name, n in counts.items() if is_target(name, wanted))
+        machine = psutil.virtual_memory().total
+        check_training_fits(self.config.model, sum(counts.values()), target, self.config.derive, machine)
 
     def harmful_pairs(self) -> list[Example]:
         """The pairs the patches are derived from: every harmful_train source, less (when asked) the
@@ -241,6 +252,8 @@ class Stages:
         directory = Path(directory) if directory is not None else self.out / "patches" / label
 
         def produce() -> DensePatch:
+            if self._model is None:
+                self.check_training_fits()
             model, tokenizer = self.backbone(training=True)
             patch = derive_patch(
                 model,

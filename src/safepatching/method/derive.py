@@ -33,6 +33,7 @@ from safepatching.data.chat import collate, encode_pair
 from safepatching.data.sources import Example
 from safepatching.errors import TrainingError
 from safepatching.method.dense import DensePatch
+from safepatching.method.memory import is_target
 from safepatching.method.objectives import autocast, npo_loss, response_logprobs, response_nll
 from safepatching.models.precision import DTYPES
 from safepatching.storage.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
@@ -47,11 +48,7 @@ UNLEARNING = ("ascent", "npo")  # directions that raise the NLL and stop at its 
 def target_parameter_names(model: torch.nn.Module, target_modules: list[str]) -> list[str]:
     """Parameters (weights and biases) of modules whose last name component is a target."""
     wanted = set(target_modules)
-    names = [
-        name
-        for name, _ in model.named_parameters()
-        if "." in name and name.rsplit(".", 2)[-2] in wanted and name.rsplit(".", 1)[-1] in ("weight", "bias")
-    ]
+    names = [name for name, _ in model.named_parameters() if is_target(name, wanted)]
     if not names:
         raise TrainingError(
             f"no parameters match target_modules {target_modules}.", "list module names that exist in this model"
