@@ -106,7 +106,7 @@ def test_an_interrupted_study_resumes_to_the_same_front_and_trials_add_on(
     monkeypatch.setattr(tune_module.Tuner, "score", real_score)
     resumed = run_tune(config, progress=False)
     states = [row["state"] for row in resumed["trials"]]
-    assert states.count("complete") == 3 and states.count("fail") == 1
+    assert states.count("complete") == 3 and states.count("interrupted") == 1
     same = [(r["params"], r["harmful"], r["benign"]) for r in resumed["trials"] if r["state"] == "complete"]
     assert same == [(r["params"], r["harmful"], r["benign"]) for r in expected["trials"]]
     assert [p["params"] for p in resumed["front"]] == [p["params"] for p in expected["front"]]

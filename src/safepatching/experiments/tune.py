@@ -339,7 +339,7 @@ def run_tune(
             "screen": tuner.backbone("screen"),
             "final": {**backbone_final, **with_intervals(backbone_final, backbone_final, groups)},
         },
-        "trials": [trial_row(t, tuner) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING],
+        "trials": [trial_row(t) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING],
         "front": front,
         "agreement": agreement(
             [(p["screen"], p["final"]) for p in front] + [(tuner.backbone("screen"), backbone_final)]
@@ -359,9 +359,12 @@ def run_tune(
     return result
 
 
-def trial_row(trial: FrozenTrial, tuner: Tuner) -> dict[str, Any]:
+def trial_row(trial: FrozenTrial) -> dict[str, Any]:
     attrs = trial.user_attrs
-    row = {"trial": trial.number, "state": trial.state.name.lower(), "params": trial.params}
+    state = trial.state.name.lower()
+    if trial.state in (TrialState.FAIL, TrialState.RUNNING) and "error" not in trial.user_attrs:
+        state = "interrupted"  # its knobs were queued again and ran as a later trial
+    row = {"trial": trial.number, "state": state, "params": trial.params}
     if trial.state == TrialState.COMPLETE:
         row |= {
             key: attrs[key] for key in ("harmful", "benign", "sets", "looping", "kl", "changed_fraction", "seconds")
