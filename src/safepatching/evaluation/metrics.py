@@ -51,7 +51,7 @@ def _logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.T
 
 def _kl_sum(log_p: torch.Tensor, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> float:
     """Sum over the batch's response tokens of KL(p || model), p given as log-probabilities."""
-    return float((log_p.exp() * (log_p - _logprobs(model, batch))).sum())
+    return float((log_p.exp() * (log_p - _logprobs(model, batch))).sum(-1).sum())
 
 
 def reference_logprobs(
