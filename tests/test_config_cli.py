@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from safepatching.cli.options import load_cli_config
-from safepatching.config.experiments import BenchConfig, ContinualConfig
+from safepatching.config.experiments import BenchConfig, ContinualConfig, TuneConfig
 from safepatching.config.loading import build_config, parse_overrides
 from safepatching.config.settings import PipelineConfig
 from safepatching.errors import ConfigError
@@ -164,9 +164,10 @@ def test_cli_derive_score_merge_end_to_end_and_no_silent_overwrite(tmp_path, tin
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    kind = {"bench": BenchConfig, "continual": ContinualConfig}.get(path.name.split("-")[0], PipelineConfig)
+    kinds = {"bench": BenchConfig, "continual": ContinualConfig, "tune": TuneConfig}
+    kind = kinds.get(path.name.split("-")[0], PipelineConfig)
     assert isinstance(build_config(path, model=kind), kind)
-    if kind is not PipelineConfig:
+    if kind in (BenchConfig, ContinualConfig):
         quick = build_config(path, model=kind, quick=True)
         assert quick.name.endswith("-quick") and quick.pipeline.model == "smollm2-135m-instruct"
 
