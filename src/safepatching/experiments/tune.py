@@ -54,7 +54,8 @@ def fingerprint(config: TuneConfig) -> str:
             "name": True,
             "output_dir": True,
             "work_dir": True,
-            "pipeline": {"data_dir", "output_dir"},
+            # derive.memory_check only guards the machine; excluded so studies begun before it existed resume
+            "pipeline": {"data_dir": True, "output_dir": True, "derive": {"memory_check"}},
             "tune": {"trials", "final_max_new_tokens", "benign_weight"},
         },
     )
