@@ -34,7 +34,7 @@ from safepatching.config.loading import with_settings
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.sources import load_examples
 from safepatching.errors import ConfigError, TrainingError
-from safepatching.experiments.validation import Judged, ValidationScorer, ValidationSet
+from safepatching.experiments.validation import Judged, ValidationScorer, ValidationSet, rounded_percent
 from safepatching.report.plots import plot_tune_plane
 from safepatching.report.statistics import mcnemar_exact, wilson_interval
 from safepatching.report.tables import tune_markdown
@@ -141,10 +141,6 @@ def text_flags(text: str) -> list[bool]:
     return [char == "1" for char in text]
 
 
-def percent(flags: list[bool]) -> float:
-    return round(100 * sum(flags) / max(len(flags), 1), 1)
-
-
 class Tuner:
     """One tune run: the scorer, the study and the trials (see the module doc)."""
 
@@ -183,8 +179,8 @@ class Tuner:
     def outcome(self, judged: Judged) -> dict[str, Any]:
         """Pooled and per-set rates plus the per-prompt decisions (as 0/1 text, for paired tests)."""
         return {
-            "harmful": percent(judged.pooled(self.harmful_names)),
-            "benign": percent(judged.pooled(self.benign_names)),
+            "harmful": rounded_percent(judged.pooled(self.harmful_names)),
+            "benign": rounded_percent(judged.pooled(self.benign_names)),
             "sets": {name: judged.rate(name) for name in judged.refusals},
             "looping": judged.looping_rate(),
             "decisions": {name: flags_text(flags) for name, flags in judged.refusals.items()},
@@ -270,7 +266,7 @@ def with_intervals(outcome: dict[str, Any], backbone: dict[str, Any], groups: di
         base = [flag for name in names for flag in text_flags(backbone["decisions"][name])]
         low, high = wilson_interval(sum(flags), len(flags))
         out[group] = {
-            "refusal": percent(flags),
+            "refusal": rounded_percent(flags),
             "ci": [round(low, 1), round(high, 1)],
             "n": len(flags),
             "p_vs_backbone": round(mcnemar_exact(base, flags), 4),

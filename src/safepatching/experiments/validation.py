@@ -25,7 +25,7 @@ from safepatching.data.sources import Example
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.evaluation.judges.registry import get_judge
 from safepatching.evaluation.judges.rules import looping
-from safepatching.evaluation.metrics import kl_to_logprobs, reference_logprobs
+from safepatching.evaluation.metrics import kl_to_logprobs, percent, reference_logprobs
 from safepatching.experiments.stages import Stages
 from safepatching.method.dense import patched
 from safepatching.method.merger import PatchMerger
@@ -35,6 +35,11 @@ from safepatching.models.precision import DTYPES
 def sweep_dir(work_dir: Path, changes: Any) -> Path:
     """Where patches derived for ``changes`` (any JSON-able description of them) live."""
     return work_dir / "sweep" / hashlib.sha256(json.dumps(changes, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def rounded_percent(flags: list[bool]) -> float:
+    """The share of true flags in %, to the 0.1 point that tables and studies keep."""
+    return round(percent(flags), 1)
 
 
 @dataclass
@@ -52,14 +57,13 @@ class Judged:
     looping: list[bool]
 
     def rate(self, name: str) -> float:
-        flags = self.refusals[name]
-        return round(100 * sum(flags) / max(len(flags), 1), 1)
+        return rounded_percent(self.refusals[name])
 
     def pooled(self, names: list[str]) -> list[bool]:
         return [flag for name in names for flag in self.refusals[name]]
 
     def looping_rate(self) -> float:
-        return round(100 * sum(self.looping) / max(len(self.looping), 1), 1)
+        return rounded_percent(self.looping)
 
 
 class ValidationScorer:
