@@ -22,7 +22,7 @@ from safepatching.data.chat import chat_prompt
 from safepatching.data.sources import load_examples
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.models.loading import load_model
-from safepatching.models.precision import resolve_dtype
+from safepatching.models.precision import compute_device, resolve_dtype
 
 
 def count_tokens(tokenizer, texts: list[str]) -> int:
@@ -35,7 +35,9 @@ GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
 def naive_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     replies = []
     for prompt in prompts:
-        encoded = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)
+        encoded = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False).to(
+            model.device
+        )
         with torch.inference_mode():
             out = model.generate(
                 **encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **GREEDY
@@ -45,15 +47,20 @@ def naive_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
 
 
 def matmul_flops(dtype: torch.dtype, shape: tuple[int, int, int] = (512, 896, 4864), seconds: float = 3.0) -> float:
-    """Sustained FLOP/s of (m x k) @ (k x n) in ``dtype`` (the reference backbone's MLP shape)."""
+    """Sustained FLOP/s of (m x k) @ (k x n) in ``dtype`` (the reference backbone's MLP shape) on the
+    device the models compute on."""
     m, k, n = shape
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    device = compute_device()
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
     runs, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        a @ b
-        runs += 1
+        for _ in range(10):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        runs += 10
     return 2 * m * k * n * runs / (time.perf_counter() - started)
 
 
@@ -95,7 +102,7 @@ def main() -> None:
     same = sum(a == b for a, b in zip(fp32_replies, replies, strict=True))
     print(
         f"model: {args.model} ({parameters / 1e6:.0f} M parameters); prompts: {len(prompts)}; "
-        f"max_new_tokens: {args.max_new_tokens}; threads: {torch.get_num_threads()}"
+        f"max_new_tokens: {args.max_new_tokens}; device: {compute_device()}; threads: {torch.get_num_threads()}"
     )
     print(f"naive one-at-a-time generate, float32: {naive_rate:.1f} tokens/s ({naive_seconds:.1f} s)")
     print(f"engine, float32, batch 16: {fp32_rate:.1f} tokens/s ({fp32_seconds:.1f} s)")

@@ -56,7 +56,11 @@ def main() -> None:
         judge = get_judge(name, args.data_dir)
         cells = [f"{accuracy(judge, rows):.3f}" for rows in completions.values()]
         overall[name] = accuracy(judge, every)
-        print(f"| {name} | " + " | ".join(cells) + f" | {accuracy(judge, design_rows):.3f} | {accuracy(judge, held_rows):.3f} | {overall[name]:.3f} |")
+        print(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {accuracy(judge, design_rows):.3f} | {accuracy(judge, held_rows):.3f} | {overall[name]:.3f} |"
+        )
     best = max(overall, key=overall.get)
     print(f"design files: {', '.join(DESIGN_FILES)}; held out: {', '.join(held_out)}; rows: {len(every)}")
     print(f"best offline judge: {best}; held-out agreement {accuracy(get_judge(best, args.data_dir), held_rows):.3f}")

@@ -62,7 +62,7 @@ def add_deltas(model: torch.nn.Module, deltas: Mapping[str, torch.Tensor]) -> No
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, delta in deltas.items():
-            params[name].add_(delta.to(params[name].dtype))
+            params[name].add_(delta.to(device=params[name].device, dtype=params[name].dtype))
 
 
 @contextlib.contextmanager

@@ -87,10 +87,12 @@ def make_loader(
         )
         log.info("%d of %d pairs were cut at %d tokens", truncated, len(encoded), max_length)
     if reference is not None:
+        device = next(reference.parameters()).device
         with torch.no_grad(), autocast(reference, compute_dtype):
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start : start + batch_size]
-                logprobs, _ = response_logprobs(reference, collate(chunk, tokenizer.pad_token_id))
+                batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
+                logprobs, _ = response_logprobs(reference, batch)
                 for item, value in zip(chunk, logprobs.tolist(), strict=True):
                     item["reference_logprob"] = value
     generator = torch.Generator().manual_seed(seed)
@@ -220,7 +222,10 @@ def derive_patch(
     trainable = _prepare_trainable(model, names, settings)
     if settings.recompute_activations:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    accelerator = Accelerator(gradient_accumulation_steps=settings.gradient_accumulation_steps)
+    accelerator = Accelerator(  # training runs where the model is (load_model puts it on the GPU)
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        cpu=next(model.parameters()).device.type == "cpu",
+    )
     optimizer = torch.optim.AdamW(  # one tensor at a time: no transient copy of every trainable weight
         [p for p in trainable.parameters() if p.requires_grad],
         lr=settings.learning_rate,
@@ -319,7 +324,9 @@ def _original_weights(
     files) when it holds exactly the model's weights, which saves a copy of every target weight;
     otherwise a copy taken now."""
     params = dict(model.named_parameters())
-    if base is not None and all(torch.equal(base(name).float(), params[name].detach()) for name in names):
+    if base is not None and all(
+        torch.equal(base(name).float().to(params[name].device), params[name].detach()) for name in names
+    ):
         return lambda name: base(name).float()
     copies = {name: params[name].detach().clone() for name in names}
     return copies.__getitem__
@@ -328,13 +335,14 @@ def _original_weights(
 def _take_deltas(
     trained: torch.nn.Module, original: Callable[[str], torch.Tensor], names: list[str]
 ) -> dict[str, torch.Tensor]:
-    """Trained minus original weights; the original weights are copied back into the model."""
+    """Trained minus original weights, held in CPU memory (a GPU keeps room for the model); the
+    original weights are copied back into the model."""
     deltas = {}
     with torch.no_grad():
         current = dict(trained.named_parameters())
         for name in names:
-            before = original(name)
-            deltas[name] = (current[name].detach().float() - before.float()).contiguous()
+            before = original(name).to(current[name].device)
+            deltas[name] = (current[name].detach().float() - before.float()).cpu().contiguous()
             current[name].copy_(before)
     return deltas
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from safepatching.config.settings import ModelLoading, cache_dir
 from safepatching.errors import ModelError
-from safepatching.models.precision import DTYPES, resolve_dtype
+from safepatching.models.precision import DTYPES, compute_device, resolve_dtype
 from safepatching.models.zoo import DEMO_MODELS, convert_gguf, ensure_demo_model
 
 if TYPE_CHECKING:
@@ -123,7 +123,8 @@ def load_model(
     """Load a causal LM and its tokenizer, refusing pickle weights and remote code unless asked.
 
     Weights come in the compute dtype (``auto`` resolved for this machine), or in float32 for
-    ``training`` (derivation keeps float32 master weights and computes under autocast)."""
+    ``training`` (derivation keeps float32 master weights and computes under autocast), on the
+    compute device (a GPU where there is one)."""
     dtype = "float32" if training else resolve_dtype(loading.compute_dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,6 +154,7 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
         raise ModelError(f"{spec} has no chat template.", "use a chat (instruct) model or add a chat_template")
+    model.to(compute_device())
     model.eval()
     return model, tokenizer
 
