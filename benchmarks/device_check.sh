@@ -4,14 +4,15 @@
 # reference backbone's shapes (its weights are too large to send). Logs go to $OUT.
 #   carry: .whl (the wheels the machine lacks) and .gpu/qwen0.5b-shape (config + tokenizer)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+rm -rf /tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/versions.log"
+python3 -c "import safepatching.cli, safepatching.experiments.tune" || exit 1
 python3 benchmarks/random_backbone.py .gpu/qwen0.5b-shape /tmp/qwen0.5b-random 2>&1 | tail -1
-timeout 150 python3 benchmarks/generation_throughput.py --model /tmp/qwen0.5b-random --prompts 96 2>&1 | grep -v Warning | tee "$OUT/generation.log"
+timeout 150 python3 benchmarks/generation_throughput.py --model /tmp/qwen0.5b-random --prompts 48 2>&1 | grep -v Warning | tee "$OUT/generation.log"
 timeout 120 python3 benchmarks/derive_throughput.py --model /tmp/qwen0.5b-random --steps 10 2>&1 | grep -v Warning | tee "$OUT/derive.log"
-timeout "${TEST_SECONDS:-240}" python3 -m pytest -q -rfE -n 8 -p no:cacheprovider --ignore tests/test_utility.py "$@" 2>&1 | tee "$OUT/pytest.log" | tail -60
+timeout "${TEST_SECONDS:-200}" python3 -m pytest -q -rfE -n 8 -p no:cacheprovider --ignore tests/test_utility.py "$@" 2>&1 | tee "$OUT/pytest.log" | tail -60

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -64,10 +66,13 @@ def matmul_flops(dtype: torch.dtype, shape: tuple[int, int, int] = (512, 896, 48
     return 2 * m * k * n * runs / (time.perf_counter() - started)
 
 
-def timed(function, *args) -> tuple[list[str], float]:
+def timed(generate: Callable[[list[str]], list[str]], prompts: list[str]) -> tuple[list[str], float]:
+    """The replies and their wall time, after a two-prompt warm-up (a GPU loads each dtype's
+    kernels on first use)."""
+    generate(prompts[:2])
     started = time.perf_counter()
-    result = function(*args)
-    return result, time.perf_counter() - started
+    replies = generate(prompts)
+    return replies, time.perf_counter() - started
 
 
 def main() -> None:
@@ -84,16 +89,17 @@ def main() -> None:
     prompts = [e.prompt for e in examples][: args.prompts]
     default_dtype = resolve_dtype(ModelLoading().compute_dtype)
     default_batch = EvalConfig().batch_size
+    budget = args.max_new_tokens
 
     fp32_model, tokenizer = load_model(args.model, ModelLoading(compute_dtype="float32"))
-    naive, naive_seconds = timed(naive_generate, fp32_model, tokenizer, prompts, args.max_new_tokens)
+    naive, naive_seconds = timed(partial(naive_generate, fp32_model, tokenizer, max_new_tokens=budget), prompts)
     engine_fp32 = HFGenerator(fp32_model, tokenizer, 16, progress=False)
-    fp32_replies, fp32_seconds = timed(engine_fp32.generate, prompts, args.max_new_tokens)
+    fp32_replies, fp32_seconds = timed(partial(engine_fp32.generate, max_new_tokens=budget), prompts)
     parameters = sum(p.numel() for p in fp32_model.parameters())
     del fp32_model, engine_fp32
     model, _ = load_model(args.model, ModelLoading())
     engine = HFGenerator(model, tokenizer, default_batch, progress=False)
-    replies, seconds = timed(engine.generate, prompts, args.max_new_tokens)
+    replies, seconds = timed(partial(engine.generate, max_new_tokens=budget), prompts)
     bf16_flops, fp32_flops = matmul_flops(torch.bfloat16), matmul_flops(torch.float32)
 
     naive_rate = count_tokens(tokenizer, naive) / naive_seconds

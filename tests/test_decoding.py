@@ -25,6 +25,7 @@ def tiny(tiny_model_dir):
     return load_model(str(tiny_model_dir))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="exact equality across batch shapes holds on the CPU only")
 def test_zero_weight_rose_and_self_cd_equal_plain_greedy(tiny):
     model, tokenizer = tiny
     plain = HFGenerator(model, tokenizer, batch_size=2, progress=False)

@@ -59,7 +59,7 @@ def teach(judge: LLMJudge, examples: list[tuple[str, str, str]], steps: int = 12
         for ids, start in batch:
             labels = ids.clone()
             labels[:start] = -100
-            loss = loss + model(input_ids=ids[None], labels=labels[None]).loss
+            loss = loss + model(input_ids=ids[None].to(model.device), labels=labels[None].to(model.device)).loss
         loss.backward()
         optimizer.step()
     model.eval()

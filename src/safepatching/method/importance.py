@@ -29,7 +29,7 @@ def snip_scores(
     compute_dtype: str = "float32",
 ) -> dict[str, torch.Tensor]:
     """Mean per-batch |w * dNLL/dw| for the named parameters (float32 weights and gradients; the
-    forward pass under autocast in ``compute_dtype``)."""
+    forward pass under autocast in ``compute_dtype``), in CPU memory."""
     pairs = pairs[: settings.max_examples]
     loader = make_loader(tokenizer, pairs, settings.max_length, settings.batch_size, seed=0, shuffle=False)
     params = dict(model.named_parameters())
@@ -37,11 +37,9 @@ def snip_scores(
     for name, param in params.items():
         param.requires_grad_(name in selected)
     scores = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in names}
-    device = next(model.parameters()).device
     model.eval()
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress):
-            batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(model, DTYPES[compute_dtype]):
                 loss = response_nll(model, batch)
             loss.backward()
@@ -53,6 +51,4 @@ def snip_scores(
     finally:
         model.requires_grad_(True)
         model.zero_grad(set_to_none=True)
-    for score in scores.values():
-        score.div_(len(loader))
-    return scores
+    return {name: (score / len(loader)).cpu() for name, score in scores.items()}  # beside the patches' deltas

@@ -40,6 +40,8 @@ def _response_rows(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     """(rows, targets, projection) for the positions that predict a response token: the decoder's
     hidden states and the output projection that turns them into logits, or (for models whose logits
     are more than that projection) the logits themselves and None."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}  # a no-op for batches already there
     targets = batch["labels"][:, 1:]
     scored = targets != IGNORE_INDEX
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}

@@ -120,7 +120,7 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
 
 def tensor_digest(tensor: torch.Tensor) -> str:
     """Content hash of a tensor's bytes (dtype and shape are recorded separately)."""
-    data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
     return hashlib.sha256(data).hexdigest()  # SHA-NI makes this faster than blake2b on current CPUs
 
 
