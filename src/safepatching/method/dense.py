@@ -84,7 +84,8 @@ def patched(
     else:
         with torch.no_grad():
             for name, delta in deltas.items():
-                params[name].copy_(base(name).float() + delta.float())
+                device = params[name].device  # weights, their base and the patch may sit apart (GPU, CPU)
+                params[name].copy_(base(name).to(device).float() + delta.to(device).float())
     try:
         yield model
     finally:
