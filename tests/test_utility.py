@@ -48,10 +48,13 @@ def test_utility_errors(tmp_path):
         utility_tasks(UtilityConfig(mmlu_examples=5), tmp_path)
 
 
-def test_lm_eval_runs_offline_on_an_in_memory_model(utility_dir, tiny_model_dir):
+def test_lm_eval_runs_offline_on_an_in_memory_model(utility_dir, tiny_model_dir, capsys):
     model, tokenizer = load_model(str(tiny_model_dir))
     settings = UtilityConfig(mmlu_examples=6, gsm8k_examples=2, gsm8k_max_new_tokens=16, batch_size=4)
     scores = evaluate_utility(model, tokenizer, settings, utility_dir)
+    assert "%|" in capsys.readouterr().err  # lm-eval's bars, by default
     assert set(scores) == {"mmlu_accuracy", "gsm8k_exact_match"}
     assert scores["mmlu_accuracy"] in {100 * k / 6 for k in range(7)}
     assert scores["gsm8k_exact_match"] in {0.0, 50.0, 100.0}
+    assert evaluate_utility(model, tokenizer, settings, utility_dir, progress=False) == scores
+    assert "%|" not in capsys.readouterr().err  # --no-progress reaches lm-eval too (its warnings stay)

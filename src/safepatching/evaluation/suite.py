@@ -182,7 +182,7 @@ def evaluate_model(
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
     }
     if settings.utility.enabled:
-        metrics.update(timed("utility", evaluate_utility, model, tokenizer, settings.utility, data_dir))
+        metrics.update(timed("utility", evaluate_utility, model, tokenizer, settings.utility, data_dir, progress))
     if sets.perplexity:
         metrics["response_perplexity"] = timed("perplexity", response_perplexity, model, tokenizer, sets.perplexity)
     if reference is not None and reference_harmless is not None:

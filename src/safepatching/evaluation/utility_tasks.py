@@ -13,6 +13,8 @@ With the hub, the full official tasks are one call away:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -90,8 +92,12 @@ def utility_tasks(settings: UtilityConfig, data_dir: Path | None) -> list[dict[s
     return tasks
 
 
-def evaluate_utility(model, tokenizer, settings: UtilityConfig, data_dir: Path | None) -> dict[str, float]:
-    """MMLU accuracy and GSM8K exact match (in %) of an in-memory model; {} when both are off."""
+def evaluate_utility(
+    model, tokenizer, settings: UtilityConfig, data_dir: Path | None, progress: bool = True
+) -> dict[str, float]:
+    """MMLU accuracy and GSM8K exact match (in %) of an in-memory model; {} when both are off.
+    Without ``progress`` lm-eval's bars are not drawn (it offers no switch for all of them, so its
+    standard error stream is muted while it runs; failures still raise)."""
     tasks = utility_tasks(settings, data_dir)
     if not tasks:
         return {}
@@ -101,18 +107,20 @@ def evaluate_utility(model, tokenizer, settings: UtilityConfig, data_dir: Path |
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size, max_length=2048)
-    results = evaluator.simple_evaluate(
-        model=wrapped,
-        tasks=tasks,
-        task_manager=TaskManager(),
-        apply_chat_template=True,
-        random_seed=settings.seed,
-        numpy_random_seed=settings.seed,
-        torch_random_seed=settings.seed,
-        fewshot_random_seed=settings.seed,
-        bootstrap_iters=0,
-        verbosity="WARNING",
-    )["results"]
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+    with quiet:
+        results = evaluator.simple_evaluate(
+            model=wrapped,
+            tasks=tasks,
+            task_manager=TaskManager(),
+            apply_chat_template=True,
+            random_seed=settings.seed,
+            numpy_random_seed=settings.seed,
+            torch_random_seed=settings.seed,
+            fewshot_random_seed=settings.seed,
+            bootstrap_iters=0,
+            verbosity="WARNING",
+        )["results"]
     scores = {}
     if "safepatching_mmlu" in results:
         scores["mmlu_accuracy"] = 100.0 * float(results["safepatching_mmlu"]["acc,none"])
