@@ -137,10 +137,22 @@ class ImportanceConfig(StrictModel):
         description="the pairs I_o is scored on: the harmful pairs (the paper) or the over-safety patch's own "
         "training pairs (over_safety_train)",
     )
+    loss_on: Literal["responses", "questions", "own_replies"] = Field(
+        "responses",
+        description="the harmful pairs' tokens the SNIP loss is taken on: their harmful responses (the objective "
+        "the patches were derived from), the questions alone (a reading of the paper's 'input question'), or the "
+        "backbone's own greedy replies to the questions (what it really does, refusals included)",
+    )
+    own_reply_tokens: int = Field(96, ge=8, description="new tokens of each own reply (loss_on: own_replies)")
 
     def cache_settings(self) -> dict[str, Any]:
-        """What keys the scores; ``over_safety_data`` joins only when changed, so older scores stay valid."""
+        """What keys the scores; a setting joins only when it differs from the paper's reading, so
+        older scores stay valid."""
         excluded = {"over_safety_data"} if self.over_safety_data == "harmful" else set()
+        if self.loss_on == "responses":
+            excluded.add("loss_on")
+        if self.loss_on != "own_replies":
+            excluded.add("own_reply_tokens")
         return self.model_dump(mode="json", exclude=excluded)
 
 

@@ -1,4 +1,5 @@
-"""Chat formatting and tokenisation of (prompt, response) pairs, with loss only on the response."""
+"""Chat formatting and tokenisation of (prompt, response) pairs, with loss only on the response (or,
+for importance scored on the questions, only on the question)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,21 @@ def encode_pair(
         "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
         "truncated": truncated,
     }
+
+
+def encode_question(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int) -> dict[str, list[int]]:
+    """Token ids of a chat-formatted prompt with labels only on the question's own tokens (not the
+    template around it), cut to its last ``max_length`` tokens."""
+    text = chat_prompt(tokenizer, prompt)
+    start = text.rfind(prompt)
+    end = start + len(prompt)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    labels = [
+        token if start >= 0 and left < end and right > start else IGNORE_INDEX
+        for token, (left, right) in zip(ids, encoded["offset_mapping"], strict=True)
+    ]
+    return {"input_ids": ids[-max_length:], "labels": labels[-max_length:], "truncated": len(ids) > max_length}
 
 
 def collate(batch: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

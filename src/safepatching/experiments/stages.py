@@ -29,6 +29,7 @@ from safepatching.method.importance import snip_scores
 from safepatching.method.memory import check_training_fits, is_target
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger, settings_record, write_patched_model
+from safepatching.method.objectives import autocast
 from safepatching.models.loading import check_model_source, load_model, weights_folder
 from safepatching.models.precision import DTYPES, hold_output_layer_in, resolved
 from safepatching.report.results import read_jsonl, save_eval, write_jsonl
@@ -196,6 +197,28 @@ class Stages:
             log.info("over_safety_train: %d of %d generated replies were refusals and were dropped", dropped, len(rows))
         return kept
 
+    def own_reply_pairs(self, pairs: list[Example]) -> list[Example]:
+        """The harmful questions SNIP scores, each with the backbone's own greedy reply (generated under
+        autocast from the float32 weights importance holds anyway, and cached)."""
+        directory = self.out / "own_replies"
+        settings = self.config.importance
+        prompts = [e.prompt for e in pairs[: settings.max_examples]]
+
+        def produce() -> list[dict[str, Any]]:
+            model, tokenizer = self.backbone(training=True)
+            generator = HFGenerator(model, tokenizer, self.config.eval.batch_size, self.progress, "own replies")
+            with autocast(model, DTYPES[self.compute_dtype]):
+                replies = generator.generate(prompts, settings.own_reply_tokens)
+            rows = [{"prompt": p, "response": r} for p, r in zip(prompts, replies, strict=True)]
+            write_jsonl(directory / "replies.jsonl", rows)
+            return rows
+
+        key = fingerprint(self.config.model, self.compute_dtype, prompts, settings.own_reply_tokens)
+        rows = cached(
+            directory, key, produce, lambda: read_jsonl(directory / "replies.jsonl"), self.meter, "own_replies"
+        )
+        return [Example(row["prompt"], row["response"]) for row in rows]
+
     def answer(self, model, tokenizer, prompts: list[str]) -> list[str]:
         generator = HFGenerator(
             model, tokenizer, self.config.eval.batch_size, self.progress, "answer over-safety prompts"
@@ -307,9 +330,10 @@ class Stages:
             return tuple(LazyTensors(directory / f"{label}.safetensors") for label in SCORE_LABELS)
 
         def produce():  # each label's scores go to disk before the next are computed
+            harmful = self.own_reply_pairs(pairs) if self.config.importance.loss_on == "own_replies" else pairs
             for label, patch in zip(SCORE_LABELS, (safety, over_safety), strict=True):
                 own_data = label == "over_safety" and self.config.importance.over_safety_data == "over_safety_train"
-                data = self.over_safety_pairs(pairs) if own_data else pairs
+                data = self.over_safety_pairs(pairs) if own_data else harmful
                 save_tensors(directory / f"{label}.safetensors", self.score(data, patch, label))
             return load()
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safepatching.config.settings import DeriveConfig
-from safepatching.data.chat import collate, encode_pair
+from safepatching.data.chat import collate, encode_pair, encode_question
 from safepatching.data.sources import Example
 from safepatching.errors import TrainingError
 from safepatching.method.dense import DensePatch
@@ -75,9 +75,14 @@ def make_loader(
     shuffle: bool,
     reference: torch.nn.Module | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    loss_on_questions: bool = False,
 ) -> DataLoader:
-    """Batches of encoded pairs; with ``reference`` each example also carries its reference log-prob (NPO)."""
-    encoded = [encode_pair(tokenizer, p.prompt, p.response or "", max_length) for p in pairs]
+    """Batches of encoded pairs (the loss on the responses, or with ``loss_on_questions`` on the
+    questions); with ``reference`` each example also carries its reference log-prob (NPO)."""
+    if loss_on_questions:
+        encoded = [encode_question(tokenizer, p.prompt, max_length) for p in pairs]
+    else:
+        encoded = [encode_pair(tokenizer, p.prompt, p.response or "", max_length) for p in pairs]
     truncated = sum(item["truncated"] for item in encoded)
     if truncated:  # by design on the defaults: the message stays the same so it is shown once
         log.warning(

@@ -1,7 +1,9 @@
 """SNIP importance |w * dL/dw| and the top-a% / top-b% regions it defines.
 
 The loss is the response NLL of the harmful pairs (the objective the patches were derived from),
-evaluated at the patched model (backbone + safety patch, or backbone + over-safety patch).
+evaluated at the patched model (backbone + safety patch, or backbone + over-safety patch); the
+``loss_on`` setting moves it to the questions' tokens, or to the backbone's own replies (given as
+the pairs' responses by the caller).
 Scores are the mean over batches of the per-batch |w * grad|.
 """
 
@@ -31,7 +33,16 @@ def snip_scores(
     """Mean per-batch |w * dNLL/dw| for the named parameters (float32 weights and gradients; the
     forward pass under autocast in ``compute_dtype``), in CPU memory."""
     pairs = pairs[: settings.max_examples]
-    loader = make_loader(tokenizer, pairs, settings.max_length, settings.batch_size, seed=0, shuffle=False)
+    on_questions = settings.loss_on == "questions"
+    loader = make_loader(
+        tokenizer,
+        pairs,
+        settings.max_length,
+        settings.batch_size,
+        seed=0,
+        shuffle=False,
+        loss_on_questions=on_questions,
+    )
     params = dict(model.named_parameters())
     selected = set(names)
     for name, param in params.items():
