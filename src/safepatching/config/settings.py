@@ -347,7 +347,13 @@ class PipelineConfig(StrictModel):
     )
     drop_eval_overlap: bool = Field(
         False,
-        description="drop the training pairs whose prompt an evaluation set holds, instead of refusing the run",
+        description="drop the training pairs whose prompt an evaluation (or a tuning study's validation) set "
+        "holds, instead of refusing the run",
+    )
+    harmful_train_judge: str | None = Field(
+        None,
+        description="judge every training pair's response with this offline judge (e.g. three-way) and keep only "
+        "those it finds fully compliant, logging the count; null keeps every pair (curated data)",
     )
     over_safety_train: DatasetSpec | None = Field(
         None,

@@ -52,10 +52,12 @@ class Stages:
         console: Console | None = None,
         loaded: tuple[Any, Any] | None = None,
         base_state: str | None = None,
+        held_out: dict[str, list[Example]] | None = None,
     ):
         """``loaded`` is an in-memory (model, tokenizer) to patch instead of loading ``config.model``;
         ``base_state`` then names its weights (e.g. the rounds already applied), so cached stages of
-        other weights are not reused."""
+        other weights are not reused. ``held_out`` names further sets (a study's validation sets)
+        whose prompts ``drop_eval_overlap`` keeps out of the training pairs, like the evaluation sets."""
         self.config = config
         self.progress = progress
         self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
@@ -66,6 +68,9 @@ class Stages:
         self._given = loaded is not None
         self.base_state = base_state
         self._pairs: list[Example] | None = None
+        self.held_out = held_out or {}
+        if config.harmful_train_judge:  # an unknown judge fails here, before any work
+            self.pairs_judge = get_judge(config.harmful_train_judge, config.data_dir)
         self._weights: WeightFolder | None = None
         self._over_safety_pairs: list[Example] | None = None
         if loaded is None:
@@ -121,9 +126,31 @@ class Stages:
         if self._pairs is None:
             pairs = load_pairs(self.config.harmful_train_specs(), self.config.data_dir)
             if self.config.drop_eval_overlap:
-                pairs = drop_overlap(pairs, load_eval_sets(self.config.eval, self.config.data_dir).named())
+                held = {**load_eval_sets(self.config.eval, self.config.data_dir).named(), **self.held_out}
+                pairs = drop_overlap(pairs, held)
+            if self.config.harmful_train_judge:
+                pairs = self.complying(pairs)
             self._pairs = pairs
         return self._pairs
+
+    def complying(self, pairs: list[Example]) -> list[Example]:
+        """The pairs whose response ``harmful_train_judge`` finds fully compliant (a refusal or a
+        hedged answer teaches ascent to unlearn the wrong thing)."""
+        verdicts = judge_all(self.pairs_judge, [e.prompt for e in pairs], [e.response or "" for e in pairs])
+        kept = [e for e, v in zip(pairs, verdicts, strict=True) if not v.refusal]
+        if not kept:
+            raise DataError(
+                f"judge {self.config.harmful_train_judge} finds none of the {len(pairs)} training responses compliant.",
+                "check response_column, or set harmful_train_judge: null for curated pairs",
+            )
+        log.warning(
+            "harmful_train_judge %s kept %d of %d training pairs (dropped %d refusing or partial responses)",
+            self.config.harmful_train_judge,
+            len(kept),
+            len(pairs),
+            len(pairs) - len(kept),
+        )
+        return kept
 
     def eval_sets(self, pairs: list[Example]) -> EvalSets:
         """The evaluation sets, refused when they share a prompt with the training pairs (the harmful
@@ -230,7 +257,8 @@ class Stages:
         """What a patch is derived from; the over-safety patch's data joins when it has its own."""
         c = self.config
         parts = [c.model, c.seed, self.compute_dtype, c.harmful_train, c.derive.training_settings()]
-        if c.harmful_train_extra or c.drop_eval_overlap:  # keyed by content: dropping depends on the eval sets
+        if c.harmful_train_extra or c.drop_eval_overlap or c.harmful_train_judge:  # keyed by content: what is
+            # dropped depends on the evaluation sets and the judge
             parts.append([(e.prompt, e.response) for e in self.harmful_pairs()])
         key = fingerprint(*parts, *([self.base_state] if self.base_state else []))
         if label == "over_safety" and c.over_safety_train is not None:

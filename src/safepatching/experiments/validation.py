@@ -81,9 +81,10 @@ class ValidationScorer:
         """``harmless`` prompts, when given, measure each candidate's KL to the backbone, teacher-forced
         on the backbone's own replies (its log-probabilities are kept, not a second model)."""
         self.config, self.work_dir, self.sets, self.progress = config, work_dir, sets, progress
-        run = Stages(config, progress=False)
-        self.train = run.harmful_pairs()
         named = {s.name: s.examples for s in sets}
+        self.held_out = named if config.drop_eval_overlap else None  # dropped from the pairs, else refused
+        run = Stages(config, progress=False, held_out=self.held_out)
+        self.train = run.harmful_pairs()
         assert_disjoint(self.train, named)
         assert_disjoint(run.over_safety_prompts(), named, against="over_safety_train")
         for name, examples in run.eval_sets(self.train).named().items():  # never tune on what is reported
@@ -148,7 +149,7 @@ class ValidationScorer:
         if settings.derive != self.config.derive or settings.importance != self.config.importance:
             out = sweep_dir(self.work_dir, [settings.derive.training_settings(), settings.importance.model_dump()])
             settings = settings.model_copy(update={"output_dir": out})
-        run = Stages(settings, progress=self.progress, loaded=(self.master, self.tokenizer))
+        run = Stages(settings, progress=self.progress, loaded=(self.master, self.tokenizer), held_out=self.held_out)
         safety, over_safety = run.derive(self.train)
         return safety, over_safety, run.importance(self.train, safety, over_safety)
 
