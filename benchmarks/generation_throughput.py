@@ -27,6 +27,16 @@ from safepatching.models.loading import load_model
 from safepatching.models.precision import compute_device, resolve_dtype
 
 
+def benchmark_prompts(count: int) -> list[str]:
+    """Benign-but-scary, harmful and harmless prompts from the built-in sets (no data directory)."""
+    examples = [
+        *load_examples(DatasetSpec(source="builtin:benign-but-scary")),
+        *load_examples(DatasetSpec(source="builtin:uncensorbench", split="train[100:]", shuffle_seed=0)),
+        *load_examples(DatasetSpec(source="builtin:harmless")),
+    ]
+    return [e.prompt for e in examples][:count]
+
+
 def count_tokens(tokenizer, texts: list[str]) -> int:
     return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
@@ -81,12 +91,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=96)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args()
-    examples = [
-        *load_examples(DatasetSpec(source="builtin:benign-but-scary")),
-        *load_examples(DatasetSpec(source="builtin:uncensorbench", split="train[100:]", shuffle_seed=0)),
-        *load_examples(DatasetSpec(source="builtin:harmless")),
-    ]
-    prompts = [e.prompt for e in examples][: args.prompts]
+    prompts = benchmark_prompts(args.prompts)
     default_dtype = resolve_dtype(ModelLoading().compute_dtype)
     default_batch = EvalConfig().batch_size
     budget = args.max_new_tokens
