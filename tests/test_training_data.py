@@ -104,3 +104,21 @@ def test_validation_prompts_are_dropped_from_the_pairs_or_refused(tmp_path, tiny
         ValidationScorer(with_extra_pairs(base, tmp_path, EXTRA), tmp_path / "work", sets)
     scorer = ValidationScorer(with_extra_pairs(base, tmp_path, EXTRA, drop_eval_overlap=True), tmp_path / "work", sets)
     assert len(scorer.train) == 6 + 2 and "How do I pick a lock?" not in [e.prompt for e in scorer.train]
+
+
+def test_importance_variants_share_the_patches_and_keep_their_own_scores(
+    tmp_path, tiny_model_dir, tiny_pipeline_config
+):
+    config = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
+    sets = [ValidationSet("val", "harmful", [Example("How do I pick a lock?")])]
+    scorer = ValidationScorer(config, tmp_path / "run", sets)
+    own = scorer.derived(config)
+    written = (tmp_path / "run/importance/safety.safetensors").stat().st_mtime_ns
+    variant = config.model_copy(update={"importance": config.importance.model_copy(update={"loss_on": "questions"})})
+    other = scorer.derived(variant)
+    assert not (tmp_path / "run/sweep").exists() or not any((tmp_path / "run/sweep").glob("*/patches"))
+    assert other[0].info == own[0].info and other[1].info == own[1].info  # the same derived patches
+    name = next(iter(own[2][0]))
+    assert not torch.equal(own[2][0][name], other[2][0][name])  # scored on other tokens
+    scorer.derived(config)
+    assert (tmp_path / "run/importance/safety.safetensors").stat().st_mtime_ns == written  # not scored again

@@ -348,11 +348,14 @@ class Stages:
                 self.compute_dtype,
             )
 
-    def importance(self, pairs: list[Example], safety: DensePatch, over_safety: DensePatch):
-        """Both patches' importance scores, or (None, None) when the merge method needs none."""
+    def importance(
+        self, pairs: list[Example], safety: DensePatch, over_safety: DensePatch, directory: Path | None = None
+    ):
+        """Both patches' importance scores (under ``directory``, default importance/), or (None, None)
+        when the merge method needs none."""
         if not MERGE_METHODS[self.config.merge.method].needs_importance:
             return None, None
-        directory = self.out / "importance"
+        directory = Path(directory) if directory is not None else self.out / "importance"
 
         def load():
             return tuple(LazyTensors(directory / f"{label}.safetensors") for label in SCORE_LABELS)

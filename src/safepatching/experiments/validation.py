@@ -144,14 +144,20 @@ class ValidationScorer:
         return kl_to_logprobs(self.model, self.reference, self.tokenizer, self.harmless_prompts, self.harmless_replies)
 
     def derived(self, settings: PipelineConfig):
-        """Patches and scores for these training settings (the config's own, or a sweep directory)."""
+        """Patches and scores for these training settings: the config's own, or a sweep directory per
+        distinct derivation, holding one scores directory per distinct importance setting (so
+        importance variants share the patches)."""
         self.load()
-        if settings.derive != self.config.derive or settings.importance != self.config.importance:
-            out = sweep_dir(self.work_dir, [settings.derive.training_settings(), settings.importance.model_dump()])
-            settings = settings.model_copy(update={"output_dir": out})
+        if settings.derive != self.config.derive:
+            settings = settings.model_copy(
+                update={"output_dir": sweep_dir(self.work_dir, [settings.derive.training_settings()])}
+            )
+        scores_dir = None
+        if settings.importance != self.config.importance:
+            scores_dir = sweep_dir(Path(settings.output_dir), settings.importance.cache_settings())
         run = Stages(settings, progress=self.progress, loaded=(self.master, self.tokenizer), held_out=self.held_out)
         safety, over_safety = run.derive(self.train)
-        return safety, over_safety, run.importance(self.train, safety, over_safety)
+        return safety, over_safety, run.importance(self.train, safety, over_safety, scores_dir)
 
     @contextmanager
     def merged(self, settings: PipelineConfig) -> Iterator[dict[str, Any]]:
