@@ -258,19 +258,19 @@ class Tuner:
         return self.study.user_attrs[key]
 
 
-def with_intervals(outcome: dict[str, Any], backbone: dict[str, Any], groups: dict[str, list[str]]) -> dict[str, Any]:
-    """Pooled rates with 95 % Wilson intervals and McNemar's p against the backbone on the same prompts."""
+def with_intervals(
+    outcome: dict[str, Any], groups: dict[str, list[str]], backbone: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Pooled rates with 95 % Wilson intervals and (given the backbone's outcome) McNemar's p against
+    the backbone on the same prompts, to three significant digits."""
     out = {}
     for group, names in groups.items():
         flags = [flag for name in names for flag in text_flags(outcome["decisions"][name])]
-        base = [flag for name in names for flag in text_flags(backbone["decisions"][name])]
         low, high = wilson_interval(sum(flags), len(flags))
-        out[group] = {
-            "refusal": rounded_percent(flags),
-            "ci": [round(low, 1), round(high, 1)],
-            "n": len(flags),
-            "p_vs_backbone": round(mcnemar_exact(base, flags), 4),
-        }
+        out[group] = {"refusal": rounded_percent(flags), "ci": [round(low, 1), round(high, 1)], "n": len(flags)}
+        if backbone is not None:
+            base = [flag for name in names for flag in text_flags(backbone["decisions"][name])]
+            out[group]["p_vs_backbone"] = float(f"{mcnemar_exact(base, flags):.3g}")
     return out
 
 
@@ -311,7 +311,7 @@ def run_tune(
                 "trial": trial.number,
                 "params": trial.params,
                 "screen": screen_outcome(trial),
-                "final": {**final, **with_intervals(final, backbone_final, groups)},
+                "final": {**final, **with_intervals(final, groups, backbone_final)},
             }
         )
     feasible_final = [p for p in front if p["final"]["looping"] <= settings.max_looping]
@@ -334,7 +334,7 @@ def run_tune(
         "wall_seconds": round(seconds, 1),
         "backbone": {
             "screen": tuner.backbone("screen"),
-            "final": {**backbone_final, **with_intervals(backbone_final, backbone_final, groups)},
+            "final": {**backbone_final, **with_intervals(backbone_final, groups)},
         },
         "trials": [trial_row(t) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING],
         "front": front,

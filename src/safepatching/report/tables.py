@@ -265,6 +265,13 @@ def knobs_text(params: dict[str, Any]) -> str:
     )
 
 
+def p_value(p: float | None) -> str:
+    """A p-value as tables print it: 2 significant digits, '< 0.0001' below that, '—' for none."""
+    if p is None:
+        return "—"
+    return "< 0.0001" if p < 1e-4 else f"{p:.2g}"
+
+
 def tune_markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
     sizes = ", ".join(f"{name} {size}" for name, size in result["validation_sizes"].items())
@@ -287,11 +294,12 @@ def tune_markdown(result: dict[str, Any]) -> str:
     base = result["backbone"]["final"]
 
     def cells(final: dict[str, Any]) -> str:
-        harmful, benign = final["harmful"], final["benign"]
         return (
-            f"{harmful['refusal']:.1f} [{harmful['ci'][0]:.1f}, {harmful['ci'][1]:.1f}] | {harmful['p_vs_backbone']:.3g} | "
-            f"{benign['refusal']:.1f} [{benign['ci'][0]:.1f}, {benign['ci'][1]:.1f}] | {benign['p_vs_backbone']:.3g} | "
-            f"{final['looping']:.1f}"
+            " | ".join(
+                f"{rate['refusal']:.1f} [{rate['ci'][0]:.1f}, {rate['ci'][1]:.1f}] | {p_value(rate.get('p_vs_backbone'))}"
+                for rate in (final["harmful"], final["benign"])
+            )
+            + f" | {final['looping']:.1f}"
         )
 
     lines.append(f"| backbone | | {cells(base)} | 0 |")
