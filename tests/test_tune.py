@@ -158,3 +158,17 @@ def test_a_study_of_another_config_is_refused_unless_new_study(
     assert started.returncode == 0, started.stderr
     assert len(list((root / "work").glob("study-*.sqlite3"))) == 1  # the old study is kept
     assert len(json.loads((tmp_path / "results/tiny-tune.json").read_text())["trials"]) == 1
+
+
+def test_a_study_made_before_later_settings_existed_still_opens(tmp_path, tiny_model_dir, bench_pipeline):
+    config = TuneConfig.model_validate(tune_settings(bench_pipeline, tiny_model_dir, tmp_path))
+    study = tune_module.open_study(config, new_study=False)
+    study.set_user_attr("fingerprint", tune_module.first_fingerprint(config))  # as the first studies recorded it
+    assert tune_module.open_study(config, new_study=False).user_attrs["fingerprint"] == tune_module.fingerprint(config)
+    study.set_user_attr("fingerprint", tune_module.first_fingerprint(config))
+    raw = tune_settings(bench_pipeline, tiny_model_dir, tmp_path)
+    raw["pipeline"]["importance"] = {**raw["pipeline"].get("importance", {}), "loss_on": "questions"}
+    later = TuneConfig.model_validate(raw)  # uses a setting no first study had: not the same study
+    assert tune_module.first_fingerprint(later) is None
+    with pytest.raises(tune_module.ConfigError, match="another config"):
+        tune_module.open_study(later, new_study=False)

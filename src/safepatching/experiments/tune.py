@@ -16,6 +16,7 @@ pipeline config that `safepatching run` accepts as it is.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from safepatching.config.experiments import SearchRange, TuneConfig, TuneSettings
 from safepatching.config.loading import with_settings
-from safepatching.config.settings import PipelineConfig
+from safepatching.config.settings import ImportanceConfig, PipelineConfig
 from safepatching.data.sources import load_examples
 from safepatching.errors import ConfigError, TrainingError
 from safepatching.experiments.validation import Judged, ValidationScorer, ValidationSet, rounded_percent
@@ -45,20 +46,39 @@ STUDY_FILE = "study.sqlite3"
 STUDY_NAME = "safepatching-tune"
 
 
+NOT_FINGERPRINTED = {  # where output goes, what only guards the machine, what does not change a trial
+    "name": True,
+    "output_dir": True,
+    "work_dir": True,
+    "pipeline": {"data_dir": True, "output_dir": True, "derive": {"memory_check"}},
+    "tune": {"trials", "final_max_new_tokens", "benign_weight"},
+}
+# Settings added after the first studies were made; absent from their fingerprints.
+ADDED_SINCE_FIRST_STUDIES = {"pipeline": {"harmful_train_judge": True, "importance": {"loss_on", "own_reply_tokens"}}}
+
+
 def fingerprint(config: TuneConfig) -> str:
     """What a study's trials depend on: the pipeline, the validation sets, the space, the constraints
-    and the screening budget; not the trial count, the final budget, the rule or where output goes."""
-    relevant = config.model_dump(
-        mode="json",
-        exclude={
-            "name": True,
-            "output_dir": True,
-            "work_dir": True,
-            # derive.memory_check only guards the machine; excluded so studies begun before it existed resume
-            "pipeline": {"data_dir": True, "output_dir": True, "derive": {"memory_check"}},
-            "tune": {"trials", "final_max_new_tokens", "benign_weight"},
-        },
-    )
+    and the screening budget; not the trial count, the final budget, the rule or where output goes.
+    Settings at their defaults are left out, so a setting added later does not orphan a study."""
+    return _digest(config.model_dump(mode="json", exclude_defaults=True, exclude=NOT_FINGERPRINTED))
+
+
+def first_fingerprint(config: TuneConfig) -> str | None:
+    """The fingerprint the first studies recorded (every setting by value, as the settings then were);
+    None when a setting added since is in use, which no such study can have had."""
+    pipeline, importance_defaults = config.pipeline, ImportanceConfig()
+    if pipeline.harmful_train_judge is not None or any(
+        getattr(pipeline.importance, name) != getattr(importance_defaults, name)
+        for name in ADDED_SINCE_FIRST_STUDIES["pipeline"]["importance"]
+    ):
+        return None
+    exclude = copy.deepcopy(NOT_FINGERPRINTED)
+    exclude["pipeline"].update(ADDED_SINCE_FIRST_STUDIES["pipeline"])
+    return _digest(config.model_dump(mode="json", exclude=exclude))
+
+
+def _digest(relevant: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -91,7 +111,9 @@ def open_study(config: TuneConfig, new_study: bool) -> optuna.Study:
     if path.exists():
         study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
         made_by = study.user_attrs.get("fingerprint")
-        if made_by != fingerprint(config):
+        if made_by is not None and made_by == first_fingerprint(config):  # one of the first studies: re-keyed
+            study.set_user_attr("fingerprint", fingerprint(config))
+        elif made_by != fingerprint(config):
             raise ConfigError(
                 f"{path} holds a study made by another config or model ({study.user_attrs.get('described', '?')}).",
                 "pass --new-study to start a new one (the old file is kept beside it), or choose another work_dir",
