@@ -268,8 +268,8 @@ class TuneSettings(StrictModel):
     seed: int = 0
     space: dict[str, SearchRange] = Field(
         min_length=1,
-        description="knob -> range; merge.* knobs reuse the cached patches, derive.* and importance.* knobs "
-        "derive and cache patches per distinct setting",
+        description="knob -> range; merge.* knobs reuse the cached patches and scores, derive.* knobs derive "
+        "and cache patches per distinct setting, importance.* knobs score them per distinct setting",
     )
     max_kl: float = Field(0.05, gt=0, description="constraint: KL to the backbone per token on the harmless prompts")
     max_looping: float = Field(2.0, ge=0, le=100, description="constraint: looping replies (%) on validation prompts")

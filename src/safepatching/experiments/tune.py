@@ -1,7 +1,7 @@
 """`safepatching tune`: a multi-objective Optuna search of one pipeline's knobs on validation prompts.
 
-Each trial merges the cached patches with the knobs it draws (derive.* and importance.* knobs
-derive and cache their own patches first), patches the model in memory and judges it with a short
+Each trial merges the cached patches with the knobs it draws (derive.* knobs derive and cache their
+own patches first, importance.* knobs their own scores), patches the model in memory and judges it with a short
 reply budget on the validation sets: refusal on harmful prompts is maximised, refusal on
 benign-but-scary prompts minimised, under two constraints (KL to the backbone on harmless
 prompts, looping replies). The study lives in SQLite in the work directory: a killed run resumes
