@@ -240,7 +240,9 @@ class Stages:
             write_jsonl(directory / "replies.jsonl", rows)
             return rows
 
-        key = fingerprint(self.config.model, self.compute_dtype, prompts, settings.own_reply_tokens)
+        key = fingerprint(  # the weights replying: the backbone, or it after earlier rounds (base_state)
+            self.config.model, self.compute_dtype, prompts, settings.own_reply_tokens, self.base_state
+        )
         rows = cached(
             directory, key, produce, lambda: read_jsonl(directory / "replies.jsonl"), self.meter, "own_replies"
         )
