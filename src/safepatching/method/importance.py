@@ -62,4 +62,6 @@ def snip_scores(
     finally:
         model.requires_grad_(True)
         model.zero_grad(set_to_none=True)
-    return {name: (score / len(loader)).cpu() for name, score in scores.items()}  # beside the patches' deltas
+    for score in scores.values():
+        score.div_(len(loader))  # in place: a second copy of every score would be GBs
+    return {name: score.cpu() for name, score in scores.items()}  # beside the patches' deltas
