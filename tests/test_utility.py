@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 
-from safepatching.config.settings import UtilityConfig
+from safepatching.config.settings import EvalConfig, UtilityConfig
 from safepatching.errors import DataError
 from safepatching.evaluation.utility_tasks import _gsm8k_target, evaluate_utility, utility_tasks
 from safepatching.models.loading import load_model
@@ -58,3 +58,12 @@ def test_lm_eval_runs_offline_on_an_in_memory_model(utility_dir, tiny_model_dir,
     assert scores["gsm8k_exact_match"] in {0.0, 50.0, 100.0}
     assert evaluate_utility(model, tokenizer, settings, utility_dir, progress=False) == scores
     assert "%|" not in capsys.readouterr().err  # --no-progress reaches lm-eval too (its warnings stay)
+    plain = settings.model_copy(update={"chat_template": False, "gsm8k_examples": 0})
+    correct = evaluate_utility(model, tokenizer, plain, utility_dir, progress=False)["mmlu_accuracy"] * 6 / 100
+    assert correct == pytest.approx(round(correct)) and 0 <= round(correct) <= 6  # a count of 6 questions
+
+
+def test_the_plain_prompt_format_keys_results_apart_and_the_default_keeps_old_keys():
+    assert "chat_template" not in EvalConfig().cache_settings().model_dump()  # earlier results stay valid
+    plain = EvalConfig(utility={"mmlu_examples": 5, "chat_template": False})
+    assert plain.cache_settings() != EvalConfig(utility={"mmlu_examples": 5}).cache_settings()

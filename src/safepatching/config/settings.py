@@ -212,6 +212,12 @@ class UtilityConfig(StrictModel):
     gsm8k_max_new_tokens: int = Field(256, ge=16)
     batch_size: int = Field(8, ge=1)
     seed: int = 0
+    chat_template: bool = Field(
+        True,
+        exclude_if=lambda value: value,  # results saved before it existed keep their cache keys
+        description="pose the questions through the model's chat template (MMLU then scores the answer letter "
+        "as the reply's first token); false: plain 'Question ... Answer: X' completion, the classic setup",
+    )
 
     @property
     def enabled(self) -> bool:

@@ -4,8 +4,9 @@ The tasks are lm-eval task configs built here and pointed at the files in the da
 (``utility/mmlu/{dev,test}/*.csv`` without headers, ``utility/gsm8k/test.jsonl``); the model is
 passed in memory (lm-eval's ``HFLM`` wrapping our loaded model), so nothing is downloaded.
 Subsets are drawn with a fixed seed from all subjects / all problems. MMLU is scored by
-log-likelihood of the answer letter (accuracy); GSM8K by greedy generation through the model's
-chat template, taking the last number in the reply (exact match).
+log-likelihood of the answer letter (accuracy); GSM8K by greedy generation, taking the last number
+in the reply (exact match). Both go through the model's chat template unless
+``utility.chat_template`` is off (plain completion: "... Answer: A").
 
 With the hub, the full official tasks are one call away:
 ``lm_eval --model hf --model_args pretrained=MODEL_DIR --tasks mmlu,gsm8k``.
@@ -113,7 +114,7 @@ def evaluate_utility(
             model=wrapped,
             tasks=tasks,
             task_manager=TaskManager(),
-            apply_chat_template=True,
+            apply_chat_template=settings.chat_template,
             random_seed=settings.seed,
             numpy_random_seed=settings.seed,
             torch_random_seed=settings.seed,
