@@ -126,7 +126,11 @@ class Stages:
         if self._pairs is None:
             pairs = load_pairs(self.config.harmful_train_specs(), self.config.data_dir)
             if self.config.drop_eval_overlap:
-                held = {**load_eval_sets(self.config.eval, self.config.data_dir).named(), **self.held_out}
+                evaluated = load_eval_sets(self.config.eval, self.config.data_dir).named()
+                held = {
+                    **{f"eval {n}": s for n, s in evaluated.items()},
+                    **{f"held-out {n}": s for n, s in self.held_out.items()},
+                }
                 pairs = drop_overlap(pairs, held)
             if self.config.harmful_train_judge:
                 pairs = self.complying(pairs)
