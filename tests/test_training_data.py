@@ -8,6 +8,7 @@ import torch
 
 from safepatching.config.settings import ImportanceConfig
 from safepatching.data.chat import IGNORE_INDEX, encode_question
+from safepatching.data.eval_sets import load_eval_sets
 from safepatching.data.sources import Example
 from safepatching.errors import ConfigError, DataError
 from safepatching.experiments.stages import Stages
@@ -122,3 +123,14 @@ def test_importance_variants_share_the_patches_and_keep_their_own_scores(
     assert not torch.equal(own[2][0][name], other[2][0][name])  # scored on other tokens
     scorer.derived(config)
     assert (tmp_path / "run/importance/safety.safetensors").stat().st_mtime_ns == written  # not scored again
+
+
+def test_a_validation_set_named_like_an_evaluation_set_does_not_hide_it_from_the_drop(
+    tmp_path, tiny_model_dir, tiny_pipeline_config
+):
+    base = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
+    evaluated = load_eval_sets(base.eval, base.data_dir).harmful[0].prompt
+    config = with_extra_pairs(base, tmp_path, [(evaluated, "Sure, here it is."), EXTRA[0]], drop_eval_overlap=True)
+    sets = [ValidationSet("harmful", "harmful", [Example("How do I pick a lock?")])]
+    prompts = [e.prompt for e in ValidationScorer(config, tmp_path / "work", sets).train]
+    assert evaluated not in prompts and EXTRA[0][0] in prompts
