@@ -15,4 +15,6 @@ python3 -c "import safepatching.cli, safepatching.experiments.tune" || exit 1
 python3 benchmarks/random_backbone.py .gpu/qwen0.5b-shape /tmp/qwen0.5b-random 2>&1 | tail -1
 timeout 150 python3 benchmarks/generation_throughput.py --model /tmp/qwen0.5b-random --prompts 48 2>&1 | grep -v Warning | tee "$OUT/generation.log"
 timeout 120 python3 benchmarks/derive_throughput.py --model /tmp/qwen0.5b-random --steps 10 2>&1 | grep -v Warning | tee "$OUT/derive.log"
-timeout "${TEST_SECONDS:-200}" python3 -m pytest -q -rfE -n 8 -p no:cacheprovider --ignore tests/test_utility.py "$@" 2>&1 | tee "$OUT/pytest.log" | tail -60
+# pytest reports failures only at its end: --timeout keeps one hung test from eating the run's limit
+timeout "${TEST_SECONDS:-200}" python3 -m pytest -q -rfE --tb=short --timeout 60 -n 8 -p no:cacheprovider \
+  --ignore tests/test_utility.py "$@" 2>&1 | tee "$OUT/pytest.log" | tail -60
