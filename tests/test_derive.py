@@ -151,3 +151,15 @@ def test_non_finite_loss_stops_derivation_with_a_clear_error(tiny_model_dir, har
     with pytest.raises(TrainingError, match="learning_rate"):
         derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the backbone is restored
+
+
+def test_the_safety_patch_can_unlearn_by_npo(tmp_path, tiny_model_dir, tiny_pipeline_config):
+    from safepatching.experiments.stages import Stages
+
+    base = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
+    assert "unlearning" not in base.derive.training_settings()  # patches derived before it keep their keys
+    npo = base.model_copy(update={"derive": base.derive.model_copy(update={"unlearning": "npo"})})
+    stages = Stages(npo, progress=False)
+    assert stages.derive_key("safety") != Stages(base, progress=False).derive_key("safety")
+    safety, over_safety = stages.derive(stages.harmful_pairs())
+    assert safety.info["direction"] == "npo" and over_safety.info["direction"] == "descent"

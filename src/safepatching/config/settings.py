@@ -96,6 +96,11 @@ class DeriveConfig(StrictModel):
         description="when a step's NLL (measured before its update) crosses the ceiling, after_overshoot "
         "still applies that step's update (the committed reference results); before_overshoot drops it",
     )
+    unlearning: Literal["ascent", "npo"] = Field(
+        "ascent",
+        description="how the safety patch unlearns the harmful responses: gradient ascent (the paper) or NPO "
+        "(bounded; the paper's baseline), both stopped by ascent_max_nll_increase",
+    )
     npo_beta: float = Field(0.1, gt=0, description="NPO's inverse temperature (objective: npo)")
     descent_nll_floor: float = Field(
         0.0, ge=0, description="gradient descent stops once the mean response NLL falls below this"
@@ -118,11 +123,13 @@ class DeriveConfig(StrictModel):
     )
 
     def training_settings(self) -> dict[str, Any]:
-        """The settings that shape the patch (checkpoint frequency does not). ``ascent_stop`` joins only
-        when changed, so patches derived before it existed keep their cache keys."""
+        """The settings that shape the patch (checkpoint frequency does not). ``ascent_stop`` and
+        ``unlearning`` join only when changed, so patches derived before they existed keep their keys."""
         excluded = {"checkpoint_every_steps", "checkpoint_every_minutes", "recompute_activations", "memory_check"}
         if self.ascent_stop == "after_overshoot":
             excluded.add("ascent_stop")
+        if self.unlearning == "ascent":
+            excluded.add("unlearning")
         return self.model_dump(mode="json", exclude=excluded)
 
 

@@ -125,9 +125,10 @@ def derive_score_merge(stages: Stages, say: StageLines, pairs, model_dir: Path) 
     """Derive both patches, score them and merge them into ``model_dir``."""
     config = stages.config
     patches = []
-    for label, direction in (("safety", "ascent"), ("over_safety", "descent")):
+    for label, direction in (("safety", config.derive.unlearning), ("over_safety", "descent")):
         data = stages.training_pairs(label, pairs)
-        say(f"derive {label}", f"gradient {direction} on {len(data)} pairs ({derive_plan(config)})")
+        objective = "NPO" if direction == "npo" else f"gradient {direction}"
+        say(f"derive {label}", f"{objective} on {len(data)} pairs ({derive_plan(config)})")
         patch = stages.derive_one(data, label, direction)
         say.reused(f"derive_{label}")
         say.note(stop_message(patch.info))

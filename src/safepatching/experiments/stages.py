@@ -298,7 +298,7 @@ class Stages:
         return self.over_safety_pairs(pairs) if label == "over_safety" else pairs
 
     def derive(self, pairs: list[Example]) -> tuple[DensePatch, DensePatch]:
-        safety = self.derive_one(pairs, "safety", "ascent")
+        safety = self.derive_one(pairs, "safety", self.config.derive.unlearning)
         return safety, self.derive_one(self.training_pairs("over_safety", pairs), "over_safety", "descent")
 
     def derive_one(

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from safepatching.config.experiments import SearchRange, TuneConfig, TuneSettings
 from safepatching.config.loading import with_settings
-from safepatching.config.settings import ImportanceConfig, PipelineConfig
+from safepatching.config.settings import PipelineConfig
 from safepatching.data.sources import load_examples
 from safepatching.errors import ConfigError, TrainingError
 from safepatching.experiments.validation import Judged, ValidationScorer, ValidationSet, rounded_percent
@@ -53,8 +53,12 @@ NOT_FINGERPRINTED = {  # where output goes, what only guards the machine, what d
     "pipeline": {"data_dir": True, "output_dir": True, "derive": {"memory_check"}},
     "tune": {"trials", "final_max_new_tokens", "benign_weight"},
 }
-# Settings added after the first studies were made; absent from their fingerprints.
-ADDED_SINCE_FIRST_STUDIES = {"pipeline": {"harmful_train_judge": True, "importance": {"loss_on", "own_reply_tokens"}}}
+# Pipeline settings added after the first studies were made (absent from their fingerprints), by section.
+ADDED_SINCE_FIRST_STUDIES = {
+    "": {"harmful_train_judge"},
+    "importance": {"loss_on", "own_reply_tokens"},
+    "derive": {"unlearning"},
+}
 
 
 def fingerprint(config: TuneConfig) -> str:
@@ -67,14 +71,18 @@ def fingerprint(config: TuneConfig) -> str:
 def first_fingerprint(config: TuneConfig) -> str | None:
     """The fingerprint the first studies recorded (every setting by value, as the settings then were);
     None when a setting added since is in use, which no such study can have had."""
-    pipeline, importance_defaults = config.pipeline, ImportanceConfig()
-    if pipeline.harmful_train_judge is not None or any(
-        getattr(pipeline.importance, name) != getattr(importance_defaults, name)
-        for name in ADDED_SINCE_FIRST_STUDIES["pipeline"]["importance"]
-    ):
-        return None
+    default = PipelineConfig()
     exclude = copy.deepcopy(NOT_FINGERPRINTED)
-    exclude["pipeline"].update(ADDED_SINCE_FIRST_STUDIES["pipeline"])
+    for section, names in ADDED_SINCE_FIRST_STUDIES.items():
+        ours, theirs = (
+            (getattr(config.pipeline, section), getattr(default, section)) if section else (config.pipeline, default)
+        )
+        if any(getattr(ours, name) != getattr(theirs, name) for name in names):
+            return None
+        if section:
+            exclude["pipeline"][section] = set(exclude["pipeline"].get(section, set())) | names
+        else:
+            exclude["pipeline"].update(dict.fromkeys(names, True))
     return _digest(config.model_dump(mode="json", exclude=exclude))
 
 
