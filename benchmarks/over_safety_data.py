@@ -131,7 +131,13 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/over-safety-data"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/over-safety-data"))
     parser.add_argument("--smoke", action="store_true", help="a few prompts and steps: checks the script runs")
+    parser.add_argument(
+        "--report-only", action="store_true", help="rewrite OUT.md from OUT.json (the command that made it stays)"
+    )
     args = parser.parse_args()
+    if args.report_only:
+        args.out.with_suffix(".md").write_text(report(json.loads(args.out.with_suffix(".json").read_text())))
+        return
     command = shlex.join(["python", *sys.argv])
     started = time.perf_counter()
     evaluation = test_eval()
@@ -217,7 +223,7 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         "# Over-safety patch from benign-but-scary data vs the paper's",
         "",
-        f"`{results['command']}` ({results['wall_seconds'] / 60:.0f} min on this machine)",
+        f"command: `{results['command']}`; wall time {results['wall_seconds'] / 60:.0f} min on this machine",
         "",
         "## Validation (choosing beta): refusal in % (uncensorbench rows 48-99 harmful, OKTest rows 0-99 benign)",
         "",

@@ -278,7 +278,8 @@ def tune_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Tuning {result['model']} ({result['compute_dtype']})",
         "",
-        f"`{result['command']}` ({result['wall_seconds'] / 60:.0f} min on this machine, all sessions of the study)",
+        f"command: `{result['command']}`; wall time {result['wall_seconds'] / 60:.0f} min on this machine, all "
+        "sessions of the study",
         "",
         f"Validation prompts: {sizes} (harmful: {', '.join(result['groups']['harmful'])}; benign: "
         f"{', '.join(result['groups']['benign'])}). Objectives: refusal on harmful prompts up, on benign prompts down. "
