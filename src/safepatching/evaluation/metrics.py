@@ -29,19 +29,13 @@ def refusal_breakdown(labels: list[str]) -> dict[str, float]:
 
 
 def teacher_forced_batches(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    responses: list[str],
-    batch_size: int,
-    max_length: int,
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str], batch_size: int, max_length: int
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Chat-formatted (prompt, response) batches on the model's device, labels only on responses."""
+    """Chat-formatted (prompt, response) batches, labels only on responses (the objectives move each
+    batch to the device of the model that scores it)."""
     encoded = [encode_pair(tokenizer, p, r, max_length) for p, r in zip(prompts, responses, strict=True)]
-    device = next(model.parameters()).device
     for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
-        yield {k: v.to(device) for k, v in batch.items()}
+        yield collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
 
 
 def _logprobs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -64,7 +58,7 @@ def reference_logprobs(
 ) -> list[torch.Tensor]:
     """The reference's log-probabilities on its own replies' tokens, one float32 tensor per batch:
     kept instead of a second model when many candidates are compared with one reference."""
-    batches = teacher_forced_batches(reference, tokenizer, prompts, responses, batch_size, max_length)
+    batches = teacher_forced_batches(tokenizer, prompts, responses, batch_size, max_length)
     return [_logprobs(reference, batch) for batch in batches]
 
 
@@ -78,7 +72,7 @@ def kl_to_logprobs(
     max_length: int = 512,
 ) -> float:
     """KL(reference || model) per response token, from ``reference_logprobs`` of the same batches."""
-    batches = teacher_forced_batches(model, tokenizer, prompts, responses, batch_size, max_length)
+    batches = teacher_forced_batches(tokenizer, prompts, responses, batch_size, max_length)
     total = sum(_kl_sum(log_p, model, batch) for log_p, batch in zip(reference, batches, strict=True))
     return total / max(sum(log_p.shape[0] for log_p in reference), 1)
 
@@ -95,7 +89,7 @@ def mean_token_kl(
     """KL(reference || model) per response token, teacher-forced on the reference's own replies
     (batch by batch: the reference's log-probabilities of one batch are held at a time)."""
     total, tokens = 0.0, 0
-    for batch in teacher_forced_batches(model, tokenizer, prompts, responses, batch_size, max_length):
+    for batch in teacher_forced_batches(tokenizer, prompts, responses, batch_size, max_length):
         log_p = _logprobs(reference, batch)
         total += _kl_sum(log_p, model, batch)
         tokens += log_p.shape[0]
@@ -112,7 +106,7 @@ def response_perplexity(
     """exp(mean NLL per response token) of fixed reference responses, teacher-forced."""
     prompts, responses = [p.prompt for p in pairs], [p.response or "" for p in pairs]
     total, tokens = 0.0, 0
-    for batch in teacher_forced_batches(model, tokenizer, prompts, responses, batch_size, max_length):
+    for batch in teacher_forced_batches(tokenizer, prompts, responses, batch_size, max_length):
         with torch.inference_mode():
             token_logprobs, _ = response_token_logprobs(model, batch)
         total -= float(token_logprobs.sum())

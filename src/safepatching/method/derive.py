@@ -92,12 +92,10 @@ def make_loader(
         )
         log.info("%d of %d pairs were cut at %d tokens", truncated, len(encoded), max_length)
     if reference is not None:
-        device = next(reference.parameters()).device
         with torch.no_grad(), autocast(reference, compute_dtype):
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start : start + batch_size]
-                batch = {k: v.to(device) for k, v in collate(chunk, tokenizer.pad_token_id).items()}
-                logprobs, _ = response_logprobs(reference, batch)
+                logprobs, _ = response_logprobs(reference, collate(chunk, tokenizer.pad_token_id))
                 for item, value in zip(chunk, logprobs.tolist(), strict=True):
                     item["reference_logprob"] = value
     generator = torch.Generator().manual_seed(seed)
