@@ -141,10 +141,10 @@ def test_bench_methods_merge_what_they_say(bench_run):
     bench = Bench(config, progress=False)
     bench.prepare()
     ascent, descent = bench.patches["ascent"], bench.patches["descent"]
-    ga, _, _ = bench.merged_deltas(BENCH_METHODS["ga"], 0)
-    npo, _, _ = bench.merged_deltas(BENCH_METHODS["npo"], 0)
-    ta, _, _ = bench.merged_deltas(BENCH_METHODS["task-arithmetic"], 0)
-    over_only, _, _ = bench.merged_deltas(BENCH_METHODS["over-safety-only"], 1)
+    ga, _, _ = bench.merged_deltas("ga", 0)
+    npo, _, _ = bench.merged_deltas("npo", 0)
+    ta, _, _ = bench.merged_deltas("task-arithmetic", 0)
+    over_only, _, _ = bench.merged_deltas("over-safety-only", 1)
     scores_s, scores_o = bench.scores
     region_s, region_o = TopRegion(dict(scores_s), 20, "global"), TopRegion(dict(scores_o), 20, "global")
     beta = config.pipeline.merge.beta
@@ -157,7 +157,7 @@ def test_bench_methods_merge_what_they_say(bench_run):
     assert not torch.equal(ga[name], npo[name])
     benign = bench.patches["benign"]
     assert benign.info["num_pairs"] == 4 and benign.info["pairs_sha256"] != descent.info["pairs_sha256"]
-    ta_benign, _, _ = bench.merged_deltas(BENCH_METHODS["task-arithmetic-benign-os"], 0)
+    ta_benign, _, _ = bench.merged_deltas("task-arithmetic-benign-os", 0)
     for name in ascent.deltas:
         assert torch.allclose(ta_benign[name], ascent.deltas[name] + beta * benign.deltas[name])
     assert bench.benign_scores[1] is not None and bench.derive_seconds(BENCH_METHODS["safepatching-benign-os"]) > 0

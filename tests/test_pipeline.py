@@ -127,13 +127,16 @@ def test_compare_models_writes_side_by_side_summary(tmp_path, tiny_model_dir, ma
 
     other = make_tiny_model(tmp_path / "other", seed=1)
     config = tiny_pipeline_config(tiny_model_dir, tmp_path / "unused")
-    summary = compare_models([str(tiny_model_dir), str(other)], config, tmp_path / "cmp", progress=False)
+    summary = compare_models(
+        [str(tiny_model_dir), str(other)], config, tmp_path / "cmp", progress=False, command="safepatching eval X"
+    )
     jsonschema.validate(json.loads((tmp_path / "cmp/summary.json").read_text()), summary_schema())
     assert summary["schema_version"] == 2 and list(summary["models"]) == [str(tiny_model_dir), str(other)]
     assert summary["models"][str(tiny_model_dir)]["kl_to_reference"] is None
     assert summary["models"][str(other)]["kl_to_reference"] > 0
     table = (tmp_path / "cmp/summary.md").read_text()
     assert table.count("|") > 10 and "KL to backbone" in table
+    assert table.startswith("command: `safepatching eval X`") and summary["command"] == "safepatching eval X"
     assert (tmp_path / "cmp/1-other/records.jsonl").exists()
     stats = {(row["set"], row["model"]): row for row in summary["statistics"]}
     benign = stats[("benign", str(other))]

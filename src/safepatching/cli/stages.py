@@ -13,6 +13,7 @@ from safepatching.cli.options import (
     Force,
     NoProgress,
     Overrides,
+    command_line,
     err,
     load_cli_config,
     refuse_existing,
@@ -49,7 +50,7 @@ def evaluate(
     if not models:
         raise SafePatchingError("no model to evaluate.", "pass --model MODEL (and --reference BASE) or --compare A B")
     cfg = load_cli_config(config, overrides, {"data_dir": data_dir})
-    compare_models(models, cfg, out, progress=progress)
+    compare_models(models, cfg, out, progress=progress, command=command_line())
 
 
 def show_config(

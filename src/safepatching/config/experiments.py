@@ -142,9 +142,46 @@ class BenchConfig(StrictModel):
     output_dir: Path = Path("benchmarks/results")
     work_dir: Path = Field(Path("runs/bench"), description="derived patches, importance and per-cell results")
     quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --quick")
+    tuning: BenchTuning | None = Field(
+        None,
+        description="tune the rows it names (each with the same trials, validation sets and choice rule) and "
+        "evaluate each at its chosen point; other rows keep their configured point",
+    )
 
     def method(self, name: str) -> BenchMethod:
         return self.custom_methods.get(name) or BENCH_METHODS[name]
+
+    def family(self, name: str) -> dict[str, Any]:
+        """The row's own settings as dotted pipeline settings (what a tuned row fixes under its knobs)."""
+        method = self.method(name)
+        if method.kind == "decoding":
+            return {
+                f"eval.decoding.{k}": v for k, v in method.decoding.model_dump(mode="json", exclude_none=True).items()
+            }
+        fixed = {f"merge.{k}": v for k, v in method.merge.model_dump(mode="json", exclude_none=True).items()}
+        if method.safety_patch == "npo":
+            fixed["derive.unlearning"] = "npo"
+        if method.over_safety_patch == "benign":
+            fixed["over_safety_train"] = self.over_safety_train.model_dump(mode="json")
+        return fixed
+
+    def tune_config(self, name: str) -> TuneConfig:
+        """The study of one tuned row: its family fixed, its knobs searched, in the bench's shared
+        tuning directory (one patch derivation for every family that trains the same way)."""
+        assert self.tuning is not None
+        return TuneConfig(
+            name=f"{self.name}-{name}",
+            pipeline=self.pipeline,
+            validation=self.tuning.validation,
+            tune=TuneSettings(
+                **self.tuning.model_dump(exclude={"validation", "spaces"}), space=self.tuning.spaces[name]
+            ),
+            fixed=self.family(name),
+            merges=self.method(name).kind == "merge",
+            output_dir=self.output_dir / f"{self.name}-tuning",
+            work_dir=self.work_dir,
+            study_file=f"study-{name}.sqlite3",
+        )
 
     def merge_settings(self, method: BenchMethod) -> MergeConfig:
         return overridden(self.pipeline.merge, method.merge)
@@ -166,6 +203,16 @@ class BenchConfig(StrictModel):
                 where = ".".join(str(p) for p in problem["loc"])
                 message = problem["msg"].removeprefix("Value error, ")
                 raise ValueError(f"method {name!r}: {where + ': ' if where else ''}{message}") from None
+        for name in self.tuning.spaces if self.tuning else ():
+            if name not in self.methods:
+                raise ValueError(f"tuning.spaces.{name}: not a row of this bench; add it to methods or drop its space")
+            if self.method(name).kind == "backbone":
+                raise ValueError(f"tuning.spaces.{name}: the backbone has nothing to tune")
+            try:
+                self.tune_config(name)
+            except ValidationError as exc:
+                message = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ValueError(f"tuning.spaces.{name}: {message}") from None
         return self
 
 
@@ -216,7 +263,7 @@ class SweepConfig(StrictModel):
     out: Path | None = Field(None, description="write OUT.json and OUT.md")
 
 
-TUNABLE_SECTIONS = ("merge.", "derive.", "importance.")
+TUNABLE_SECTIONS = ("merge.", "derive.", "importance.", "eval.decoding.")
 
 
 class SearchRange(StrictModel):
@@ -262,19 +309,21 @@ class ValidationSets(StrictModel):
     )
 
 
-class TuneSettings(StrictModel):
+class SearchSettings(StrictModel):
+    """How a study searches and chooses, whatever its knobs: shared by `tune` and the tuned bench."""
+
     trials: int = Field(24, ge=1, description="trials in the study (`--trials N` adds N more)")
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna's multi-objective TPE, or random search")
     seed: int = 0
-    space: dict[str, SearchRange] = Field(
-        min_length=1,
-        description="knob -> range; merge.* knobs reuse the cached patches and scores, derive.* knobs derive "
-        "and cache patches per distinct setting, importance.* knobs score them per distinct setting",
-    )
     max_kl: float = Field(0.05, gt=0, description="constraint: KL to the backbone per token on the harmless prompts")
     max_looping: float = Field(2.0, ge=0, le=100, description="constraint: looping replies (%) on validation prompts")
     screen_max_new_tokens: int = Field(24, ge=1, description="reply budget of each trial (enough for a refusal)")
     final_max_new_tokens: int = Field(64, ge=1, description="reply budget of the front's re-evaluation")
+    final_judging: Literal["front", "chosen"] = Field(
+        "front",
+        description="front: judge the whole feasible front again with the full budget and choose there; chosen: "
+        "choose by the rule on the screened front and judge only that point again (a bench's budget)",
+    )
     benign_weight: float = Field(
         1.0,
         ge=0,
@@ -282,11 +331,24 @@ class TuneSettings(StrictModel):
         "benign refusal increase) over the backbone, at the full budget",
     )
 
+
+def check_knobs(space: dict[str, SearchRange]) -> None:
+    for knob in space:
+        if not knob.startswith(TUNABLE_SECTIONS):
+            raise ValueError(f"unknown knob {knob!r}: tune {', '.join(s + '*' for s in TUNABLE_SECTIONS)} settings")
+
+
+class TuneSettings(SearchSettings):
+    space: dict[str, SearchRange] = Field(
+        min_length=1,
+        description="knob -> range; merge.* knobs reuse the cached patches and scores, derive.* knobs derive "
+        "and cache patches per distinct setting, importance.* knobs score them per distinct setting, "
+        "eval.decoding.* knobs change a decoding rule (with merges: false)",
+    )
+
     @model_validator(mode="after")
     def _known_knobs(self) -> TuneSettings:
-        for knob in self.space:
-            if not knob.startswith(TUNABLE_SECTIONS):
-                raise ValueError(f"unknown knob {knob!r}: tune merge.*, derive.* or importance.* settings")
+        check_knobs(self.space)
         return self
 
 
@@ -297,8 +359,19 @@ class TuneConfig(StrictModel):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     validation: ValidationSets
     tune: TuneSettings
+    fixed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dotted settings every trial applies under its knobs (a method family, e.g. merge.method); "
+        "patches are still derived relative to the pipeline, so families can share one work_dir",
+    )
+    merges: bool = Field(
+        True, description="merge the patches into each candidate; false tunes a decoding rule on the backbone"
+    )
     output_dir: Path = Path("benchmarks/results")
     work_dir: Path = Field(Path("runs/tune"), description="the study (SQLite), patches and importance")
+    study_file: str = Field(
+        "study.sqlite3", pattern=r"^[A-Za-z0-9._-]+$", description="the study's SQLite file in work_dir"
+    )
 
     @model_validator(mode="after")
     def _space_fits_the_pipeline(self) -> TuneConfig:
@@ -306,11 +379,50 @@ class TuneConfig(StrictModel):
         from safepatching.config.loading import with_settings
         from safepatching.errors import ConfigError
 
+        try:
+            family = with_settings(self.pipeline, self.fixed)
+        except ConfigError as exc:
+            raise ValueError(f"fixed: {exc.problem.removeprefix('invalid config: ').rstrip('.')}") from None
+        decoding_knobs = [knob for knob in self.tune.space if knob.startswith("eval.decoding.")]
+        if self.merges and decoding_knobs:
+            raise ValueError(f"{decoding_knobs[0]} tunes a decoding rule: set merges: false (no patch is merged)")
+        if not self.merges:
+            if len(decoding_knobs) < len(self.tune.space):
+                raise ValueError("with merges: false only eval.decoding.* knobs have an effect; drop the others")
+            if family.eval.decoding.method in ("greedy", "safedecoding"):
+                raise ValueError(
+                    "merges: false tunes a contrastive decoding rule: set eval.decoding.method (in fixed) to "
+                    "rose or self-cd (safedecoding's expert is a merged model, which tune does not build)"
+                )
         for knob, search in self.tune.space.items():
             for value in search.extremes():
                 try:
-                    with_settings(self.pipeline, {knob: value})
+                    with_settings(self.pipeline, {**self.fixed, knob: value})
                 except ConfigError as exc:
                     problem = exc.problem.removeprefix("invalid config: ").rstrip(".")
                     raise ValueError(f"tune.space.{knob}={value}: {problem}") from None
         return self
+
+
+class BenchTuning(SearchSettings):
+    """The tuned bench: every named row searched with these settings on these validation sets."""
+
+    validation: ValidationSets
+    spaces: dict[str, dict[str, SearchRange]] = Field(
+        min_length=1, description="bench row -> knob -> range (merge.*, derive.*, importance.*, eval.decoding.*)"
+    )
+    final_judging: Literal["front", "chosen"] = Field(
+        "chosen", description="chosen (the bench's default): only each row's chosen point is judged again"
+    )
+
+    @field_validator("spaces")
+    @classmethod
+    def _known_knobs(cls, spaces: dict[str, dict[str, SearchRange]]) -> dict[str, dict[str, SearchRange]]:
+        for name, space in spaces.items():
+            if not space:
+                raise ValueError(f"{name}: give at least one knob")
+            check_knobs(space)
+        return spaces
+
+
+BenchConfig.model_rebuild()

@@ -22,16 +22,23 @@ from rich.console import Console
 
 from safepatching import __version__
 from safepatching.config.experiments import BENCH_METHODS, BenchConfig, BenchMethod
+from safepatching.config.loading import with_settings
+from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import EvalSets
 from safepatching.data.sources import Example
 from safepatching.evaluation.decoding import make_generator
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
+from safepatching.experiments.compare import HARMFUL_SETS
 from safepatching.experiments.stages import Stages
+from safepatching.experiments.tune import make_scorer, run_tune
+from safepatching.experiments.validation import ValidationScorer
 from safepatching.method.dense import DensePatch, patched
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger
 from safepatching.models.loading import load_model
+from safepatching.report.plots import plot_bench_fronts
 from safepatching.report.results import read_jsonl, result_header, save_eval
+from safepatching.report.statistics import compare_outcomes
 from safepatching.report.tables import bench_markdown, table_columns
 from safepatching.storage.files import read_json, write_json, write_text_atomic
 from safepatching.storage.stages import cached, fingerprint
@@ -40,12 +47,13 @@ BENCH_SCHEMA_VERSION = 1
 NOT_MEASURED = None  # a cell a method has no value for (e.g. KL of a decoding rule)
 
 
-def depends_on_seed(config: BenchConfig, name: str) -> bool:
-    """Only random retention draws from the seed; derivation is shared by all rows."""
+def depends_on_seed(config: BenchConfig, name: str, chosen: PipelineConfig | None = None) -> bool:
+    """Only random retention draws from the seed; derivation is shared by all rows. ``chosen``: the
+    tuned row's chosen point."""
     method = config.method(name)
     if method.kind != "merge":
         return False
-    settings = config.merge_settings(method)
+    settings = chosen.merge if chosen else config.merge_settings(method)
     return settings.retention < 1.0 and MERGE_METHODS[settings.method].uses_retention
 
 
@@ -75,13 +83,17 @@ class Bench:
         self.scores: tuple[Any, Any] = (None, None)
         self.benign_scores: tuple[Any, Any] = (None, None)
         self.timings: dict[str, float] = {}
+        self.chosen: dict[str, PipelineConfig] = {}  # tuned rows: the point each study chose
+        self.tuning: dict[str, dict[str, Any]] = {}  # tuned rows: what their study found
+        self._scorer: ValidationScorer | None = None
         self._working = None
         self._reference_harmless: list[str] | None = None
 
     # -- derived once --------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Derive the patches and scores the selected methods need (cached in work_dir)."""
-        methods = [self.config.method(name) for name in self.config.methods]
+        tuned = self.config.tuning.spaces if self.config.tuning else {}
+        methods = [self.config.method(name) for name in self.config.methods if name not in tuned]
         merges = [m for m in methods if m.kind == "merge"] + [e for m in methods if (e := self.expert_method(m))]
         if not merges:
             return
@@ -142,6 +154,41 @@ class Bench:
             return self.config.method(name)
         return None
 
+    # -- tuning --------------------------------------------------------------------------------------
+    def tune(self, name: str, command: str) -> None:
+        """Search the row's family on the validation sets (its study resumes from work_dir) and keep the
+        point its rule chose; a row with no feasible trial keeps its configured point."""
+        config = self.config.tune_config(name)
+        if self._scorer is None:
+            self._scorer = make_scorer(config, self.progress)
+        result = run_tune(config, command, progress=self.progress, scorer=self._scorer)
+        chosen = result["chosen"]
+        final = next((p["final"] for p in result["front"] if chosen and p["trial"] == chosen["trial"]), None)
+        self.tuning[name] = {
+            "trials": len(result["trials"]),
+            "seconds": result["wall_seconds"],
+            "results": str(config.output_dir / config.name),
+            "backbone": {group: result["backbone"]["final"][group] for group in ("harmful", "benign")},
+            "screened_front": [
+                {"trial": p["trial"], "harmful": p["screen"]["harmful"], "benign": p["screen"]["benign"]}
+                for p in result["screened_front"]
+            ],
+            "chosen": chosen
+            and {
+                "trial": chosen["trial"],
+                "params": chosen["params"],
+                "validation": {group: final[group] for group in ("harmful", "benign")} | {"kl": final["kl"]},
+            },
+        }
+        if chosen:
+            self.chosen[name] = with_settings(self._scorer.config, {**config.fixed, **chosen["params"]})
+
+    def candidate_deltas(self, name: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A tuned merge row's deltas at its chosen point, from the patches its study derived."""
+        candidate = self.chosen[name]
+        safety, over_safety, scores = self._scorer.derived(candidate)
+        return PatchMerger(safety, over_safety, candidate.merge, seed, *scores).merge_all()
+
     # -- cells ---------------------------------------------------------------------------------------
     def working(self):
         """A second copy of the backbone that merges are applied to (the first stays the KL reference)."""
@@ -149,7 +196,12 @@ class Bench:
             self._working = copy.deepcopy(self.stages.backbone()[0])
         return self._working
 
-    def merged_deltas(self, method: BenchMethod, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], float]:
+    def merged_deltas(self, name: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], float]:
+        started = time.perf_counter()
+        if name in self.chosen:
+            deltas, counts = self.candidate_deltas(name, seed)
+            return deltas, counts, time.perf_counter() - started
+        method = self.config.method(name)
         settings = self.config.merge_settings(method)
         safety = self.patches["npo" if method.safety_patch == "npo" else "ascent"]
         benign = method.over_safety_patch == "benign"
@@ -159,7 +211,6 @@ class Bench:
             if MERGE_METHODS[settings.method].needs_importance
             else (None, None)
         )
-        started = time.perf_counter()
         deltas, counts = PatchMerger(safety, over_safety, settings, seed, *scores).merge_all()
         return deltas, counts, time.perf_counter() - started
 
@@ -170,6 +221,7 @@ class Bench:
         eval_settings = self.config.pipeline.eval
         merged = self.merged_method(method)
         stages = self.benign_stages if method.over_safety_patch == "benign" else self.stages
+        chosen = [self.chosen[n] for n in (name, method.decoding.expert_model) if n in self.chosen]  # tuned shapes
         key = fingerprint(
             stages.importance_key(),
             method,
@@ -178,16 +230,18 @@ class Bench:
             self.config.pipeline.data_dir,
             __version__,
             *([self.config.merge_settings(merged).cache_settings()] if merged else []),
+            *[point.model_dump(mode="json", exclude={"output_dir", "data_dir"}) for point in chosen],
         )
         return cached(
             directory,
             key,
-            lambda: self.evaluate_cell(method, seed, directory),
+            lambda: self.evaluate_cell(name, seed, directory),
             lambda: read_json(directory / "metrics.json"),
             extra=lambda _: {"method": name, "seed": seed},
         )
 
-    def evaluate_cell(self, method: BenchMethod, seed: int, directory: Path) -> dict[str, Any]:
+    def evaluate_cell(self, name: str, seed: int, directory: Path) -> dict[str, Any]:
+        method = self.config.method(name)
         model, tokenizer = self.stages.backbone()
         eval_settings = self.config.pipeline.eval
         extra: dict[str, Any] = {"merge_seconds": 0.0}
@@ -200,7 +254,7 @@ class Bench:
         if method.kind == "backbone":
             metrics, records = evaluate_model(model, tokenizer, self.sets, eval_settings, **common)
         elif method.kind == "merge":
-            deltas, counts, seconds = self.merged_deltas(method, seed)
+            deltas, counts, seconds = self.merged_deltas(name, seed)
             extra.update(merge_seconds=round(seconds, 2), merge_counts=counts)
             with patched(self.working(), deltas, self.stages.base_weight):
                 metrics, records = evaluate_model(
@@ -213,18 +267,20 @@ class Bench:
                     **common,
                 )
         else:
-            metrics, records = self.decoding_cell(method, seed, common)
-        metrics = {**metrics, **extra, "derive_seconds": self.derive_seconds(method)}
+            metrics, records = self.decoding_cell(name, seed, common)
+        derive_seconds = 0.0 if name in self.chosen else self.derive_seconds(method)  # a study's time is its own
+        metrics = {**metrics, **extra, "derive_seconds": derive_seconds}
         save_eval(directory, metrics, records)
         return metrics
 
-    def decoding_cell(self, method: BenchMethod, seed: int, common: dict[str, Any]):
+    def decoding_cell(self, name: str, seed: int, common: dict[str, Any]):
         """A decoding rule on the backbone. Utility and KL score weights, not a decoding rule, so
         they are not measured here (they would only repeat the backbone's). SafeDecoding's expert is
         the merged model of the bench method its ``expert_model`` names (ga by default) or a folder."""
+        method = self.config.method(name)
         model, tokenizer = self.stages.backbone()
         eval_config = self.config.pipeline.eval
-        decoding = self.config.decoding_settings(method)
+        decoding = self.chosen[name].eval.decoding if name in self.chosen else self.config.decoding_settings(method)
         utility_off = eval_config.utility.model_copy(update={"mmlu_examples": 0, "gsm8k_examples": 0})
         eval_settings = eval_config.model_copy(update={"utility": utility_off, "perplexity": None})
         expert_deltas: dict[str, torch.Tensor] = {}
@@ -232,7 +288,7 @@ class Bench:
         if decoding.method == "safedecoding":
             expert_method = self.expert_method(method)
             if expert_method is not None:
-                expert_deltas, _, _ = self.merged_deltas(expert_method, seed)
+                expert_deltas, _, _ = self.merged_deltas(decoding.expert_model, seed)
                 expert = self.working()
             else:
                 expert, _ = load_model(decoding.expert_model, self.stages.loading)
@@ -253,25 +309,44 @@ class Bench:
 
 
 def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> dict[str, Any]:
-    """Run every selected method for its seeds and write OUTPUT_DIR/<name>.md and .json."""
+    """Tune the rows ``tuning`` names, then run every selected method for its seeds; write
+    OUTPUT_DIR/<name>.md and .json (and, when tuned, <name>.png with the fronts and test points)."""
     started = time.perf_counter()
     bench = Bench(config, progress)
     bench.prepare()
+    for name in config.methods:  # every study first: a SafeDecoding row's expert may be a tuned row
+        if config.tuning and name in config.tuning.spaces:
+            bench.tune(name, command)
     backbone_metrics = bench.cell("backbone", config.seeds[0])
     rows: dict[str, Any] = {}
     cell_seconds = {("backbone", config.seeds[0]): evaluation_seconds(backbone_metrics)}
+    tuning_seconds = sum(t["seconds"] for t in bench.tuning.values())
     for name in config.methods:
-        seeds = config.seeds if depends_on_seed(config, name) else config.seeds[:1]
+        seeds = config.seeds if depends_on_seed(config, name, bench.chosen.get(name)) else config.seeds[:1]
         cells = [bench.cell(name, seed) for seed in seeds]
         cell_seconds.update({(name, seed): evaluation_seconds(cell) for seed, cell in zip(seeds, cells, strict=True)})
         rows[name] = method_row(config, name, seeds, cells, backbone_metrics)
-        compute = sum(bench.timings.values()) + sum(cell_seconds.values())
+        if name in bench.tuning:
+            rows[name]["tuning"] = bench.tuning[name]
+        compute = sum(bench.timings.values()) + sum(cell_seconds.values()) + tuning_seconds
         result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=False)
         write_results(config, result)  # after every method: a crash keeps what is done
     result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=True)
     write_results(config, result)
     Console(highlight=False).print(bench_markdown(result))
     return result
+
+
+def paired_statistics(config: BenchConfig, methods: list[str]) -> list[dict[str, Any]]:
+    """Every set's rate per row (first seed) with its Wilson interval, and McNemar's p against the
+    backbone and against SafePatching on the same prompts."""
+    first = [name for name in ("backbone", "safepatching") if name in methods]
+    order = first + [name for name in methods if name not in first]
+    records = {
+        name: read_jsonl(config.work_dir / "cells" / name / f"seed-{config.seeds[0]}" / "records.jsonl")
+        for name in order
+    }
+    return compare_outcomes(records, HARMFUL_SETS) if order[0] == "backbone" else []
 
 
 def evaluation_seconds(metrics: dict[str, Any]) -> float:
@@ -306,6 +381,7 @@ def bench_result(
     included (``wall_seconds`` is only this invocation, which may have resumed from a cache)."""
     header = result_header(config, command, seconds, complete, BENCH_SCHEMA_VERSION)
     return {**header, "compute_seconds": round(compute_seconds, 1), "methods": rows,
+            "statistics": paired_statistics(config, list(rows)),
             "config": config.model_dump(mode="json")}  # fmt: skip
 
 
@@ -314,4 +390,6 @@ def write_results(config: BenchConfig, result: dict[str, Any]) -> tuple[Path, Pa
     markdown_path = config.output_dir / f"{config.name}.md"
     write_json(json_path, result)
     write_text_atomic(markdown_path, bench_markdown(result))
+    if any("tuning" in row for row in result["methods"].values()):
+        plot_bench_fronts(result, config.output_dir / f"{config.name}.png")
     return json_path, markdown_path

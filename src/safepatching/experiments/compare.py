@@ -21,7 +21,9 @@ from safepatching.storage.stages import stage_meter
 HARMFUL_SETS = ("harmful", "safety/", "jailbreak/")  # judged by harmful responses; the rest by refusals
 
 
-def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
+def compare_models(
+    models: list[str], config: PipelineConfig, out_dir: Path, progress: bool = True, command: str = ""
+) -> dict[str, Any]:
     """Evaluate several models on the same sets; the first is the reference for KL. Not cached: a model
     named by its folder may have been rewritten since."""
     sets = load_eval_sets(config.eval, config.data_dir)
@@ -56,14 +58,17 @@ def compare_models(models: list[str], config: PipelineConfig, out_dir: Path, pro
     summary = {
         "schema_version": SUMMARY_SCHEMA_VERSION,
         "safepatching": __version__,
+        "command": command,
         "reference": models[0],
         "eval": config.eval.model_dump(mode="json"),
         "models": results,
         "statistics": compare_outcomes(all_records, HARMFUL_SETS),
     }
     write_json(out_dir / "summary.json", summary)
+    header = f"command: `{command or '(Python API)'}`\n\n"
     write_text_atomic(
-        out_dir / "summary.md", comparison_markdown(results) + "\n" + statistics_markdown(summary["statistics"])
+        out_dir / "summary.md",
+        header + comparison_markdown(results) + "\n" + statistics_markdown(summary["statistics"]),
     )
     Console(highlight=False).print(comparison_markdown(results))
     return summary

@@ -42,7 +42,6 @@ from safepatching.report.tables import tune_markdown
 from safepatching.storage.files import write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
-STUDY_FILE = "study.sqlite3"
 STUDY_NAME = "safepatching-tune"
 
 
@@ -50,10 +49,13 @@ NOT_FINGERPRINTED = {  # where output goes, what only guards the machine, what d
     "name": True,
     "output_dir": True,
     "work_dir": True,
+    "study_file": True,
     "pipeline": {"data_dir": True, "output_dir": True, "derive": {"memory_check"}},
-    "tune": {"trials", "final_max_new_tokens", "benign_weight"},
+    "tune": {"trials", "final_max_new_tokens", "final_judging", "benign_weight"},
 }
-# Pipeline settings added after the first studies were made (absent from their fingerprints), by section.
+# Study settings and pipeline settings added after the first studies were made (absent from their
+# fingerprints), the latter by section.
+STUDY_SETTINGS_SINCE_FIRST_STUDIES = {"fixed", "merges"}
 ADDED_SINCE_FIRST_STUDIES = {
     "": {"harmful_train_judge"},
     "importance": {"loss_on", "own_reply_tokens"},
@@ -73,6 +75,9 @@ def first_fingerprint(config: TuneConfig) -> str | None:
     None when a setting added since is in use, which no such study can have had."""
     default = PipelineConfig()
     exclude = copy.deepcopy(NOT_FINGERPRINTED)
+    if config.fixed or not config.merges:
+        return None
+    exclude.update(dict.fromkeys(STUDY_SETTINGS_SINCE_FIRST_STUDIES, True))
     for section, names in ADDED_SINCE_FIRST_STUDIES.items():
         ours, theirs = (
             (getattr(config.pipeline, section), getattr(default, section)) if section else (config.pipeline, default)
@@ -112,7 +117,7 @@ def open_study(config: TuneConfig, new_study: bool) -> optuna.Study:
     """The study of this config in WORK_DIR/study.sqlite3; one made by another config is refused
     unless ``new_study`` (the old file is then kept beside the new one)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    path = config.work_dir / STUDY_FILE
+    path = config.work_dir / config.study_file
     storage = f"sqlite:///{path}"
     if path.exists() and new_study:
         path.rename(path.with_name(f"study-{time.strftime('%Y%m%d-%H%M%S')}.sqlite3"))
@@ -171,37 +176,51 @@ def text_flags(text: str) -> list[bool]:
     return [char == "1" for char in text]
 
 
+def make_scorer(config: TuneConfig, progress: bool = True) -> ValidationScorer:
+    """The scorer of a study's validation sets (checked for overlap; the model loads on first use)."""
+    data_dir = config.pipeline.data_dir
+    sets = [
+        ValidationSet(name, kind, load_examples(spec, data_dir))
+        for kind, specs in (("harmful", config.validation.harmful), ("benign", config.validation.benign))
+        for name, spec in specs.items()
+    ]
+    names = [s.name for s in sets]
+    if len(set(names)) < len(names):
+        raise ConfigError("two validation sets share a name.", "give each harmful and benign set its own name")
+    for kind, group in (("harmful", config.validation.harmful), ("benign", config.validation.benign)):
+        size = sum(len(s.examples) for s in sets if s.name in group)
+        if size < 150:
+            log.warning(
+                "the %s validation prompts number %d: one prompt moves the rate by %.1f points (150 or more "
+                "keep tuning from chasing noise)",
+                kind,
+                size,
+                100 / max(size, 1),
+            )
+    harmless = load_examples(config.validation.harmless, data_dir) if config.validation.harmless else None
+    pipeline = config.pipeline.model_copy(update={"output_dir": config.work_dir})
+    return ValidationScorer(pipeline, config.work_dir, sets, harmless, config.pipeline.eval.kl_max_new_tokens, progress)
+
+
 class Tuner:
     """One tune run: the scorer, the study and the trials (see the module doc)."""
 
-    def __init__(self, config: TuneConfig, new_study: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        config: TuneConfig,
+        new_study: bool = False,
+        progress: bool = True,
+        scorer: ValidationScorer | None = None,
+    ):
+        """``scorer``: one already made for the same pipeline, validation sets and work_dir (a bench
+        tunes several method families with one loaded model and one set of patches)."""
         self.config, self.settings, self.progress = config, config.tune, progress
-        data_dir = config.pipeline.data_dir
-        self.sets = [
-            ValidationSet(name, kind, load_examples(spec, data_dir))
-            for kind, specs in (("harmful", config.validation.harmful), ("benign", config.validation.benign))
-            for name, spec in specs.items()
-        ]
-        names = [s.name for s in self.sets]
-        if len(set(names)) < len(names):
-            raise ConfigError("two validation sets share a name.", "give each harmful and benign set its own name")
+        self.scorer = scorer or make_scorer(config, progress)  # checks the sets for overlap
+        self.sets = self.scorer.sets
         self.harmful_names = list(config.validation.harmful)
         self.benign_names = list(config.validation.benign)
-        for kind, group in (("harmful", self.harmful_names), ("benign", self.benign_names)):
-            size = sum(len(s.examples) for s in self.sets if s.name in group)
-            if size < 150:
-                log.warning(
-                    "the %s validation prompts number %d: one prompt moves the rate by %.1f points (150 or more "
-                    "keep tuning from chasing noise)",
-                    kind,
-                    size,
-                    100 / max(size, 1),
-                )
-        harmless = load_examples(config.validation.harmless, data_dir) if config.validation.harmless else None
-        self.pipeline = config.pipeline.model_copy(update={"output_dir": config.work_dir})
-        self.scorer = ValidationScorer(  # checks the sets for overlap; the model loads on first use
-            self.pipeline, config.work_dir, self.sets, harmless, config.pipeline.eval.kl_max_new_tokens, progress
-        )
+        self.pipeline = self.scorer.config
+        self.scorer.check(self.candidate({}))  # the family's own over-safety data, against the validation sets
         self.study = open_study(config, new_study)  # a foreign study is refused before the model loads
         self.distributions = {knob: distribution(search) for knob, search in self.settings.space.items()}
 
@@ -221,17 +240,21 @@ class Tuner:
         key = f"backbone:{budget}"
         if key not in self.study.user_attrs:
             tokens = self.settings.screen_max_new_tokens if budget == "screen" else self.settings.final_max_new_tokens
-            self.study.set_user_attr(key, {**self.outcome(self.scorer.judge(tokens)), "kl": 0.0})
+            self.study.set_user_attr(key, {**self.outcome(self.scorer.unpatched(tokens)), "kl": 0.0})
         return self.study.user_attrs[key]
 
     def candidate(self, params: dict[str, Any]) -> PipelineConfig:
-        return with_settings(self.pipeline, params)
+        return with_settings(self.pipeline, {**self.config.fixed, **params})
+
+    def applied(self, candidate: PipelineConfig):
+        """The model as this candidate makes it, while the block runs: merged, or decoding its way."""
+        return self.scorer.merged(candidate) if self.config.merges else self.scorer.decoded(candidate)
 
     def score(self, trial: optuna.Trial) -> tuple[float, float]:
         started = time.perf_counter()
-        with self.scorer.merged(self.candidate(trial.params)) as counts:
+        with self.applied(self.candidate(trial.params)) as counts:
             outcome = self.outcome(self.scorer.judge(self.settings.screen_max_new_tokens))
-            kl = self.scorer.kl()
+            kl = self.scorer.kl() if self.config.merges else None  # a decoding rule leaves the weights alone
         outcome.update(kl=kl, changed_fraction=round(counts["changed_fraction"], 5))
         outcome["seconds"] = round(time.perf_counter() - started, 1)
         for key, value in outcome.items():
@@ -282,7 +305,7 @@ class Tuner:
         """A front trial judged again with the full reply budget (once per study)."""
         key = f"final:{trial.number}"
         if key not in self.study.user_attrs:
-            with self.scorer.merged(self.candidate(trial.params)):
+            with self.applied(self.candidate(trial.params)):
                 outcome = self.outcome(self.scorer.judge(self.settings.final_max_new_tokens))
             self.study.set_user_attr(key, {**outcome, "kl": trial.user_attrs["kl"]})
         return self.study.user_attrs[key]
@@ -319,11 +342,17 @@ def screen_outcome(trial: FrozenTrial) -> dict[str, Any]:
 
 
 def run_tune(
-    config: TuneConfig, command: str = "", trials: int | None = None, new_study: bool = False, progress: bool = True
+    config: TuneConfig,
+    command: str = "",
+    trials: int | None = None,
+    new_study: bool = False,
+    progress: bool = True,
+    scorer: ValidationScorer | None = None,
 ) -> dict[str, Any]:
-    """Search, re-judge the front, choose a point; write OUTPUT_DIR/NAME.{md,json,png} and NAME.chosen.yaml."""
+    """Search, re-judge the front (or only the point the rule picks, with ``final_judging: chosen``),
+    choose a point; write OUTPUT_DIR/NAME.{md,json,png} and NAME.chosen.yaml."""
     started = time.perf_counter()
-    tuner = Tuner(config, new_study, progress)
+    tuner = Tuner(config, new_study, progress, scorer)
     study, settings = tuner.study, config.tune
     if requeued := requeue_interrupted(study):
         log.info("resuming: %d interrupted trial(s) run again with the same knobs", requeued)
@@ -333,8 +362,12 @@ def run_tune(
 
     groups = {"harmful": tuner.harmful_names, "benign": tuner.benign_names}
     backbone_final = tuner.backbone("final")
+    screened_front = tuner.front()
+    judged = screened_front
+    if settings.final_judging == "chosen":  # the rule picks on the short budget; only its point is re-judged
+        judged = sorted(screened_front, key=lambda t: tuner.trade_off(*t.values), reverse=True)[:1]
     front = []
-    for trial in tuner.front():
+    for trial in sorted(judged, key=lambda t: t.number):
         final = tuner.final(trial)
         front.append(
             {
@@ -367,6 +400,9 @@ def run_tune(
             "final": {**backbone_final, **with_intervals(backbone_final, groups)},
         },
         "trials": [trial_row(t) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING],
+        "screened_front": [
+            {"trial": t.number, "params": t.params, "screen": screen_outcome(t)} for t in screened_front
+        ],
         "front": front,
         "agreement": agreement(
             [(p["screen"], p["final"]) for p in front] + [(tuner.backbone("screen"), backbone_final)]

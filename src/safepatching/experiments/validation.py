@@ -22,14 +22,18 @@ import torch
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.overlap import assert_disjoint
 from safepatching.data.sources import Example
+from safepatching.evaluation.decoding import make_generator
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.evaluation.judges.registry import get_judge
 from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.metrics import kl_to_logprobs, percent, reference_logprobs
 from safepatching.experiments.stages import Stages
 from safepatching.method.dense import patched
+from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger
 from safepatching.models.precision import DTYPES
+
+DERIVATION_DATA = ("over_safety_train", "over_safety_replies")  # the candidate's own over-safety data
 
 
 def sweep_dir(work_dir: Path, changes: Any) -> Path:
@@ -95,6 +99,7 @@ class ValidationScorer:
         self.run, self.harmless, self.kl_max_new_tokens = run, harmless or [], kl_max_new_tokens
         self.compute_dtype = run.compute_dtype
         self.loaded = False
+        self._unpatched: dict[int, Judged] = {}
 
     def load(self) -> None:
         """Load the backbone and the KL reference (once; the checks above run before, so bad input
@@ -136,6 +141,13 @@ class ValidationScorer:
             loops += list(map(looping, responses))
         return Judged(refusals, loops)
 
+    def unpatched(self, max_new_tokens: int) -> Judged:
+        """The backbone's decisions at this budget, judged once per scorer (every study that shares the
+        scorer compares against the same judgements). Call it outside ``merged``/``decoded``."""
+        if max_new_tokens not in self._unpatched:
+            self._unpatched[max_new_tokens] = self.judge(max_new_tokens)
+        return self._unpatched[max_new_tokens]
+
     def kl(self) -> float | None:
         """KL(backbone || model as it stands) per token on the harmless prompts, if any."""
         self.load()
@@ -143,20 +155,30 @@ class ValidationScorer:
             return None
         return kl_to_logprobs(self.model, self.reference, self.tokenizer, self.harmless_prompts, self.harmless_replies)
 
+    def check(self, settings: PipelineConfig) -> None:
+        """A candidate's own over-safety data must not hold a validation prompt either."""
+        if settings.over_safety_train != self.config.over_safety_train:
+            over_safety = Stages(settings, progress=False, held_out=self.held_out).over_safety_prompts()
+            assert_disjoint(over_safety, {s.name: s.examples for s in self.sets}, against="over_safety_train")
+
     def derived(self, settings: PipelineConfig):
         """Patches and scores for these training settings: the config's own, or a sweep directory per
-        distinct derivation, holding one scores directory per distinct importance setting (so
-        importance variants share the patches)."""
+        distinct derivation (training settings and data), holding one scores directory per distinct
+        importance setting (so importance variants share the patches)."""
+        self.check(settings)
         self.load()
-        if settings.derive != self.config.derive:
-            settings = settings.model_copy(
-                update={"output_dir": sweep_dir(self.work_dir, [settings.derive.training_settings()])}
-            )
+        data = [key for key in DERIVATION_DATA if getattr(settings, key) != getattr(self.config, key)]
+        if settings.derive != self.config.derive or data:
+            changes: list[Any] = [settings.derive.training_settings()]  # a derive-only change keeps its old directory
+            changes += [{key: settings.model_dump(mode="json")[key]} for key in data]
+            settings = settings.model_copy(update={"output_dir": sweep_dir(self.work_dir, changes)})
         scores_dir = None
         if settings.importance != self.config.importance:
             scores_dir = sweep_dir(Path(settings.output_dir), settings.importance.cache_settings())
         run = Stages(settings, progress=self.progress, loaded=(self.master, self.tokenizer), held_out=self.held_out)
         safety, over_safety = run.derive(self.train)
+        if not MERGE_METHODS[settings.merge.method].needs_importance:  # e.g. task arithmetic: no SNIP pass
+            return safety, over_safety, (None, None)
         return safety, over_safety, run.importance(self.train, safety, over_safety, scores_dir)
 
     @contextmanager
@@ -168,3 +190,17 @@ class ValidationScorer:
         del safety, over_safety, scores
         with patched(self.model, deltas, self.base):
             yield counts
+
+    @contextmanager
+    def decoded(self, settings: PipelineConfig) -> Iterator[dict[str, Any]]:
+        """The backbone generating with this candidate's decoding rule while the block runs (nothing
+        is merged); yields the counts of a merge that changed nothing."""
+        self.load()
+        greedy = self.generator
+        self.generator = make_generator(
+            self.model, self.tokenizer, settings.eval.decoding, self.config.eval.batch_size, progress=False
+        )
+        try:
+            yield {"changed_fraction": 0.0}
+        finally:
+            self.generator = greedy

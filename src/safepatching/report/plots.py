@@ -37,10 +37,11 @@ def plot_tune_plane(result: dict[str, Any], path: Path) -> None:
         if points:
             label = "trial" if feasible else "trial breaking a constraint"
             axis.scatter(*zip(*points, strict=True), s=22, alpha=0.6, label=label, **style)
-    front = sorted((p["screen"]["benign"], p["screen"]["harmful"]) for p in result["front"])
+    front = sorted((p["screen"]["benign"], p["screen"]["harmful"]) for p in result["screened_front"])
     if front:
         axis.plot(*zip(*front, strict=True), color="tab:blue", linewidth=1.2, label="front (short budget)")
-        finals = [(p["final"]["benign"]["refusal"], p["final"]["harmful"]["refusal"]) for p in result["front"]]
+    finals = [(p["final"]["benign"]["refusal"], p["final"]["harmful"]["refusal"]) for p in result["front"]]
+    if finals:
         axis.scatter(*zip(*finals, strict=True), marker="s", facecolors="none", edgecolors="tab:green", s=40,
                      label="front, full budget")  # fmt: skip
     for budget, marker in (("screen", "*"), ("final", "P")):
@@ -87,5 +88,49 @@ def plot_rounds(result: dict[str, Any], path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     figure.suptitle(f"continual PSA on {result['backbone']}", fontsize=10)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_bench_fronts(result: dict[str, Any], path: Path) -> None:
+    """Each tuned row's validation front (short budget, joined), its chosen point judged again with the
+    full budget (hollow) and its test point (filled), on the benign-refusal vs harmful-refusal plane;
+    the backbone as a black star (test) and plus (validation)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7.2, 5.4))
+    test = {
+        row["model"]: row["rate"] if row["measure"] == "refusal" else 100 - row["rate"]
+        for row in result["statistics"]
+        if row["set"] == "harmful"
+    }
+    benign_test = {row["model"]: row["rate"] for row in result["statistics"] if row["set"] == "benign"}
+    colours = plt.get_cmap("tab10")
+    tuned = [(name, row["tuning"]) for name, row in result["methods"].items() if "tuning" in row]
+    for index, (name, tuning) in enumerate(tuned):
+        colour = colours(index % 10)
+        front = sorted((p["benign"], p["harmful"]) for p in tuning["screened_front"])
+        if front:
+            axis.plot(*zip(*front, strict=True), color=colour, linewidth=1, alpha=0.6, marker=".")
+        if tuning["chosen"]:
+            validation = tuning["chosen"]["validation"]
+            axis.scatter([validation["benign"]["refusal"]], [validation["harmful"]["refusal"]], s=70,
+                         facecolors="none", edgecolors=[colour], linewidths=1.5)  # fmt: skip
+        if name in test and name in benign_test:
+            axis.scatter([benign_test[name]], [test[name]], s=90, color=colour, label=name, zorder=3)
+    if tuned:
+        base = tuned[0][1]["backbone"]
+        axis.scatter([base["benign"]["refusal"]], [base["harmful"]["refusal"]], marker="P", s=120, color="black",
+                     label="backbone (validation)")  # fmt: skip
+    if "backbone" in test and "backbone" in benign_test:
+        axis.scatter([benign_test["backbone"]], [test["backbone"]], marker="*", s=180, color="black",
+                     label="backbone (test)", zorder=3)  # fmt: skip
+    axis.set_xlabel("refusal on benign-but-scary prompts (%) ↓")
+    axis.set_ylabel("refusal on harmful prompts (%) ↑")
+    axis.set_title(
+        f"bench {result['name']}: validation fronts (lines; hollow = chosen, full budget), test points (filled)",
+        fontsize=8,
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     save_figure(figure, path)

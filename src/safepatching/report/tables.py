@@ -201,6 +201,12 @@ def bench_markdown(result: dict[str, Any]) -> str:
         f"{result['config']['pipeline']['seed']}) and shared by all rows. — : not measured (decoding-time",
         "methods change generation only, so KL, MMLU and GSM8K would repeat the backbone's).",
         "",
+        *tuning_markdown(rows),
+        *(
+            ["## Paired statistics (first seed)", "", statistics_markdown(result["statistics"])]
+            if result.get("statistics")
+            else []
+        ),
         "## Methods",
         "",
         *[f"- **{name}**: {row['description']}" for name, row in rows.items()],
@@ -213,6 +219,41 @@ def bench_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def tuning_markdown(rows: dict[str, Any]) -> list[str]:
+    """The tuned rows' studies: budget, front, chosen knobs and their validation rates (full budget)."""
+    tuned = {name: row["tuning"] for name, row in rows.items() if "tuning" in row}
+    if not tuned:
+        return []
+
+    def rate(value: dict[str, Any]) -> str:
+        return f"{value['refusal']:.1f} [{value['ci'][0]:.1f}, {value['ci'][1]:.1f}]"
+
+    base = next(iter(tuned.values()))["backbone"]
+    lines = [
+        "## Tuning (validation sets; each row's point chosen by the same rule, then evaluated above on the test sets)",
+        "",
+        "| method | trials | front | chosen knobs | harmful refusal ↑ | p | benign refusal ↓ | p | KL | study (min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| backbone | | | | {rate(base['harmful'])} | | {rate(base['benign'])} | | | |",
+    ]
+    for name, tuning in tuned.items():
+        chosen = tuning["chosen"]
+        if chosen is None:
+            lines.append(
+                f"| {name} | {tuning['trials']} | {len(tuning['screened_front'])} | no feasible trial: the configured "
+                f"point is evaluated | | | | | | {tuning['seconds'] / 60:.0f} |"
+            )
+            continue
+        validation = chosen["validation"]
+        lines.append(
+            f"| {name} | {tuning['trials']} | {len(tuning['screened_front'])} | {knobs_text(chosen['params'])} | "
+            f"{rate(validation['harmful'])} | {p_value(validation['harmful'].get('p_vs_backbone'))} | "
+            f"{rate(validation['benign'])} | {p_value(validation['benign'].get('p_vs_backbone'))} | "
+            f"{_fmt(validation['kl'], 4)} | {tuning['seconds'] / 60:.0f} |"
+        )
+    return [*lines, "", "Each study's front, trials and plot: `<results>.md/.json/.png` beside this file.", ""]
 
 
 def _column_cell(value: float | None, column: str) -> str:
@@ -284,8 +325,13 @@ def tune_markdown(result: dict[str, Any]) -> str:
         f"Validation prompts: {sizes} (harmful: {', '.join(result['groups']['harmful'])}; benign: "
         f"{', '.join(result['groups']['benign'])}). Objectives: refusal on harmful prompts up, on benign prompts down. "
         f"Constraints: KL to the backbone <= {settings['max_kl']} nats/token, looping replies <= {settings['max_looping']} %. "
-        f"Trials judge {settings['screen_max_new_tokens']} new tokens; the front is judged again with "
-        f"{settings['final_max_new_tokens']}.",
+        f"Trials judge {settings['screen_max_new_tokens']} new tokens; "
+        + (
+            "the front is"
+            if settings.get("final_judging", "front") == "front"
+            else f"the point the rule picks on the short budget (of {len(result['screened_front'])} on the front) is"
+        )
+        + f" judged again with {settings['final_max_new_tokens']}.",
         "",
         "## Front, judged with the full budget (refusal %, 95 % Wilson interval, McNemar p vs the backbone)",
         "",

@@ -1,0 +1,136 @@
+"""The tuned bench on a tiny model: each named row searched with the same budget, evaluated at its
+chosen point on the test sets, with paired statistics and the fronts figure; bad tuning input."""
+
+import json
+
+import pytest
+import yaml
+
+from safepatching.config.experiments import BenchConfig
+from safepatching.config.loading import build_config
+from safepatching.experiments.bench import run_bench
+
+VALIDATION = {
+    "harmful": {"unc-val": {"source": "builtin:uncensorbench", "split": "train[6:12]", "shuffle_seed": 0}},
+    "benign": {"scary-val": {"source": "builtin:benign-but-scary", "split": "train[5:9]"}},
+    "harmless": {"source": "builtin:harmless", "split": "train[2:4]"},
+}
+
+
+def tuned_bench(pipeline, model_dir, root, **tuning):
+    return {
+        "name": "tiny-tuned",
+        "pipeline": pipeline(model_dir),
+        "methods": ["backbone", "safepatching", "ga", "rose"],
+        "seeds": [0],
+        "output_dir": str(root / "results"),
+        "work_dir": str(root / "work"),
+        "tuning": {
+            "validation": VALIDATION,
+            "trials": 2,
+            "seed": 3,
+            "max_kl": 50.0,
+            "max_looping": 100.0,
+            "screen_max_new_tokens": 3,
+            "final_max_new_tokens": 4,
+            "spaces": {
+                "safepatching": {"merge.alpha": {"low": 0.5, "high": 2.0}, "merge.top_a": {"choices": [10, 30]}},
+                "ga": {"merge.alpha": {"low": 0.2, "high": 1.0}, "derive.max_steps": {"choices": [1]}},
+                "rose": {"eval.decoding.rose_weight": {"low": 0.1, "high": 1.0}},
+            },
+            **tuning,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, tiny_model_dir, bench_pipeline):
+    root = tmp_path_factory.mktemp("tuned-bench")
+    config = build_config(overrides=tuned_bench(bench_pipeline, tiny_model_dir, root), model=BenchConfig)
+    return root, config, run_bench(config, "safepatching bench tiny-tuned.yaml", progress=False)
+
+
+def test_every_tuned_row_gets_the_same_budget_and_its_chosen_point_is_what_is_evaluated(tuned):
+    root, config, result = tuned
+    rows = result["methods"]
+    assert list(rows) == ["backbone", "safepatching", "ga", "rose"]
+    assert "tuning" not in rows["backbone"]
+    for name in ("safepatching", "ga", "rose"):
+        tuning = rows[name]["tuning"]
+        assert tuning["trials"] == 2, name
+        assert tuning["chosen"] is not None and tuning["screened_front"], name
+        study = json.loads((root / "results" / f"tiny-tuned-tuning/tiny-tuned-{name}.json").read_text())
+        assert study["chosen"]["params"] == tuning["chosen"]["params"]
+        assert len(study["front"]) == 1  # the bench re-judges only the chosen point
+        assert (root / "work" / f"study-{name}.sqlite3").exists()
+    alpha = rows["ga"]["tuning"]["chosen"]["params"]["merge.alpha"]
+    assert 0.2 <= alpha <= 1.0
+    ga = json.loads((root / "work/cells/ga/seed-0/metrics.json").read_text())
+    assert ga["merge_counts"]["changed_fraction"] > 0  # the GA family merged its patch at the chosen alpha
+    assert rows["rose"]["columns"]["KL (nats/token) ↓"]["mean"] is None  # a decoding rule: not measured
+    weight = rows["rose"]["tuning"]["chosen"]["params"]["eval.decoding.rose_weight"]
+    assert 0.1 <= weight <= 1.0
+
+
+def test_families_share_one_derivation_and_a_training_knob_derives_its_own(tuned):
+    root, _, _ = tuned
+    assert (root / "work/patches/safety/deltas.safetensors").exists()
+    assert len(list((root / "work/sweep").iterdir())) == 1  # ga's derive.max_steps=1, once for both its trials
+
+
+def test_tuned_bench_reports_paired_statistics_and_the_fronts_figure(tuned):
+    root, _, result = tuned
+    rows = [row for row in result["statistics"] if row["set"] == "harmful"]
+    assert [row["model"] for row in rows] == ["backbone", "safepatching", "ga", "rose"]
+    assert "p_vs_backbone" not in rows[0] and "p_vs_safepatching" not in rows[1]
+    assert all(0 <= row["p_vs_backbone"] <= 1 for row in rows[1:])
+    assert all(0 <= row["p_vs_safepatching"] <= 1 for row in rows[2:])
+    assert all(row["ci_low"] <= row["rate"] <= row["ci_high"] for row in result["statistics"])
+    markdown = (root / "results/tiny-tuned.md").read_text()
+    assert "## Tuning" in markdown and "## Paired statistics" in markdown and "p vs safepatching" in markdown
+    assert (root / "results/tiny-tuned.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_rerun_resumes_every_study_and_cell(tuned):
+    root, config, result = tuned
+    cells = sorted((root / "work/cells").glob("*/seed-0/metrics.json"))
+    stamps = [path.stat().st_mtime_ns for path in cells]
+    again = run_bench(config, "safepatching bench tiny-tuned.yaml", progress=False)
+    assert [path.stat().st_mtime_ns for path in cells] == stamps
+    assert again["statistics"] == result["statistics"]
+    assert {n: r["tuning"]["chosen"] for n, r in again["methods"].items() if "tuning" in r} == {
+        n: r["tuning"]["chosen"] for n, r in result["methods"].items() if "tuning" in r
+    }
+
+
+@pytest.mark.parametrize(
+    ("spaces", "message"),
+    [
+        ({"ties": {"merge.alpha": {"low": 0.1, "high": 1.0}}}, "tuning.spaces.ties: not a row of this bench"),
+        ({"backbone": {"merge.alpha": {"low": 0.1, "high": 1.0}}}, "the backbone has nothing to tune"),
+        ({"rose": {"merge.alpha": {"low": 0.1, "high": 1.0}}}, "only eval.decoding.* knobs"),
+        ({"ga": {"eval.decoding.rose_weight": {"low": 0.1, "high": 1.0}}}, "set merges: false"),
+        ({"ga": {"merge.alpha": {"low": 1.0, "high": 0.5}}}, "empty or inverted"),
+        ({"ga": {"merge.magic": {"low": 0.1, "high": 1.0}}}, "unknown setting 'merge.magic'"),
+        ({"safedecoding": {"eval.decoding.safedecoding_weight": {"low": 1, "high": 3}}}, "safedecoding's expert"),
+    ],
+)
+def test_bad_tuning_is_refused_in_one_line(tmp_path, tiny_model_dir, bench_pipeline, run_command, spaces, message):
+    config = tuned_bench(bench_pipeline, tiny_model_dir, tmp_path)
+    config["methods"].append("safedecoding")
+    config["tuning"]["spaces"] = spaces
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    completed = run_command("bench", str(path), "--no-progress")
+    assert completed.returncode == 2, completed.stderr
+    assert message in completed.stderr and "Traceback" not in completed.stderr
+    assert not (tmp_path / "work").exists()  # refused before any work
+
+
+def test_over_safety_data_that_holds_a_validation_prompt_is_refused(tmp_path, tiny_model_dir, bench_pipeline):
+    config = tuned_bench(bench_pipeline, tiny_model_dir, tmp_path)
+    config["methods"] = ["backbone", "safepatching-benign-os"]
+    config["over_safety_train"] = {"source": "builtin:benign-but-scary", "split": "train[7:12]"}
+    config["tuning"]["spaces"] = {"safepatching-benign-os": {"merge.beta": {"low": 0.1, "high": 1.0}}}
+    with pytest.raises(Exception, match="over_safety_train"):
+        run_bench(build_config(overrides=config, model=BenchConfig), progress=False)
