@@ -75,7 +75,9 @@ def test_every_tuned_row_gets_the_same_budget_and_its_chosen_point_is_what_is_ev
 def test_families_share_one_derivation_and_a_training_knob_derives_its_own(tuned):
     root, _, _ = tuned
     assert (root / "work/patches/safety/deltas.safetensors").exists()
-    assert len(list((root / "work/sweep").iterdir())) == 1  # ga's derive.max_steps=1, once for both its trials
+    (sweep,) = (root / "work/sweep").iterdir()  # ga's derive.max_steps=1, once for both its trials
+    assert (sweep / "patches/safety/deltas.safetensors").exists()
+    assert not (sweep / "patches/over_safety").exists()  # beta 0: the shared over-safety patch stands in
 
 
 def test_tuned_bench_reports_paired_statistics_and_the_fronts_figure(tuned):

@@ -176,10 +176,21 @@ class ValidationScorer:
         if settings.importance != self.config.importance:
             scores_dir = sweep_dir(Path(settings.output_dir), settings.importance.cache_settings())
         run = Stages(settings, progress=self.progress, loaded=(self.master, self.tokenizer), held_out=self.held_out)
-        safety, over_safety = run.derive(self.train)
-        if not MERGE_METHODS[settings.merge.method].needs_importance:  # e.g. task arithmetic: no SNIP pass
-            return safety, over_safety, (None, None)
-        return safety, over_safety, run.importance(self.train, safety, over_safety, scores_dir)
+        if MERGE_METHODS[settings.merge.method].needs_importance:
+            safety, over_safety = run.derive(self.train)
+            return safety, over_safety, run.importance(self.train, safety, over_safety, scores_dir)
+        # No SNIP pass (e.g. task arithmetic); with beta 0 the over-safety patch is multiplied by zero,
+        # so the config's own stands in for one derived under these settings.
+        safety = run.derive_one(self.train, "safety", settings.derive.unlearning)
+        if settings.merge.beta == 0:
+            run = Stages(
+                self.config, progress=self.progress, loaded=(self.master, self.tokenizer), held_out=self.held_out
+            )
+        return (
+            safety,
+            run.derive_one(run.training_pairs("over_safety", self.train), "over_safety", "descent"),
+            (None, None),
+        )
 
     @contextmanager
     def merged(self, settings: PipelineConfig) -> Iterator[dict[str, Any]]:
