@@ -82,6 +82,9 @@ def test_tune_writes_front_trials_plot_and_a_runnable_chosen_config(uninterrupte
     assert chosen.merge.alpha == result["chosen"]["params"]["merge.alpha"]
     assert chosen.merge.top_a == result["chosen"]["params"]["merge.top_a"]
     assert chosen.derive.max_steps == result["chosen"]["params"]["derive.max_steps"]
+    geometry = result["chosen"]["geometry"]  # how the chosen point's patches and regions relate
+    assert -1 <= geometry["cosine"] <= 1 and 0 <= geometry["sign_disagreement"] <= 1
+    assert 0 <= geometry["regions"]["overlap_jaccard"] <= 1 and "patch geometry: cos(P_s, P_o)" in markdown
     steps = {row["params"]["derive.max_steps"] for row in result["trials"]}
     own = {2} if 2 in steps else set()  # the config's own setting derives under WORK_DIR/patches
     assert len(list((root / "work/sweep").glob("*/patches/safety"))) == len(steps - own)

@@ -36,6 +36,7 @@ from safepatching.config.settings import PipelineConfig
 from safepatching.data.sources import load_examples
 from safepatching.errors import ConfigError, TrainingError
 from safepatching.experiments.validation import Judged, ValidationScorer, ValidationSet, rounded_percent
+from safepatching.method.geometry import patch_geometry, region_geometry
 from safepatching.report.plots import plot_tune_plane
 from safepatching.report.statistics import mcnemar_exact, wilson_interval
 from safepatching.report.tables import tune_markdown
@@ -255,7 +256,7 @@ class Tuner:
         with self.applied(self.candidate(trial.params)) as counts:
             outcome = self.outcome(self.scorer.judge(self.settings.screen_max_new_tokens))
             kl = self.scorer.kl() if self.config.merges else None  # a decoding rule leaves the weights alone
-        outcome.update(kl=kl, changed_fraction=round(counts["changed_fraction"], 5))
+        outcome.update(kl=kl, changed_fraction=round(counts["changed_fraction"], 5), regions=region_geometry(counts))
         outcome["seconds"] = round(time.perf_counter() - started, 1)
         for key, value in outcome.items():
             trial.set_user_attr(key, value)
@@ -300,6 +301,14 @@ class Tuner:
             )
             bar.update(1)
         bar.close()
+
+    def geometry(self, trial: FrozenTrial) -> dict[str, Any] | None:
+        """How the trial's two patches relate (cosine, sign disagreement) and its merge regions' overlap;
+        None for a decoding rule."""
+        if not self.config.merges:
+            return None
+        safety, over_safety, _ = self.scorer.derived(self.candidate(trial.params))
+        return {**patch_geometry(safety.deltas, over_safety.deltas), "regions": trial.user_attrs.get("regions")}
 
     def final(self, trial: FrozenTrial) -> dict[str, Any]:
         """A front trial judged again with the full reply budget (once per study)."""
@@ -417,6 +426,7 @@ def run_tune(
                 tuner.trade_off(chosen["final"]["harmful"]["refusal"], chosen["final"]["benign"]["refusal"], "final"), 1
             ),
             "config": str(write_chosen_config(config, tuner.candidate(chosen["params"]), chosen["trial"], command)),
+            "geometry": tuner.geometry(study.trials[chosen["trial"]]),
         }
     write_tune_results(config, result)
     return result

@@ -369,6 +369,8 @@ def tune_markdown(result: dict[str, Any]) -> str:
             f"of harmful refusal gained minus {result['settings']['benign_weight']} x benign refusal added, with the full "
             f"budget; written to `{result['chosen']['config']}`."
         )
+        if result["chosen"].get("geometry"):
+            lines += ["", f"Chosen point's {describe_geometry(result['chosen']['geometry'])}."]
     else:
         lines.append(
             "No trial met the constraints: nothing was chosen. Widen the space or relax tune.max_kl / tune.max_looping."
