@@ -190,7 +190,7 @@ class Stages:
             prompts = [e.prompt for e in self.over_safety_prompts()]
             if replies.model:
                 model, tokenizer = load_model(replies.model, self.loading)
-                answers = self.answer(model, tokenizer, prompts)
+                answers = self.answer(model, tokenizer, prompts, replies.max_new_tokens, "answer over-safety prompts")
                 del model
             else:  # the backbone plus the paper's over-safety patch, which complies readily
                 paper = self.derive_one(pairs, "over_safety_paper", "descent")
@@ -198,7 +198,9 @@ class Stages:
                 scaled = {name: replies.scale * paper.deltas[name].float() for name in paper.deltas}
                 base = None if self._given else self.base_weight
                 with patched(model, scaled, base):
-                    answers = self.answer(model, tokenizer, prompts)
+                    answers = self.answer(
+                        model, tokenizer, prompts, replies.max_new_tokens, "answer over-safety prompts"
+                    )
             judge = get_judge(self.config.eval.refusal_judge, self.config.data_dir)
             verdicts = judge_all(judge, prompts, answers)
             rows = [
@@ -237,9 +239,8 @@ class Stages:
 
         def produce() -> list[dict[str, Any]]:
             model, tokenizer = self.backbone(training=True)
-            generator = HFGenerator(model, tokenizer, self.config.eval.batch_size, self.progress, "own replies")
             with autocast(model, DTYPES[self.compute_dtype]):
-                replies = generator.generate(prompts, settings.own_reply_tokens)
+                replies = self.answer(model, tokenizer, prompts, settings.own_reply_tokens, "own replies")
             rows = [{"prompt": p, "response": r} for p, r in zip(prompts, replies, strict=True)]
             write_jsonl(directory / "replies.jsonl", rows)
             return rows
@@ -252,11 +253,10 @@ class Stages:
         )
         return [Example(row["prompt"], row["response"]) for row in rows]
 
-    def answer(self, model, tokenizer, prompts: list[str]) -> list[str]:
-        generator = HFGenerator(
-            model, tokenizer, self.config.eval.batch_size, self.progress, "answer over-safety prompts"
-        )
-        return generator.generate(prompts, self.config.over_safety_replies.max_new_tokens)
+    def answer(self, model, tokenizer, prompts: list[str], max_new_tokens: int, desc: str) -> list[str]:
+        """Greedy replies of ``model`` to ``prompts`` (over-safety training replies, own replies)."""
+        generator = HFGenerator(model, tokenizer, self.config.eval.batch_size, self.progress, desc)
+        return generator.generate(prompts, max_new_tokens)
 
     # -- stage keys ----------------------------------------------------------------------------------
     def derive_key(self, label: str = "safety") -> str:
