@@ -51,7 +51,7 @@ def test_generated_replies_are_judged_cached_and_refusals_dropped(
     data = jsonl(tmp_path / "os.jsonl", [{"prompt": p} for p in PROMPTS])
     config = changed(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), over_safety_train={"source": data})
     replies = iter([["Sure: run kill -9 PID."] * 3 + ["I'm sorry, I can't help with that."] * 2])
-    monkeypatch.setattr(Stages, "answer", lambda self, model, tokenizer, prompts: next(replies))
+    monkeypatch.setattr(Stages, "answer", lambda self, model, tokenizer, prompts, *_: next(replies))
     stages = Stages(config, progress=False)
     pairs = stages.over_safety_pairs(stages.harmful_pairs())
     assert [p.response for p in pairs] == ["Sure: run kill -9 PID."] * 3
@@ -68,7 +68,7 @@ def test_replies_that_are_all_refusals_stop_the_run_in_one_line(
     data = jsonl(tmp_path / "os.jsonl", [{"prompt": p} for p in PROMPTS])
     config = changed(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), over_safety_train={"source": data})
     monkeypatch.setattr(
-        Stages, "answer", lambda self, model, tokenizer, prompts: ["I cannot help with that."] * len(prompts)
+        Stages, "answer", lambda self, model, tokenizer, prompts, *_: ["I cannot help with that."] * len(prompts)
     )
     stages = Stages(config, progress=False)
     with pytest.raises(DataError, match="all 5 generated over-safety replies were refusals"):
