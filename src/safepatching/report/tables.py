@@ -198,7 +198,8 @@ def bench_markdown(result: dict[str, Any]) -> str:
         "",
         "Cells are mean ± sample sd over the seeds; methods without random retention do not depend on the",
         "seed and are evaluated once. Patches and importance are derived once (seed "
-        f"{result['config']['pipeline']['seed']}) and shared by all rows. — : not measured (decoding-time",
+        f"{result['config']['pipeline']['seed']}) and shared by all rows (a tuned row uses the patches its study "
+        "derived for its chosen training knobs). — : not measured (decoding-time",
         "methods change generation only, so KL, MMLU and GSM8K would repeat the backbone's).",
         "",
         *tuning_markdown(rows),
