@@ -165,7 +165,7 @@ class Bench:
         chosen = result["chosen"]
         final = next((p["final"] for p in result["front"] if chosen and p["trial"] == chosen["trial"]), None)
         self.tuning[name] = {
-            "trials": len(result["trials"]),
+            "trials": sum(row["state"] != "interrupted" for row in result["trials"]),  # killed ones ran again
             "seconds": result["wall_seconds"],
             "results": str(config.output_dir / config.name),
             "backbone": {group: result["backbone"]["final"][group] for group in ("harmful", "benign")},
