@@ -82,6 +82,12 @@ def test_tune_writes_front_trials_plot_and_a_runnable_chosen_config(uninterrupte
     assert chosen.merge.alpha == result["chosen"]["params"]["merge.alpha"]
     assert chosen.merge.top_a == result["chosen"]["params"]["merge.top_a"]
     assert chosen.derive.max_steps == result["chosen"]["params"]["derive.max_steps"]
+    base, points = (
+        result["backbone"]["screen"],
+        [(p["screen"]["harmful"], p["screen"]["benign"]) for p in result["front"]],
+    )
+    assert result["separation"]["separates"] == any(h > base["harmful"] and b < base["benign"] for h, b in points)
+    assert "Separation (short budget" in markdown
     geometry = result["chosen"]["geometry"]  # how the chosen point's patches and regions relate
     assert -1 <= geometry["cosine"] <= 1 and 0 <= geometry["sign_disagreement"] <= 1
     assert 0 <= geometry["regions"]["overlap_jaccard"] <= 1 and "patch geometry: cos(P_s, P_o)" in markdown
@@ -175,3 +181,19 @@ def test_a_study_made_before_later_settings_existed_still_opens(tmp_path, tiny_m
     assert tune_module.first_fingerprint(later) is None
     with pytest.raises(tune_module.ConfigError, match="another config"):
         tune_module.open_study(later, new_study=False)
+
+
+def test_separation_reads_the_front_against_the_backbone():
+    base = {"harmful": 50.0, "benign": 40.0}
+    front = [{"screen": {"harmful": h, "benign": b}} for h, b in [(60.0, 45.0), (45.0, 30.0), (52.0, 38.0)]]
+    assert tune_module.separation(front, base) == {
+        "benign_at_no_safety_loss": 38.0,
+        "harmful_at_no_benign_rise": 52.0,
+        "separates": True,
+    }
+    assert tune_module.separation(front[:2], base) == {  # one trade-off line: safer costs over-refusal
+        "benign_at_no_safety_loss": 45.0,
+        "harmful_at_no_benign_rise": 45.0,
+        "separates": False,
+    }
+    assert tune_module.separation([], base)["benign_at_no_safety_loss"] is None

@@ -346,6 +346,20 @@ def agreement(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, A
     return {"decisions": total, "agreeing_percent": round(100 * same / max(total, 1), 1)}
 
 
+def separation(front: list[dict[str, Any]], backbone: dict[str, Any]) -> dict[str, Any]:
+    """What a front says about separating the goals, on the short budget every trial was judged with:
+    the lowest benign refusal among points refusing at least as many harmful prompts as the backbone,
+    the highest harmful refusal among points refusing no more benign prompts than it (None where no
+    point qualifies), and whether any point beats the backbone on both."""
+    points = [(p["screen"]["harmful"], p["screen"]["benign"]) for p in front]
+    harmful, benign = backbone["harmful"], backbone["benign"]
+    return {
+        "benign_at_no_safety_loss": min((b for h, b in points if h >= harmful), default=None),
+        "harmful_at_no_benign_rise": max((h for h, b in points if b <= benign), default=None),
+        "separates": any(h > harmful and b < benign for h, b in points),
+    }
+
+
 def screen_outcome(trial: FrozenTrial) -> dict[str, Any]:
     return {key: trial.user_attrs[key] for key in ("harmful", "benign", "sets", "looping", "decisions", "kl")}
 
@@ -413,6 +427,7 @@ def run_tune(
             {"trial": t.number, "params": t.params, "screen": screen_outcome(t)} for t in screened_front
         ],
         "front": front,
+        "separation": separation([{"screen": screen_outcome(t)} for t in screened_front], tuner.backbone("screen")),
         "agreement": agreement(
             [(p["screen"], p["final"]) for p in front] + [(tuner.backbone("screen"), backbone_final)]
         ),

@@ -314,6 +314,20 @@ def p_value(p: float | None) -> str:
     return "< 0.0001" if p < 1e-4 else f"{p:.2g}"
 
 
+def separation_text(separation: dict[str, Any], backbone: dict[str, Any]) -> str:
+    """One line on whether the front separates the goals (short budget, against the backbone)."""
+
+    def rate(value: float | None) -> str:
+        return "no such point" if value is None else f"{value:.1f} %"
+
+    return (
+        f"Separation (short budget; backbone {backbone['harmful']:.1f} % harmful / {backbone['benign']:.1f} % benign "
+        f"refusal): lowest benign refusal without losing harmful refusal {rate(separation['benign_at_no_safety_loss'])}; "
+        f"highest harmful refusal without adding benign refusal {rate(separation['harmful_at_no_benign_rise'])}; "
+        f"a point better than the backbone on both: {'yes' if separation['separates'] else 'none'}."
+    )
+
+
 def tune_markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
     sizes = ", ".join(f"{name} {size}" for name, size in result["validation_sizes"].items())
@@ -358,6 +372,7 @@ def tune_markdown(result: dict[str, Any]) -> str:
             f"| {point['trial']}{mark} | {knobs_text(point['params'])} | {cells(point['final'])} | {_fmt(point['final']['kl'], 4)} |"
         )
     agree = result["agreement"]
+    lines += ["", separation_text(result["separation"], result["backbone"]["screen"])]
     lines += [
         "",
         f"Short and full budgets agree on {agree['agreeing_percent']:.1f} % of {agree['decisions']} refusal decisions "
