@@ -1,0 +1,103 @@
+"""One table of tuning variants: how each moves the validation front and the patch geometry.
+
+    python benchmarks/variants.py benchmarks/results/tune-reference.json benchmarks/results/tune-1.5b.json \
+        --out benchmarks/results/variants
+
+Each input is the JSON of a `safepatching tune` study (a backbone, a training-data, importance or
+over-safety-data variant). One row per study: backbone, trials, front size, the backbone's validation
+refusal rates, the front's separation figures (short budget: lowest benign refusal without losing
+harmful refusal, highest harmful refusal without adding benign refusal, a point better on both), the
+chosen point's rates with 95 % Wilson intervals (full budget), its KL, cos(P_s, P_o), sign
+disagreement and region overlap (Jaccard). Writes OUT.md and OUT.json; last line ``separates: N of M``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from safepatching.report.tables import knobs_text
+from safepatching.storage.files import write_json, write_text_atomic
+
+
+def variant_row(path: Path) -> dict[str, Any]:
+    result = json.loads(path.read_text())
+    chosen, geometry = result.get("chosen") or {}, (result.get("chosen") or {}).get("geometry") or {}
+    final = next((p["final"] for p in result["front"] if p["trial"] == chosen.get("trial")), None)
+    return {
+        "study": result["name"],
+        "model": result["model"],
+        "trials": sum(row["state"] != "interrupted" for row in result["trials"]),
+        "front": len(result.get("screened_front", result["front"])),
+        "backbone": {group: result["backbone"]["screen"][group] for group in ("harmful", "benign")},
+        "separation": result.get("separation"),
+        "chosen": chosen.get("params"),
+        "chosen_final": final and {group: final[group] for group in ("harmful", "benign")} | {"kl": final["kl"]},
+        "cosine": geometry.get("cosine"),
+        "sign_disagreement": geometry.get("sign_disagreement"),
+        "overlap_jaccard": (geometry.get("regions") or {}).get("overlap_jaccard"),
+    }
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        "# Tuning variants: validation fronts and patch geometry",
+        "",
+        f"command: `{command}`",
+        "",
+        "Refusal in %. Separation columns on the short budget every trial was judged with; the chosen point "
+        "judged again with the full budget (95 % Wilson interval).",
+        "",
+        "| study | model | trials | front | backbone harmful / benign | benign refusal, no safety loss | "
+        "harmful refusal, no benign rise | better on both | chosen knobs | chosen harmful | chosen benign | KL | "
+        "cos(P_s, P_o) | signs differ | region overlap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        separation = row["separation"] or {}
+        final = row["chosen_final"]
+
+        def rate(group: str, final: dict[str, Any] | None = final) -> str:
+            if not final:
+                return "—"
+            return f"{final[group]['refusal']:.1f} [{final[group]['ci'][0]:.1f}, {final[group]['ci'][1]:.1f}]"
+
+        lines.append(
+            f"| {row['study']} | {row['model']} | {row['trials']} | {row['front']} | "
+            f"{fmt(row['backbone']['harmful'])} / {fmt(row['backbone']['benign'])} | "
+            f"{fmt(separation.get('benign_at_no_safety_loss'))} | {fmt(separation.get('harmful_at_no_benign_rise'))} | "
+            f"{'yes' if separation.get('separates') else 'no'} | {knobs_text(row['chosen'] or {})} | {rate('harmful')} | "
+            f"{rate('benign')} | {fmt(final and final['kl'], 4)} | {fmt(row['cosine'], 2)} | "
+            f"{fmt(row['sign_disagreement'] and 100 * row['sign_disagreement'], 0)} % | {fmt(row['overlap_jaccard'], 2)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path, help="tune result JSON files")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/variants"))
+    args = parser.parse_args()
+    missing = [str(path) for path in args.results if not path.is_file()]
+    if missing:
+        sys.exit(f"error: no tune result at {missing[0]}; run the study first (safepatching tune CONFIG)")
+    command = shlex.join(["python", *sys.argv])
+    rows = [variant_row(path) for path in args.results]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out.with_suffix(".json"), {"command": command, "variants": rows})
+    write_text_atomic(args.out.with_suffix(".md"), markdown(rows, command))
+    print(markdown(rows, command))
+    separating = sum(bool((row["separation"] or {}).get("separates")) for row in rows)
+    print(f"separates: {separating} of {len(rows)}")
+
+
+if __name__ == "__main__":
+    main()
