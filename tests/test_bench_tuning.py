@@ -9,6 +9,7 @@ import yaml
 from safepatching.config.experiments import BenchConfig
 from safepatching.config.loading import build_config
 from safepatching.experiments.bench import run_bench
+from safepatching.report.tables import dominance_markdown
 
 VALIDATION = {
     "harmful": {"unc-val": {"source": "builtin:uncensorbench", "split": "train[6:12]", "shuffle_seed": 0}},
@@ -90,6 +91,7 @@ def test_tuned_bench_reports_paired_statistics_and_the_fronts_figure(tuned):
     assert all(row["ci_low"] <= row["rate"] <= row["ci_high"] for row in result["statistics"])
     markdown = (root / "results/tiny-tuned.md").read_text()
     assert "## Tuning" in markdown and "## Paired statistics" in markdown and "p vs safepatching" in markdown
+    assert "## SafePatching on the test sets" in markdown and "Rows at least as good on both rates" in markdown
     assert (root / "results/tiny-tuned.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -136,3 +138,28 @@ def test_over_safety_data_that_holds_a_validation_prompt_is_refused(tmp_path, ti
     config["tuning"]["spaces"] = {"safepatching-benign-os": {"merge.beta": {"low": 0.1, "high": 1.0}}}
     with pytest.raises(Exception, match="over_safety_train"):
         run_bench(build_config(overrides=config, model=BenchConfig), progress=False)
+
+
+def test_the_test_set_summary_names_rows_at_least_as_good_as_safepatching_on_both_rates():
+    def row(set_name, model, rate, p=None):
+        return {"set": set_name, "model": model, "rate": rate, "ci_low": rate - 5, "ci_high": rate + 5} | (
+            {"p_vs_backbone": p} if p is not None else {}
+        )
+
+    harmful = {"backbone": 50.0, "safepatching": 40.0, "ga": 30.0, "ties": 35.0, "rose": 38.0, "dare": 40.0}
+    benign = {"backbone": 40.0, "safepatching": 50.0, "ga": 45.0, "ties": 60.0, "rose": 50.0, "dare": 50.0}
+    kl = {"backbone": None, "safepatching": 0.01, "ga": 0.005, "ties": 0.001, "rose": None, "dare": 0.002}
+    result = {
+        "statistics": [row("harmful", m, r, None if m == "backbone" else 0.01) for m, r in harmful.items()]
+        + [row("benign", m, r, None if m == "backbone" else 0.02) for m, r in benign.items()],
+        "config": {"harmful_label": "hb", "benign_label": "xs"},
+        "methods": {name: {"columns": {"KL (nats/token) ↓": {"mean": value}}} for name, value in kl.items()},
+    }
+    text = "\n".join(dominance_markdown(result))
+    assert "hb harmful responses 50.0 % [45.0, 55.0] → 40.0 % [35.0, 45.0] (0.80×, p 0.01)" in text
+    assert "xs refusal 40.0 % [35.0, 45.0] → 50.0 % [45.0, 55.0] (1.25×, p 0.02)" in text
+    # ga is better on both at lower KL; rose is better on one, equal on the other, KL not measured;
+    # ties refuses more benign prompts; dare is equal on both (not better)
+    assert "(at equal or lower KL, where measured): ga, rose." in text
+    result["methods"]["ga"]["columns"]["KL (nats/token) ↓"]["mean"] = 0.02
+    assert "where measured): rose." in "\n".join(dominance_markdown(result))

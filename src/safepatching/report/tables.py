@@ -202,6 +202,7 @@ def bench_markdown(result: dict[str, Any]) -> str:
         "derived for its chosen training knobs). — : not measured (decoding-time",
         "methods change generation only, so KL, MMLU and GSM8K would repeat the backbone's).",
         "",
+        *dominance_markdown(result),
         *tuning_markdown(rows),
         *(
             ["## Paired statistics (first seed)", "", statistics_markdown(result["statistics"])]
@@ -220,6 +221,45 @@ def bench_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def dominance_markdown(result: dict[str, Any]) -> list[str]:
+    """SafePatching against the backbone on the test sets (harmful responses on the main harmful set,
+    refusal on the main benign set: ratio, interval, McNemar's p), and which rows beat it on both."""
+    stats = {(row["set"], row["model"]): row for row in result.get("statistics", [])}
+    if ("harmful", "safepatching") not in stats or ("harmful", "backbone") not in stats:
+        return []
+    labels = result["config"]["harmful_label"], result["config"]["benign_label"]
+    parts = []
+    for set_name, label, what in (("harmful", labels[0], "harmful responses"), ("benign", labels[1], "refusal")):
+        base, ours = stats[(set_name, "backbone")], stats[(set_name, "safepatching")]
+        ratio = f"{ours['rate'] / base['rate']:.2f}×" if base["rate"] else "—"
+        parts.append(
+            f"{label} {what} {base['rate']:.1f} % [{base['ci_low']:.1f}, {base['ci_high']:.1f}] → {ours['rate']:.1f} % "
+            f"[{ours['ci_low']:.1f}, {ours['ci_high']:.1f}] ({ratio}, p {p_value(ours.get('p_vs_backbone'))})"
+        )
+    kl_of = {name: row["columns"]["KL (nats/token) ↓"]["mean"] for name, row in result["methods"].items()}
+
+    def rates(name: str) -> tuple[float, float]:
+        return stats[("harmful", name)]["rate"], stats[("benign", name)]["rate"]
+
+    ours = rates("safepatching")
+    better = [
+        name
+        for name in result["methods"]
+        if name not in ("backbone", "safepatching")
+        and ("harmful", name) in stats
+        and all(theirs <= mine for theirs, mine in zip(rates(name), ours, strict=True))
+        and rates(name) != ours
+        and (kl_of[name] is None or kl_of["safepatching"] is None or kl_of[name] <= kl_of["safepatching"])
+    ]
+    return [
+        "## SafePatching on the test sets",
+        "",
+        f"Against the backbone: {'; '.join(parts)}; KL {_fmt(kl_of['safepatching'], 4)}.",
+        f"Rows at least as good on both rates (at equal or lower KL, where measured): {', '.join(better) or 'none'}.",
+        "",
+    ]
 
 
 def tuning_markdown(rows: dict[str, Any]) -> list[str]:
