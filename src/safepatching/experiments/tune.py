@@ -304,10 +304,11 @@ class Tuner:
 
     def geometry(self, trial: FrozenTrial) -> dict[str, Any] | None:
         """How the trial's two patches relate (cosine, sign disagreement) and its merge regions' overlap;
-        None for a decoding rule."""
-        if not self.config.merges:
+        None for a decoding rule or a merge that leaves the over-safety patch out (beta 0)."""
+        candidate = self.candidate(trial.params)
+        if not self.config.merges or candidate.merge.beta == 0:
             return None
-        safety, over_safety, _ = self.scorer.derived(self.candidate(trial.params))
+        safety, over_safety, _ = self.scorer.derived(candidate)
         return {**patch_geometry(safety.deltas, over_safety.deltas), "regions": trial.user_attrs.get("regions")}
 
     def final(self, trial: FrozenTrial) -> dict[str, Any]:
