@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from safepatching.experiments.tune import finished_count
 from safepatching.report.tables import knobs_text
 from safepatching.storage.files import write_json, write_text_atomic
 
@@ -31,7 +32,7 @@ def variant_row(path: Path) -> dict[str, Any]:
     return {
         "study": result["name"],
         "model": result["model"],
-        "trials": sum(row["state"] != "interrupted" for row in result["trials"]),
+        "trials": finished_count(result),
         "front": len(result.get("screened_front", result["front"])),
         "backbone": {group: result["backbone"]["screen"][group] for group in ("harmful", "benign")},
         "separation": result.get("separation"),

@@ -22,7 +22,6 @@ from rich.console import Console
 
 from safepatching import __version__
 from safepatching.config.experiments import BENCH_METHODS, BenchConfig, BenchMethod
-from safepatching.config.loading import with_settings
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import EvalSets
 from safepatching.data.sources import Example
@@ -30,7 +29,7 @@ from safepatching.evaluation.decoding import make_generator
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
 from safepatching.experiments.compare import HARMFUL_SETS
 from safepatching.experiments.stages import Stages
-from safepatching.experiments.tune import make_scorer, run_tune
+from safepatching.experiments.tune import candidate_settings, finished_count, make_scorer, run_tune
 from safepatching.experiments.validation import ValidationScorer
 from safepatching.method.dense import DensePatch, patched
 from safepatching.method.merge_methods import MERGE_METHODS
@@ -165,7 +164,7 @@ class Bench:
         chosen = result["chosen"]
         final = next((p["final"] for p in result["front"] if chosen and p["trial"] == chosen["trial"]), None)
         self.tuning[name] = {
-            "trials": sum(row["state"] != "interrupted" for row in result["trials"]),  # killed ones ran again
+            "trials": finished_count(result),
             "seconds": result["wall_seconds"],
             "results": str(config.output_dir / config.name),
             "backbone": {group: result["backbone"]["final"][group] for group in ("harmful", "benign")},
@@ -181,7 +180,7 @@ class Bench:
             },
         }
         if chosen:
-            self.chosen[name] = with_settings(self._scorer.config, {**config.fixed, **chosen["params"]})
+            self.chosen[name] = candidate_settings(config, self._scorer.config, chosen["params"])
 
     def candidate_deltas(self, name: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """A tuned merge row's deltas at its chosen point, from the patches its study derived."""

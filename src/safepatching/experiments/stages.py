@@ -298,8 +298,11 @@ class Stages:
         return self.over_safety_pairs(pairs) if label == "over_safety" else pairs
 
     def derive(self, pairs: list[Example]) -> tuple[DensePatch, DensePatch]:
-        safety = self.derive_one(pairs, "safety", self.config.derive.unlearning)
-        return safety, self.derive_one(self.training_pairs("over_safety", pairs), "over_safety", "descent")
+        return self.derive_one(pairs, "safety", self.config.derive.unlearning), self.derive_over_safety(pairs)
+
+    def derive_over_safety(self, pairs: list[Example]) -> DensePatch:
+        """The over-safety patch: descent on the config's over-safety data (the harmful pairs by default)."""
+        return self.derive_one(self.training_pairs("over_safety", pairs), "over_safety", "descent")
 
     def derive_one(
         self, pairs: list[Example], label: str, direction: Direction, directory: Path | None = None, refresh=False

@@ -203,6 +203,16 @@ def make_scorer(config: TuneConfig, progress: bool = True) -> ValidationScorer:
     return ValidationScorer(pipeline, config.work_dir, sets, harmless, config.pipeline.eval.kl_max_new_tokens, progress)
 
 
+def candidate_settings(config: TuneConfig, pipeline: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
+    """The pipeline a trial's knobs make: the study's fixed settings, then the knobs."""
+    return with_settings(pipeline, {**config.fixed, **params})
+
+
+def finished_count(result: dict[str, Any]) -> int:
+    """Trials a study result ran to their end (one a kill interrupted ran again as a later trial)."""
+    return sum(row["state"] != "interrupted" for row in result["trials"])
+
+
 class Tuner:
     """One tune run: the scorer, the study and the trials (see the module doc)."""
 
@@ -245,7 +255,7 @@ class Tuner:
         return self.study.user_attrs[key]
 
     def candidate(self, params: dict[str, Any]) -> PipelineConfig:
-        return with_settings(self.pipeline, {**self.config.fixed, **params})
+        return candidate_settings(self.config, self.pipeline, params)
 
     def applied(self, candidate: PipelineConfig):
         """The model as this candidate makes it, while the block runs: merged, or decoding its way."""

@@ -186,11 +186,7 @@ class ValidationScorer:
             run = Stages(
                 self.config, progress=self.progress, loaded=(self.master, self.tokenizer), held_out=self.held_out
             )
-        return (
-            safety,
-            run.derive_one(run.training_pairs("over_safety", self.train), "over_safety", "descent"),
-            (None, None),
-        )
+        return safety, run.derive_over_safety(self.train), (None, None)
 
     @contextmanager
     def merged(self, settings: PipelineConfig) -> Iterator[dict[str, Any]]:
