@@ -84,7 +84,7 @@ def test_safedecoding_stops_using_the_expert_after_its_tokens(tiny):
         def __init__(self):
             super().__init__()
             self.inner = model
-            self.generation_config = model.generation_config
+            self.generation_config, self.config = model.generation_config, model.config
 
         def forward(self, **kwargs):
             calls.append(kwargs["input_ids"].shape)
@@ -95,7 +95,8 @@ def test_safedecoding_stops_using_the_expert_after_its_tokens(tiny):
         batch_size=3, progress=False,
     )  # fmt: skip
     generator.generate(PROMPTS, 8)
-    assert len(calls) == 2  # prefill and one more step: only the first two tokens consult the expert
+    # the prefill gives the first token's logits, one decoding step the second's; then the expert stops
+    assert [shape[0] for shape in calls if shape[1] == 1] == [3]
 
 
 def test_safedecoding_config_needs_an_expert():

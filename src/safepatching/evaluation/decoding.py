@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from safepatching.config.settings import DecodingConfig
 from safepatching.data.chat import chat_prompt
-from safepatching.evaluation.generation import Generator, HFGenerator, eos_token_ids, reply_length
+from safepatching.evaluation.generation import Decoder, Generator, HFGenerator, length_buckets
 
 # (log-probs of the main stream, log-probs of the other stream, step) -> scores to take the argmax of
 Combine = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -60,7 +60,9 @@ def safedecoding_combine(weight: float, candidates: int) -> Combine:
 
 
 class ContrastiveGenerator:
-    """Greedy decoding on ``combine`` of two streams; ``other_steps`` limits how long the second runs."""
+    """Greedy decoding on ``combine`` of two streams; ``other_steps`` limits how long the second runs.
+    Each stream runs apart, with its own KV cache: a stream's prompts share their system turn, which
+    the prefill runs once (one batch of both streams would share nothing and prefill it for every row)."""
 
     def __init__(
         self,
@@ -75,84 +77,45 @@ class ContrastiveGenerator:
     ):
         self.tokenizer, self.main, self.other, self.combine = tokenizer, main, other, combine
         self.other_steps, self.batch_size, self.progress, self.desc = other_steps, batch_size, progress, desc
-        self.eos_ids = eos_token_ids(main.model, tokenizer)
+        self.engines = [HFGenerator(stream.model, tokenizer, batch_size, False) for stream in (main, other)]
+        self.eos_ids = self.engines[0].eos_ids
         self.generated_tokens = 0
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        lengths = [len(p) for p in prompts]
+        rows = [self._rows(stream, prompts) for stream in (self.main, self.other)]
+        lengths = [max(main, other) for main, other in zip(map(len, rows[0]), map(len, rows[1]), strict=True)]
         order = sorted(range(len(prompts)), key=lambda i: lengths[i])
         outputs = [""] * len(prompts)
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for batch in tqdm(batches, desc=self.desc, disable=not self.progress):
-            for index, text in zip(
-                batch, self._generate_batch([prompts[i] for i in batch], max_new_tokens), strict=True
-            ):
-                outputs[index] = text
+        for batch in tqdm(
+            length_buckets(order, lengths, self.batch_size, max_new_tokens), desc=self.desc, disable=not self.progress
+        ):
+            replies = self._greedy([rows[0][i] for i in batch], [rows[1][i] for i in batch], max_new_tokens)
+            for index, reply in zip(batch, replies, strict=True):
+                self.generated_tokens += len(reply)
+                outputs[index] = self.tokenizer.decode(reply, skip_special_tokens=True).strip()
         return outputs
 
-    def _encode(self, stream: Stream, prompts: list[str]) -> dict[str, torch.Tensor]:
+    def _rows(self, stream: Stream, prompts: list[str]) -> list[list[int]]:
         texts = [chat_prompt(self.tokenizer, p, stream.system) for p in prompts]
-        previous_side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            self.tokenizer.padding_side = previous_side
-        device = next(stream.model.parameters()).device
-        return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device)}
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts: list[str], max_new_tokens: int) -> list[str]:
-        states = [_StreamState(stream, self._encode(stream, prompts)) for stream in (self.main, self.other)]
-        finished = torch.zeros(len(prompts), dtype=torch.bool)
-        chosen: list[torch.Tensor] = []
+    def _greedy(self, main_rows: list[list[int]], other_rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Each prompt's tokens, up to and including its end token."""
+        decoders = [Decoder(engine, rows) for engine, rows in zip(self.engines, (main_rows, other_rows), strict=True)]
+        replies: list[list[int]] = [[] for _ in main_rows]
         for step in range(max_new_tokens):
-            other_active = self.other_steps is None or step < self.other_steps
-            main_logprobs = states[0].next_logprobs()
-            scores = self.combine(main_logprobs, states[1].next_logprobs(), step) if other_active else main_logprobs
-            token = scores.argmax(-1).cpu()
-            token = torch.where(finished, torch.full_like(token, self.tokenizer.pad_token_id), token)
-            chosen.append(token)
-            finished |= torch.isin(token, torch.tensor(sorted(self.eos_ids)))
-            if bool(finished.all()):
+            logprobs = [torch.log_softmax(d.last_logits().float(), dim=-1) for d in decoders]
+            scores = self.combine(logprobs[0], logprobs[1], step) if len(logprobs) == 2 else logprobs[0]
+            token = scores.argmax(-1)
+            writing = decoders[0].record(token, replies, self.eos_ids)
+            if step == max_new_tokens - 1 or not bool(writing.any()):
                 break
-            for state in states if other_active else states[:1]:
-                state.feed(token)
-        replies = torch.stack(chosen, dim=1) if chosen else torch.empty((len(prompts), 0), dtype=torch.long)
-        texts = []
-        for row in replies.tolist():
-            length = reply_length(row, self.eos_ids)
-            self.generated_tokens += length
-            texts.append(self.tokenizer.decode(row[:length], skip_special_tokens=True).strip())
-        return texts
-
-
-class _StreamState:
-    """One stream's left-padded inputs, positions and KV cache during decoding."""
-
-    def __init__(self, stream: Stream, encoded: dict[str, torch.Tensor]):
-        self.model = stream.model
-        self.input_ids = encoded["input_ids"]
-        self.attention_mask = encoded["attention_mask"]
-        self.position_ids = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        self.cache = None  # the first call runs the whole prompt (prefill), later ones one token
-
-    def next_logprobs(self) -> torch.Tensor:
-        out = self.model(
-            input_ids=self.input_ids,
-            attention_mask=self.attention_mask,
-            position_ids=self.position_ids,
-            past_key_values=self.cache,
-            use_cache=True,
-        )
-        self.cache = out.past_key_values
-        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-
-    def feed(self, token: torch.Tensor) -> None:
-        """The chosen token becomes the next input."""
-        self.input_ids = token.to(self.input_ids.device).unsqueeze(-1)
-        self.position_ids = self.position_ids[:, -1:] + 1
-        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.input_ids)], dim=-1)
+            if self.other_steps is not None and step + 1 >= self.other_steps:
+                decoders = decoders[:1]  # the second stream has had its steps: stop running it
+            for decoder in decoders:
+                decoder.advance(token, writing)
+        return replies
 
 
 def make_generator(

@@ -90,34 +90,15 @@ class HFGenerator:
 
     @torch.inference_mode()
     def greedy(self, rows: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Each prompt's greedy tokens, up to and including its end token. A row that has ended
-        leaves the batch (its KV cache rows are dropped), so later steps compute only for rows still
-        writing; the prompts' logits are computed for their last position alone."""
-        out, attention_mask, position_ids = self.prefill(rows)
+        """Each prompt's greedy tokens, up to and including its end token."""
+        decoder = Decoder(self, rows)
         replies: list[list[int]] = [[] for _ in rows]
-        active = torch.arange(len(rows))
-        eos = torch.tensor(sorted(self.eos_ids), device=attention_mask.device)
         for step in range(max_new_tokens):
-            token = out.logits[:, -1].argmax(-1)
-            for row, value in zip(active.tolist(), token.tolist(), strict=True):
-                replies[row].append(value)
-            writing = ~torch.isin(token, eos)
+            token = decoder.last_logits().argmax(-1)
+            writing = decoder.record(token, replies, self.eos_ids)
             if step == max_new_tokens - 1 or not bool(writing.any()):
                 break
-            if not bool(writing.all()):
-                keep = writing.nonzero().squeeze(-1)
-                out.cache.batch_select_indices(keep)
-                active, token = active[keep.cpu()], token[keep]
-                attention_mask, position_ids = attention_mask[keep], position_ids[keep]
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=-1)
-            position_ids = position_ids[:, -1:] + 1
-            out = self.model(
-                input_ids=token.unsqueeze(-1),
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=out.cache,
-                use_cache=True,
-            )
+            decoder.advance(token, writing)
         return replies
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -135,6 +116,45 @@ class HFGenerator:
                 self.generated_tokens += len(reply)
                 outputs[index] = self.tokenizer.decode(reply, skip_special_tokens=True).strip()
         return outputs
+
+
+class Decoder:
+    """One model's greedy decoding state over a batch of prompts: its KV cache, attention mask and
+    positions. A row that has ended leaves the batch (its KV cache rows are dropped), so later steps
+    compute only for rows still writing; the prompts' logits are computed for their last position alone."""
+
+    def __init__(self, engine: HFGenerator, rows: list[list[int]]):
+        self.model = engine.model
+        self.out, self.attention_mask, self.position_ids = engine.prefill(rows)
+        self.active = torch.arange(len(rows))  # the prompts still writing, by original index
+
+    def last_logits(self) -> torch.Tensor:
+        """Next-token logits, one row per prompt still writing."""
+        return self.out.logits[:, -1]
+
+    def record(self, token: torch.Tensor, replies: list[list[int]], eos_ids: set[int]) -> torch.Tensor:
+        """Append each active prompt's chosen token to its reply; return which prompts go on writing."""
+        for row, value in zip(self.active.tolist(), token.tolist(), strict=True):
+            replies[row].append(value)
+        return ~torch.isin(token, torch.tensor(sorted(eos_ids), device=token.device))
+
+    def advance(self, token: torch.Tensor, writing: torch.Tensor) -> None:
+        """Drop the prompts that ended and run the chosen tokens of the others through the model."""
+        if not bool(writing.all()):
+            keep = writing.nonzero().squeeze(-1)
+            token = token[keep]
+            self.out.cache.batch_select_indices(keep)
+            self.attention_mask, self.position_ids = self.attention_mask[keep], self.position_ids[keep]
+            self.active = self.active[keep.cpu()]
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], dim=-1)
+        self.position_ids = self.position_ids[:, -1:] + 1
+        self.out = self.model(
+            input_ids=token.unsqueeze(-1),
+            attention_mask=self.attention_mask,
+            position_ids=self.position_ids,
+            cache=self.out.cache,
+            use_cache=True,
+        )
 
 
 def shared_prefix_length(rows: list[list[int]]) -> int:
