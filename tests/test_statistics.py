@@ -44,3 +44,14 @@ def test_compare_outcomes_pairs_prompts_and_measures_harm_on_harmful_sets():
         and "p_vs_b" in rows[("benign", "v")]
         and "p_vs_b" not in rows[("benign", "b")]
     )
+
+
+def test_statistics_table_has_as_many_cells_as_columns_with_or_without_tests():
+    from safepatching.report.tables import statistics_markdown
+
+    row = {"set": "harmful", "model": "backbone", "measure": "harmful response", "n": 10}
+    row |= {"rate": 50.0, "ci_low": 23.7, "ci_high": 76.3}
+    for rows in ([row], [row, row | {"model": "patched", "p_vs_backbone": 0.5}]):
+        table = [line for line in statistics_markdown(rows).splitlines() if line.startswith("|")]
+        assert len({line.count("|") for line in table}) == 1
+        assert table[0].count("|") == 6 + (len(rows) - 1)

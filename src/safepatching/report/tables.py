@@ -63,23 +63,23 @@ def comparison_markdown(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def statistics_markdown(rows: list[dict[str, Any]]) -> str:
     """Each set's rate per model with its 95 % Wilson interval and McNemar's exact p (paired by prompt)."""
     tests = sorted({key for row in rows for key in row if key.startswith("p_vs_")})
     lines = [
         "Rates in % with 95 % Wilson intervals; p: McNemar's exact test on the same prompts.",
         "",
-        "| set | model | measure | n | rate [95 % CI] | " + " | ".join(f"p vs {k[5:]}" for k in tests) + " |",
-        "|---|---|---|---|---|" + "---|" * len(tests),
+        markdown_row(["set", "model", "measure", "n", "rate [95 % CI]", *(f"p vs {k[5:]}" for k in tests)]),
+        markdown_row(["---"] * (5 + len(tests))),
     ]
     for row in rows:
-        cells = [f"{row[k]:.3g}" if k in row else "" for k in tests]
         interval = f"{row['rate']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
-        lines.append(
-            f"| {row['set']} | {row['model']} | {row['measure']} | {row['n']} | {interval} | "
-            + " | ".join(cells)
-            + " |"
-        )
+        cells = [f"{row[k]:.3g}" if k in row else "" for k in tests]
+        lines.append(markdown_row([row["set"], row["model"], row["measure"], str(row["n"]), interval, *cells]))
     return "\n".join(lines) + "\n"
 
 
