@@ -11,10 +11,9 @@ Last line: ``self_cd_cost: X rose_cost: Y`` (seconds per generated token / greed
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from generation_throughput import benchmark_prompts
+from generation_throughput import benchmark_prompts, throughput_arguments
 
 from safepatching.config.settings import DecodingConfig, EvalConfig
 from safepatching.evaluation.decoding import make_generator
@@ -33,11 +32,7 @@ def seconds_per_token(generator, prompts: list[str], max_new_tokens: int) -> tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    parser.add_argument("--prompts", type=int, default=96)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    args = parser.parse_args()
+    args = throughput_arguments(__doc__, max_new_tokens=24)
     prompts = benchmark_prompts(args.prompts)
     model, tokenizer = load_model(args.model)
     batch = EvalConfig().batch_size

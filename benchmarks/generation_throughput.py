@@ -85,12 +85,17 @@ def timed(generate: Callable[[list[str]], list[str]], prompts: list[str]) -> tup
     return replies, time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def throughput_arguments(doc: str, max_new_tokens: int) -> argparse.Namespace:
+    """The options every throughput benchmark takes: the model, how many prompts, the token budget."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--prompts", type=int, default=96)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    args = parser.parse_args()
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = throughput_arguments(__doc__, max_new_tokens=32)
     prompts = benchmark_prompts(args.prompts)
     default_dtype = resolve_dtype(ModelLoading().compute_dtype)
     default_batch = EvalConfig().batch_size
