@@ -78,7 +78,6 @@ class ContrastiveGenerator:
         self.tokenizer, self.main, self.other, self.combine = tokenizer, main, other, combine
         self.other_steps, self.batch_size, self.progress, self.desc = other_steps, batch_size, progress, desc
         self.engines = [HFGenerator(stream.model, tokenizer, batch_size, False) for stream in (main, other)]
-        self.eos_ids = self.engines[0].eos_ids
         self.generated_tokens = 0
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
@@ -108,7 +107,7 @@ class ContrastiveGenerator:
             logprobs = [torch.log_softmax(d.last_logits().float(), dim=-1) for d in decoders]
             scores = self.combine(logprobs[0], logprobs[1], step) if len(logprobs) == 2 else logprobs[0]
             token = scores.argmax(-1)
-            writing = decoders[0].record(token, replies, self.eos_ids)
+            writing = decoders[0].record(token, replies)
             if step == max_new_tokens - 1 or not bool(writing.any()):
                 break
             if self.other_steps is not None and step + 1 >= self.other_steps:

@@ -95,7 +95,7 @@ class HFGenerator:
         replies: list[list[int]] = [[] for _ in rows]
         for step in range(max_new_tokens):
             token = decoder.last_logits().argmax(-1)
-            writing = decoder.record(token, replies, self.eos_ids)
+            writing = decoder.record(token, replies)
             if step == max_new_tokens - 1 or not bool(writing.any()):
                 break
             decoder.advance(token, writing)
@@ -127,16 +127,17 @@ class Decoder:
         self.model = engine.model
         self.out, self.attention_mask, self.position_ids = engine.prefill(rows)
         self.active = torch.arange(len(rows))  # the prompts still writing, by original index
+        self.eos = torch.tensor(sorted(engine.eos_ids), device=self.attention_mask.device)
 
     def last_logits(self) -> torch.Tensor:
         """Next-token logits, one row per prompt still writing."""
         return self.out.logits[:, -1]
 
-    def record(self, token: torch.Tensor, replies: list[list[int]], eos_ids: set[int]) -> torch.Tensor:
+    def record(self, token: torch.Tensor, replies: list[list[int]]) -> torch.Tensor:
         """Append each active prompt's chosen token to its reply; return which prompts go on writing."""
         for row, value in zip(self.active.tolist(), token.tolist(), strict=True):
             replies[row].append(value)
-        return ~torch.isin(token, torch.tensor(sorted(eos_ids), device=token.device))
+        return ~torch.isin(token, self.eos.to(token.device))
 
     def advance(self, token: torch.Tensor, writing: torch.Tensor) -> None:
         """Drop the prompts that ended and run the chosen tokens of the others through the model."""
@@ -149,7 +150,7 @@ class Decoder:
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(self.attention_mask[:, :1])], dim=-1)
         self.position_ids = self.position_ids[:, -1:] + 1
         self.out = self.model(
-            input_ids=token.unsqueeze(-1),
+            input_ids=token.to(self.attention_mask.device).unsqueeze(-1),
             attention_mask=self.attention_mask,
             position_ids=self.position_ids,
             cache=self.out.cache,
