@@ -10,6 +10,7 @@ from safepatching.evaluation.decoding import (
     ContrastiveGenerator,
     Stream,
     make_generator,
+    plausible,
     rose_combine,
     safedecoding_combine,
     self_cd_combine,
@@ -53,6 +54,34 @@ def test_contrast_changes_the_choice_of_token(tiny):
     plain = HFGenerator(model, tokenizer, batch_size=3, progress=False).generate(PROMPTS, 10)
     strong = make_generator(model, tokenizer, DecodingConfig(method="rose", rose_weight=5.0), 3, False)
     assert strong.generate(PROMPTS, 10) != plain
+
+
+def test_plausibility_keeps_the_contrast_among_the_main_streams_likely_tokens():
+    main = torch.log_softmax(torch.tensor([[5.0, 4.5, 0.0, -3.0]]), -1)
+    reverse = torch.log_softmax(torch.tensor([[6.0, 6.0, 0.0, -6.0]]), -1)
+    free = rose_combine(2.0)(main, reverse, 0)
+    assert int(free.argmax()) == 3  # the unlikely token wins once the reverse stream is subtracted
+    constrained = plausible(rose_combine(2.0), 0.1)(main, reverse, 0)
+    # tokens 0 and 1 hold >= 10 % of the top probability; the others are out of the running
+    assert torch.isfinite(constrained[0]).tolist() == [True, True, False, False]
+    torch.testing.assert_close(constrained[0, :2], free[0, :2])
+    assert plausible(rose_combine(2.0), 0.0)(main, reverse, 0).equal(free)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="exact equality across batch shapes holds on the CPU only")
+def test_rose_restricted_to_the_top_token_is_greedy_under_the_safety_prompt(tiny):
+    model, tokenizer = tiny
+    plain = HFGenerator(model, tokenizer, batch_size=3, progress=False)
+    settings = DecodingConfig(method="rose", rose_weight=5.0, plausibility=0.999)
+    expected = plain.generate_texts([chat_prompt(tokenizer, p, settings.safety_system_prompt) for p in PROMPTS], 10)
+    assert make_generator(model, tokenizer, settings, 3, False).generate(PROMPTS, 10) == expected
+
+
+def test_plausibility_joins_the_settings_only_where_it_shapes_decoding():
+    assert "plausibility" not in DecodingConfig().model_dump()
+    assert "plausibility" not in DecodingConfig(method="safedecoding", expert_model="x").model_dump()
+    assert DecodingConfig(method="self-cd", plausibility=0.2).model_dump()["plausibility"] == 0.2
+    assert DecodingConfig.model_validate(DecodingConfig(method="rose").model_dump()).plausibility == 0.1
 
 
 def test_reply_length_counts_up_to_the_first_end_token():

@@ -9,7 +9,15 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 DATA_DIR_ENV = "SAFEPATCHING_DATA_DIR"
 CACHE_DIR_ENV = "SAFEPATCHING_CACHE_DIR"
@@ -247,7 +255,8 @@ class DecodingConfig(StrictModel):
 
     rose: greedy on log p(y | safety prompt) - w * log p(y | reverse prompt) (ROSE, Zhong et al. 2024);
     self-cd: greedy on (1 + w) log p(y | x) - w log p(y | safety prompt) (Self-CD, Shi et al. 2024),
-    which removes what the safety emphasis adds and so targets over-refusal;
+    which removes what the safety emphasis adds and so targets over-refusal; both choose only among
+    the tokens their first stream finds plausible (``plausibility``);
     safedecoding: for the first few tokens, p_base + w (p_expert - p_base) over the tokens both
     models rank highly (SafeDecoding, Xu et al. 2024), then plain greedy; the expert is a
     safety-tuned version of the model (here typically backbone + safety patch).
@@ -256,12 +265,28 @@ class DecodingConfig(StrictModel):
     method: Literal["greedy", "rose", "self-cd", "safedecoding"] = "greedy"
     rose_weight: float = Field(0.5, ge=0)
     self_cd_weight: float = Field(1.0, ge=0)
+    plausibility: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="rose/self-cd: candidates are the tokens with at least this share of the first stream's top "
+        "probability (Li et al. 2023); 0 lets the contrast pick any token, which can write token salad",
+    )
     safedecoding_weight: float = Field(3.0, ge=0)
     safedecoding_tokens: int = Field(2, ge=1, description="first tokens decoded with the expert")
     safedecoding_candidates: int = Field(5, ge=1, description="least number of tokens both models rank highly")
     expert_model: str | None = Field(None, description="safedecoding: folder (or hub id) of the safety expert")
     safety_system_prompt: str = SAFETY_SYSTEM_PROMPT
     reverse_system_prompt: str = REVERSE_SYSTEM_PROMPT
+
+    @model_serializer(mode="wrap")
+    def _only_settings_in_use(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``plausibility`` joins the dump (and so every cache key and study fingerprint) only for
+        the rules it shapes, so the keys of greedy and SafeDecoding results made before it stay valid."""
+        dumped = handler(self)
+        if self.method not in ("rose", "self-cd"):
+            dumped.pop("plausibility", None)
+        return dumped
 
     @model_validator(mode="after")
     def _expert_needed(self) -> DecodingConfig:

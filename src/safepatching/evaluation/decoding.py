@@ -7,6 +7,7 @@ their own KV cache and receive the same chosen token at every step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,22 @@ def rose_combine(weight: float) -> Combine:
 
 def self_cd_combine(weight: float) -> Combine:
     return lambda plain, emphasised, _step: (1 + weight) * plain - weight * emphasised
+
+
+def plausible(combine: Combine, share: float) -> Combine:
+    """``combine`` over the tokens the main stream finds plausible: those it gives at least ``share``
+    of its most likely token's probability (the adaptive plausibility constraint of contrastive
+    decoding, Li et al. 2023). Without it, a contrast may pick a token neither stream would write,
+    and replies become strings of unrelated tokens that a refusal judge reads as compliance."""
+    if share <= 0:
+        return combine
+    floor = math.log(share)
+
+    def constrained(main: torch.Tensor, other: torch.Tensor, step: int) -> torch.Tensor:
+        keep = main >= main.max(dim=-1, keepdim=True).values + floor
+        return combine(main, other, step).masked_fill(~keep, float("-inf"))
+
+    return constrained
 
 
 def safedecoding_combine(weight: float, candidates: int) -> Combine:
@@ -135,7 +152,7 @@ def make_generator(
             tokenizer,
             Stream(model, settings.safety_system_prompt),
             Stream(model, settings.reverse_system_prompt),
-            rose_combine(settings.rose_weight),
+            plausible(rose_combine(settings.rose_weight), settings.plausibility),
             **common,
         )
     if settings.method == "self-cd":
@@ -143,7 +160,7 @@ def make_generator(
             tokenizer,
             Stream(model),
             Stream(model, settings.safety_system_prompt),
-            self_cd_combine(settings.self_cd_weight),
+            plausible(self_cd_combine(settings.self_cd_weight), settings.plausibility),
             **common,
         )
     if expert is None:
