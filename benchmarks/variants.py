@@ -9,6 +9,12 @@ refusal rates, the front's separation figures (short budget: lowest benign refus
 harmful refusal, highest harmful refusal without adding benign refusal, a point better on both), the
 chosen point's rates with 95 % Wilson intervals (full budget), its KL, cos(P_s, P_o), sign
 disagreement and region overlap (Jaccard). Writes OUT.md and OUT.json; last line ``separates: N of M``.
+
+``--paired-with REFERENCE.json`` adds a paired comparison: studies seeded alike draw the same knobs for
+their first (random) trials, so a variant's trials can be matched to the reference study's trials at
+identical knobs. For each study, over its matched trials: the mean change in harmful and benign
+refusal, and in their difference (harmful minus benign, the separation), each with a 95 % t interval
+(``scipy.stats.ttest_rel``). A few trials per variant then measure its effect at the same merges.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import shlex
 import sys
 from pathlib import Path
 from typing import Any
+
+from scipy import stats
 
 from safepatching.experiments.tune import finished_count
 from safepatching.report.tables import knobs_text
@@ -42,6 +50,60 @@ def variant_row(path: Path) -> dict[str, Any]:
         "sign_disagreement": geometry.get("sign_disagreement"),
         "overlap_jaccard": (geometry.get("regions") or {}).get("overlap_jaccard"),
     }
+
+
+def paired_row(variant: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Mean changes from ``reference`` to ``variant`` over trials at identical knobs (short budget)."""
+
+    def complete(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {json.dumps(t["params"], sort_keys=True): t for t in result["trials"] if t["state"] == "complete"}
+
+    ours, theirs = complete(variant), complete(reference)
+    shared = sorted(set(ours) & set(theirs), key=lambda knobs: ours[knobs]["trial"])
+    row: dict[str, Any] = {"matched_trials": len(shared)}
+    measures = {
+        "harmful": lambda t: t["harmful"],
+        "benign": lambda t: t["benign"],
+        "separation": lambda t: t["harmful"] - t["benign"],
+    }
+    for name, measure in measures.items():
+        after = [measure(ours[k]) for k in shared]
+        before = [measure(theirs[k]) for k in shared]
+        if len(shared) < 2 or after == before:
+            change = [a - b for a, b in zip(after, before, strict=True)]
+            row[name] = {"mean_change": sum(change) / len(change) if change else None, "ci": None, "p": None}
+            continue
+        test = stats.ttest_rel(after, before)
+        low, high = test.confidence_interval(0.95)
+        mean = sum(after) / len(after) - sum(before) / len(before)
+        row[name] = {"mean_change": mean, "ci": [float(low), float(high)], "p": float(test.pvalue)}
+    return row
+
+
+def paired_markdown(rows: list[dict[str, Any]], reference: str) -> str:
+    def cell(change: dict[str, Any]) -> str:
+        if change["mean_change"] is None:
+            return "—"
+        interval = f" [{change['ci'][0]:+.1f}, {change['ci'][1]:+.1f}], p {change['p']:.2g}" if change["ci"] else ""
+        return f"{change['mean_change']:+.1f}{interval}"
+
+    lines = [
+        "",
+        f"## Paired with `{reference}` at identical knobs",
+        "",
+        "Mean change in refusal (points, short budget) over the trials both studies ran at the same knobs; "
+        "95 % t interval and paired t-test p. Separation = harmful refusal minus benign refusal (up is better).",
+        "",
+        "| study | matched trials | harmful refusal | benign refusal | separation |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        paired = row["paired"]
+        lines.append(
+            f"| {row['study']} | {paired['matched_trials']} | {cell(paired['harmful'])} | {cell(paired['benign'])} | "
+            f"{cell(paired['separation'])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -86,16 +148,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="tune result JSON files")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/variants"))
+    parser.add_argument("--paired-with", type=Path, help="a reference study's JSON: compare at identical knobs")
     args = parser.parse_args()
-    missing = [str(path) for path in args.results if not path.is_file()]
+    missing = [str(path) for path in [*args.results, *([args.paired_with] if args.paired_with else [])]]
+    missing = [path for path in missing if not Path(path).is_file()]
     if missing:
         sys.exit(f"error: no tune result at {missing[0]}; run the study first (safepatching tune CONFIG)")
     command = shlex.join(["python", *sys.argv])
     rows = [variant_row(path) for path in args.results]
+    text = markdown(rows, command)
+    if args.paired_with:
+        reference = json.loads(args.paired_with.read_text())
+        for row, path in zip(rows, args.results, strict=True):
+            row["paired"] = paired_row(json.loads(path.read_text()), reference)
+        text += paired_markdown(rows, str(args.paired_with))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out.with_suffix(".json"), {"command": command, "variants": rows})
-    write_text_atomic(args.out.with_suffix(".md"), markdown(rows, command))
-    print(markdown(rows, command))
+    write_text_atomic(args.out.with_suffix(".md"), text)
+    print(text)
     separating = sum(bool((row["separation"] or {}).get("separates")) for row in rows)
     print(f"separates: {separating} of {len(rows)}")
 
