@@ -84,6 +84,17 @@ def test_plausibility_joins_the_settings_only_where_it_shapes_decoding():
     assert DecodingConfig.model_validate(DecodingConfig(method="rose").model_dump()).plausibility == 0.1
 
 
+def test_dotted_settings_reach_plausibility_once_the_rule_uses_it():
+    from safepatching.config.loading import with_settings
+    from safepatching.config.settings import PipelineConfig
+    from safepatching.errors import ConfigError
+
+    rose = with_settings(PipelineConfig(), {"eval.decoding.method": "self-cd", "eval.decoding.plausibility": 0.3})
+    assert (rose.eval.decoding.method, rose.eval.decoding.plausibility) == ("self-cd", 0.3)
+    with pytest.raises(ConfigError, match="unknown setting 'eval.decoding.plausibility'"):
+        with_settings(PipelineConfig(), {"eval.decoding.plausibility": 0.3})
+
+
 def test_reply_length_counts_up_to_the_first_end_token():
     from safepatching.evaluation.generation import reply_length
 

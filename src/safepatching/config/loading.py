@@ -104,14 +104,25 @@ def dump_config(config: BaseModel) -> str:
 
 
 def with_settings(config: PipelineConfig, candidate: dict[str, Any]) -> PipelineConfig:
-    """``config`` with the candidate's dotted settings applied (validated like any config)."""
+    """``config`` with the candidate's dotted settings applied in order (validated like any config). A
+    setting dumped only once an earlier one is in place (eval.decoding.plausibility after
+    eval.decoding.method: rose) is found by validating what is set so far."""
     raw = config.model_dump(mode="json")
     for key, value in candidate.items():
-        *parents, leaf = key.split(".")
-        node: Any = raw
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or leaf not in node:
+        node = _parent_of(raw, key)
+        if node is None:
+            raw = build_config(overrides=raw).model_dump(mode="json")
+            node = _parent_of(raw, key)
+        if node is None:
             raise ConfigError(f"unknown setting {key!r}.", "name a key that `safepatching config` prints")
-        node[leaf] = value
+        node[key.rsplit(".", 1)[-1]] = value
     return build_config(overrides=raw)
+
+
+def _parent_of(raw: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The dict holding ``key``'s last part, or None when the dotted path is not there."""
+    *parents, leaf = key.split(".")
+    node: Any = raw
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) and leaf in node else None
