@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 
 from safepatching.config.experiments import BENCH_METHODS, BenchConfig, ContinualConfig
 from safepatching.config.loading import build_config
@@ -291,3 +292,29 @@ def test_bench_config_errors_are_clear(tmp_path, run_command):
     assert completed.returncode == 2 and "unknown method 'magic'" in completed.stderr
     completed = run_command("bench", str(path), "--quick")
     assert completed.returncode == 2 and "no quick: section" in completed.stderr
+
+
+def test_continual_methods_take_their_own_settings(tmp_path):
+    from types import SimpleNamespace
+
+    from safepatching.experiments.continual import round_deltas
+
+    spec = {"source": "builtin:uncensorbench", "split": "train[:4]", "response_column": "uncensored_response"}
+    config = ContinualConfig(rounds=[spec], settings={"ga": {"merge.alpha": 0.25, "derive.max_steps": 3}})
+    assert config.method_pipeline("ga").merge.alpha == 0.25 and config.method_pipeline("ga").derive.max_steps == 3
+    assert config.method_pipeline("npo") == config.pipeline
+
+    patch = SimpleNamespace(deltas={"w": torch.ones(2)})
+    run = SimpleNamespace(derive_one=lambda *_: patch, config=config.method_pipeline("ga"))
+    torch.testing.assert_close(round_deltas(run, "ga", [])["w"], torch.full((2,), 0.25))
+    run.config = config.method_pipeline("npo")  # merge.alpha 1: the patch as derived
+    assert round_deltas(run, "npo", [])["w"] is patch.deltas["w"]
+
+    for settings, message in [
+        ({"dpo": {}}, "settings.dpo"),
+        ({"ga": {"merge.alfa": 1}}, "unknown setting 'merge.alfa'"),
+        ({"ga": {"eval.max_new_tokens": 8}}, "every method shares it"),
+        ({"safepatching": {}}, "not a method of this run"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            ContinualConfig(rounds=[spec], settings=settings, methods=["ga", "npo"])

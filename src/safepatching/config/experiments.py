@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, create_model, field_serializer, field_validator, model_validator
 
+from safepatching.config.loading import with_settings
 from safepatching.config.settings import (
     DatasetSpec,
     DecodingConfig,
@@ -15,6 +16,7 @@ from safepatching.config.settings import (
     StrictModel,
     require_responses,
 )
+from safepatching.errors import ConfigError
 
 
 def partial_model(full: type[StrictModel]) -> type[StrictModel]:
@@ -216,6 +218,10 @@ class BenchConfig(StrictModel):
         return self
 
 
+# What a continual run's methods must share to be compared: the backbone, the rounds' data, the evaluation.
+SHARED_BY_EVERY_METHOD = {"model", "harmful_train", "harmful_train_extra", "eval", "data_dir", "output_dir"}
+
+
 class ContinualConfig(StrictModel):
     """`safepatching continual`: rounds of patching on disjoint harmful data, evaluated after each."""
 
@@ -225,11 +231,34 @@ class ContinualConfig(StrictModel):
     methods: list[Literal["safepatching", "ga", "npo"]] = Field(
         default_factory=lambda: ["safepatching", "ga", "npo"], min_length=1
     )
+    settings: dict[Literal["safepatching", "ga", "npo"], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per method, dotted settings over `pipeline` (a tuned point, e.g. ga: {merge.alpha: 0.086, "
+        "derive.max_steps: 3}); GA and NPO add their patch times merge.alpha (1 by default: applied fully)",
+    )
     harmful_label: str = "harmful"
     benign_label: str = "benign"
     output_dir: Path = Path("benchmarks/results")
     work_dir: Path = Path("runs/continual")
     quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --quick")
+
+    def method_pipeline(self, method: str) -> PipelineConfig:
+        """The pipeline ``method`` runs each round with: the shared one and its own settings."""
+        return with_settings(self.pipeline, self.settings.get(method, {}))
+
+    @model_validator(mode="after")
+    def _method_settings_apply(self) -> ContinualConfig:
+        for method, settings in self.settings.items():
+            if method not in self.methods:
+                raise ValueError(f"settings.{method}: not a method of this run; add it to methods or drop its settings")
+            shared = [key for key in settings if key.split(".")[0] in SHARED_BY_EVERY_METHOD]
+            if shared:
+                raise ValueError(f"settings.{method}.{shared[0]}: every method shares it; set it in pipeline")
+            try:
+                self.method_pipeline(method)
+            except ConfigError as exc:
+                raise ValueError(f"settings.{method}: {exc}") from None
+        return self
 
     @field_validator("rounds")
     @classmethod

@@ -2,7 +2,7 @@
 
 Each method starts from the backbone; in round r it derives its patches on round r's pairs from the
 model that rounds 1..r-1 produced, merges them in (SafePatching: the controllable merge; GA and NPO:
-the unlearning patch applied fully), and the result is evaluated against the original backbone.
+the unlearning patch times merge.alpha, 1 unless the method's own settings say otherwise), and the result is evaluated against the original backbone.
 Derived patches, importance scores and evaluations are cached per round under ``work_dir``, keyed
 by everything that produced the weights they start from, so a rerun resumes where it stopped.
 """
@@ -53,10 +53,10 @@ def load_rounds(config: ContinualConfig, sets: EvalSets) -> list[list[Example]]:
 
 def round_deltas(run: Stages, method: str, pairs: list[Example]) -> dict[str, torch.Tensor]:
     """What one round adds to the model for ``method``."""
-    if method == "ga":
-        return dict(run.derive_one(pairs, "safety", "ascent").deltas)
-    if method == "npo":
-        return dict(run.derive_one(pairs, "npo", "npo").deltas)
+    if method in ("ga", "npo"):
+        patch = run.derive_one(pairs, "safety", "ascent") if method == "ga" else run.derive_one(pairs, "npo", "npo")
+        scale = run.config.merge.alpha
+        return {name: delta * scale if scale != 1 else delta for name, delta in patch.deltas.items()}
     safety, over_safety = run.derive(pairs)
     scores = run.importance(pairs, safety, over_safety)
     deltas, _ = PatchMerger(safety, over_safety, run.config.merge, run.config.seed, *scores).merge_all()
@@ -117,14 +117,15 @@ class Continual:
         del backbone  # its log-probabilities on the harmless replies are all that KL needs from it
         rows: dict[str, list[dict[str, Any]]] = {}
         for method in self.config.methods:
-            working, _ = load_model(self.config.pipeline.model, self.loading, training=True)  # float32 master
-            targets = self.config.pipeline.derive.target_modules
+            pipeline = self.config.method_pipeline(method)
+            working, _ = load_model(pipeline.model, self.loading, training=True)  # float32 master
+            targets = pipeline.derive.target_modules
             hold_output_layer_in(working, DTYPES[self.loading.compute_dtype], targets)
             state = origin
             rows[method] = [baseline]
             for number, (spec, pairs) in enumerate(zip(self.config.rounds, self.rounds, strict=True), start=1):
                 directory = self.work / method / f"round-{number}"
-                settings = self.config.pipeline.model_copy(update={"harmful_train": spec, "output_dir": directory})
+                settings = pipeline.model_copy(update={"harmful_train": spec, "output_dir": directory})
                 run = Stages(settings, self.progress, loaded=(working, self.tokenizer), base_state=state)
                 add_deltas(working, round_deltas(run, method, pairs))
                 state = fingerprint(state, method, run.merge_key())
