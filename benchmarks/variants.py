@@ -69,14 +69,12 @@ def paired_row(variant: dict[str, Any], reference: dict[str, Any]) -> dict[str, 
     for name, measure in measures.items():
         after = [measure(ours[k]) for k in shared]
         before = [measure(theirs[k]) for k in shared]
-        if len(shared) < 2 or after == before:
-            change = [a - b for a, b in zip(after, before, strict=True)]
-            row[name] = {"mean_change": sum(change) / len(change) if change else None, "ci": None, "p": None}
-            continue
-        test = stats.ttest_rel(after, before)
-        low, high = test.confidence_interval(0.95)
-        mean = sum(after) / len(after) - sum(before) / len(before)
-        row[name] = {"mean_change": mean, "ci": [float(low), float(high)], "p": float(test.pvalue)}
+        change = [a - b for a, b in zip(after, before, strict=True)]
+        row[name] = {"mean_change": sum(change) / len(change) if change else None, "ci": None, "p": None}
+        if len(shared) >= 2 and after != before:  # a paired test needs two pairs and some difference
+            test = stats.ttest_rel(after, before)
+            low, high = test.confidence_interval(0.95)
+            row[name].update(ci=[float(low), float(high)], p=float(test.pvalue))
     return row
 
 
