@@ -140,6 +140,31 @@ def test_snip_scores_are_abs_weight_times_gradient(tiny_model_dir, harmful_pairs
         assert torch.allclose(scores[name], (param.detach() * param.grad).abs(), atol=1e-7)
 
 
+def test_snip_scores_average_batches_holding_one_gradient_at_a_time(tiny_model_dir, harmful_pairs):
+    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    names = target_parameter_names(model, ["o_proj", "down_proj"])
+    params = dict(model.named_parameters())
+    held = []  # how many target gradients exist each time one is finished (before it is folded)
+    for name in names:
+        params[name].register_post_accumulate_grad_hook(
+            lambda _: held.append(sum(params[n].grad is not None for n in names))
+        )
+    scores = snip_scores(
+        model, tokenizer, harmful_pairs, names, ImportanceConfig(batch_size=2, max_length=64), progress=False
+    )
+    assert held and max(held) == 1
+    loader = make_loader(tokenizer, harmful_pairs, 64, 2, seed=0, shuffle=False)
+    expected = {name: torch.zeros_like(params[name]) for name in names}
+    for batch in loader:
+        response_nll(model, batch).backward()
+        for name in names:
+            expected[name] += (params[name].detach() * params[name].grad).abs()
+            params[name].grad = None
+    assert len(loader) > 1
+    for name in names:
+        assert torch.allclose(scores[name], expected[name] / len(loader), atol=1e-7)
+
+
 def test_non_finite_loss_stops_derivation_with_a_clear_error(tiny_model_dir, harmful_pairs):
     from safepatching.errors import TrainingError
 

@@ -48,18 +48,28 @@ def snip_scores(
     for name, param in params.items():
         param.requires_grad_(name in selected)
     scores = {name: torch.zeros_like(params[name], dtype=torch.float32) for name in names}
+
+    def fold(name: str):
+        """Each gradient joins its score as soon as backward finishes it and is freed at once, so no
+        full set of gradients exists (GBs on the 1.5B backbone)."""
+
+        def hook(param: torch.Tensor) -> None:
+            with torch.no_grad():
+                scores[name].add_((param.detach() * param.grad).abs().float())
+            param.grad = None
+
+        return hook
+
+    handles = [params[name].register_post_accumulate_grad_hook(fold(name)) for name in names]
     model.eval()
     try:
         for batch in tqdm(loader, desc=desc, disable=not progress):
             with autocast(model, DTYPES[compute_dtype]):
                 loss = response_nll(model, batch)
             loss.backward()
-            with torch.no_grad():
-                for name in names:
-                    param = params[name]
-                    scores[name].add_((param.detach() * param.grad).abs().float())
-                    param.grad = None
     finally:
+        for handle in handles:
+            handle.remove()
         model.requires_grad_(True)
         model.zero_grad(set_to_none=True)
     for score in scores.values():

@@ -3,9 +3,8 @@ weight is loaded: a backbone too big for the machine fails in one line, before w
 
 Both train float32 master weights. Full fine-tuning adds a float32 gradient and AdamW's two
 float32 moments per target weight (12 bytes); LoRA trains only its adapters. Importance scoring
-then needs a float32 gradient and a float32 score accumulator per target weight (8 bytes) beside
-the masters, whatever the method. Reference backbone: 7.8 GiB estimated, 7.4 GiB measured (full
-fine-tuning dominates); 1.5B backbone with LoRA: 17.9 GiB estimated, 19.3 GiB measured (importance).
+then needs a float32 score accumulator per target weight (4 bytes) beside the masters, whatever the
+method: each gradient is folded into its score and freed as soon as backward finishes it.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ def is_target(name: str, target_modules: set[str]) -> bool:
 def training_bytes(total_params: int, target_params: int, settings: DeriveConfig) -> int:
     masters = 4 * total_params
     derive = masters if settings.method == "lora" else masters + 12 * target_params
-    importance = masters + 8 * target_params
+    importance = masters + 4 * target_params
     return max(derive, importance) + OVERHEAD_BYTES
 
 
