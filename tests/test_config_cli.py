@@ -172,6 +172,16 @@ def test_shipped_configs_are_valid(path):
         assert quick.name.endswith("-quick") and quick.pipeline.model == "smollm2-135m-instruct"
 
 
+def test_the_1_5b_tune_config_makes_the_1_5b_bench_safepatching_study():
+    from safepatching.experiments.tune import fingerprint
+
+    configs = Path(__file__).parent.parent / "configs"
+    tune = build_config(configs / "tune-1.5b.yaml", model=TuneConfig)
+    bench = build_config(configs / "bench-1.5b.yaml", model=BenchConfig).tune_config("safepatching")
+    assert (tune.work_dir, tune.study_file) == (bench.work_dir, bench.study_file)
+    assert fingerprint(tune) == fingerprint(bench)
+
+
 def test_usage_errors_are_one_line_and_compare_takes_several_models(tmp_path, run_command):
     result = run_command("eval", "--model", "a", "--bogus-flag")
     assert result.returncode == 2 and "internal error" not in result.stderr and "Traceback" not in result.stderr
