@@ -92,3 +92,18 @@ def test_scoring_on_over_safety_data_needs_that_data(tiny_pipeline_config, tiny_
     raw["importance"]["over_safety_data"] = "over_safety_train"
     with pytest.raises(ValidationError, match="needs an over_safety_train source"):
         type(tiny_pipeline_config(tiny_model_dir, tmp_path)).model_validate(raw)
+
+
+def test_replies_are_generated_with_a_float32_master_given_as_in_a_study(
+    tmp_path, tiny_model_dir, tiny_pipeline_config
+):
+    """A study hands its stages the float32 master (output layer held in the compute dtype): the
+    paper's patched model must still answer the over-safety prompts under autocast."""
+    data = jsonl(tmp_path / "os.jsonl", [{"prompt": p} for p in PROMPTS])
+    base = tiny_pipeline_config(tiny_model_dir, tmp_path / "run").model_copy(update={"compute_dtype": "bfloat16"})
+    config = changed(base, over_safety_train={"source": data}, over_safety_replies={"max_new_tokens": 8})
+    master = Stages(config, progress=False).backbone(training=True)
+    stages = Stages(config, progress=False, loaded=master)
+    stages.over_safety_pairs(stages.harmful_pairs())
+    rows = (tmp_path / "run/over_safety_replies/replies.jsonl").read_text().splitlines()
+    assert len(rows) == len(PROMPTS)

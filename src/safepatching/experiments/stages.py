@@ -239,8 +239,7 @@ class Stages:
 
         def produce() -> list[dict[str, Any]]:
             model, tokenizer = self.backbone(training=True)
-            with autocast(model, DTYPES[self.compute_dtype]):
-                replies = self.answer(model, tokenizer, prompts, settings.own_reply_tokens, "own replies")
+            replies = self.answer(model, tokenizer, prompts, settings.own_reply_tokens, "own replies")
             rows = [{"prompt": p, "response": r} for p, r in zip(prompts, replies, strict=True)]
             write_jsonl(directory / "replies.jsonl", rows)
             return rows
@@ -254,9 +253,12 @@ class Stages:
         return [Example(row["prompt"], row["response"]) for row in rows]
 
     def answer(self, model, tokenizer, prompts: list[str], max_new_tokens: int, desc: str) -> list[str]:
-        """Greedy replies of ``model`` to ``prompts`` (over-safety training replies, own replies)."""
+        """Greedy replies of ``model`` to ``prompts`` (over-safety training replies, own replies), under
+        autocast: a float32 master (a study's, or one loaded for training) holds its output layer in
+        the compute dtype."""
         generator = HFGenerator(model, tokenizer, self.config.eval.batch_size, self.progress, desc)
-        return generator.generate(prompts, max_new_tokens)
+        with autocast(model, DTYPES[self.compute_dtype]):
+            return generator.generate(prompts, max_new_tokens)
 
     # -- stage keys ----------------------------------------------------------------------------------
     def derive_key(self, label: str = "safety") -> str:
