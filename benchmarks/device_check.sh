@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA paths on a lent GPU machine (see ../.library/device): the fast test suite with a GPU
 # present, then generation and derivation throughput on a randomly initialised model with the
-# reference backbone's shapes (its weights are too large to send). Logs go to $OUT.
-#   carry: .whl (the wheels the machine lacks) and .gpu/qwen0.5b-shape (config + tokenizer)
+# shapes of a backbone (its weights are too large to send). Logs go to $OUT.
+#   carry: .whl (the wheels the machine lacks) and $SHAPE (a backbone's config + tokenizer files,
+#   default .gpu/qwen0.5b-shape); arguments go to pytest.
 set -u
 rm -rf /tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -12,9 +13,11 @@ mkdir -p "$OUT"
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$OUT/versions.log"
 python3 -c "import safepatching.cli, safepatching.experiments.tune" || exit 1
-python3 benchmarks/random_backbone.py .gpu/qwen0.5b-shape /tmp/qwen0.5b-random 2>&1 | tail -1
-timeout 150 python3 benchmarks/generation_throughput.py --model /tmp/qwen0.5b-random --prompts 48 2>&1 | grep -v Warning | tee "$OUT/generation.log"
-timeout 120 python3 benchmarks/derive_throughput.py --model /tmp/qwen0.5b-random --steps 10 2>&1 | grep -v Warning | tee "$OUT/derive.log"
-# pytest reports failures only at its end: --timeout keeps one hung test from eating the run's limit
-timeout "${TEST_SECONDS:-200}" python3 -m pytest -q -rfE --tb=short --timeout 60 -n 8 -p no:cacheprovider \
+# pytest reports failures only at its end: --timeout keeps one hung test from eating the run's limit;
+# --dist loadfile runs a test file's module fixtures (a whole tiny bench) once, not in every worker
+timeout "${TEST_SECONDS:-300}" python3 -m pytest -q -rfE --tb=short --timeout 240 -n 8 --dist loadfile -p no:cacheprovider \
   --ignore tests/test_utility.py "$@" 2>&1 | tee "$OUT/pytest.log" | tail -60
+SHAPE=${SHAPE:-.gpu/qwen0.5b-shape}
+python3 benchmarks/random_backbone.py "$SHAPE" /tmp/random-backbone 2>&1 | tail -1
+timeout "${GENERATION_SECONDS:-150}" python3 benchmarks/generation_throughput.py --model /tmp/random-backbone --prompts 48 2>&1 | grep -v Warning | tee "$OUT/generation.log"
+timeout "${DERIVE_SECONDS:-120}" python3 benchmarks/derive_throughput.py --model /tmp/random-backbone --steps 10 2>&1 | grep -v Warning | tee "$OUT/derive.log"

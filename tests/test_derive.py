@@ -73,16 +73,16 @@ def test_patch_covers_only_target_modules(tiny_model_dir, harmful_pairs):
 
 def test_ascent_stops_at_the_nll_bound(tiny_model_dir, harmful_pairs):
     model, tokenizer = load_model(str(tiny_model_dir), training=True)
-    settings = DeriveConfig(learning_rate=5e-2, max_steps=50, batch_size=4, max_length=64, ascent_max_nll_increase=0.5)
+    settings = DeriveConfig(learning_rate=5e-2, max_steps=50, batch_size=4, max_length=64, ascent_max_nll_increase=0.3)
     patch = derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, progress=False)
     history = patch.info["nll_history"]
     assert patch.info["stop_reason"] == "nll_ceiling"
-    assert len(history) < 50 and history[-1] > history[0] + 0.5
+    assert len(history) < 50 and history[-1] > history[0] + 0.3
 
 
 def test_before_overshoot_drops_the_update_that_crossed_the_ceiling(tiny_model_dir, harmful_pairs):
     model, tokenizer = load_model(str(tiny_model_dir), training=True)
-    common = {"learning_rate": 5e-2, "batch_size": 4, "max_length": 64, "ascent_max_nll_increase": 0.5}
+    common = {"learning_rate": 5e-2, "batch_size": 4, "max_length": 64, "ascent_max_nll_increase": 0.3}
     after = derive_patch(
         model, tokenizer, harmful_pairs, "ascent", DeriveConfig(**common, max_steps=50), progress=False
     )
@@ -137,7 +137,7 @@ def test_snip_scores_are_abs_weight_times_gradient(tiny_model_dir, harmful_pairs
     response_nll(model, next(iter(loader))).backward()
     for name in names:
         param = dict(model.named_parameters())[name]
-        assert torch.allclose(scores[name], (param.detach() * param.grad).abs(), atol=1e-7)
+        assert torch.allclose(scores[name], (param.detach() * param.grad).abs().cpu(), atol=1e-7)  # scores live on the CPU
 
 
 def test_snip_scores_average_batches_holding_one_gradient_at_a_time(tiny_model_dir, harmful_pairs):
@@ -162,7 +162,7 @@ def test_snip_scores_average_batches_holding_one_gradient_at_a_time(tiny_model_d
             params[name].grad = None
     assert len(loader) > 1
     for name in names:
-        assert torch.allclose(scores[name], expected[name] / len(loader), atol=1e-7)
+        assert torch.allclose(scores[name], expected[name].cpu() / len(loader), atol=1e-7)
 
 
 def test_non_finite_loss_stops_derivation_with_a_clear_error(tiny_model_dir, harmful_pairs):

@@ -99,5 +99,6 @@ def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 def npo_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The NPO loss of a batch and its mean response NLL per token (for logging and the stop rule)."""
     logprobs, counts = response_logprobs(model, batch)
-    loss = -(2.0 / beta) * torch.nn.functional.logsigmoid(-beta * (logprobs - batch["reference_logprobs"])).mean()
+    reference = batch["reference_logprobs"].to(logprobs.device)  # a no-op for batches already there
+    loss = -(2.0 / beta) * torch.nn.functional.logsigmoid(-beta * (logprobs - reference)).mean()
     return loss, -logprobs.sum() / counts.sum()
