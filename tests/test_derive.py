@@ -136,8 +136,8 @@ def test_snip_scores_are_abs_weight_times_gradient(tiny_model_dir, harmful_pairs
     loader = make_loader(tokenizer, harmful_pairs, 64, 4, seed=0, shuffle=False)
     response_nll(model, next(iter(loader))).backward()
     for name in names:
-        param = dict(model.named_parameters())[name]
-        assert torch.allclose(scores[name], (param.detach() * param.grad).abs().cpu(), atol=1e-7)  # scores live on the CPU
+        param = dict(model.named_parameters())[name]  # scores live on the CPU, gradients where the model is
+        assert torch.allclose(scores[name], (param.detach() * param.grad).abs().cpu(), atol=1e-7)
 
 
 def test_snip_scores_average_batches_holding_one_gradient_at_a_time(tiny_model_dir, harmful_pairs):

@@ -171,16 +171,28 @@ def test_a_study_of_another_config_is_refused_unless_new_study(
 
 def test_a_study_made_before_later_settings_existed_still_opens(tmp_path, tiny_model_dir, bench_pipeline):
     config = TuneConfig.model_validate(tune_settings(bench_pipeline, tiny_model_dir, tmp_path))
-    study = tune_module.open_study(config, new_study=False)
+    study = tune_module.open_study(config, new_study=False, compute_dtype="float32")
     study.set_user_attr("fingerprint", tune_module.first_fingerprint(config))  # as the first studies recorded it
-    assert tune_module.open_study(config, new_study=False).user_attrs["fingerprint"] == tune_module.fingerprint(config)
+    reopened = tune_module.open_study(config, new_study=False, compute_dtype="float32")
+    assert reopened.user_attrs["fingerprint"] == tune_module.fingerprint(config)
     study.set_user_attr("fingerprint", tune_module.first_fingerprint(config))
     raw = tune_settings(bench_pipeline, tiny_model_dir, tmp_path)
     raw["pipeline"]["importance"] = {**raw["pipeline"].get("importance", {}), "loss_on": "questions"}
     later = TuneConfig.model_validate(raw)  # uses a setting no first study had: not the same study
     assert tune_module.first_fingerprint(later) is None
     with pytest.raises(tune_module.ConfigError, match="another config"):
-        tune_module.open_study(later, new_study=False)
+        tune_module.open_study(later, new_study=False, compute_dtype="float32")
+
+
+def test_a_study_judged_in_another_compute_dtype_is_refused(tmp_path, tiny_model_dir, bench_pipeline):
+    config = TuneConfig.model_validate(tune_settings(bench_pipeline, tiny_model_dir, tmp_path))
+    made = tune_module.open_study(config, new_study=False, compute_dtype="bfloat16")  # say, on a machine with AMX
+    assert made.user_attrs["compute_dtype"] == "bfloat16"
+    assert tune_module.open_study(config, new_study=False, compute_dtype="bfloat16").user_attrs["fingerprint"]
+    with pytest.raises(tune_module.ConfigError, match="judged in bfloat16, but compute_dtype resolves to float32"):
+        tune_module.open_study(config, new_study=False, compute_dtype="float32")
+    fresh = tune_module.open_study(config, new_study=True, compute_dtype="float32")
+    assert fresh.user_attrs["compute_dtype"] == "float32"
 
 
 def test_separation_reads_the_front_against_the_backbone():

@@ -114,9 +114,10 @@ def sampler_for(settings: TuneSettings, finished: int) -> optuna.samplers.BaseSa
     )
 
 
-def open_study(config: TuneConfig, new_study: bool) -> optuna.Study:
+def open_study(config: TuneConfig, new_study: bool, compute_dtype: str) -> optuna.Study:
     """The study of this config in WORK_DIR/study.sqlite3; one made by another config is refused
-    unless ``new_study`` (the old file is then kept beside the new one)."""
+    unless ``new_study`` (the old file is then kept beside the new one). So is one whose trials were
+    judged in another compute dtype (``auto`` resolves per machine): its trials would not compare."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     path = config.work_dir / config.study_file
     storage = f"sqlite:///{path}"
@@ -132,10 +133,17 @@ def open_study(config: TuneConfig, new_study: bool) -> optuna.Study:
                 f"{path} holds a study made by another config or model ({study.user_attrs.get('described', '?')}).",
                 "pass --new-study to start a new one (the old file is kept beside it), or choose another work_dir",
             )
+        judged_in = study.user_attrs.get("compute_dtype")  # studies made before it was recorded have none
+        if judged_in is not None and judged_in != compute_dtype:
+            raise ConfigError(
+                f"{path} holds trials judged in {judged_in}, but compute_dtype resolves to {compute_dtype} here.",
+                f"set pipeline.compute_dtype: {judged_in} where the hardware runs it fast, or pass --new-study",
+            )
         return study
     path.parent.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["maximize", "minimize"])
     study.set_user_attr("fingerprint", fingerprint(config))
+    study.set_user_attr("compute_dtype", compute_dtype)
     study.set_user_attr("described", f"model {config.pipeline.model}, knobs {', '.join(config.tune.space)}")
     return study
 
@@ -232,7 +240,7 @@ class Tuner:
         self.benign_names = list(config.validation.benign)
         self.pipeline = self.scorer.config
         self.scorer.check(self.candidate({}))  # the family's own over-safety data, against the validation sets
-        self.study = open_study(config, new_study)  # a foreign study is refused before the model loads
+        self.study = open_study(config, new_study, self.scorer.compute_dtype)  # refused before the model loads
         self.distributions = {knob: distribution(search) for knob, search in self.settings.space.items()}
 
     # -- judging ----------------------------------------------------------------------------------
