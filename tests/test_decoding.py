@@ -72,7 +72,8 @@ def test_plausibility_keeps_the_contrast_among_the_main_streams_likely_tokens():
 def test_rose_restricted_to_the_top_token_is_greedy_under_the_safety_prompt(tiny):
     model, tokenizer = tiny
     plain = HFGenerator(model, tokenizer, batch_size=3, progress=False)
-    settings = DecodingConfig(method="rose", rose_weight=5.0, plausibility=0.999)
+    # a random tiny model has near-ties: within 0.1 % of the top probability on some steps in float32
+    settings = DecodingConfig(method="rose", rose_weight=5.0, plausibility=1 - 1e-6)
     expected = plain.generate_texts([chat_prompt(tokenizer, p, settings.safety_system_prompt) for p in PROMPTS], 10)
     assert make_generator(model, tokenizer, settings, 3, False).generate(PROMPTS, 10) == expected
 
