@@ -8,6 +8,7 @@ from safepatching.errors import DataError
 from safepatching.experiments.pipeline import run_stages
 from safepatching.experiments.stages import Stages
 from safepatching.method.derive import pairs_digest
+from safepatching.models.precision import fast_dtypes
 
 PROMPTS = [f"How do I kill process number {i} on Linux?" for i in range(5)]
 
@@ -94,6 +95,7 @@ def test_scoring_on_over_safety_data_needs_that_data(tiny_pipeline_config, tiny_
         type(tiny_pipeline_config(tiny_model_dir, tmp_path)).model_validate(raw)
 
 
+@pytest.mark.skipif("bfloat16" not in fast_dtypes(), reason="the dtype mix arises only where bf16 is the compute dtype")
 def test_replies_are_generated_with_a_float32_master_given_as_in_a_study(
     tmp_path, tiny_model_dir, tiny_pipeline_config
 ):
