@@ -193,6 +193,12 @@ def test_a_study_judged_in_another_compute_dtype_is_refused(tmp_path, tiny_model
         tune_module.open_study(config, new_study=False, compute_dtype="float32")
     fresh = tune_module.open_study(config, new_study=True, compute_dtype="float32")
     assert fresh.user_attrs["compute_dtype"] == "float32"
+    # the setting that continues a study elsewhere names the resolved dtype: the same study
+    raw = tune_settings(bench_pipeline, tiny_model_dir, tmp_path)
+    raw["pipeline"] = {**raw["pipeline"], "compute_dtype": "float32"}
+    pinned = TuneConfig.model_validate(raw)
+    assert tune_module.fingerprint(pinned) == tune_module.fingerprint(config)
+    assert tune_module.open_study(pinned, new_study=False, compute_dtype="float32") is not None
 
 
 def test_separation_reads_the_front_against_the_backbone():

@@ -67,8 +67,12 @@ ADDED_SINCE_FIRST_STUDIES = {
 def fingerprint(config: TuneConfig) -> str:
     """What a study's trials depend on: the pipeline, the validation sets, the space, the constraints
     and the screening budget; not the trial count, the final budget, the rule or where output goes.
-    Settings at their defaults are left out, so a setting added later does not orphan a study."""
-    return _digest(config.model_dump(mode="json", exclude_defaults=True, exclude=NOT_FINGERPRINTED))
+    Settings at their defaults are left out, so a setting added later does not orphan a study. The
+    compute dtype setting is left out too: ``auto`` resolves per machine, so a study records the dtype
+    it was judged in and checks that instead (``open_study``)."""
+    exclude = copy.deepcopy(NOT_FINGERPRINTED)
+    exclude["pipeline"]["compute_dtype"] = True
+    return _digest(config.model_dump(mode="json", exclude_defaults=True, exclude=exclude))
 
 
 def first_fingerprint(config: TuneConfig) -> str | None:
