@@ -188,7 +188,10 @@ def test_a_study_judged_in_another_compute_dtype_is_refused(tmp_path, tiny_model
     config = TuneConfig.model_validate(tune_settings(bench_pipeline, tiny_model_dir, tmp_path))
     made = tune_module.open_study(config, new_study=False, compute_dtype="bfloat16")  # say, on a machine with AMX
     assert made.user_attrs["compute_dtype"] == "bfloat16"
-    assert tune_module.open_study(config, new_study=False, compute_dtype="bfloat16").user_attrs["fingerprint"]
+    assert (
+        tune_module.open_study(config, new_study=False, compute_dtype="bfloat16").user_attrs["compute_dtype"]
+        == "bfloat16"
+    )
     with pytest.raises(tune_module.ConfigError, match="judged in bfloat16, but compute_dtype resolves to float32"):
         tune_module.open_study(config, new_study=False, compute_dtype="float32")
     fresh = tune_module.open_study(config, new_study=True, compute_dtype="float32")
@@ -198,7 +201,10 @@ def test_a_study_judged_in_another_compute_dtype_is_refused(tmp_path, tiny_model
     raw["pipeline"] = {**raw["pipeline"], "compute_dtype": "float32"}
     pinned = TuneConfig.model_validate(raw)
     assert tune_module.fingerprint(pinned) == tune_module.fingerprint(config)
-    assert tune_module.open_study(pinned, new_study=False, compute_dtype="float32") is not None
+    assert (
+        tune_module.open_study(pinned, new_study=False, compute_dtype="float32").user_attrs["compute_dtype"]
+        == "float32"
+    )
 
 
 def test_separation_reads_the_front_against_the_backbone():
