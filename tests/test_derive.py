@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from safepatching.config.settings import DeriveConfig, ImportanceConfig
-from safepatching.method.dense import load_dense_patch, patched, save_dense_patch
+from safepatching.experiments.stages import Stages
+from safepatching.method.dense import holds_base, load_dense_patch, patched, save_dense_patch
 from safepatching.method.derive import derive_patch, make_loader, target_parameter_names
 from safepatching.method.importance import snip_scores
 from safepatching.method.objectives import npo_loss, response_logprobs, response_nll
@@ -50,6 +51,28 @@ def test_npo_starts_at_its_closed_form_and_raises_the_nll(tiny_model_dir, harmfu
     with patched(model, patch.deltas):
         assert mean_nll(model, tokenizer, harmful_pairs) > before + 0.05
     assert patch.info["direction"] == "npo" and len(patch.info["nll_history"]) == 4
+
+
+def test_a_given_model_is_restored_from_the_weight_files_only_while_it_holds_them(
+    tmp_path, tiny_model_dir, tiny_pipeline_config
+):
+    # a study hands its float32 master to the stages: restoring it from the files saves a copy of every
+    # patched tensor, but a model that no longer holds the files' weights (a continual round's) needs one
+    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    run = Stages(tiny_pipeline_config(tiny_model_dir, tmp_path), progress=False, loaded=(model, tokenizer))
+    names = target_parameter_names(model, run.config.derive.target_modules)
+    before = {name: weight.detach().clone() for name, weight in model.named_parameters()}
+    assert run.restore_source(model, names) == run.base_weight
+    deltas = {name: torch.full_like(before[name], 0.5) for name in names}
+    with patched(model, deltas, run.restore_source(model, names)):
+        assert all(torch.equal(model.get_parameter(name), before[name] + 0.5) for name in names)
+    assert all(torch.equal(weight, before[name]) for name, weight in model.named_parameters())
+
+    with torch.no_grad():
+        model.get_parameter(names[-1]).add_(1.0)
+    assert run.restore_source(model, names) is None
+    assert holds_base(model, names[:-1], run.base_weight) == run.base_weight
+    assert holds_base(model.to(torch.bfloat16), names[:-1], run.base_weight) is None
 
 
 def test_same_seed_gives_the_same_patch(tiny_model_dir, harmful_pairs):

@@ -23,7 +23,14 @@ from safepatching.errors import DataError
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.evaluation.judges.registry import get_judge, judge_all
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
-from safepatching.method.dense import DensePatch, checkpoint_dir_for, load_dense_patch, patched, save_dense_patch
+from safepatching.method.dense import (
+    DensePatch,
+    checkpoint_dir_for,
+    holds_base,
+    load_dense_patch,
+    patched,
+    save_dense_patch,
+)
 from safepatching.method.derive import Direction, derive_patch
 from safepatching.method.importance import snip_scores
 from safepatching.method.memory import check_training_fits, is_target
@@ -111,6 +118,12 @@ class Stages:
         self.backbone_folder()
         return self._weights.read(name)
 
+    def restore_source(self, model, names: list[str]):
+        """What patching and derivation read ``model``'s untrained weights back from: the backbone's
+        files for a model loaded here, and for a given one (a study's master) when it still holds
+        exactly them; else None, and a copy of every touched tensor is taken (5 GB at 1.5B)."""
+        return holds_base(model, names, self.base_weight) if self._given else self.base_weight
+
     def check_training_fits(self) -> None:
         """Refuse a derivation this machine cannot hold, from the weight files' headers alone."""
         self.backbone_folder()
@@ -196,8 +209,7 @@ class Stages:
                 paper = self.derive_one(pairs, "over_safety_paper", "descent")
                 model, tokenizer = self.backbone()
                 scaled = {name: replies.scale * paper.deltas[name].float() for name in paper.deltas}
-                base = None if self._given else self.base_weight
-                with patched(model, scaled, base):
+                with patched(model, scaled, self.restore_source(model, list(scaled))):
                     answers = self.answer(
                         model, tokenizer, prompts, replies.max_new_tokens, "answer over-safety prompts"
                     )
@@ -327,7 +339,7 @@ class Stages:
                 self.progress,
                 checkpoint_dir_for(directory),
                 self.compute_dtype,
-                None if self._given else self.base_weight,
+                self.base_weight,  # used only where the model still holds the files' weights
             )
             save_dense_patch(patch, directory, {"label": label, "base_model": self.config.model})
             return load()  # read back tensor by tensor when used: the GBs of deltas are not held in memory
@@ -346,7 +358,7 @@ class Stages:
         """SNIP importance of backbone + ``patch`` on the pairs (not cached: `importance` caches both)."""
         model, tokenizer = self.backbone(training=True)
         names = list(patch.deltas)  # the tensors the patch was derived on
-        base = None if self._given else self.base_weight
+        base = self.restore_source(model, names)
         with stage_meter(self.meter, f"importance_{label}"), patched(model, patch.deltas, base):
             return snip_scores(
                 model,

@@ -32,7 +32,7 @@ from safepatching.config.settings import DeriveConfig
 from safepatching.data.chat import collate, encode_pair, encode_question
 from safepatching.data.sources import Example
 from safepatching.errors import TrainingError
-from safepatching.method.dense import DensePatch
+from safepatching.method.dense import DensePatch, holds_base
 from safepatching.method.memory import is_target
 from safepatching.method.objectives import autocast, npo_loss, response_logprobs, response_nll
 from safepatching.models.precision import DTYPES
@@ -326,11 +326,9 @@ def _original_weights(
     """The target weights before training, by name: read on demand from ``base`` (the backbone's
     files) when it holds exactly the model's weights, which saves a copy of every target weight;
     otherwise a copy taken now."""
+    if (files := holds_base(model, names, base)) is not None:
+        return lambda name: files(name).float()
     params = dict(model.named_parameters())
-    if base is not None and all(
-        torch.equal(base(name).float().to(params[name].device), params[name].detach()) for name in names
-    ):
-        return lambda name: base(name).float()
     copies = {name: params[name].detach().clone() for name in names}
     return copies.__getitem__
 
