@@ -48,7 +48,8 @@ def test_pipeline_end_to_end_writes_a_loadable_patched_model(tmp_path, tiny_mode
     records = (tmp_path / "run/eval/patched/records.jsonl").read_text().splitlines()
     assert len(records) == 9 and {"prompt", "response", "refusal"} <= json.loads(records[0]).keys()
     for stage in ("derive_safety", "derive_over_safety", "merge", "eval_backbone", "eval_patched"):
-        assert summary["stages"][stage]["wall_seconds"] >= 0 and summary["stages"][stage]["peak_rss_gib"] > 0
+        recorded = summary["stages"][stage]
+        assert recorded["wall_seconds"] >= 0 and recorded["peak_rss_gib"] >= recorded["peak_anonymous_gib"] > 0
     geometry = summary["geometry"]
     cosine = torch.nn.functional.cosine_similarity(
         torch.cat([safety.deltas[n].reshape(-1) for n in safety.deltas]),

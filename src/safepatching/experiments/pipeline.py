@@ -166,10 +166,11 @@ def print_next_steps(console: Console, config: PipelineConfig, meter: dict[str, 
     """The total time and peak memory, what the run folder holds, and the commands to go on with."""
     out = Path(config.output_dir)
     peak = max((stage["peak_rss_gib"] for stage in meter.values()), default=0.0)
+    anonymous = max((stage.get("peak_anonymous_gib", 0.0) for stage in meter.values()), default=0.0)
     minutes, rest = divmod(round(seconds), 60)
     kept = "the patched model and the evaluation" if config.keep == "model" else "patches, scores, model, evaluation"
     console.print(
-        f"done in {minutes} min {rest} s, peak memory {peak:.1f} GiB; {out} holds {folder_bytes(out) / 1e9:.1f} GB "
+        f"done in {minutes} min {rest} s, peak memory {peak:.1f} GiB ({anonymous:.1f} GiB not file-backed); {out} holds {folder_bytes(out) / 1e9:.1f} GB "
         f"({kept}; --set keep=all keeps everything a rerun with new merge settings needs)"
     )
     console.print("next:")

@@ -49,16 +49,24 @@ def release_memory() -> None:
 
 @contextlib.contextmanager
 def stage_meter(record: dict[str, Any], name: str, poll_seconds: float = 0.2) -> Iterator[None]:
-    """Record wall time and peak resident memory (GiB) of a stage into ``record[name]``."""
+    """Record wall time and peak resident memory (GiB) of a stage into ``record[name]``: all of it
+    (RSS), and the part not backed by a file. Weights and patches read through memory maps count in
+    RSS while the kernel may drop them again; only the anonymous part must fit in the machine."""
     process = psutil.Process()
-    peak = process.memory_info().rss
+    peaks = {"rss": 0, "anonymous": 0}
+
+    def measure() -> None:
+        memory = process.memory_info()
+        peaks["rss"] = max(peaks["rss"], memory.rss)
+        peaks["anonymous"] = max(peaks["anonymous"], memory.rss - memory.shared)
+
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
         while not done.wait(poll_seconds):
-            peak = max(peak, process.memory_info().rss)
+            measure()
 
+    measure()
     sampler = threading.Thread(target=sample, daemon=True)
     started = time.perf_counter()
     sampler.start()
@@ -68,8 +76,12 @@ def stage_meter(record: dict[str, Any], name: str, poll_seconds: float = 0.2) ->
         release_memory()
         done.set()
         sampler.join()
-        peak = max(peak, process.memory_info().rss)
-        record[name] = {"wall_seconds": round(time.perf_counter() - started, 1), "peak_rss_gib": round(peak / 2**30, 2)}
+        measure()
+        record[name] = {
+            "wall_seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_gib": round(peaks["rss"] / 2**30, 2),
+            "peak_anonymous_gib": round(peaks["anonymous"] / 2**30, 2),
+        }
 
 
 STAGE_FILE = "stage.json"
