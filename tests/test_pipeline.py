@@ -193,7 +193,7 @@ def test_a_backbone_too_big_for_the_machine_fails_before_any_patch(
 
     from safepatching.errors import ConfigError
     from safepatching.experiments import stages as stages_module
-    from safepatching.method.memory import GIB, check_training_fits
+    from safepatching.method.memory import GIB, ModelSize, check_training_fits, training_bytes
 
     memory = namedtuple("memory", "total")
     monkeypatch.setattr(stages_module.psutil, "virtual_memory", lambda: memory(5 * GIB))
@@ -201,13 +201,18 @@ def test_a_backbone_too_big_for_the_machine_fails_before_any_patch(
         run_pipeline(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), progress=False)
     assert not (tmp_path / "run" / "patches").exists()
 
-    # the 1.5B backbone's counts on a 23.5 GiB machine: full fine-tuning is refused, LoRA named as the fix
-    full = PipelineConfig().derive
-    with pytest.raises(ConfigError, match=r"needs about 22.8 GiB.*set derive.method=lora \(about 13.0 GiB\)"):
-        check_training_fits("big", 1_777_088_000, 1_310_253_056, full, int(23.5 * GIB))
-    check_training_fits(
-        "big", 1_777_088_000, 1_310_253_056, full.model_copy(update={"method": "lora"}), int(23.5 * GIB)
+    # the 1.5B backbone's counts and shapes on a 23.5 GiB machine: full fine-tuning is refused, LoRA named
+    # as the fix; scoring's activations (640 tokens through 28 layers, 3.4 GiB) are counted
+    big = ModelSize(1_777_088_000, 1_310_253_056, hidden_size=1536, intermediate_size=8960, layers=28)
+    full, importance = PipelineConfig().derive, PipelineConfig().importance
+    with pytest.raises(ConfigError, match=r"needs about 23.0 GiB.*set derive.method=lora \(about 16.4 GiB\)"):
+        check_training_fits("big", big, full, importance, int(23.5 * GIB))
+    check_training_fits("big", big, full.model_copy(update={"method": "lora"}), importance, int(23.5 * GIB))
+    check_training_fits("big", big, full.model_copy(update={"memory_check": False}), importance, GIB)
+    shapeless = ModelSize(big.total_params, big.target_params)  # a config without layer shapes: no activations
+    lora = full.model_copy(update={"method": "lora"})
+    assert training_bytes(big, lora, importance) - training_bytes(shapeless, lora, importance) == (
+        4 * (4 * 160) * 28 * (10 * 1536 + 4 * 8960)  # float32, batch 4 x 160 tokens, 28 layers kept in full
     )
-    check_training_fits("big", 1_777_088_000, 1_310_253_056, full.model_copy(update={"memory_check": False}), GIB)
     with pytest.raises(ConfigError, match="use a machine with more memory"):
-        check_training_fits("big", 1_777_088_000, 1_310_253_056, full, 12 * GIB)
+        check_training_fits("big", big, full, importance, 12 * GIB)

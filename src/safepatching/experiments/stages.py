@@ -33,7 +33,7 @@ from safepatching.method.dense import (
 )
 from safepatching.method.derive import Direction, derive_patch
 from safepatching.method.importance import snip_scores
-from safepatching.method.memory import check_training_fits, is_target
+from safepatching.method.memory import ModelSize, check_training_fits, is_target
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger, settings_record, write_patched_model
 from safepatching.method.objectives import autocast
@@ -125,13 +125,15 @@ class Stages:
         return holds_base(model, names, self.base_weight) if self._given else self.base_weight
 
     def check_training_fits(self) -> None:
-        """Refuse a derivation this machine cannot hold, from the weight files' headers alone."""
-        self.backbone_folder()
+        """Refuse a derivation this machine cannot hold, from the weight files' headers and config alone."""
+        folder = self.backbone_folder()
         counts = {name: info.numel for name, info in self._weights.tensors.items()}
         wanted = set(self.config.derive.target_modules)
         target = sum(n for name, n in counts.items() if is_target(name, wanted))
+        config = read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        size = ModelSize.from_config(sum(counts.values()), target, config)
         machine = psutil.virtual_memory().total
-        check_training_fits(self.config.model, sum(counts.values()), target, self.config.derive, machine)
+        check_training_fits(self.config.model, size, self.config.derive, self.config.importance, machine)
 
     def harmful_pairs(self) -> list[Example]:
         """The pairs the patches are derived from: every harmful_train source, less (when asked) the
