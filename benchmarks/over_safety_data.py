@@ -41,6 +41,7 @@ from safepatching.experiments.sweep import run_sweep
 from safepatching.method.geometry import patch_geometry, region_geometry
 from safepatching.method.regions import TopRegion
 from safepatching.report.tables import describe_geometry, statistics_markdown
+from safepatching.storage.files import with_extension
 
 OVER_SAFETY_TRAIN = {"source": "bench:xstest-safe", "split": "train[100:250]", "shuffle_seed": 0}
 FAMILIES: dict[str, tuple[dict[str, Any], list[float]]] = {
@@ -136,7 +137,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.report_only:
-        args.out.with_suffix(".md").write_text(report(json.loads(args.out.with_suffix(".json").read_text())))
+        with_extension(args.out, "md").write_text(report(json.loads(with_extension(args.out, "json").read_text())))
         return
     command = shlex.join(["python", *sys.argv])
     started = time.perf_counter()
@@ -209,8 +210,8 @@ def main() -> None:
     }
     results["wall_seconds"] = round(time.perf_counter() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
-    args.out.with_suffix(".md").write_text(report(results))
+    with_extension(args.out, "json").write_text(json.dumps(results, indent=2, default=str))
+    with_extension(args.out, "md").write_text(report(results))
     line = " | ".join(
         f"{family}: harmful {pooled(statistics, family, 'harmful response'):.1f} benign "
         f"{pooled(statistics, family, 'refusal'):.1f} kl {results['test']['kl'][family]:.4f}"

@@ -31,6 +31,7 @@ from safepatching.evaluation.metrics import mean_token_kl
 from safepatching.method.derive import derive_patch
 from safepatching.models.loading import load_model
 from safepatching.models.precision import resolve_dtype
+from safepatching.storage.files import with_extension
 from safepatching.storage.stages import release_memory
 
 
@@ -107,7 +108,7 @@ def main() -> None:
         "tensors": len(per_tensor),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    with_extension(args.out, "json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# float32 vs {default_dtype} on {args.model}",
         "",
@@ -132,7 +133,7 @@ def main() -> None:
         f"{patch['cosine_per_tensor_min']:.4f} ({patch['tensors']} tensors).",
         "",
     ]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
+    with_extension(args.out, "md").write_text("\n".join(lines))
     print("\n".join(lines))
     print(
         f"agreement: {result['agreement_percent']:.1f} kl: {result['kl_float32_to_default']:.4f} cosine: {overall:.4f}"

@@ -30,7 +30,7 @@ from scipy import stats
 
 from safepatching.experiments.tune import finished_count
 from safepatching.report.tables import knobs_text
-from safepatching.storage.files import write_json, write_text_atomic
+from safepatching.storage.files import with_extension, write_json, write_text_atomic
 
 
 def variant_row(path: Path) -> dict[str, Any]:
@@ -161,8 +161,8 @@ def main() -> None:
             row["paired"] = paired_row(json.loads(path.read_text()), reference)
         text += paired_markdown(rows, str(args.paired_with))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out.with_suffix(".json"), {"command": command, "variants": rows})
-    write_text_atomic(args.out.with_suffix(".md"), text)
+    write_json(with_extension(args.out, "json"), {"command": command, "variants": rows})
+    write_text_atomic(with_extension(args.out, "md"), text)
     print(text)
     separating = sum(bool((row["separation"] or {}).get("separates")) for row in rows)
     print(f"separates: {separating} of {len(rows)}")

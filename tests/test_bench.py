@@ -172,13 +172,13 @@ def run_sweep(path, *args):
 def test_sweep_scores_merge_and_training_settings_on_validation_prompts(bench_run, tmp_path):
     root, path = bench_run
     common = ["--data-dir", str(tmp_path), "--harmful-split", "train[6:9]", "--max-new-tokens", "4"]
-    out = tmp_path / "sweep"
+    out = tmp_path / "sweep-0.5b"  # a dot in OUT: the files are OUT.json and OUT.md
     completed = run_sweep(
         path, *common, "--benign", "scary-val=builtin:benign-but-scary@train[5:8]",
         "--vary", "beta=0", "--vary", "derive.max_steps=1", "--out", str(out),
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    rows = json.loads((tmp_path / "sweep-0.5b.json").read_text())["rows"]
     assert [r["candidate"] for r in rows] == ["backbone", "config defaults", "merge.beta=0", "derive.max_steps=1"]
     for row in rows:
         assert 0 <= row["harmful"] <= 100 and 0 <= row["scary-val"] <= 100 and 0 <= row["looping"] <= 100
@@ -187,9 +187,9 @@ def test_sweep_scores_merge_and_training_settings_on_validation_prompts(bench_ru
     assert one_step["changed_fraction"] != defaults["changed_fraction"]  # its own, re-derived patches
     sweep_runs = list((root / "work/sweep").iterdir())
     assert len(sweep_runs) == 1 and (sweep_runs[0] / "patches/safety/stage.json").exists()
-    assert "| merge.beta=0 |" in out.with_suffix(".md").read_text()
-    assert "| looping replies (%) |" in out.with_suffix(".md").read_text()
-    assert json.loads(out.with_suffix(".json").read_text())["complete"] is True
+    assert "| merge.beta=0 |" in (tmp_path / "sweep-0.5b.md").read_text()
+    assert "| looping replies (%) |" in (tmp_path / "sweep-0.5b.md").read_text()
+    assert json.loads((tmp_path / "sweep-0.5b.json").read_text())["complete"] is True
 
     # a candidate that fails (its loss goes non-finite) stops the sweep with the rows so far on disk
     failed = run_sweep(
@@ -197,9 +197,9 @@ def test_sweep_scores_merge_and_training_settings_on_validation_prompts(bench_ru
         "--vary", "derive.learning_rate=1e30", "--out", str(out),
     )  # fmt: skip
     assert failed.returncode != 0 and "response NLL became" in failed.stderr and "Traceback" not in failed.stderr
-    kept = json.loads(out.with_suffix(".json").read_text())
+    kept = json.loads((tmp_path / "sweep-0.5b.json").read_text())
     assert kept["complete"] is False and [r["candidate"] for r in kept["rows"]] == ["backbone", "config defaults"]
-    assert "Incomplete" in out.with_suffix(".md").read_text()
+    assert "Incomplete" in (tmp_path / "sweep-0.5b.md").read_text()
 
     # validation prompts that a reported set holds (the config's benign set is train[:3]) are refused
     overlapping = run_sweep(path, *common, "--benign", "scary-val=builtin:benign-but-scary@train[2:5]")

@@ -14,7 +14,7 @@ from safepatching.experiments.tune import run_tune
 
 def tune_settings(pipeline, model_dir, root, **tune):
     return {
-        "name": "tiny-tune",
+        "name": "tiny-tune-0.5b",  # a dot in the name: the files are NAME.md, not tiny-tune-0.md
         "pipeline": pipeline(model_dir),
         "validation": {
             "harmful": {"unc-val": {"source": "builtin:uncensorbench", "split": "train[6:12]", "shuffle_seed": 0}},
@@ -72,12 +72,12 @@ def test_tune_writes_front_trials_plot_and_a_runnable_chosen_config(uninterrupte
         assert low <= point["final"]["harmful"]["refusal"] <= high and point["final"]["harmful"]["n"] == 6
         assert 0 <= point["final"]["benign"]["p_vs_backbone"] <= 1
     assert 0 <= result["agreement"]["agreeing_percent"] <= 100 and result["agreement"]["decisions"] > 0
-    out = root / "results/tiny-tune"
-    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    markdown = out.with_suffix(".md").read_text()
+    out = root / "results"
+    assert (out / "tiny-tune-0.5b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "tiny-tune-0.5b.md").read_text()
     assert "| backbone |" in markdown and "**chosen**" in markdown
-    assert json.loads(out.with_suffix(".json").read_text())["front"] == result["front"]
-    chosen = build_config(root / "results/tiny-tune.chosen.yaml")  # what `safepatching run` reads
+    assert json.loads((out / "tiny-tune-0.5b.json").read_text())["front"] == result["front"]
+    chosen = build_config(root / "results/tiny-tune-0.5b.chosen.yaml")  # what `safepatching run` reads
     assert isinstance(chosen, PipelineConfig)
     assert chosen.merge.alpha == result["chosen"]["params"]["merge.alpha"]
     assert chosen.merge.top_a == result["chosen"]["params"]["merge.top_a"]
@@ -166,7 +166,7 @@ def test_a_study_of_another_config_is_refused_unless_new_study(
     started = run_command("tune", str(path), "--no-progress", "--new-study")
     assert started.returncode == 0, started.stderr
     assert len(list((root / "work").glob("study-*.sqlite3"))) == 1  # the old study is kept
-    assert len(json.loads((tmp_path / "results/tiny-tune.json").read_text())["trials"]) == 1
+    assert len(json.loads((tmp_path / "results/tiny-tune-0.5b.json").read_text())["trials"]) == 1
 
 
 def test_a_study_made_before_later_settings_existed_still_opens(tmp_path, tiny_model_dir, bench_pipeline):

@@ -32,6 +32,7 @@ from safepatching.config.settings import DatasetSpec, PipelineConfig
 from safepatching.data.sources import Example, load_examples
 from safepatching.errors import ConfigError
 from safepatching.experiments.validation import ValidationScorer, ValidationSet, sweep_dir
+from safepatching.storage.files import with_extension
 
 TRAINING_SECTIONS = ("derive", "importance")
 
@@ -126,12 +127,12 @@ def write_results(out: Path, command: str, validation: dict[str, list[Example]],
     """OUT.json and OUT.md; an incomplete sweep says so in both."""
     sizes = {name: len(examples) for name, examples in validation.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
+    with_extension(out, "json").write_text(
         json.dumps({"command": command, "complete": complete, "validation_sizes": sizes, "rows": rows}, indent=2)
     )
     status = "" if complete else "**Incomplete: the sweep has not finished (or stopped); rows so far.**\n\n"
     described = ", ".join(f"{name} {size}" for name, size in sizes.items())
-    out.with_suffix(".md").write_text(
+    with_extension(out, "md").write_text(
         f"# Validation sweep\n\n`{command}`\n\n{status}Validation prompts: {described}. Refusal on harmful "
         f"prompts should rise, on benign ones fall; looping replies (a collapsed model) should stay at 0.\n\n{results_table(list(validation), rows)}\n"
     )

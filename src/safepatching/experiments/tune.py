@@ -40,7 +40,7 @@ from safepatching.method.geometry import patch_geometry, region_geometry
 from safepatching.report.plots import plot_tune_plane
 from safepatching.report.statistics import mcnemar_exact, wilson_interval
 from safepatching.report.tables import tune_markdown
-from safepatching.storage.files import write_json, write_text_atomic
+from safepatching.storage.files import with_extension, write_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 STUDY_NAME = "safepatching-tune"
@@ -501,6 +501,6 @@ def write_chosen_config(config: TuneConfig, chosen: PipelineConfig, number: int,
 def write_tune_results(config: TuneConfig, result: dict[str, Any]) -> None:
     out = config.output_dir / config.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_suffix(".json"), result)
-    write_text_atomic(out.with_suffix(".md"), tune_markdown(result))
-    plot_tune_plane(result, out.with_suffix(".png"))
+    write_json(with_extension(out, "json"), result)
+    write_text_atomic(with_extension(out, "md"), tune_markdown(result))
+    plot_tune_plane(result, with_extension(out, "png"))

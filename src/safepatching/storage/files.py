@@ -55,6 +55,12 @@ def atomic_dir(target: Path, overwrite: bool = True) -> Iterator[Path]:
 FILE_MODE = 0o644  # mkstemp makes files private; outputs should be as readable as any file
 
 
+def with_extension(path: Path, extension: str) -> Path:
+    """``path`` with ``.extension`` added, where ``with_suffix`` would cut a name that holds a dot
+    (``tune-1.5b`` is not ``tune-1`` with suffix ``.5b``)."""
+    return path.with_name(f"{path.name}.{extension}")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
