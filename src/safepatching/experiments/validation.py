@@ -111,7 +111,9 @@ class ValidationScorer:
         dtype = DTYPES[self.run.compute_dtype]
         self.model = self.master if dtype == torch.float32 else copy.deepcopy(self.master).to(dtype)
         master_weights = dict(self.master.named_parameters())
-        self.base = None if self.model is self.master else lambda name: master_weights[name].detach()
+        # a float32 master is the files' weights (restored after every patch): merges restore it from
+        # them, not from a copy of every patched tensor (5 GB at 1.5B)
+        self.base = self.run.base_weight if self.model is self.master else lambda name: master_weights[name].detach()
         self.judges = {
             "harmful": get_judge(self.config.eval.judge, self.config.data_dir),
             "benign": get_judge(self.config.eval.refusal_judge, self.config.data_dir),
