@@ -4,11 +4,12 @@ chosen point on the test sets, with paired statistics and the fronts figure; bad
 import json
 
 import pytest
+import torch
 import yaml
 
 from safepatching.config.experiments import BenchConfig
 from safepatching.config.loading import build_config
-from safepatching.experiments.bench import run_bench
+from safepatching.experiments.bench import Bench, run_bench
 from safepatching.report.tables import dominance_markdown
 
 VALIDATION = {
@@ -105,6 +106,19 @@ def test_a_rerun_resumes_every_study_and_cell(tuned):
     assert {n: r["tuning"]["chosen"] for n, r in again["methods"].items() if "tuning" in r} == {
         n: r["tuning"]["chosen"] for n, r in result["methods"].items() if "tuning" in r
     }
+
+
+def test_a_tuned_row_is_evaluated_on_its_studys_model_then_restored_to_the_files(tuned, tmp_path):
+    root, config, _ = tuned
+    bench = Bench(config, progress=False)
+    bench.tune("safepatching", "")  # resumes the study: nothing new is judged
+    bench.evaluate_cell("safepatching", 0, tmp_path)  # cached cells are bypassed: this one merges again
+    assert bench.working() is bench._scorer.model  # no third copy of the backbone
+    weights = dict(bench.working().named_parameters())
+    target = next(name for name in weights if name.endswith("q_proj.weight"))
+    assert torch.equal(weights[target], bench.stages.base_weight(target))
+    cached = (root / "work/cells/safepatching/seed-0/records.jsonl").read_text()
+    assert (tmp_path / "records.jsonl").read_text() == cached
 
 
 @pytest.mark.parametrize(
