@@ -8,7 +8,8 @@ import torch
 import yaml
 
 from safepatching.config.experiments import BenchConfig
-from safepatching.config.loading import build_config
+from safepatching.config.loading import build_config, parse_overrides
+from safepatching.errors import ConfigError
 from safepatching.experiments.bench import Bench, run_bench
 from safepatching.report.tables import dominance_markdown
 
@@ -143,6 +144,18 @@ def test_bad_tuning_is_refused_in_one_line(tmp_path, tiny_model_dir, bench_pipel
     assert completed.returncode == 2, completed.stderr
     assert message in completed.stderr and "Traceback" not in completed.stderr
     assert not (tmp_path / "work").exists()  # refused before any work
+
+
+def test_a_bench_narrowed_from_the_command_line_drops_the_spaces_of_rows_it_leaves_out(
+    tmp_path, tiny_model_dir, bench_pipeline
+):
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(tuned_bench(bench_pipeline, tiny_model_dir, tmp_path)))
+    narrowed = ["methods=[backbone, safepatching]", "tuning.spaces.ga=null", "tuning.spaces.rose=null"]
+    config = build_config(path, overrides=parse_overrides(narrowed), model=BenchConfig)
+    assert list(config.tuning.spaces) == ["safepatching"]
+    with pytest.raises(ConfigError, match="tuning.spaces.ga: not a row of this bench"):
+        build_config(path, overrides=parse_overrides(narrowed[:1]), model=BenchConfig)
 
 
 def test_over_safety_data_that_holds_a_validation_prompt_is_refused(tmp_path, tiny_model_dir, bench_pipeline):

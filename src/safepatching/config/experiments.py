@@ -438,11 +438,18 @@ class BenchTuning(SearchSettings):
 
     validation: ValidationSets
     spaces: dict[str, dict[str, SearchRange]] = Field(
-        min_length=1, description="bench row -> knob -> range (merge.*, derive.*, importance.*, eval.decoding.*)"
+        min_length=1,
+        description="bench row -> knob -> range (merge.*, derive.*, importance.*, eval.decoding.*); a row "
+        "set to null is dropped, so `--set tuning.spaces.ga=null` goes with narrowing `methods`",
     )
     final_judging: Literal["front", "chosen"] = Field(
         "chosen", description="chosen (the bench's default): only each row's chosen point is judged again"
     )
+
+    @field_validator("spaces", mode="before")
+    @classmethod
+    def _drop_nulled_rows(cls, spaces: Any) -> Any:
+        return {k: v for k, v in spaces.items() if v is not None} if isinstance(spaces, dict) else spaces
 
     @field_validator("spaces")
     @classmethod
