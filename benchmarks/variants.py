@@ -1,6 +1,7 @@
 """One table of tuning variants: how each moves the validation front and the patch geometry.
 
     python benchmarks/variants.py benchmarks/results/tune-reference.json benchmarks/results/tune-1.5b.json \
+        --paired-with benchmarks/results/tune-reference.json benchmarks/results/tune-1.5b.json \
         --out benchmarks/results/variants
 
 Each input is the JSON of a `safepatching tune` study (a backbone, a training-data, importance or
@@ -10,10 +11,12 @@ harmful refusal, highest harmful refusal without adding benign refusal, a point 
 chosen point's rates with 95 % Wilson intervals (full budget), its KL, cos(P_s, P_o), sign
 disagreement and region overlap (Jaccard). Writes OUT.md and OUT.json; last line ``separates: N of M``.
 
-``--paired-with REFERENCE.json`` adds a paired comparison: studies seeded alike draw the same knobs for
-their first (random) trials, so a variant's trials can be matched to the reference study's trials at
-identical knobs. For each study, over its matched trials: the mean change in harmful and benign
-refusal, and in their difference (harmful minus benign, the separation), each with a 95 % t interval
+``--paired-with REFERENCE.json...`` adds a paired comparison: studies seeded alike draw the same knobs
+for their first (random) trials, so a variant's trials can be matched to the reference study's trials at
+identical knobs. Each study is paired with the reference of its own backbone and compute dtype (one
+reference per backbone: tune-reference for 0.5B, tune-1.5b for 1.5B); a study with none is listed
+unpaired. For each study, over its matched trials: the mean change in harmful and benign refusal, and in
+their difference (harmful minus benign, the separation), each with a 95 % t interval
 (``scipy.stats.ttest_rel``). A few trials per variant then measure its effect at the same merges.
 """
 
@@ -40,6 +43,7 @@ def variant_row(path: Path) -> dict[str, Any]:
     return {
         "study": result["name"],
         "model": result["model"],
+        "compute_dtype": result.get("compute_dtype"),
         "trials": finished_count(result),
         "front": len(result.get("screened_front", result["front"])),
         "backbone": {group: result["backbone"]["screen"][group] for group in ("harmful", "benign")},
@@ -78,28 +82,29 @@ def paired_row(variant: dict[str, Any], reference: dict[str, Any]) -> dict[str, 
     return row
 
 
-def paired_markdown(rows: list[dict[str, Any]], reference: str) -> str:
-    def cell(change: dict[str, Any]) -> str:
-        if change["mean_change"] is None:
+def paired_markdown(rows: list[dict[str, Any]]) -> str:
+    def cell(change: dict[str, Any] | None) -> str:
+        if change is None or change["mean_change"] is None:
             return "—"
         interval = f" [{change['ci'][0]:+.1f}, {change['ci'][1]:+.1f}], p {change['p']:.2g}" if change["ci"] else ""
         return f"{change['mean_change']:+.1f}{interval}"
 
     lines = [
         "",
-        f"## Paired with `{reference}` at identical knobs",
+        "## Paired with the reference study of the same backbone, at identical knobs",
         "",
         "Mean change in refusal (points, short budget) over the trials both studies ran at the same knobs; "
         "95 % t interval and paired t-test p. Separation = harmful refusal minus benign refusal (up is better).",
         "",
-        "| study | matched trials | harmful refusal | benign refusal | separation |",
-        "|---|---|---|---|---|",
+        "| study | reference | matched trials | harmful refusal | benign refusal | separation |",
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        paired = row["paired"]
+        paired = row["paired"] or {}
         lines.append(
-            f"| {row['study']} | {paired['matched_trials']} | {cell(paired['harmful'])} | {cell(paired['benign'])} | "
-            f"{cell(paired['separation'])} |"
+            f"| {row['study']} | {paired.get('reference', 'none of this backbone and dtype')} | "
+            f"{paired.get('matched_trials', 0)} | {cell(paired.get('harmful'))} | {cell(paired.get('benign'))} | "
+            f"{cell(paired.get('separation'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -132,7 +137,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
             return f"{final[group]['refusal']:.1f} [{final[group]['ci'][0]:.1f}, {final[group]['ci'][1]:.1f}]"
 
         lines.append(
-            f"| {row['study']} | {row['model']} | {row['trials']} | {row['front']} | "
+            f"| {row['study']} | {row['model']} ({row['compute_dtype'] or '?'}) | {row['trials']} | {row['front']} | "
             f"{fmt(row['backbone']['harmful'])} / {fmt(row['backbone']['benign'])} | "
             f"{fmt(separation.get('benign_at_no_safety_loss'))} | {fmt(separation.get('harmful_at_no_benign_rise'))} | "
             f"{'yes' if separation.get('separates') else 'no'} | {knobs_text(row['chosen'] or {})} | {rate('harmful')} | "
@@ -146,20 +151,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path, help="tune result JSON files")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/variants"))
-    parser.add_argument("--paired-with", type=Path, help="a reference study's JSON: compare at identical knobs")
+    parser.add_argument(
+        "--paired-with",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="reference studies' JSON, one per backbone: compare each study with its own backbone's at identical knobs",
+    )
     args = parser.parse_args()
-    missing = [str(path) for path in [*args.results, *([args.paired_with] if args.paired_with else [])]]
-    missing = [path for path in missing if not Path(path).is_file()]
+    missing = [str(path) for path in [*args.results, *args.paired_with] if not path.is_file()]
     if missing:
         sys.exit(f"error: no tune result at {missing[0]}; run the study first (safepatching tune CONFIG)")
     command = shlex.join(["python", *sys.argv])
     rows = [variant_row(path) for path in args.results]
     text = markdown(rows, command)
     if args.paired_with:
-        reference = json.loads(args.paired_with.read_text())
+        references = {}
+        for path in args.paired_with:
+            reference = json.loads(path.read_text())
+            backbone = (reference["model"], reference.get("compute_dtype"))
+            if backbone in references:
+                sys.exit(f"error: two references for {backbone[0]} ({backbone[1]}): give one per backbone")
+            references[backbone] = path, reference
         for row, path in zip(rows, args.results, strict=True):
-            row["paired"] = paired_row(json.loads(path.read_text()), reference)
-        text += paired_markdown(rows, str(args.paired_with))
+            match = references.get((row["model"], row["compute_dtype"]))
+            row["paired"] = match and {"reference": str(match[0])} | paired_row(json.loads(path.read_text()), match[1])
+        text += paired_markdown(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(with_extension(args.out, "json"), {"command": command, "variants": rows})
     write_text_atomic(with_extension(args.out, "md"), text)
