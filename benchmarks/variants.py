@@ -36,8 +36,7 @@ from safepatching.report.tables import knobs_text
 from safepatching.storage.files import with_extension, write_json, write_text_atomic
 
 
-def variant_row(path: Path) -> dict[str, Any]:
-    result = json.loads(path.read_text())
+def variant_row(result: dict[str, Any]) -> dict[str, Any]:
     chosen, geometry = result.get("chosen") or {}, (result.get("chosen") or {}).get("geometry") or {}
     final = next((p["final"] for p in result["front"] if p["trial"] == chosen.get("trial")), None)
     return {
@@ -163,7 +162,8 @@ def main() -> None:
     if missing:
         sys.exit(f"error: no tune result at {missing[0]}; run the study first (safepatching tune CONFIG)")
     command = shlex.join(["python", *sys.argv])
-    rows = [variant_row(path) for path in args.results]
+    results = [json.loads(path.read_text()) for path in args.results]
+    rows = [variant_row(result) for result in results]
     text = markdown(rows, command)
     if args.paired_with:
         references = {}
@@ -173,9 +173,9 @@ def main() -> None:
             if backbone in references:
                 sys.exit(f"error: two references for {backbone[0]} ({backbone[1]}): give one per backbone")
             references[backbone] = path, reference
-        for row, path in zip(rows, args.results, strict=True):
+        for row, result in zip(rows, results, strict=True):
             match = references.get((row["model"], row["compute_dtype"]))
-            row["paired"] = match and {"reference": str(match[0])} | paired_row(json.loads(path.read_text()), match[1])
+            row["paired"] = match and {"reference": str(match[0])} | paired_row(result, match[1])
         text += paired_markdown(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(with_extension(args.out, "json"), {"command": command, "variants": rows})

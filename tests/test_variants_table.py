@@ -28,11 +28,16 @@ def study(name: str, rates: list[tuple[float, float]], first_alpha: float = 0.5,
     }
 
 
+def written(tmp_path: Path, *results: dict) -> list[Path]:
+    """Each study's JSON, written where the script reads it."""
+    paths = [tmp_path / f"{result['name']}.json" for result in results]
+    for path, result in zip(paths, results, strict=True):
+        path.write_text(json.dumps(result))
+    return paths
+
+
 def run(tmp_path: Path, *studies: dict, references: list[dict]) -> dict:
-    paths = []
-    for result in (*studies, *references):
-        paths.append(tmp_path / f"{result['name']}.json")
-        paths[-1].write_text(json.dumps(result))
+    paths = written(tmp_path, *studies, *references)
     out = tmp_path / "variants"
     studied, referenced = paths[: len(studies)], paths[len(studies) :]
     done = subprocess.run(
@@ -79,10 +84,7 @@ def test_each_variant_is_paired_with_the_reference_of_its_own_backbone(tmp_path)
 
 
 def test_two_references_for_one_backbone_are_refused(tmp_path):
-    paths = []
-    for name in ("first", "second"):
-        paths.append(tmp_path / f"{name}.json")
-        paths[-1].write_text(json.dumps(study(name, [(60, 40)])))
+    paths = written(tmp_path, study("first", [(60, 40)]), study("second", [(60, 40)]))
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(paths[0]), "--paired-with", *map(str, paths), "--out", str(tmp_path / "v")],
         capture_output=True,
