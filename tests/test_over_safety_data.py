@@ -4,9 +4,12 @@ import json
 
 import pytest
 
+from safepatching.data.sources import Example
 from safepatching.errors import DataError
+from safepatching.experiments import stages as stages_module
 from safepatching.experiments.pipeline import run_stages
 from safepatching.experiments.stages import Stages
+from safepatching.experiments.validation import ValidationScorer, ValidationSet
 from safepatching.method.derive import pairs_digest
 from safepatching.models.precision import fast_dtypes
 
@@ -109,3 +112,28 @@ def test_replies_are_generated_with_a_float32_master_given_as_in_a_study(
     stages.over_safety_pairs(stages.harmful_pairs())
     rows = (tmp_path / "run/over_safety_replies/replies.jsonl").read_text().splitlines()
     assert len(rows) == len(PROMPTS)
+
+
+def test_a_study_that_changes_only_the_over_safety_data_links_the_other_patches(
+    tmp_path, tiny_model_dir, tiny_pipeline_config, monkeypatch
+):
+    """A variant with its own over-safety data derives in a sweep folder; its safety patch is the
+    config's own, linked, not derived again."""
+    data = jsonl(tmp_path / "os.jsonl", [{"prompt": p, "response": f"Run kill {i}."} for i, p in enumerate(PROMPTS)])
+    config = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
+    scorer = ValidationScorer(config, tmp_path / "run", [ValidationSet("val", "harmful", [Example("Pick a lock?")])])
+    scorer.derived(config)
+    derived, derive_patch = [], stages_module.derive_patch
+
+    def counted(model, tokenizer, pairs, direction, *rest):
+        derived.append(direction)
+        return derive_patch(model, tokenizer, pairs, direction, *rest)
+
+    monkeypatch.setattr(stages_module, "derive_patch", counted)
+    variant = changed(config, over_safety_train={"source": data, "response_column": "response"})
+    scorer.derived(variant)
+    assert derived == ["descent"]  # only the over-safety patch on the new data
+    (sweep,) = (tmp_path / "run/sweep").iterdir()
+    own = tmp_path / "run/patches/safety/deltas.safetensors"
+    assert (sweep / "patches/safety/deltas.safetensors").stat().st_ino == own.stat().st_ino
+    assert json.loads((sweep / "patches/over_safety/derived.json").read_text())["num_pairs"] == 5

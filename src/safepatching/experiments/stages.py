@@ -40,7 +40,7 @@ from safepatching.method.objectives import autocast
 from safepatching.models.loading import check_model_source, load_model, weights_folder
 from safepatching.models.precision import DTYPES, hold_output_layer_in, resolved
 from safepatching.report.results import read_jsonl, save_eval, write_jsonl
-from safepatching.storage.files import read_json, save_tensors
+from safepatching.storage.files import link_dir, read_json, save_tensors
 from safepatching.storage.shards import LazyTensors, WeightFolder
 from safepatching.storage.stages import cached, fingerprint, stage_is_fresh, stage_meter, stage_record
 
@@ -60,11 +60,15 @@ class Stages:
         loaded: tuple[Any, Any] | None = None,
         base_state: str | None = None,
         held_out: dict[str, list[Example]] | None = None,
+        shared_patches: Path | None = None,
     ):
         """``loaded`` is an in-memory (model, tokenizer) to patch instead of loading ``config.model``;
         ``base_state`` then names its weights (e.g. the rounds already applied), so cached stages of
         other weights are not reused. ``held_out`` names further sets (a study's validation sets)
-        whose prompts ``drop_eval_overlap`` keeps out of the training pairs, like the evaluation sets."""
+        whose prompts ``drop_eval_overlap`` keeps out of the training pairs, like the evaluation sets.
+        ``shared_patches`` is another run's output folder: a patch it derived under the same settings
+        is linked from it instead of derived again (a sweep that changes only the over-safety data
+        keeps the safety patch)."""
         self.config = config
         self.progress = progress
         self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
@@ -76,6 +80,7 @@ class Stages:
         self.base_state = base_state
         self._pairs: list[Example] | None = None
         self.held_out = held_out or {}
+        self.shared_patches = shared_patches
         if config.harmful_train_judge:  # an unknown judge fails here, before any work
             self.pairs_judge = get_judge(config.harmful_train_judge, config.data_dir)
         self._weights: WeightFolder | None = None
@@ -347,7 +352,12 @@ class Stages:
             return load()  # read back tensor by tensor when used: the GBs of deltas are not held in memory
 
         load = lambda: load_dense_patch(directory)  # noqa: E731
-        return cached(directory, self.derive_key(label), produce, load, self.meter, f"derive_{label}", refresh=refresh)
+        key = self.derive_key(label)
+        shared = self.shared_patches / "patches" / label if self.shared_patches else None
+        if not refresh and shared and not stage_is_fresh(directory, key) and stage_is_fresh(shared, key):
+            log.info("%s patch: linked from %s (same settings)", label, shared)
+            link_dir(shared, directory)
+        return cached(directory, key, produce, load, self.meter, f"derive_{label}", refresh=refresh)
 
     def derive_seconds(self, label: str) -> float:
         """Wall time the cached patch of ``label`` took to derive (0 when it was never derived here)."""

@@ -177,7 +177,13 @@ class ValidationScorer:
         scores_dir = None
         if settings.importance != self.config.importance:
             scores_dir = sweep_dir(Path(settings.output_dir), settings.importance.cache_settings())
-        run = Stages(settings, progress=self.progress, loaded=(self.master, self.tokenizer), held_out=self.held_out)
+        run = Stages(
+            settings,
+            progress=self.progress,
+            loaded=(self.master, self.tokenizer),
+            held_out=self.held_out,
+            shared_patches=Path(self.config.output_dir),
+        )
         if MERGE_METHODS[settings.merge.method].needs_importance:
             safety, over_safety = run.derive(self.train)
             return safety, over_safety, run.importance(self.train, safety, over_safety, scores_dir)

@@ -52,6 +52,18 @@ def atomic_dir(target: Path, overwrite: bool = True) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def link_dir(source: Path, target: Path) -> None:
+    """Make ``target`` a copy of the flat folder ``source`` by hard links (a copy where links cannot
+    cross devices): the files are never rewritten in place, only replaced, so the copies stay apart."""
+    with atomic_dir(target) as staging:
+        for path in Path(source).iterdir():
+            if path.is_file():
+                try:
+                    os.link(path, staging / path.name)
+                except OSError:
+                    shutil.copy2(path, staging / path.name)
+
+
 FILE_MODE = 0o644  # mkstemp makes files private; outputs should be as readable as any file
 
 
