@@ -49,16 +49,19 @@ def test_the_over_safety_patch_descends_on_its_own_pairs(tmp_path, tiny_model_di
     assert safety_info["num_pairs"] == 6  # the harmful pairs, unchanged
 
 
-def test_generated_replies_are_judged_cached_and_refusals_dropped(
-    tmp_path, tiny_model_dir, tiny_pipeline_config, monkeypatch
+def test_generated_replies_are_judged_cached_and_refusals_and_loops_dropped(
+    tmp_path, tiny_model_dir, tiny_pipeline_config, monkeypatch, caplog
 ):
     data = jsonl(tmp_path / "os.jsonl", [{"prompt": p} for p in PROMPTS])
     config = changed(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), over_safety_train={"source": data})
-    replies = iter([["Sure: run kill -9 PID."] * 3 + ["I'm sorry, I can't help with that."] * 2])
+    loop = "1) " * 40  # what a too-strong answerer patch produces
+    replies = iter([["Sure: run kill -9 PID."] * 2 + [loop] + ["I'm sorry, I can't help with that."] * 2])
     monkeypatch.setattr(Stages, "answer", lambda self, model, tokenizer, prompts, *_: next(replies))
     stages = Stages(config, progress=False)
-    pairs = stages.over_safety_pairs(stages.harmful_pairs())
-    assert [p.response for p in pairs] == ["Sure: run kill -9 PID."] * 3
+    with caplog.at_level("WARNING"):
+        pairs = stages.over_safety_pairs(stages.harmful_pairs())
+    assert [p.response for p in pairs] == ["Sure: run kill -9 PID."] * 2
+    assert "of 5 generated replies, 2 refusals and 1 looping ones were dropped" in caplog.text
     rows = [json.loads(line) for line in (tmp_path / "run/over_safety_replies/replies.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and sum(row["refusal"] for row in rows) == 2
     assert (tmp_path / "run/patches/over_safety_paper/derived.json").exists()  # the default answerer's patch
@@ -75,7 +78,7 @@ def test_replies_that_are_all_refusals_stop_the_run_in_one_line(
         Stages, "answer", lambda self, model, tokenizer, prompts, *_: ["I cannot help with that."] * len(prompts)
     )
     stages = Stages(config, progress=False)
-    with pytest.raises(DataError, match="all 5 generated over-safety replies were refusals"):
+    with pytest.raises(DataError, match="none of the 5 generated over-safety replies complies: 5 were refusals"):
         stages.over_safety_pairs(stages.harmful_pairs())
 
 

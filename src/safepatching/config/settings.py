@@ -173,7 +173,7 @@ class ImportanceConfig(StrictModel):
 
 class OverSafetyReplies(StrictModel):
     """Who answers the over-safety training prompts when the data has no replies. The replies are
-    judged with eval.refusal_judge; refusals are dropped, with a count."""
+    judged with eval.refusal_judge; refusals and looping replies are dropped, with a count."""
 
     model: str | None = Field(
         None,

@@ -22,6 +22,7 @@ from safepatching.data.sources import Example, load_examples, load_pairs
 from safepatching.errors import DataError
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.evaluation.judges.registry import get_judge, judge_all
+from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
 from safepatching.method.dense import (
     DensePatch,
@@ -237,16 +238,28 @@ class Stages:
             self.meter,
             "over_safety_replies",
         )
-        kept = [Example(row["prompt"], row["response"]) for row in rows if not row["refusal"]]
-        dropped = len(rows) - len(kept)
+        refused = sum(row["refusal"] for row in rows)
+        loops = sum(not row["refusal"] and looping(row["response"]) for row in rows)
+        kept = [
+            Example(row["prompt"], row["response"])
+            for row in rows
+            if not row["refusal"] and not looping(row["response"])
+        ]
         if not kept:
             raise DataError(
-                f"all {len(rows)} generated over-safety replies were refusals (judge {self.config.eval.refusal_judge}).",
-                "raise over_safety_replies.scale, name a more compliant over_safety_replies.model, or give replies "
-                "in over_safety_train.response_column",
+                f"none of the {len(rows)} generated over-safety replies complies: {refused} were refusals (judge "
+                f"{self.config.eval.refusal_judge}), {loops} looped.",
+                "lower over_safety_replies.scale if they loop, raise it if they refuse, name another "
+                "over_safety_replies.model, or give replies in over_safety_train.response_column",
             )
-        if dropped:
-            log.info("over_safety_train: %d of %d generated replies were refusals and were dropped", dropped, len(rows))
+        if refused or loops:
+            log.warning(
+                "over_safety_train: of %d generated replies, %d refusals and %d looping ones were dropped%s",
+                len(rows),
+                refused,
+                loops,
+                "; lower over_safety_replies.scale for fewer loops" if loops else "",
+            )
         return kept
 
     def own_reply_pairs(self, pairs: list[Example]) -> list[Example]:
