@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from safepatching.method.dense import patched
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger
 from safepatching.models.precision import DTYPES
+from safepatching.storage.files import read_json, write_json
+from safepatching.storage.stages import fingerprint
 
 DERIVATION_DATA = ("over_safety_train", "over_safety_replies")  # the candidate's own over-safety data
 
@@ -144,10 +146,27 @@ class ValidationScorer:
         return Judged(refusals, loops)
 
     def unpatched(self, max_new_tokens: int) -> Judged:
-        """The backbone's decisions at this budget, judged once per scorer (every study that shares the
-        scorer compares against the same judgements). Call it outside ``merged``/``decoded``."""
+        """The backbone's decisions at this budget, judged once per work directory: every study that
+        shares the scorer, and a new study started there, compares against the same judgements (10 min
+        of generation at 1.5B). Call it outside ``merged``/``decoded``."""
         if max_new_tokens not in self._unpatched:
-            self._unpatched[max_new_tokens] = self.judge(max_new_tokens)
+            c = self.config
+            key = fingerprint(
+                c.model,
+                self.compute_dtype,
+                [(s.name, s.kind, [e.prompt for e in s.examples]) for s in self.sets],
+                max_new_tokens,
+                c.eval.judge,
+                c.eval.refusal_judge,
+                c.eval.judge_model,
+                c.eval.batch_size,
+            )
+            path = self.work_dir / "backbone-judged" / f"{key}.json"
+            if path.exists():
+                self._unpatched[max_new_tokens] = Judged(**read_json(path))
+            else:
+                self._unpatched[max_new_tokens] = self.judge(max_new_tokens)
+                write_json(path, asdict(self._unpatched[max_new_tokens]))
         return self._unpatched[max_new_tokens]
 
     def kl(self) -> float | None:
