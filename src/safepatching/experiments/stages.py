@@ -238,12 +238,12 @@ class Stages:
             self.meter,
             "over_safety_replies",
         )
-        refused = sum(row["refusal"] for row in rows)
-        loops = sum(not row["refusal"] and looping(row["response"]) for row in rows)
+        looped = [not row["refusal"] and looping(row["response"]) for row in rows]
+        refused, loops = sum(row["refusal"] for row in rows), sum(looped)
         kept = [
             Example(row["prompt"], row["response"])
-            for row in rows
-            if not row["refusal"] and not looping(row["response"])
+            for row, loop in zip(rows, looped, strict=True)
+            if not row["refusal"] and not loop
         ]
         if not kept:
             raise DataError(
