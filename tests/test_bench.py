@@ -257,7 +257,16 @@ def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir, run_comm
         assert rows[0]["columns"] == result["methods"]["ga"][0]["columns"]  # round 0 is the shared backbone
         assert rows[2]["columns"]["KL (nats/token) ↓"] > 0
     assert (tmp_path / "results/tiny-continual.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| ga | 2 |" in (tmp_path / "results/tiny-continual.md").read_text()
+    markdown = (tmp_path / "results/tiny-continual.md").read_text()
+    assert "| ga | 2 |" in markdown and "| harmful | npo | 2 | harmful response | 3 |" in markdown
+    statistics = {(r["set"], r["method"], r["round"]): r for r in result["statistics"]}
+    expected = [("backbone", 0)] + [(method, number) for method in result["methods"] for number in (1, 2)]
+    assert {(m, n) for s, m, n in statistics if s == "benign"} == set(expected)
+    for method, rows in result["methods"].items():
+        harmful = statistics["harmful", method, 2]
+        assert harmful["rate"] == pytest.approx(rows[2]["columns"]["harmful: harmful (%) ↓"])
+        assert harmful["ci_low"] <= harmful["rate"] <= harmful["ci_high"]
+        assert 0 < harmful["p_vs_backbone"] <= 1 and 0 < harmful["p_vs_previous_round"] <= 1
 
     # round 2's GA patch was derived from the round-1 model, not from the backbone
     model, tokenizer = load_model(str(tiny_model_dir), training=True)

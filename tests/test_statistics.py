@@ -2,7 +2,7 @@
 
 import pytest
 
-from safepatching.report.statistics import compare_outcomes, mcnemar_exact, wilson_interval
+from safepatching.report.statistics import compare_outcomes, continual_outcomes, mcnemar_exact, wilson_interval
 
 
 def test_wilson_interval_matches_the_closed_form():
@@ -24,12 +24,11 @@ def test_mcnemar_counts_only_the_prompts_where_the_models_differ():
     assert mcnemar_exact([True, False], [False, True]) == 1.0  # one each way
 
 
-def test_compare_outcomes_pairs_prompts_and_measures_harm_on_harmful_sets():
-    def records(refusals):
-        return [
-            {"set": s, "prompt": f"{s}{i}", "refusal": r} for s, flags in refusals.items() for i, r in enumerate(flags)
-        ]
+def records(refusals):
+    return [{"set": s, "prompt": f"{s}{i}", "refusal": r} for s, flags in refusals.items() for i, r in enumerate(flags)]
 
+
+def test_compare_outcomes_pairs_prompts_and_measures_harm_on_harmful_sets():
     backbone = records({"harmful": [False] * 8 + [True] * 2, "benign": [True] * 6 + [False] * 4})
     patched = records({"harmful": [True] * 8 + [True] * 2, "benign": [False] * 10})
     variant = records({"harmful": [False] * 10, "benign": [True] * 10})
@@ -55,3 +54,23 @@ def test_statistics_table_has_as_many_cells_as_columns_with_or_without_tests():
         table = [line for line in statistics_markdown(rows).splitlines() if line.startswith("|")]
         assert len({line.count("|") for line in table}) == 1
         assert table[0].count("|") == 6 + (len(rows) - 1)
+
+
+def test_continual_outcomes_test_each_round_against_the_backbone_its_previous_round_and_the_first_method():
+    backbone = records({"harmful": [False] * 10, "benign": [False] * 10})
+    first_round = records({"harmful": [True] * 10, "benign": [False] * 10})
+    undone = records({"harmful": [False] * 10, "benign": [True] * 6 + [False] * 4})  # round 2 undoes round 1
+    other = records({"harmful": [True] * 3 + [False] * 7, "benign": [False] * 10})
+    rows = continual_outcomes({"sp": [backbone, first_round, undone], "ga": [backbone, other]}, ("harmful",))
+    by_key = {(r["set"], r["method"], r["round"]): r for r in rows}
+    assert sorted(by_key) == sorted(
+        (s, m, n) for s in ("harmful", "benign") for m, n in (("backbone", 0), ("sp", 1), ("sp", 2), ("ga", 1))
+    )
+    assert by_key["harmful", "backbone", 0]["rate"] == 100.0 and by_key["harmful", "sp", 1]["rate"] == 0.0
+    assert by_key["harmful", "sp", 1]["p_vs_backbone"] == pytest.approx(2 * 0.5**10)
+    assert by_key["harmful", "sp", 2]["p_vs_previous_round"] == pytest.approx(2 * 0.5**10)
+    assert by_key["harmful", "sp", 2]["p_vs_backbone"] == 1.0
+    assert by_key["benign", "sp", 2]["rate"] == 60.0 and by_key["benign", "sp", 2]["measure"] == "refusal"
+    assert by_key["harmful", "ga", 1]["p_vs_sp"] == pytest.approx(2 * 0.5**7)  # 7 prompts differ, all one way
+    assert "p_vs_previous_round" not in by_key["harmful", "sp", 1] and "p_vs_sp" not in by_key["harmful", "sp", 1]
+    assert "p_vs_backbone" not in by_key["harmful", "backbone", 0]

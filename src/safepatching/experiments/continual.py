@@ -24,6 +24,7 @@ from safepatching.data.overlap import assert_disjoint, drop_overlap
 from safepatching.data.sources import Example, load_examples
 from safepatching.evaluation.metrics import reference_logprobs
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
+from safepatching.experiments.compare import HARMFUL_SETS
 from safepatching.experiments.stages import Stages
 from safepatching.method.dense import add_deltas
 from safepatching.method.merger import PatchMerger
@@ -31,11 +32,12 @@ from safepatching.models.loading import load_model
 from safepatching.models.precision import DTYPES, hold_output_layer_in, resolved
 from safepatching.report.plots import plot_rounds
 from safepatching.report.results import read_jsonl, result_header, save_eval
+from safepatching.report.statistics import continual_outcomes
 from safepatching.report.tables import continual_markdown, table_columns
 from safepatching.storage.files import read_json, write_json, write_text_atomic
 from safepatching.storage.stages import cached, fingerprint
 
-CONTINUAL_SCHEMA_VERSION = 1
+CONTINUAL_SCHEMA_VERSION = 2  # 2: paired statistics per set, method and round
 
 
 def load_rounds(config: ContinualConfig, sets: EvalSets) -> list[list[Example]]:
@@ -111,18 +113,20 @@ class Continual:
         origin = fingerprint(self.config.pipeline.model, self.loading.compute_dtype)
         backbone, self.tokenizer = load_model(self.config.pipeline.model, self.loading)
         baseline = self.evaluate(self.work / "round-0", backbone, origin, None)
-        reference_harmless = harmless_responses(read_jsonl(self.work / "round-0" / "records.jsonl"))
+        baseline_records = read_jsonl(self.work / "round-0" / "records.jsonl")
+        reference_harmless = harmless_responses(baseline_records)
         prompts = [e.prompt for e in self.sets.harmless]
         self.reference = reference_logprobs(backbone, self.tokenizer, prompts, reference_harmless)
         del backbone  # its log-probabilities on the harmless replies are all that KL needs from it
         rows: dict[str, list[dict[str, Any]]] = {}
+        records: dict[str, list[list[dict[str, Any]]]] = {}  # per prompt, for the paired statistics
         for method in self.config.methods:
             pipeline = self.config.method_pipeline(method)
             working, _ = load_model(pipeline.model, self.loading, training=True)  # float32 master
             targets = pipeline.derive.target_modules
             hold_output_layer_in(working, DTYPES[self.loading.compute_dtype], targets)
             state = origin
-            rows[method] = [baseline]
+            rows[method], records[method] = [baseline], [baseline_records]
             for number, (spec, pairs) in enumerate(zip(self.config.rounds, self.rounds, strict=True), start=1):
                 directory = self.work / method / f"round-{number}"
                 settings = pipeline.model_copy(update={"harmful_train": spec, "output_dir": directory})
@@ -130,16 +134,23 @@ class Continual:
                 add_deltas(working, round_deltas(run, method, pairs))
                 state = fingerprint(state, method, run.merge_key())
                 rows[method].append(self.evaluate(directory / "eval", working, state, reference_harmless))
-                write_results(self.config, continual_result(self.config, command, rows, started, complete=False))
+                records[method].append(read_jsonl(directory / "eval" / "records.jsonl"))
+                partial = continual_result(self.config, command, rows, records, started, complete=False)
+                write_results(self.config, partial)
             del working
-        result = continual_result(self.config, command, rows, started, complete=True)
+        result = continual_result(self.config, command, rows, records, started, complete=True)
         write_results(self.config, result)
         Console(highlight=False).print(continual_markdown(result))
         return result
 
 
 def continual_result(
-    config: ContinualConfig, command: str, rows: dict[str, list[dict[str, Any]]], started: float, complete: bool
+    config: ContinualConfig,
+    command: str,
+    rows: dict[str, list[dict[str, Any]]],
+    records: dict[str, list[list[dict[str, Any]]]],
+    started: float,
+    complete: bool,
 ) -> dict[str, Any]:
     return {
         **result_header(config, command, time.perf_counter() - started, complete, CONTINUAL_SCHEMA_VERSION),
@@ -154,6 +165,7 @@ def continual_result(
             ]
             for method, per_round in rows.items()
         },
+        "statistics": continual_outcomes(records, HARMFUL_SETS),
         "config": config.model_dump(mode="json"),
     }
 

@@ -64,7 +64,8 @@ def plot_tune_plane(result: dict[str, Any], path: Path) -> None:
 
 
 def plot_rounds(result: dict[str, Any], path: Path) -> None:
-    """One panel per goal (safety, over-safety, utility), one line per method, rounds on the x axis."""
+    """One panel per goal (safety, over-safety, utility), one line per method, rounds on the x axis;
+    the safety and over-safety rates carry their 95 % Wilson intervals."""
     plt = _pyplot()
     columns = list(next(iter(result["methods"].values()))[0]["columns"])
     harmful = columns[0]
@@ -74,20 +75,36 @@ def plot_rounds(result: dict[str, Any], path: Path) -> None:
         if any(r["columns"].get("MMLU (%) ↑") is not None for rows in result["methods"].values() for r in rows)
         else "KL (nats/token) ↓"
     )
+    evaluated_set = {harmful: "harmful", benign: "benign"}  # the records' names of the main sets
+    intervals = {
+        (row["set"], method, row["round"]): (row["ci_low"], row["ci_high"])
+        for row in result["statistics"]
+        for method in ([row["method"]] if row["round"] else result["methods"])
+    }
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for axis, column, title in zip(axes, (harmful, benign, utility), ("safety", "over-safety", "utility"), strict=True):
-        for method, rows in result["methods"].items():
+        for offset, (method, rows) in enumerate(result["methods"].items()):
             points = [(r["round"], r["columns"][column]) for r in rows if r["columns"].get(column) is not None]
             if column.startswith("KL") and rows[0]["columns"][column] is None:
                 points.insert(0, (0, 0.0))  # the backbone's KL to itself
-            if points:
-                axis.plot(*zip(*points, strict=True), marker="o", label=method)
+            if not points:
+                continue
+            rounds, values = zip(*points, strict=True)
+            spread = offset - (len(result["methods"]) - 1) / 2  # keep the methods' intervals apart
+            shifted = [number + 0.06 * spread for number in rounds]
+            if column in evaluated_set:
+                bounds = [intervals[evaluated_set[column], method, number] for number in rounds]
+                below = [value - low for value, (low, _) in zip(values, bounds, strict=True)]
+                above = [high - value for value, (_, high) in zip(values, bounds, strict=True)]
+                axis.errorbar(shifted, values, yerr=[below, above], marker="o", capsize=3, label=method)
+            else:
+                axis.plot(shifted, values, marker="o", label=method)
         axis.set_title(f"{title}: {column}", fontsize=9)
         axis.set_xlabel("round")
         axis.set_xticks(range(len(result["config"]["rounds"]) + 1))
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle(f"continual PSA on {result['backbone']}", fontsize=10)
+    figure.suptitle(f"continual PSA on {result['backbone']} (bars: 95 % Wilson intervals)", fontsize=10)
     figure.tight_layout()
     save_figure(figure, path)
 

@@ -39,6 +39,21 @@ def refusals_by_set(records: list[dict[str, Any]]) -> dict[str, dict[str, bool]]
     return dict(table)
 
 
+def outcome(set_name: str, refused: list[bool], harmful: bool) -> dict[str, Any]:
+    """The rate that matters on one set (harmful responses on a harmful set, refusals on the others)
+    with its Wilson interval."""
+    hits = sum((not r) if harmful else r for r in refused)
+    low, high = wilson_interval(hits, len(refused))
+    return {
+        "set": set_name,
+        "measure": "harmful response" if harmful else "refusal",
+        "n": len(refused),
+        "rate": 100 * hits / len(refused) if refused else 0.0,
+        "ci_low": low,
+        "ci_high": high,
+    }
+
+
 def compare_outcomes(records: dict[str, list[dict[str, Any]]], harmful_sets: tuple[str, ...]) -> list[dict[str, Any]]:
     """Per set and model: the rate that matters (harmful responses on the sets whose names start with
     one of ``harmful_sets``, refusals on the others) with its interval, and McNemar's p against the first model and, for the third model
@@ -48,22 +63,42 @@ def compare_outcomes(records: dict[str, list[dict[str, Any]]], harmful_sets: tup
     rows = []
     for set_name in outcomes[labels[0]]:
         prompts = list(outcomes[labels[0]][set_name])
-        harmful = set_name.startswith(harmful_sets)
         for index, label in enumerate(labels):
             refused = [outcomes[label][set_name][prompt] for prompt in prompts]
-            hits = sum((not r) if harmful else r for r in refused)
-            low, high = wilson_interval(hits, len(prompts))
-            row = {
-                "set": set_name,
-                "model": label,
-                "measure": "harmful response" if harmful else "refusal",
-                "n": len(prompts),
-                "rate": 100 * hits / len(prompts) if prompts else 0.0,
-                "ci_low": low,
-                "ci_high": high,
-            }
+            row = {"model": label, **outcome(set_name, refused, set_name.startswith(harmful_sets))}
             for against in labels[: min(index, 2)]:
                 baseline = [outcomes[against][set_name][prompt] for prompt in prompts]
                 row[f"p_vs_{against}"] = mcnemar_exact(baseline, refused)
+            rows.append(row)
+    return rows
+
+
+def continual_outcomes(
+    records: dict[str, list[list[dict[str, Any]]]], harmful_sets: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Per set, method and round (``records[method][round]``, round 0 the backbone that every method
+    shares): the rate with its interval, and McNemar's p against the backbone, against the method's
+    previous round (did this round undo an earlier one?) and against the first method at the same
+    round (e.g. SafePatching against GA and NPO)."""
+    outcomes = {method: [refusals_by_set(r) for r in rounds] for method, rounds in records.items()}
+    methods = list(outcomes)
+    rows = []
+    for set_name, by_prompt in outcomes[methods[0]][0].items():
+        harmful = set_name.startswith(harmful_sets)
+        refused = {
+            (method, number): [per_round[set_name][prompt] for prompt in by_prompt]
+            for method, rounds in outcomes.items()
+            for number, per_round in enumerate(rounds)
+        }
+        rows.append({"method": "backbone", "round": 0, **outcome(set_name, refused[methods[0], 0], harmful)})
+        for method, number in refused:
+            if number == 0:
+                continue
+            row = {"method": method, "round": number, **outcome(set_name, refused[method, number], harmful)}
+            row["p_vs_backbone"] = mcnemar_exact(refused[method, 0], refused[method, number])
+            if number > 1:
+                row["p_vs_previous_round"] = mcnemar_exact(refused[method, number - 1], refused[method, number])
+            if method != methods[0] and (methods[0], number) in refused:
+                row[f"p_vs_{methods[0]}"] = mcnemar_exact(refused[methods[0], number], refused[method, number])
             rows.append(row)
     return rows

@@ -67,19 +67,23 @@ def markdown_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def statistics_markdown(rows: list[dict[str, Any]]) -> str:
-    """Each set's rate per model with its 95 % Wilson interval and McNemar's exact p (paired by prompt)."""
+def statistics_markdown(rows: list[dict[str, Any]], identity: tuple[str, ...] = ("model",)) -> str:
+    """Each set's rate per model (the ``identity`` columns name it) with its 95 % Wilson interval and
+    McNemar's exact p (paired by prompt)."""
     tests = sorted({key for row in rows for key in row if key.startswith("p_vs_")})
     lines = [
         "Rates in % with 95 % Wilson intervals; p: McNemar's exact test on the same prompts.",
         "",
-        markdown_row(["set", "model", "measure", "n", "rate [95 % CI]", *(f"p vs {k[5:]}" for k in tests)]),
-        markdown_row(["---"] * (5 + len(tests))),
+        markdown_row(
+            ["set", *identity, "measure", "n", "rate [95 % CI]", *(f"p vs {k[5:].replace('_', ' ')}" for k in tests)]
+        ),
+        markdown_row(["---"] * (4 + len(identity) + len(tests))),
     ]
     for row in rows:
         interval = f"{row['rate']:.1f} [{row['ci_low']:.1f}, {row['ci_high']:.1f}]"
         cells = [f"{row[k]:.3g}" if k in row else "" for k in tests]
-        lines.append(markdown_row([row["set"], row["model"], row["measure"], str(row["n"]), interval, *cells]))
+        names = [str(row[k]) for k in identity]
+        lines.append(markdown_row([row["set"], *names, row["measure"], str(row["n"]), interval, *cells]))
     return "\n".join(lines) + "\n"
 
 
@@ -327,6 +331,9 @@ def continual_markdown(result: dict[str, Any]) -> str:
             for row in rows:
                 values = [_column_cell(row["harmful_response_rate_by_category"].get(c), "") for c in categories]
                 lines.append(f"| {method} | {row['round']} | " + " | ".join(values) + " |")
+    statistics = statistics_markdown(result["statistics"], ("method", "round"))
+    names = f"`harmful` is {result['config']['harmful_label']}, `benign` {result['config']['benign_label']}"
+    lines += ["", "## Paired statistics", "", f"Sets as the records name them: {names}.", "", statistics.rstrip()]
     rounds = result["config"]["rounds"]
     lines += ["", "## Rounds", ""]
     lines += [
