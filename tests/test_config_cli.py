@@ -182,6 +182,22 @@ def test_the_1_5b_tune_config_makes_the_1_5b_bench_safepatching_study():
     assert fingerprint(tune) == fingerprint(bench)
 
 
+def test_the_1_5b_more_pairs_study_is_the_1_5b_study_with_the_more_pairs_recipe():
+    configs = Path(__file__).parent.parent / "configs"
+    recipe_keys = {"harmful_train_extra", "drop_eval_overlap", "harmful_train_judge"}
+    study = build_config(configs / "tune-1.5b.yaml", model=TuneConfig).model_dump()
+    variant = build_config(configs / "tune-1.5b-more-pairs.yaml", model=TuneConfig).model_dump()
+    recipe = build_config(configs / "tune-more-pairs.yaml", model=TuneConfig).model_dump()["pipeline"]
+    assert {key: variant["pipeline"][key] for key in recipe_keys} == {key: recipe[key] for key in recipe_keys}
+    assert variant["pipeline"]["harmful_train"] == recipe["harmful_train"]
+    for config in (study, variant):
+        for key in ("name", "work_dir", "study_file"):  # its own study, beside tune-1.5b's
+            config.pop(key)
+        for key in recipe_keys:
+            config["pipeline"].pop(key)
+    assert variant == study
+
+
 def test_usage_errors_are_one_line_and_compare_takes_several_models(tmp_path, run_command):
     result = run_command("eval", "--model", "a", "--bogus-flag")
     assert result.returncode == 2 and "internal error" not in result.stderr and "Traceback" not in result.stderr
