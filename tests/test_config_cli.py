@@ -49,6 +49,32 @@ def test_invalid_configs_are_config_errors(tmp_path, text, message):
         build_config(tmp_path / "c.yaml")
 
 
+def test_a_config_extends_others_and_overrides_what_it_names(tmp_path):
+    (tmp_path / "base.yaml").write_text("merge: {alpha: 0.5, beta: 0.5}\nderive: {max_steps: 3}\n")
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts/recipe.yaml").write_text("merge: {beta: 2.0}\nharmful_train_judge: three-way\n")
+    (tmp_path / "variant.yaml").write_text("extends: [base.yaml, parts/recipe.yaml]\nmerge: {alpha: 1.5}\n")
+    config = build_config(tmp_path / "variant.yaml", overrides={"derive": {"max_steps": 4}})
+    assert (config.merge.alpha, config.merge.beta) == (1.5, 2.0)
+    assert config.harmful_train_judge == "three-way" and config.derive.max_steps == 4
+    (tmp_path / "chained.yaml").write_text("extends: variant.yaml\n")
+    assert build_config(tmp_path / "chained.yaml").merge == config.merge
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("extends: missing.yaml\n", "missing.yaml does not exist"),
+        ("extends: c.yaml\n", "cycle"),
+        ("extends: {a: 1}\n", "a path or a list of paths"),
+    ],
+)
+def test_bad_extends_entries_are_config_errors(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        build_config(tmp_path / "c.yaml")
+
+
 def test_continual_refuses_extra_training_sources(tmp_path):
     (tmp_path / "c.yaml").write_text(
         "rounds:\n  - {source: a.csv, response_column: r}\n"
@@ -85,6 +111,21 @@ def test_cli_config_prints_every_key(run_command):
     assert result.returncode == 0
     reparsed = PipelineConfig.model_validate(__import__("yaml").safe_load(result.stdout))
     assert reparsed.merge.alpha == 0.5 and reparsed.merge.retention == PipelineConfig().merge.retention
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("tune-1.5b-more-pairs.yaml", TuneConfig),
+        ("bench-1.5b.yaml", BenchConfig),
+        ("continual-tuned.yaml", ContinualConfig),
+    ],
+)
+def test_cli_config_prints_experiment_configs_resolved(name, kind, run_command):
+    path = Path(__file__).parent.parent / "configs" / name
+    result = run_command("config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert kind.model_validate(__import__("yaml").safe_load(result.stdout)) == build_config(path, model=kind)
 
 
 def test_cli_unknown_model_path_is_a_clear_error(tmp_path, run_command):

@@ -19,7 +19,9 @@ from safepatching.cli.options import (
     refuse_existing,
     show_progress,
 )
+from safepatching.config.experiments import config_model_of
 from safepatching.config.loading import dump_config
+from safepatching.config.settings import PipelineConfig
 from safepatching.errors import SafePatchingError
 
 DIRECTION_LABELS = {"ascent": "safety", "descent": "over_safety", "npo": "npo"}
@@ -57,8 +59,10 @@ def show_config(
     config: Annotated[Path | None, typer.Argument(help="YAML config file")] = None,
     overrides: Overrides = None,
 ) -> None:
-    """Print the fully resolved config (every key with its value) as YAML."""
-    typer.echo(dump_config(load_cli_config(config, overrides, {})), nl=False)
+    """Print the fully resolved config (every key with its value) as YAML: a pipeline, bench, continual or
+    tune config, told apart by its keys."""
+    model = config_model_of(config) if config else PipelineConfig
+    typer.echo(dump_config(load_cli_config(config, overrides, {}, model)), nl=False)
 
 
 def derive(

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, create_model, field_serializer, field_validator, model_validator
 
-from safepatching.config.loading import with_settings
+from safepatching.config.loading import read_yaml, with_settings
 from safepatching.config.settings import (
     DatasetSpec,
     DecodingConfig,
@@ -462,3 +462,12 @@ class BenchTuning(SearchSettings):
 
 
 BenchConfig.model_rebuild()
+
+
+def config_model_of(path: Path) -> type[StrictModel]:
+    """The config class a YAML file is written for, told by the top-level keys only that class has."""
+    keys = set(read_yaml(path))
+    for model, marks in ((ContinualConfig, {"rounds"}), (BenchConfig, {"seeds", "tuning"}), (TuneConfig, {"tune"})):
+        if keys & marks:
+            return model
+    return PipelineConfig

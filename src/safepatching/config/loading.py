@@ -49,8 +49,38 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML config file as a dict, with the files its ``extends:`` names merged underneath it.
+
+    ``extends`` takes one path or a list, relative to the file that names it; later files override
+    earlier ones and the file itself overrides them all (mappings merge key by key, anything else is
+    replaced), so a variant config holds only what it changes.
+    """
+    return _read_extended(Path(path), ())
+
+
+def _read_extended(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise ConfigError(f"config files extend each other in a cycle: {cycle}.", "remove one extends: entry")
+    loaded = _read_mapping(path)
+    parents = loaded.pop("extends", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(item, str) and item for item in parents):
+        raise ConfigError(f"extends: in {path} must be a path or a list of paths.", "e.g. extends: tune-1.5b.yaml")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise ConfigError(f"{path} extends {parent}, but {parent_path} does not exist.", "check the path")
+        merged = _deep_merge(merged, _read_extended(parent_path, (*chain, resolved)))
+    return _deep_merge(merged, loaded)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist.", "check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
