@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from safepatching.config.experiments import BENCH_METHODS, BenchConfig, ContinualConfig
 from safepatching.config.loading import build_config
 from safepatching.data.sources import load_examples
+from safepatching.errors import ConfigError
 from safepatching.experiments.bench import Bench, depends_on_seed, summarise
 from safepatching.method.dense import add_deltas, load_dense_patch
 from safepatching.method.derive import derive_patch
@@ -230,6 +232,17 @@ def test_sweep_set_changes_the_training_data_and_leaves_the_configs_patches_alon
     assert "drop_eval_overlap=true" in json.loads((tmp_path / "s.json").read_text())["command"]
     unknown = run_sweep(path, *args, "--set", "harmful_train_extras=[]")
     assert unknown.returncode != 0 and "unknown setting 'harmful_train_extras'" in unknown.stderr
+
+
+def test_sweep_reads_a_tune_configs_patches_and_refuses_a_continual_config(tmp_path):
+    from safepatching.experiments.sweep import read_config
+
+    configs = Path(__file__).parent.parent / "configs"
+    config, work_dir = read_config(configs / "tune-1.5b-more-pairs.yaml", tmp_path)
+    assert work_dir == Path("runs/tune-1.5b-more-pairs") == config.output_dir and config.data_dir == tmp_path
+    assert config.model == "qwen2.5-coder-1.5b-instruct" and len(config.harmful_train_extra) == 8
+    with pytest.raises(ConfigError, match="continual config"):
+        read_config(configs / "continual-tuned.yaml", tmp_path)
 
 
 def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir, run_command, bench_pipeline):

@@ -84,7 +84,7 @@ continual = experiment_command(
 
 
 def sweep(
-    config: Annotated[Path, typer.Argument(help="bench or pipeline config, or a run directory")],
+    config: Annotated[Path, typer.Argument(help="bench, tune or pipeline config, or a run directory")],
     data_dir: Annotated[Path, typer.Option("--data-dir", help="data directory (or $SAFEPATCHING_DATA_DIR)")] = None,
     vary: Annotated[list[str] | None, typer.Option(help="KEY=V1,V2: one setting at a time (repeat the flag)")] = None,
     grid: Annotated[list[str] | None, typer.Option(help="KEY=V1,V2: every combination (repeat the flag)")] = None,

@@ -10,8 +10,8 @@ are checked to be disjoint from the training pairs and from every set the config
     safepatching sweep configs/bench-reference.yaml --data-dir DIR --vary beta=1,3 --vary retention=0.3,1 \\
         --benign xstest-val=bench:xstest-safe@train[150:198] --out benchmarks/results/sweep-reference
 
-CONFIG is a bench config (its pipeline and work_dir), a pipeline config (its output_dir) or a run
-directory holding config.yaml. ``--set`` changes the config itself before any candidate, e.g. more
+CONFIG is a bench or tune config (its pipeline and work_dir), a pipeline config (its output_dir) or a
+run directory holding config.yaml. ``--set`` changes the config itself before any candidate, e.g. more
 training data (``harmful_train_extra``, ``drop_eval_overlap=true``); every candidate then derives
 under WORK_DIR/sweep/.
 """
@@ -26,8 +26,8 @@ from typing import Any
 
 import yaml
 
-from safepatching.config.experiments import BenchConfig, SweepConfig
-from safepatching.config.loading import build_config, parse_assignment, read_yaml, with_settings
+from safepatching.config.experiments import BenchConfig, ContinualConfig, SweepConfig, TuneConfig, config_model_of
+from safepatching.config.loading import build_config, parse_assignment, with_settings
 from safepatching.config.settings import DatasetSpec, PipelineConfig
 from safepatching.data.sources import Example, load_examples
 from safepatching.errors import ConfigError
@@ -42,9 +42,14 @@ def read_config(path: Path, data_dir: Path) -> tuple[PipelineConfig, Path]:
     if path.is_dir():
         config = build_config(path / "config.yaml")
         work_dir = path
-    elif "pipeline" in read_yaml(path):
-        bench = build_config(path, model=BenchConfig)
-        config, work_dir = bench.pipeline, bench.work_dir
+    elif (kind := config_model_of(path)) in (BenchConfig, TuneConfig):
+        experiment = build_config(path, model=kind)
+        config, work_dir = experiment.pipeline, experiment.work_dir
+    elif kind is ContinualConfig:
+        raise ConfigError(
+            f"{path} is a continual config: its rounds have no one set of patches to sweep.",
+            "sweep a pipeline, bench or tune config",
+        )
     else:
         config = build_config(path)
         work_dir = config.output_dir
