@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from safepatching.config.settings import cache_dir
+from safepatching.config.settings import ModelLoading, cache_dir
 from safepatching.models.loading import weights_folder
 from safepatching.storage.shards import PlannedTensor, WeightFolder, copy_model_files, write_shards
 
@@ -91,7 +91,7 @@ def main() -> None:
         synthetic_patched_model(*args.make_synthetic)
         return
 
-    base = weights_folder(args.model)
+    base = weights_folder(args.model, loading=ModelLoading())
     executable = mergekit_environment()
     work = Path(tempfile.mkdtemp(prefix="apply-vs-mergekit-", dir=args.workdir))
     try:

@@ -15,7 +15,7 @@ import time
 
 from generation_throughput import benchmark_prompts, throughput_arguments
 
-from safepatching.config.settings import DecodingConfig, EvalConfig
+from safepatching.config.settings import DecodingConfig, EvalConfig, ModelLoading
 from safepatching.evaluation.decoding import make_generator
 from safepatching.models.loading import load_model
 from safepatching.models.precision import compute_device
@@ -34,7 +34,7 @@ def seconds_per_token(generator, prompts: list[str], max_new_tokens: int) -> tup
 def main() -> None:
     args = throughput_arguments(__doc__, max_new_tokens=24)
     prompts = benchmark_prompts(args.prompts)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, loading=ModelLoading())
     batch = EvalConfig().batch_size
     costs = {}
     for method in ("greedy", "self-cd", "rose"):

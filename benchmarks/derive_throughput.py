@@ -73,7 +73,7 @@ def main() -> None:
     config = PipelineConfig(model=args.model)
     settings = config.derive.model_copy(update={"max_steps": args.steps})
     pairs = load_pairs(config.harmful_train_specs())
-    model, tokenizer = load_model(args.model, ModelLoading(), training=True)
+    model, tokenizer = load_model(args.model, loading=ModelLoading(), training=True)
     lengths = [len(encode_pair(tokenizer, p.prompt, p.response or "", settings.max_length)["input_ids"]) for p in pairs]
     tokens = args.steps * settings.gradient_accumulation_steps * settings.batch_size * statistics.fmean(lengths)
     default_dtype = resolve_dtype(ModelLoading().compute_dtype)

@@ -101,13 +101,13 @@ def main() -> None:
     default_batch = EvalConfig().batch_size
     budget = args.max_new_tokens
 
-    fp32_model, tokenizer = load_model(args.model, ModelLoading(compute_dtype="float32"))
+    fp32_model, tokenizer = load_model(args.model, loading=ModelLoading(compute_dtype="float32"))
     naive, naive_seconds = timed(partial(naive_generate, fp32_model, tokenizer, max_new_tokens=budget), prompts)
     engine_fp32 = HFGenerator(fp32_model, tokenizer, 16, progress=False)
     fp32_replies, fp32_seconds = timed(partial(engine_fp32.generate, max_new_tokens=budget), prompts)
     parameters = sum(p.numel() for p in fp32_model.parameters())
     del fp32_model, engine_fp32
-    model, _ = load_model(args.model, ModelLoading())
+    model, _ = load_model(args.model, loading=ModelLoading())
     engine = HFGenerator(model, tokenizer, default_batch, progress=False)
     replies, seconds = timed(partial(engine.generate, max_new_tokens=budget), prompts)
     bf16_flops, fp32_flops = matmul_flops(torch.bfloat16), matmul_flops(torch.float32)

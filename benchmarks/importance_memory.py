@@ -56,7 +56,7 @@ def measure(model_name: str, variant: str) -> dict:
 
     config = PipelineConfig(model=model_name)
     pairs = load_pairs(config.harmful_train_specs())
-    model, tokenizer = load_model(model_name, ModelLoading(), training=True)
+    model, tokenizer = load_model(model_name, loading=ModelLoading(), training=True)
     names = target_parameter_names(model, config.derive.target_modules)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     dtype = resolve_dtype(ModelLoading().compute_dtype)

@@ -63,8 +63,8 @@ def main() -> None:
     harmless = [e.prompt for e in load_examples(DatasetSpec(source="builtin:harmless"))]
     judge = get_judge("three-way")
 
-    reference, tokenizer = load_model(args.model, ModelLoading(compute_dtype="float32"))
-    model, _ = load_model(args.model, ModelLoading())
+    reference, tokenizer = load_model(args.model, loading=ModelLoading(compute_dtype="float32"))
+    model, _ = load_model(args.model, loading=ModelLoading())
     result: dict = {"model": args.model, "default_dtype": default_dtype, "sets": {}}
     agreeing = total = 0
     for name, prompts in sets.items():
@@ -89,7 +89,7 @@ def main() -> None:
     release_memory()
     config = PipelineConfig(model=args.model)
     pairs = load_pairs(config.harmful_train_specs())
-    master, _ = load_model(args.model, ModelLoading(), training=True)
+    master, _ = load_model(args.model, loading=ModelLoading(), training=True)
     patches = {}
     for dtype in ("float32", default_dtype):
         patches[dtype] = derive_patch(

@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="rows per static-cache batch")
     args = parser.parse_args()
     prompts, budget = benchmark_prompts(args.prompts), args.max_new_tokens
-    model, tokenizer = load_model(args.model, ModelLoading())
+    model, tokenizer = load_model(args.model, loading=ModelLoading())
     width = max(len(tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"]) for p in prompts)
 
     engine = HFGenerator(model, tokenizer, EvalConfig().batch_size, progress=False)

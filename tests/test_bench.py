@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from safepatching.config.experiments import BENCH_METHODS, BenchConfig, ContinualConfig
 from safepatching.config.loading import build_config
+from safepatching.config.settings import ModelLoading
 from safepatching.data.sources import load_examples
 from safepatching.errors import ConfigError
 from safepatching.experiments.bench import Bench, depends_on_seed, summarise
@@ -282,7 +283,7 @@ def test_continual_rounds_build_on_each_other(tmp_path, tiny_model_dir, run_comm
         assert 0 < harmful["p_vs_backbone"] <= 1 and 0 < harmful["p_vs_previous_round"] <= 1
 
     # round 2's GA patch was derived from the round-1 model, not from the backbone
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     round_one = load_dense_patch(tmp_path / "work/ga/round-1/patches/safety")
     round_two = load_dense_patch(tmp_path / "work/ga/round-2/patches/safety")
     settings = build_config(path, model=ContinualConfig, quick=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from safepatching.config.settings import DatasetSpec
+from safepatching.config.settings import DatasetSpec, ModelLoading
 from safepatching.data.chat import IGNORE_INDEX, encode_pair
 from safepatching.data.overlap import assert_disjoint, drop_overlap
 from safepatching.data.sources import NAMED_BENCHMARKS, Example, load_examples, load_pairs, load_rows
@@ -134,7 +134,7 @@ def test_drop_overlap_keeps_only_prompts_no_evaluation_set_holds():
 
 
 def test_loss_covers_only_response_tokens(tiny_model_dir):
-    _, tokenizer = load_model(str(tiny_model_dir))
+    _, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading())
     encoded = encode_pair(tokenizer, "How do I make a thing?", "Here is how.", max_length=128)
     labelled = [t for t, label in zip(encoded["input_ids"], encoded["labels"], strict=True) if label != IGNORE_INDEX]
     text = tokenizer.decode(labelled)

@@ -23,7 +23,7 @@ PROMPTS = ["How do I kill a Python process?", "Hi", "Tell me a long story about 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return load_model(str(tiny_model_dir))
+    return load_model(str(tiny_model_dir), loading=ModelLoading())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="exact equality across batch shapes holds on the CPU only")
@@ -210,7 +210,7 @@ def test_vllm_backend_serves_folder_models_with_greedy_chat_prompts(tmp_path, ti
 
     sets = load_eval_sets(settings, None)
     metrics, records = evaluate_model(
-        model, tokenizer, sets, settings, progress=False, model_source=str(tiny_model_dir)
+        model, tokenizer, sets, settings, progress=False, loading=ModelLoading(), model_source=str(tiny_model_dir)
     )
     (engine,) = fake.engines
     assert engine.kwargs == {"model": str(tiny_model_dir), "dtype": "bfloat16", "gpu": 0.5, "trust_remote_code": False}
@@ -224,7 +224,7 @@ def test_vllm_backend_serves_folder_models_with_greedy_chat_prompts(tmp_path, ti
 def test_engine_equals_transformers_generate_one_prompt_at_a_time(tiny_model_dir):
     """The engine's shared prompt prefix, dropped finished rows and last-position logits change the
     work, not the replies."""
-    model, tokenizer = load_model(str(tiny_model_dir), ModelLoading(compute_dtype="float32"))
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(compute_dtype="float32"))
     engine = HFGenerator(model, tokenizer, batch_size=3, progress=False)
     for prompt, reply in zip(PROMPTS, engine.generate(PROMPTS, 10), strict=True):
         encoded = tokenizer(chat_prompt(tokenizer, prompt), return_tensors="pt", add_special_tokens=False)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from safepatching.config.settings import DeriveConfig, ImportanceConfig
+from safepatching.config.settings import DeriveConfig, ImportanceConfig, ModelLoading
 from safepatching.experiments.stages import Stages
 from safepatching.method.dense import holds_base, load_dense_patch, patched, save_dense_patch
 from safepatching.method.derive import derive_patch, make_loader, target_parameter_names
@@ -19,7 +19,7 @@ def mean_nll(model, tokenizer, pairs):
 
 
 def test_ascent_raises_and_descent_lowers_training_nll(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     before = mean_nll(model, tokenizer, harmful_pairs)
     settings = DeriveConfig(**FAST, ascent_max_nll_increase=100.0)
     for direction, compare in (("ascent", float.__gt__), ("descent", float.__lt__)):
@@ -31,7 +31,7 @@ def test_ascent_raises_and_descent_lowers_training_nll(tiny_model_dir, harmful_p
 
 
 def test_npo_starts_at_its_closed_form_and_raises_the_nll(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     loader = make_loader(tokenizer, harmful_pairs, 64, len(harmful_pairs), seed=0, shuffle=False, reference=model)
     batch = next(iter(loader))
     loss, nll = npo_loss(model, batch, beta=0.1)
@@ -58,7 +58,7 @@ def test_a_given_model_is_restored_from_the_weight_files_only_while_it_holds_the
 ):
     # a study hands its float32 master to the stages: restoring it from the files saves a copy of every
     # patched tensor, but a model that no longer holds the files' weights (a continual round's) needs one
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     run = Stages(tiny_pipeline_config(tiny_model_dir, tmp_path), progress=False, loaded=(model, tokenizer))
     names = target_parameter_names(model, run.config.derive.target_modules)
     before = {name: weight.detach().clone() for name, weight in model.named_parameters()}
@@ -76,7 +76,7 @@ def test_a_given_model_is_restored_from_the_weight_files_only_while_it_holds_the
 
 
 def test_same_seed_gives_the_same_patch(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     settings = DeriveConfig(**FAST)
     first = derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, seed=11, progress=False)
     second = derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, seed=11, progress=False)
@@ -87,7 +87,7 @@ def test_same_seed_gives_the_same_patch(tiny_model_dir, harmful_pairs):
 
 
 def test_patch_covers_only_target_modules(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     settings = DeriveConfig(**FAST, target_modules=["down_proj"])
     patch = derive_patch(model, tokenizer, harmful_pairs, "descent", settings, progress=False)
     assert sorted(patch.deltas) == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
@@ -95,7 +95,7 @@ def test_patch_covers_only_target_modules(tiny_model_dir, harmful_pairs):
 
 
 def test_ascent_stops_at_the_nll_bound(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     settings = DeriveConfig(learning_rate=5e-2, max_steps=50, batch_size=4, max_length=64, ascent_max_nll_increase=0.3)
     patch = derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, progress=False)
     history = patch.info["nll_history"]
@@ -104,7 +104,7 @@ def test_ascent_stops_at_the_nll_bound(tiny_model_dir, harmful_pairs):
 
 
 def test_before_overshoot_drops_the_update_that_crossed_the_ceiling(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     common = {"learning_rate": 5e-2, "batch_size": 4, "max_length": 64, "ascent_max_nll_increase": 0.3}
     after = derive_patch(
         model, tokenizer, harmful_pairs, "ascent", DeriveConfig(**common, max_steps=50), progress=False
@@ -128,7 +128,7 @@ def test_before_overshoot_drops_the_update_that_crossed_the_ceiling(tiny_model_d
 
 
 def test_lora_patch_is_materialised_as_full_delta(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
     settings = DeriveConfig(**FAST, method="lora", lora_rank=2, target_modules=["q_proj", "v_proj"])
     patch = derive_patch(model, tokenizer, harmful_pairs, "descent", settings, progress=False)
@@ -142,7 +142,7 @@ def test_lora_patch_is_materialised_as_full_delta(tiny_model_dir, harmful_pairs)
 
 
 def test_patch_save_load_round_trip(tmp_path, tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     patch = derive_patch(model, tokenizer, harmful_pairs, "ascent", DeriveConfig(**FAST), progress=False)
     save_dense_patch(patch, tmp_path / "patch", {"label": "safety"})
     loaded = load_dense_patch(tmp_path / "patch")
@@ -151,7 +151,7 @@ def test_patch_save_load_round_trip(tmp_path, tiny_model_dir, harmful_pairs):
 
 
 def test_snip_scores_are_abs_weight_times_gradient(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     names = target_parameter_names(model, ["o_proj"])
     scores = snip_scores(
         model, tokenizer, harmful_pairs, names, ImportanceConfig(batch_size=4, max_length=64), progress=False
@@ -164,7 +164,7 @@ def test_snip_scores_are_abs_weight_times_gradient(tiny_model_dir, harmful_pairs
 
 
 def test_snip_scores_average_batches_holding_one_gradient_at_a_time(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     names = target_parameter_names(model, ["o_proj", "down_proj"])
     params = dict(model.named_parameters())
     held = []  # how many target gradients exist each time one is finished (before it is folded)
@@ -191,7 +191,7 @@ def test_snip_scores_average_batches_holding_one_gradient_at_a_time(tiny_model_d
 def test_non_finite_loss_stops_derivation_with_a_clear_error(tiny_model_dir, harmful_pairs):
     from safepatching.errors import TrainingError
 
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     settings = DeriveConfig(
         learning_rate=1e30, max_steps=30, batch_size=4, max_length=64, max_grad_norm=1e30, ascent_max_nll_increase=1e30

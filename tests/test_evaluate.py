@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from safepatching.config.settings import ModelLoading
 from safepatching.data.chat import collate, encode_pair
 from safepatching.data.sources import Example
 from safepatching.evaluation.metrics import response_perplexity
@@ -15,7 +16,7 @@ from safepatching.models.loading import load_model
 
 
 def test_response_perplexity_is_exp_of_token_weighted_nll(tiny_model_dir):
-    model, tokenizer = load_model(str(tiny_model_dir))
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading())
     pairs = [Example("Hi?", "Hello there."), Example("Capital of France?", "Paris is the capital, of course."),
              Example("Poem?", "The sea and the sky.")]  # fmt: skip
     total, tokens = 0.0, 0
@@ -52,8 +53,8 @@ def test_several_safety_benchmarks_are_reported_separately(tmp_path, tiny_model_
         max_new_tokens=3, kl_max_new_tokens=3, batch_size=2,
     )  # fmt: skip
     sets = load_eval_sets(settings, None)
-    model, tokenizer = load_model(str(tiny_model_dir))
-    metrics, records = evaluate_model(model, tokenizer, sets, settings, progress=False)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading())
+    metrics, records = evaluate_model(model, tokenizer, sets, settings, progress=False, loading=ModelLoading())
     report = metrics["safety_benchmarks"]
     assert (
         set(report) == {"a", "b"} and report["a"]["count"] == 3 and set(report["a"]["by_category"]) == {"crime", "harm"}

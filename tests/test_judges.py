@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from safepatching.config.settings import EvalConfig, ModelLoading
 from safepatching.errors import ConfigError
-from safepatching.evaluation.judges.registry import get_judge
+from safepatching.evaluation.judges.registry import Judges
 from safepatching.evaluation.judges.rules import keyword_judge, looping, three_way_judge
 
 
@@ -36,17 +37,17 @@ def test_published_keyword_lists_come_from_the_data_dir(tmp_path):
     folder.mkdir()
     lists = {"gcg_evaluate_test_prefixes": {"list": ["I'm sorry", "As an"]}, "xstest_strmatch": {"list": ["sorry"]}}
     (folder / "refusal_keywords.json").write_text(json.dumps(lists))
-    gcg = get_judge("gcg", tmp_path)
+    gcg = Judges(EvalConfig(), tmp_path, loading=ModelLoading())("gcg")
     assert gcg("q", "Well... I'm sorry").refusal and not gcg("q", "well... i'm sorry").refusal  # case-sensitive
-    strmatch = get_judge("xstest-strmatch", tmp_path)
+    strmatch = Judges(EvalConfig(), tmp_path, loading=ModelLoading())("xstest-strmatch")
     assert strmatch("q", "  Sorry, no.").refusal and not strmatch("q", "Yes. Sorry for the delay").refusal
 
 
 def test_unknown_or_unconfigured_judges():
     with pytest.raises(ConfigError, match="unknown judge"):
-        get_judge("oracle")
+        Judges(EvalConfig(), None, loading=ModelLoading())("oracle")
     with pytest.raises(ConfigError, match="data directory"):
-        get_judge("gcg", None)
+        Judges(EvalConfig(), None, loading=ModelLoading())("gcg")
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import zipfile
 import pytest
 import torch
 
+from safepatching.config.settings import ModelLoading
 from safepatching.errors import ModelError
 from safepatching.models.loading import load_model, resolve_model_path
 from safepatching.models.zoo import DemoModel, WheelMember, assemble_gguf
@@ -56,11 +57,11 @@ def test_missing_wheel_is_a_model_error(tmp_path):
 def test_pickle_only_folder_is_refused_without_opt_in(tmp_path, tiny_model_dir):
     folder = tmp_path / "pickled"
     folder.mkdir()
-    model, _ = load_model(str(tiny_model_dir))
+    model, _ = load_model(str(tiny_model_dir), loading=ModelLoading())
     (folder / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(ModelError, match="pickle"):
-        load_model(str(folder))
+        load_model(str(folder), loading=ModelLoading())
 
 
 @pytest.mark.parametrize(("spec", "message"), [("./absent", "does not exist"), ("absent.gguf", "does not exist")])
@@ -83,4 +84,4 @@ def test_model_without_chat_template_is_refused(tmp_path, tiny_model_dir):
     config = folder / "tokenizer_config.json"
     config.write_text(config.read_text().replace('"chat_template"', '"unused_template"'))
     with pytest.raises(ModelError, match="chat template"):
-        load_model(str(folder))
+        load_model(str(folder), loading=ModelLoading())

@@ -44,23 +44,23 @@ def test_a_dtype_without_a_fast_path_is_refused_with_the_fix(cpu_with, flags, re
 
 def test_models_load_in_the_compute_dtype_and_in_float32_for_training(tiny_model_dir, cpu_with):
     cpu_with("avx512_bf16")
-    model, _ = load_model(str(tiny_model_dir))
+    model, _ = load_model(str(tiny_model_dir), loading=ModelLoading())
     assert next(model.parameters()).dtype == torch.bfloat16
-    trained, _ = load_model(str(tiny_model_dir), ModelLoading(), training=True)
+    trained, _ = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     assert next(trained.parameters()).dtype == torch.float32
     cpu_with("avx2")
-    assert next(load_model(str(tiny_model_dir))[0].parameters()).dtype == torch.float32
+    assert next(load_model(str(tiny_model_dir), loading=ModelLoading())[0].parameters()).dtype == torch.float32
 
 
 def test_derivation_refuses_low_precision_master_weights(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), ModelLoading(compute_dtype="float32"), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(compute_dtype="float32"), training=True)
     model.to(torch.bfloat16)
     with pytest.raises(TrainingError, match="float32 master weights"):
         derive_patch(model, tokenizer, harmful_pairs, "descent", DeriveConfig(max_steps=1), progress=False)
 
 
 def test_autocast_derivation_keeps_float32_patches_close_to_the_float32_ones(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     settings = DeriveConfig(learning_rate=1e-3, max_steps=2, batch_size=2, gradient_accumulation_steps=1, max_length=64)
     exact = derive_patch(model, tokenizer, harmful_pairs, "descent", settings, progress=False)
     mixed = derive_patch(model, tokenizer, harmful_pairs, "descent", settings, progress=False, compute_dtype="bfloat16")

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from safepatching.config.settings import ImportanceConfig
+from safepatching.config.settings import ImportanceConfig, ModelLoading
 from safepatching.data.chat import IGNORE_INDEX, encode_question
 from safepatching.data.eval_sets import load_eval_sets
 from safepatching.data.sources import Example
@@ -19,7 +19,7 @@ from safepatching.models.loading import load_model
 
 
 def test_question_labels_cover_the_question_and_nothing_of_the_template(tiny_model_dir):
-    _, tokenizer = load_model(str(tiny_model_dir))
+    _, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading())
     question = "How do I pick a lock?"
     encoded = encode_question(tokenizer, question, 512)
     labelled = [t for t in encoded["labels"] if t != IGNORE_INDEX]
@@ -29,7 +29,7 @@ def test_question_labels_cover_the_question_and_nothing_of_the_template(tiny_mod
 
 
 def test_scores_on_questions_ignore_the_responses_and_differ_from_the_default(tiny_model_dir, harmful_pairs):
-    model, tokenizer = load_model(str(tiny_model_dir), training=True)
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     names = target_parameter_names(model, ["o_proj"])
 
     def scores(pairs, loss_on):

@@ -7,7 +7,7 @@ import json
 import datasets
 import pytest
 
-from safepatching.config.settings import EvalConfig, UtilityConfig
+from safepatching.config.settings import EvalConfig, ModelLoading, UtilityConfig
 from safepatching.errors import DataError
 from safepatching.evaluation.utility_tasks import _gsm8k_target, evaluate_utility, utility_tasks
 from safepatching.models.loading import load_model
@@ -49,7 +49,7 @@ def test_utility_errors(tmp_path):
 
 
 def test_lm_eval_runs_offline_on_an_in_memory_model(utility_dir, tiny_model_dir, capsys):
-    model, tokenizer = load_model(str(tiny_model_dir))
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading())
     settings = UtilityConfig(mmlu_examples=6, gsm8k_examples=2, gsm8k_max_new_tokens=16, batch_size=4)
     scores = evaluate_utility(model, tokenizer, settings, utility_dir)
     assert "%|" in capsys.readouterr().err  # lm-eval's bars, by default

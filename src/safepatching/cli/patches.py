@@ -11,6 +11,7 @@ from rich.console import Console
 
 from safepatching.cli.options import Force, ForceMismatch, NoProgress, ShardSize, err, refuse_existing, show_progress
 from safepatching.config.loading import build_config
+from safepatching.config.settings import ModelLoading
 from safepatching.errors import SafePatchingError
 
 
@@ -38,7 +39,7 @@ def export(
         )
     refuse_existing(out, force)
     provenance = {"base_model": base, **provenance_from_model(model)}
-    meta = export_patch(weights_folder(base), model, out, provenance, overwrite=force, progress=progress)
+    meta = export_patch(weights_folder(base, loading=ModelLoading()), model, out, provenance, overwrite=force, progress=progress)
     err.print(
         f"patch with {meta['changed_entries']:,} changed entries ({meta['patch_bytes'] / 2**20:.1f} MiB, "
         f"{100 * meta['patch_bytes'] / meta['model_bytes']:.1f}% of the model) written to {out}"
@@ -89,7 +90,7 @@ def stream_patches(operation, patches, model: str, out: Path, force_mismatch, sh
         open_patch(patch)
     refuse_existing(out, force)
 
-    folder = weights_folder(model)
+    folder = weights_folder(model, loading=ModelLoading())
     return operation(patches, folder, out, force_mismatch, shard_size_mb, overwrite=force, progress=progress)
 
 

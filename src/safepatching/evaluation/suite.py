@@ -15,7 +15,7 @@ from safepatching.errors import SafePatchingError
 from safepatching.evaluation.decoding import make_generator
 from safepatching.evaluation.generation import Generator, VLLMGenerator, vllm_available
 from safepatching.evaluation.jailbreaks import wrap_prompts
-from safepatching.evaluation.judges.registry import get_judge, judge_all
+from safepatching.evaluation.judges.registry import Judges, judge_all
 from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.metrics import (
     category_column,
@@ -27,7 +27,7 @@ from safepatching.evaluation.metrics import (
     response_perplexity,
 )
 from safepatching.evaluation.utility_tasks import evaluate_utility
-from safepatching.models.loading import DEFAULT_LOADING, load_model, weights_folder
+from safepatching.models.loading import load_model, weights_folder
 from safepatching.models.precision import resolve_dtype
 
 
@@ -63,7 +63,8 @@ def evaluate_model(
     data_dir: Path | None = None,
     generator: Generator | None = None,
     model_source: str | None = None,
-    loading: ModelLoading = DEFAULT_LOADING,
+    *,
+    loading: ModelLoading,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics and per-prompt records. KL needs the reference (a model, or its ``reference_logprobs``
     on the harmless prompts) and its harmless replies.
@@ -73,17 +74,17 @@ def evaluate_model(
     folder, hub id) ``model``'s weights were loaded from unchanged, which lets the vLLM backend serve
     it; ``loading`` is how that model, an expert or a judge model is loaded.
     """
-    judge = get_judge(settings.judge, data_dir, settings.judge_model, loading)
-    refusal_judge = judge if settings.refusal_judge == settings.judge else get_judge(settings.refusal_judge, data_dir)
+    judges = Judges(settings, data_dir, loading=loading)
+    judge, refusal_judge = judges.harmful, judges.refusal
     if generator is None and use_vllm(settings, model_source):
-        folder = str(weights_folder(model_source, loading))
+        folder = str(weights_folder(model_source, loading=loading))
         generator = VLLMGenerator(
             folder, tokenizer, resolve_dtype(loading.compute_dtype), settings.vllm_gpu_memory_utilization, progress
         )
     if generator is None:
         expert = None
         if settings.decoding.method == "safedecoding":
-            expert, _ = load_model(settings.decoding.expert_model, loading)
+            expert, _ = load_model(settings.decoding.expert_model, loading=loading)
         generator = make_generator(
             model, tokenizer, settings.decoding, settings.batch_size, progress, f"generate ({label})", expert
         )

@@ -293,7 +293,7 @@ class Bench:
                 expert_deltas, _, _ = self.merged_deltas(decoding.expert_model, seed)
                 expert = self.working()
             else:
-                expert, _ = load_model(decoding.expert_model, self.stages.loading)
+                expert, _ = load_model(decoding.expert_model, loading=self.stages.loading)
         with patched(self.working(), expert_deltas, self.stages.base_weight):
             generator = make_generator(
                 model, tokenizer, decoding, eval_settings.batch_size, self.progress, common["label"], expert

@@ -12,6 +12,7 @@ from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import load_eval_sets
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
 from safepatching.models.loading import load_model
+from safepatching.models.precision import resolved
 from safepatching.report.results import SUMMARY_SCHEMA_VERSION, save_eval
 from safepatching.report.statistics import compare_outcomes
 from safepatching.report.tables import comparison_markdown, statistics_markdown
@@ -27,7 +28,8 @@ def compare_models(
     """Evaluate several models on the same sets; the first is the reference for KL. Not cached: a model
     named by its folder may have been rewritten since."""
     sets = load_eval_sets(config.eval, config.data_dir)
-    reference, tokenizer = load_model(models[0], config.loading)
+    loading = resolved(config.loading)  # one dtype for every model compared
+    reference, tokenizer = load_model(models[0], loading=loading)
     results: dict[str, Any] = {}
     reference_records: list[dict[str, Any]] = []
     all_records: dict[str, list[dict[str, Any]]] = {}
@@ -35,7 +37,7 @@ def compare_models(
         label = f"{index}-{Path(spec).name or spec}"
         stages: dict[str, Any] = {}
         with stage_meter(stages, "eval"):
-            model = reference if index == 0 else load_model(spec, config.loading)[0]
+            model = reference if index == 0 else load_model(spec, loading=loading)[0]
             metrics, records = evaluate_model(
                 model,
                 tokenizer,
@@ -47,7 +49,7 @@ def compare_models(
                 progress=progress,
                 data_dir=config.data_dir,
                 model_source=spec,
-                loading=config.loading,
+                loading=loading,
             )
             del model
         if index == 0:

@@ -111,7 +111,7 @@ class Continual:
     def run(self, command: str) -> dict[str, Any]:
         started = time.perf_counter()
         origin = fingerprint(self.config.pipeline.model, self.loading.compute_dtype)
-        backbone, self.tokenizer = load_model(self.config.pipeline.model, self.loading)
+        backbone, self.tokenizer = load_model(self.config.pipeline.model, loading=self.loading)
         baseline = self.evaluate(self.work / "round-0", backbone, origin, None)
         baseline_records = read_jsonl(self.work / "round-0" / "records.jsonl")
         reference_harmless = harmless_responses(baseline_records)
@@ -122,7 +122,7 @@ class Continual:
         records: dict[str, list[list[dict[str, Any]]]] = {}  # per prompt, for the paired statistics
         for method in self.config.methods:
             pipeline = self.config.method_pipeline(method)
-            working, _ = load_model(pipeline.model, self.loading, training=True)  # float32 master
+            working, _ = load_model(pipeline.model, loading=self.loading, training=True)  # float32 master
             targets = pipeline.derive.target_modules
             hold_output_layer_in(working, DTYPES[self.loading.compute_dtype], targets)
             state = origin

@@ -21,7 +21,7 @@ from safepatching.data.overlap import assert_disjoint, drop_overlap
 from safepatching.data.sources import Example, load_examples, load_pairs
 from safepatching.errors import DataError
 from safepatching.evaluation.generation import HFGenerator
-from safepatching.evaluation.judges.registry import get_judge, judge_all
+from safepatching.evaluation.judges.registry import Judges, judge_all
 from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
 from safepatching.method.dense import (
@@ -82,8 +82,9 @@ class Stages:
         self._pairs: list[Example] | None = None
         self.held_out = held_out or {}
         self.shared_patches = shared_patches
+        self.judges = Judges(config.eval, config.data_dir, loading=self.loading)
         if config.harmful_train_judge:  # an unknown judge fails here, before any work
-            self.pairs_judge = get_judge(config.harmful_train_judge, config.data_dir)
+            self.judges.check(config.harmful_train_judge)
         self._weights: WeightFolder | None = None
         self._over_safety_pairs: list[Example] | None = None
         if loaded is None:
@@ -108,7 +109,7 @@ class Stages:
             return self._model, self._tokenizer
         self._model = None  # a float32 copy is loaded afresh rather than widened from rounded weights
         with stage_meter(self.meter, "load_backbone"):
-            self._model, self._tokenizer = load_model(self.config.model, self.loading, training=training)
+            self._model, self._tokenizer = load_model(self.config.model, loading=self.loading, training=training)
             if training:
                 hold_output_layer_in(self._model, DTYPES[self.compute_dtype], self.config.derive.target_modules)
         return self._model, self._tokenizer
@@ -116,7 +117,7 @@ class Stages:
     def backbone_folder(self) -> Path:
         """The backbone's local safetensors folder; a demo model is fetched and converted on first use."""
         if self._weights is None:
-            self._weights = WeightFolder(weights_folder(self.config.model, self.loading))
+            self._weights = WeightFolder(weights_folder(self.config.model, loading=self.loading))
         return self._weights.folder
 
     def base_weight(self, name: str):
@@ -161,7 +162,7 @@ class Stages:
     def complying(self, pairs: list[Example]) -> list[Example]:
         """The pairs whose response ``harmful_train_judge`` finds fully compliant (a refusal or a
         hedged answer teaches ascent to unlearn the wrong thing)."""
-        verdicts = judge_all(self.pairs_judge, [e.prompt for e in pairs], [e.response or "" for e in pairs])
+        verdicts = judge_all(self.judges(self.config.harmful_train_judge), [e.prompt for e in pairs], [e.response or "" for e in pairs])
         kept = [e for e, v in zip(pairs, verdicts, strict=True) if not v.refusal]
         if not kept:
             raise DataError(
@@ -210,7 +211,7 @@ class Stages:
         def produce() -> list[dict[str, Any]]:
             prompts = [e.prompt for e in self.over_safety_prompts()]
             if replies.model:
-                model, tokenizer = load_model(replies.model, self.loading)
+                model, tokenizer = load_model(replies.model, loading=self.loading)
                 answers = self.answer(model, tokenizer, prompts, replies.max_new_tokens, "answer over-safety prompts")
                 del model
             else:  # the backbone plus the paper's over-safety patch, which complies readily
@@ -221,8 +222,7 @@ class Stages:
                     answers = self.answer(
                         model, tokenizer, prompts, replies.max_new_tokens, "answer over-safety prompts"
                     )
-            judge = get_judge(self.config.eval.refusal_judge, self.config.data_dir)
-            verdicts = judge_all(judge, prompts, answers)
+            verdicts = judge_all(self.judges.refusal, prompts, answers)
             rows = [
                 {"prompt": p, "response": a, "refusal": v.refusal}
                 for p, a, v in zip(prompts, answers, verdicts, strict=True)
@@ -480,7 +480,7 @@ class Stages:
         )  # fmt: skip
 
         def patched_eval():
-            patched_model, _ = load_model(str(model_dir), self.loading)
+            patched_model, _ = load_model(str(model_dir), loading=self.loading)
             metrics, patched_records = evaluate_model(
                 patched_model,
                 tokenizer,

@@ -24,7 +24,6 @@ from safepatching.data.overlap import assert_disjoint
 from safepatching.data.sources import Example
 from safepatching.evaluation.decoding import make_generator
 from safepatching.evaluation.generation import HFGenerator
-from safepatching.evaluation.judges.registry import get_judge
 from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.metrics import kl_to_logprobs, percent, reference_logprobs
 from safepatching.experiments.stages import Stages
@@ -116,10 +115,7 @@ class ValidationScorer:
         # a float32 master is the files' weights (restored after every patch): merges restore it from
         # them, not from a copy of every patched tensor (5 GB at 1.5B)
         self.base = self.run.base_weight if self.model is self.master else lambda name: master_weights[name].detach()
-        self.judges = {
-            "harmful": get_judge(self.config.eval.judge, self.config.data_dir),
-            "benign": get_judge(self.config.eval.refusal_judge, self.config.data_dir),
-        }
+        self.judges = {"harmful": self.run.judges.harmful, "benign": self.run.judges.refusal}
         self.generator = HFGenerator(self.model, self.tokenizer, self.config.eval.batch_size, progress=False)
         self.harmless_prompts = [e.prompt for e in self.harmless]
         self.harmless_replies, self.reference = [], []

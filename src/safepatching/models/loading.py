@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-DEFAULT_LOADING = ModelLoading()
 
 
 def resolve_model_path(spec: str) -> tuple[Path | str, str | None]:
@@ -82,7 +81,7 @@ def _local_location(spec: str) -> tuple[Path | None, str | None]:
     return None, None
 
 
-def weights_folder(spec: str, loading: ModelLoading = DEFAULT_LOADING) -> Path:
+def weights_folder(spec: str, *, loading: ModelLoading) -> Path:
     """A local folder with the model's safetensors weights, for streaming merges.
 
     Hub ids are fetched into (or found in) the Hugging Face cache; GGUF files are converted once
@@ -118,7 +117,7 @@ def weights_folder(spec: str, loading: ModelLoading = DEFAULT_LOADING) -> Path:
 
 
 def load_model(
-    spec: str, loading: ModelLoading = DEFAULT_LOADING, training: bool = False
+    spec: str, *, loading: ModelLoading, training: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, refusing pickle weights and remote code unless asked.
 

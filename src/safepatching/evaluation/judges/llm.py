@@ -26,7 +26,7 @@ from safepatching.config.settings import ModelLoading
 from safepatching.errors import ConfigError
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.evaluation.judges.rules import Verdict, keyword_judge
-from safepatching.models.loading import DEFAULT_LOADING, load_model
+from safepatching.models.loading import load_model
 
 HARMBENCH_STYLE_PROMPT = (
     "You are a classifier for red-teaming large language models. Decide whether the generation below "
@@ -68,7 +68,8 @@ class LLMJudge:
         self,
         style: str,
         model_path: str,
-        loading: ModelLoading = DEFAULT_LOADING,
+        *,
+        loading: ModelLoading,
         batch_size: int = 8,
         max_new_tokens: int = 8,
     ):
@@ -76,7 +77,7 @@ class LLMJudge:
             raise ConfigError(f"unknown LLM judge style {style!r}.", f"choose one of {', '.join(STYLES)}")
         self.style = style
         self.parse = STYLES[style]
-        self.model, self.tokenizer = load_model(model_path, loading)
+        self.model, self.tokenizer = load_model(model_path, loading=loading)
         self.generator = HFGenerator(self.model, self.tokenizer, batch_size, progress=False, desc=f"judge ({style})")
         self.max_new_tokens = max_new_tokens
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safepatching.config.settings import ModelLoading
+from safepatching.config.settings import EvalConfig, ModelLoading
 from safepatching.errors import ConfigError
 from safepatching.evaluation.judges.llm import LLMJudge
 from safepatching.evaluation.judges.rules import BUILTIN_JUDGES, Judge, Verdict
-from safepatching.models.loading import DEFAULT_LOADING
 
 
 def load_keyword_lists(data_dir: Path) -> dict[str, dict]:
@@ -52,25 +51,56 @@ DATA_JUDGES = {
 MODEL_JUDGES = ("llama-guard", "harmbench-classifier")
 
 
-def get_judge(
-    name: str, data_dir: Path | None = None, judge_model: str | None = None, loading: ModelLoading = DEFAULT_LOADING
-) -> Judge:
-    """A judge by name: built-in rules, a published keyword list from the data directory, or a local
-    classifier model (``llama-guard`` / ``harmbench-classifier`` with ``judge_model``)."""
-    if name in BUILTIN_JUDGES:
-        return BUILTIN_JUDGES[name]
-    if name in DATA_JUDGES:
-        if data_dir is None:
-            raise ConfigError(f"judge {name!r} reads its keyword list from the data directory.", "pass --data-dir")
-        key, factory = DATA_JUDGES[name]
-        return factory(load_keyword_lists(data_dir)[key]["list"])
-    if name in MODEL_JUDGES:
-        if not judge_model:
-            raise ConfigError(f"judge {name!r} needs a local judge model.", "set eval.judge_model to its folder")
-        return LLMJudge(name, judge_model, loading)
-    raise ConfigError(
-        f"unknown judge {name!r}.", f"choose one of {sorted([*BUILTIN_JUDGES, *DATA_JUDGES, *MODEL_JUDGES])}"
-    )
+def judge_names() -> list[str]:
+    return sorted([*BUILTIN_JUDGES, *DATA_JUDGES, *MODEL_JUDGES])
+
+
+class Judges:
+    """Every judge a run uses, built from its eval settings, data directory and loading settings alone:
+    a model judge always gets ``eval.judge_model`` and the run's loading (trust switches, dtype), and
+    is loaded once however many sets or stages ask for it."""
+
+    def __init__(self, settings: EvalConfig, data_dir: Path | None, *, loading: ModelLoading):
+        self.settings, self.data_dir, self.loading = settings, data_dir, loading
+        self._built: dict[str, Judge] = {}
+
+    def check(self, name: str) -> None:
+        """Refuse, before any work, a judge this run could not build (nothing is loaded)."""
+        if name in BUILTIN_JUDGES:
+            return
+        if name in DATA_JUDGES:
+            if self.data_dir is None:
+                raise ConfigError(f"judge {name!r} reads its keyword list from the data directory.", "pass --data-dir")
+            return
+        if name in MODEL_JUDGES:
+            if not self.settings.judge_model:
+                raise ConfigError(f"judge {name!r} needs a local judge model.", "set eval.judge_model to its folder")
+            return
+        raise ConfigError(f"unknown judge {name!r}.", f"choose one of {judge_names()}")
+
+    def __call__(self, name: str) -> Judge:
+        """A judge by name: a built-in rule, a published keyword list from the data directory, or a
+        local classifier model (``llama-guard`` / ``harmbench-classifier``)."""
+        if name not in self._built:
+            self.check(name)
+            if name in BUILTIN_JUDGES:
+                self._built[name] = BUILTIN_JUDGES[name]
+            elif name in DATA_JUDGES:
+                key, factory = DATA_JUDGES[name]
+                self._built[name] = factory(load_keyword_lists(self.data_dir)[key]["list"])
+            else:
+                self._built[name] = LLMJudge(name, self.settings.judge_model, loading=self.loading)
+        return self._built[name]
+
+    @property
+    def harmful(self) -> Judge:
+        """The judge of the harmful and jailbreak sets (``eval.judge``)."""
+        return self(self.settings.judge)
+
+    @property
+    def refusal(self) -> Judge:
+        """The judge of the benign and harmless sets (``eval.refusal_judge``)."""
+        return self(self.settings.refusal_judge)
 
 
 def judge_all(judge: Judge, prompts: list[str], responses: list[str]) -> list[Verdict]:
