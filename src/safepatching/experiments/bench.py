@@ -40,6 +40,7 @@ from safepatching.report.results import read_jsonl, result_header, save_eval
 from safepatching.report.statistics import compare_outcomes
 from safepatching.report.tables import bench_markdown, table_columns
 from safepatching.storage.files import read_json, write_json, write_text_atomic
+from safepatching.storage.lock import directory_lock
 from safepatching.storage.stages import cached, fingerprint
 
 BENCH_SCHEMA_VERSION = 1
@@ -315,28 +316,29 @@ def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> 
     OUTPUT_DIR/<name>.md and .json (and, when tuned, <name>.png with the fronts and test points)."""
     started = time.perf_counter()
     bench = Bench(config, progress)
-    bench.prepare()
-    for name in config.methods:  # every study first: a SafeDecoding row's expert may be a tuned row
-        if config.tuning and name in config.tuning.spaces:
-            bench.tune(name, command)
-    backbone_metrics = bench.cell("backbone", config.seeds[0])
-    rows: dict[str, Any] = {}
-    cell_seconds = {("backbone", config.seeds[0]): evaluation_seconds(backbone_metrics)}
-    tuning_seconds = sum(t["seconds"] for t in bench.tuning.values())
-    for name in config.methods:
-        seeds = config.seeds if depends_on_seed(config, name, bench.chosen.get(name)) else config.seeds[:1]
-        cells = [bench.cell(name, seed) for seed in seeds]
-        cell_seconds.update({(name, seed): evaluation_seconds(cell) for seed, cell in zip(seeds, cells, strict=True)})
-        rows[name] = method_row(config, name, seeds, cells, backbone_metrics)
-        if name in bench.tuning:
-            rows[name]["tuning"] = bench.tuning[name]
-        compute = sum(bench.timings.values()) + sum(cell_seconds.values()) + tuning_seconds
-        result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=False)
-        write_results(config, result)  # after every method: a crash keeps what is done
-    result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=True)
-    write_results(config, result)
-    Console(highlight=False).print(bench_markdown(result))
-    return result
+    with directory_lock(config.work_dir, command):  # after the settings are checked
+        bench.prepare()
+        for name in config.methods:  # every study first: a SafeDecoding row's expert may be a tuned row
+            if config.tuning and name in config.tuning.spaces:
+                bench.tune(name, command)
+        backbone_metrics = bench.cell("backbone", config.seeds[0])
+        rows: dict[str, Any] = {}
+        cell_seconds = {("backbone", config.seeds[0]): evaluation_seconds(backbone_metrics)}
+        tuning_seconds = sum(t["seconds"] for t in bench.tuning.values())
+        for name in config.methods:
+            seeds = config.seeds if depends_on_seed(config, name, bench.chosen.get(name)) else config.seeds[:1]
+            cells = [bench.cell(name, seed) for seed in seeds]
+            cell_seconds.update({(name, seed): evaluation_seconds(cell) for seed, cell in zip(seeds, cells, strict=True)})
+            rows[name] = method_row(config, name, seeds, cells, backbone_metrics)
+            if name in bench.tuning:
+                rows[name]["tuning"] = bench.tuning[name]
+            compute = sum(bench.timings.values()) + sum(cell_seconds.values()) + tuning_seconds
+            result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=False)
+            write_results(config, result)  # after every method: a crash keeps what is done
+        result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=True)
+        write_results(config, result)
+        Console(highlight=False).print(bench_markdown(result))
+        return result
 
 
 def paired_statistics(config: BenchConfig, methods: list[str]) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from safepatching.report.results import read_jsonl, result_header, save_eval
 from safepatching.report.statistics import continual_outcomes
 from safepatching.report.tables import continual_markdown, table_columns
 from safepatching.storage.files import read_json, write_json, write_text_atomic
+from safepatching.storage.lock import directory_lock
 from safepatching.storage.stages import cached, fingerprint
 
 CONTINUAL_SCHEMA_VERSION = 2  # 2: paired statistics per set, method and round
@@ -179,4 +180,6 @@ def write_results(config: ContinualConfig, result: dict[str, Any]) -> None:
 
 def run_continual(config: ContinualConfig, command: str = "", progress: bool = True) -> dict[str, Any]:
     """Run every method's rounds and write OUTPUT_DIR/<name>.md, .json and .png."""
-    return Continual(config, progress).run(command)
+    continual = Continual(config, progress)
+    with directory_lock(config.work_dir, command):
+        return continual.run(command)

@@ -28,6 +28,7 @@ from safepatching.models.zoo import DEMO_MODELS, demo_model_dir
 from safepatching.report.results import SUMMARY_SCHEMA_VERSION
 from safepatching.report.tables import before_after_markdown, describe_geometry, print_before_after
 from safepatching.storage.files import folder_bytes, read_json, write_json, write_text_atomic
+from safepatching.storage.lock import directory_lock
 from safepatching.storage.shards import SETTINGS_FILE
 
 PATCH_SUMMARY_KEYS = ("steps", "stop_reason", "nll_history")
@@ -181,4 +182,6 @@ def print_next_steps(console: Console, config: PipelineConfig, meter: dict[str, 
 
 def run_pipeline(config: PipelineConfig, progress: bool = True) -> RunResult:
     """Run SafePatching end to end for ``config`` and return where everything was written."""
-    return run_stages(Stages(config, progress))
+    stages = Stages(config, progress)  # the settings are checked before the directory is taken
+    with directory_lock(stages.out):
+        return run_stages(stages)

@@ -41,6 +41,7 @@ from safepatching.report.plots import plot_tune_plane
 from safepatching.report.statistics import mcnemar_exact, wilson_interval
 from safepatching.report.tables import tune_markdown
 from safepatching.storage.files import with_extension, write_json, write_text_atomic
+from safepatching.storage.lock import directory_lock
 
 log = logging.getLogger(__name__)
 STUDY_NAME = "safepatching-tune"
@@ -398,76 +399,77 @@ def run_tune(
     """Search, re-judge the front (or only the point the rule picks, with ``final_judging: chosen``),
     choose a point; write OUTPUT_DIR/NAME.{md,json,png} and NAME.chosen.yaml."""
     started = time.perf_counter()
-    tuner = Tuner(config, new_study, progress, scorer)
-    study, settings = tuner.study, config.tune
-    if requeued := requeue_interrupted(study):
-        log.info("resuming: %d interrupted trial(s) run again with the same knobs", requeued)
-    done = len(finished(study))
-    target = done + trials if trials is not None else max(settings.trials, done)
-    tuner.search(target)
+    with directory_lock(config.work_dir, command):  # before the study is opened
+        tuner = Tuner(config, new_study, progress, scorer)
+        study, settings = tuner.study, config.tune
+        if requeued := requeue_interrupted(study):
+            log.info("resuming: %d interrupted trial(s) run again with the same knobs", requeued)
+        done = len(finished(study))
+        target = done + trials if trials is not None else max(settings.trials, done)
+        tuner.search(target)
 
-    groups = {"harmful": tuner.harmful_names, "benign": tuner.benign_names}
-    backbone_final = tuner.backbone("final")
-    screened_front = tuner.front()
-    judged = screened_front
-    if settings.final_judging == "chosen":  # the rule picks on the short budget; only its point is re-judged
-        judged = sorted(screened_front, key=lambda t: tuner.trade_off(*t.values), reverse=True)[:1]
-    front = []
-    for trial in sorted(judged, key=lambda t: t.number):
-        final = tuner.final(trial)
-        front.append(
-            {
-                "trial": trial.number,
-                "params": trial.params,
-                "screen": screen_outcome(trial),
-                "final": {**final, **with_intervals(final, groups, backbone_final)},
-            }
+        groups = {"harmful": tuner.harmful_names, "benign": tuner.benign_names}
+        backbone_final = tuner.backbone("final")
+        screened_front = tuner.front()
+        judged = screened_front
+        if settings.final_judging == "chosen":  # the rule picks on the short budget; only its point is re-judged
+            judged = sorted(screened_front, key=lambda t: tuner.trade_off(*t.values), reverse=True)[:1]
+        front = []
+        for trial in sorted(judged, key=lambda t: t.number):
+            final = tuner.final(trial)
+            front.append(
+                {
+                    "trial": trial.number,
+                    "params": trial.params,
+                    "screen": screen_outcome(trial),
+                    "final": {**final, **with_intervals(final, groups, backbone_final)},
+                }
+            )
+        feasible_final = [p for p in front if p["final"]["looping"] <= settings.max_looping]
+        chosen = max(
+            feasible_final,
+            key=lambda p: tuner.trade_off(p["final"]["harmful"]["refusal"], p["final"]["benign"]["refusal"], "final"),
+            default=None,
         )
-    feasible_final = [p for p in front if p["final"]["looping"] <= settings.max_looping]
-    chosen = max(
-        feasible_final,
-        key=lambda p: tuner.trade_off(p["final"]["harmful"]["refusal"], p["final"]["benign"]["refusal"], "final"),
-        default=None,
-    )
-    seconds = study.user_attrs.get("seconds", 0.0) + time.perf_counter() - started
-    study.set_user_attr("seconds", round(seconds, 1))
-    result = {
-        "command": command,
-        "name": config.name,
-        "model": config.pipeline.model,
-        "compute_dtype": tuner.scorer.compute_dtype,
-        "fingerprint": fingerprint(config),
-        "settings": settings.model_dump(mode="json"),
-        "validation_sizes": {s.name: len(s.examples) for s in tuner.sets},
-        "groups": groups,
-        "wall_seconds": round(seconds, 1),
-        "backbone": {
-            "screen": tuner.backbone("screen"),
-            "final": {**backbone_final, **with_intervals(backbone_final, groups)},
-        },
-        "trials": [trial_row(t) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING],
-        "screened_front": [
-            {"trial": t.number, "params": t.params, "screen": screen_outcome(t)} for t in screened_front
-        ],
-        "front": front,
-        "separation": separation([{"screen": screen_outcome(t)} for t in screened_front], tuner.backbone("screen")),
-        "agreement": agreement(
-            [(p["screen"], p["final"]) for p in front] + [(tuner.backbone("screen"), backbone_final)]
-        ),
-        "chosen": None,
-    }
-    if chosen is not None:
-        result["chosen"] = {
-            "trial": chosen["trial"],
-            "params": chosen["params"],
-            "trade_off": round(
-                tuner.trade_off(chosen["final"]["harmful"]["refusal"], chosen["final"]["benign"]["refusal"], "final"), 1
+        seconds = study.user_attrs.get("seconds", 0.0) + time.perf_counter() - started
+        study.set_user_attr("seconds", round(seconds, 1))
+        result = {
+            "command": command,
+            "name": config.name,
+            "model": config.pipeline.model,
+            "compute_dtype": tuner.scorer.compute_dtype,
+            "fingerprint": fingerprint(config),
+            "settings": settings.model_dump(mode="json"),
+            "validation_sizes": {s.name: len(s.examples) for s in tuner.sets},
+            "groups": groups,
+            "wall_seconds": round(seconds, 1),
+            "backbone": {
+                "screen": tuner.backbone("screen"),
+                "final": {**backbone_final, **with_intervals(backbone_final, groups)},
+            },
+            "trials": [trial_row(t) for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING],
+            "screened_front": [
+                {"trial": t.number, "params": t.params, "screen": screen_outcome(t)} for t in screened_front
+            ],
+            "front": front,
+            "separation": separation([{"screen": screen_outcome(t)} for t in screened_front], tuner.backbone("screen")),
+            "agreement": agreement(
+                [(p["screen"], p["final"]) for p in front] + [(tuner.backbone("screen"), backbone_final)]
             ),
-            "config": str(write_chosen_config(config, tuner.candidate(chosen["params"]), chosen["trial"], command)),
-            "geometry": tuner.geometry(study.trials[chosen["trial"]]),
+            "chosen": None,
         }
-    write_tune_results(config, result)
-    return result
+        if chosen is not None:
+            result["chosen"] = {
+                "trial": chosen["trial"],
+                "params": chosen["params"],
+                "trade_off": round(
+                    tuner.trade_off(chosen["final"]["harmful"]["refusal"], chosen["final"]["benign"]["refusal"], "final"), 1
+                ),
+                "config": str(write_chosen_config(config, tuner.candidate(chosen["params"]), chosen["trial"], command)),
+                "geometry": tuner.geometry(study.trials[chosen["trial"]]),
+            }
+        write_tune_results(config, result)
+        return result
 
 
 def trial_row(trial: FrozenTrial) -> dict[str, Any]:
