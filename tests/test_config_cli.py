@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -263,3 +265,13 @@ def test_bench_method_overrides_are_validated_when_the_config_is_read(method, ex
     with pytest.raises(ConfigError) as raised:
         build_config(overrides={"custom_methods": {"typo": method}, "methods": ["typo"]}, model=BenchConfig)
     assert expected in str(raised.value)
+
+
+def test_no_progress_also_hides_the_bare_tqdm_bars_of_libraries():
+    """transformers converts GGUF files under a plain tqdm bar that its own switch does not reach."""
+    script = ("import sys\nfrom safepatching.cli.options import show_progress\nshow_progress(sys.argv[1] == 'off')\n"
+              "from tqdm.auto import tqdm\nlist(tqdm(range(3), desc='Converting and de-quantizing GGUF tensors...'))")  # fmt: skip
+    hidden = subprocess.run([sys.executable, "-c", script, "off"], capture_output=True, text=True)
+    shown = subprocess.run([sys.executable, "-c", script, "on"], capture_output=True, text=True)
+    assert hidden.returncode == 0 and "Converting" not in hidden.stderr
+    assert "Converting and de-quantizing" in shown.stderr  # the test sees a bar when there is one

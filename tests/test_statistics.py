@@ -1,8 +1,12 @@
 """Intervals and paired tests: checked against values worked out by hand."""
 
+from io import StringIO
+
 import pytest
+from rich.console import Console
 
 from safepatching.report.statistics import compare_outcomes, continual_outcomes, mcnemar_exact, wilson_interval
+from safepatching.report.tables import print_before_after
 
 
 def test_wilson_interval_matches_the_closed_form():
@@ -74,3 +78,27 @@ def test_continual_outcomes_test_each_round_against_the_backbone_its_previous_ro
     assert by_key["harmful", "ga", 1]["p_vs_sp"] == pytest.approx(2 * 0.5**7)  # 7 prompts differ, all one way
     assert "p_vs_previous_round" not in by_key["harmful", "sp", 1] and "p_vs_sp" not in by_key["harmful", "sp", 1]
     assert "p_vs_backbone" not in by_key["harmful", "backbone", 0]
+
+
+def test_the_before_after_table_gives_each_rate_its_interval_and_p_and_the_times_under_it():
+    def records(harmful_refusals, benign_refusals):
+        return [{"set": "harmful", "prompt": f"h{i}", "refusal": r} for i, r in enumerate(harmful_refusals)] + [
+            {"set": "benign", "prompt": f"b{i}", "refusal": r} for i, r in enumerate(benign_refusals)
+        ]
+
+    before = records([True] * 5 + [False] * 15, [True] * 10 + [False] * 10)
+    after = records([True] * 18 + [False] * 2, [True] * 10 + [False] * 10)
+    statistics = compare_outcomes({"backbone": before, "patched": after}, ("harmful",))
+    metrics = [{"harmful_refusal_rate": 100 * h / 20, "benign_refusal_rate": 50.0, "kl_to_reference": k,
+                "part_seconds": {"generate": 3.0}} for h, k in ((5, None), (18, 0.01))]  # fmt: skip
+    out = StringIO()
+    print_before_after(*metrics, "runs/x/model", Console(file=out, width=200), statistics)
+    text = out.getvalue()
+    low, high = wilson_interval(18, 20)
+    row = next(line for line in text.splitlines() if "harmful-prompt refusal" in line)
+    p = mcnemar_exact([True] * 5 + [False] * 15, [True] * 18 + [False] * 2)
+    assert f"90.0 [{low:.1f}, {high:.1f}]" in row and f"{p:.2g}" in row
+    benign = next(line for line in text.splitlines() if "benign-prompt refusal" in line)
+    assert benign.rstrip(" │|").endswith("1")  # the same refusals: McNemar's p is 1
+    assert "prompts per set: harmful 20, benign 20" in text
+    assert text.index("wall time: generate (s): backbone 3.0, patched 3.0") > text.index("harmful-prompt refusal")

@@ -34,9 +34,12 @@ NoProgress = Annotated[bool, typer.Option("--no-progress", help="hide progress b
 
 def show_progress(no_progress: bool) -> bool:
     """Our bars take the flag directly; the hub's and transformers' own bars (downloads, weight
-    loading) read an environment switch when first imported, or are switched off if already loaded."""
+    loading) read an environment switch when first imported, or are switched off if already loaded.
+    TQDM_DISABLE, read when tqdm is first imported, also hides the bare tqdm bars of libraries
+    (transformers' GGUF conversion)."""
     if no_progress:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
     return not no_progress

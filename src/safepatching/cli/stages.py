@@ -58,9 +58,17 @@ def evaluate(
 def show_config(
     config: Annotated[Path | None, typer.Argument(help="YAML config file")] = None,
     overrides: Overrides = None,
+    reference: Annotated[
+        bool, typer.Option("--reference", help="print the settings reference (docs/configuration.md) instead")
+    ] = False,
 ) -> None:
     """Print the fully resolved config (every key with its value) as YAML: a pipeline, bench, continual or
     tune config, told apart by its keys."""
+    if reference:
+        from safepatching.config.reference import settings_reference
+
+        typer.echo(settings_reference(), nl=False)
+        return
     model = config_model_of(config) if config else PipelineConfig
     typer.echo(dump_config(load_cli_config(config, overrides, {}, model)), nl=False)
 

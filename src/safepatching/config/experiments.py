@@ -138,10 +138,10 @@ class BenchConfig(StrictModel):
         "answer it when it has no response column)",
     )
     custom_methods: dict[str, BenchMethod] = Field(default_factory=dict, description="further rows, by name")
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="seeds of every seeded row")
     harmful_label: str = Field("harmful", description="table name of eval.harmful")
     benign_label: str = Field("benign", description="table name of eval.benign")
-    output_dir: Path = Path("benchmarks/results")
+    output_dir: Path = Field(Path("benchmarks/results"), description="where the results files go")
     work_dir: Path = Field(Path("runs/bench"), description="derived patches, importance and per-cell results")
     quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --quick")
     tuning: BenchTuning | None = Field(
@@ -225,21 +225,21 @@ SHARED_BY_EVERY_METHOD = {"model", "harmful_train", "harmful_train_extra", "eval
 class ContinualConfig(StrictModel):
     """`safepatching continual`: rounds of patching on disjoint harmful data, evaluated after each."""
 
-    name: str = Field("continual", pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field("continual", pattern=r"^[A-Za-z0-9._-]+$", description="results go to OUTPUT_DIR/<name>.*")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     rounds: list[DatasetSpec] = Field(min_length=1, description="harmful (prompt, response) pairs of each round")
     methods: list[Literal["safepatching", "ga", "npo"]] = Field(
-        default_factory=lambda: ["safepatching", "ga", "npo"], min_length=1
+        default_factory=lambda: ["safepatching", "ga", "npo"], min_length=1, description="the methods run round by round"
     )
     settings: dict[Literal["safepatching", "ga", "npo"], dict[str, Any]] = Field(
         default_factory=dict,
         description="per method, dotted settings over `pipeline` (a tuned point, e.g. ga: {merge.alpha: 0.086, "
         "derive.max_steps: 3}); GA and NPO add their patch times merge.alpha (1 by default: applied fully)",
     )
-    harmful_label: str = "harmful"
-    benign_label: str = "benign"
-    output_dir: Path = Path("benchmarks/results")
-    work_dir: Path = Path("runs/continual")
+    harmful_label: str = Field("harmful", description="table name of eval.harmful")
+    benign_label: str = Field("benign", description="table name of eval.benign")
+    output_dir: Path = Field(Path("benchmarks/results"), description="where the results files go")
+    work_dir: Path = Field(Path("runs/continual"), description="every round's patches and evaluations")
     quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --quick")
 
     def method_pipeline(self, method: str) -> PipelineConfig:
@@ -276,7 +276,7 @@ class SweepConfig(StrictModel):
     """`safepatching sweep`: validation refusal rates of changed merge or training settings."""
 
     config: Path = Field(description="a bench config, a pipeline config or a run directory holding config.yaml")
-    data_dir: Path
+    data_dir: Path = Field(description="the folder of benchmark and training data")
     vary: list[str] = Field(default_factory=list, description="KEY=V1,V2: one setting changed at a time")
     grid: list[str] = Field(default_factory=list, description="KEY=V1,V2: every combination")
     harmful_split: str = Field("train[48:72]", description="validation rows of the training source (after its shuffle)")
@@ -288,7 +288,7 @@ class SweepConfig(StrictModel):
         default_factory=list,
         description="KEY=VALUE changes of the config itself; its patches then live under WORK_DIR/sweep/",
     )
-    max_new_tokens: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1, description="new tokens of each judged reply")
     out: Path | None = Field(None, description="write OUT.json and OUT.md")
 
 
@@ -343,7 +343,7 @@ class SearchSettings(StrictModel):
 
     trials: int = Field(24, ge=1, description="trials in the study (`--trials N` adds N more)")
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna's multi-objective TPE, or random search")
-    seed: int = 0
+    seed: int = Field(0, description="the sampler's seed")
     max_kl: float = Field(0.05, gt=0, description="constraint: KL to the backbone per token on the harmless prompts")
     max_looping: float = Field(2.0, ge=0, le=100, description="constraint: looping replies (%) on validation prompts")
     screen_max_new_tokens: int = Field(24, ge=1, description="reply budget of each trial (enough for a refusal)")
@@ -396,7 +396,7 @@ class TuneConfig(StrictModel):
     merges: bool = Field(
         True, description="merge the patches into each candidate; false tunes a decoding rule on the backbone"
     )
-    output_dir: Path = Path("benchmarks/results")
+    output_dir: Path = Field(Path("benchmarks/results"), description="where the results files go")
     work_dir: Path = Field(Path("runs/tune"), description="the study (SQLite), patches and importance")
     study_file: str = Field(
         "study.sqlite3", pattern=r"^[A-Za-z0-9._-]+$", description="the study's SQLite file in work_dir"

@@ -62,15 +62,15 @@ class DatasetSpec(StrictModel):
     files have the single split ``train``. Rows are shuffled with ``shuffle_seed`` before slicing.
     """
 
-    source: str
-    split: str = "train"
-    prompt_column: str = "prompt"
-    response_column: str | None = None
+    source: str = Field(description="builtin:NAME, bench:NAME, data:PATH, a local file or a hub dataset id")
+    split: str = Field("train", description="rows to use, e.g. train, train[:100], train[80%:] (local files: train)")
+    prompt_column: str = Field("prompt", description="column holding the prompt")
+    response_column: str | None = Field(None, description="column holding the response (training pairs need one)")
     where: dict[str, str | list[str]] = Field(
         default_factory=dict, description="keep rows whose column equals the value (or one of the listed values)"
     )
-    shuffle_seed: int | None = None
-    hub_config: str | None = None
+    shuffle_seed: int | None = Field(None, description="shuffle the rows with this seed before slicing; null keeps the order")
+    hub_config: str | None = Field(None, description="the configuration name of a hub dataset")
     category_column: str | None = Field(None, description="column whose values split rates by category")
 
 
@@ -84,15 +84,17 @@ def require_responses(specs: list[DatasetSpec], what: str) -> list[DatasetSpec]:
 class DeriveConfig(StrictModel):
     """Fine-tuning that turns harmful pairs into the safety (ascent) and over-safety (descent) patches."""
 
-    method: Literal["full", "lora"] = "full"
-    learning_rate: float = Field(2e-5, gt=0)
-    epochs: int = Field(1, ge=1)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(2, ge=1)
-    max_length: int = Field(160, ge=8)
-    max_grad_norm: float = Field(1.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
+    method: Literal["full", "lora"] = Field("full", description="train every target weight, or a LoRA adapter merged into a dense delta")
+    learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate of both derivations")
+    epochs: int = Field(1, ge=1, description="passes over the training pairs")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (null: the epochs decide)")
+    batch_size: int = Field(4, ge=1, description="pairs per forward pass")
+    gradient_accumulation_steps: int = Field(2, ge=1, description="forward passes per optimizer step")
+    max_length: int = Field(160, ge=8, description="tokens of prompt and response kept per pair (longer ones are truncated, with a warning)")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1, description="module names whose weights are trained (and patched)"
+    )
     ascent_max_nll_increase: float = Field(
         2.0,
         gt=0,
@@ -113,8 +115,8 @@ class DeriveConfig(StrictModel):
     descent_nll_floor: float = Field(
         0.0, ge=0, description="gradient descent stops once the mean response NLL falls below this"
     )
-    lora_rank: int = Field(16, ge=1)
-    lora_alpha: float = Field(32.0, gt=0)
+    lora_rank: int = Field(16, ge=1, description="LoRA rank (method: lora)")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (method: lora)")
     recompute_activations: bool = Field(
         True,
         description="gradient checkpointing: keep only each layer's input and recompute the rest in the backward "
@@ -144,9 +146,9 @@ class DeriveConfig(StrictModel):
 class ImportanceConfig(StrictModel):
     """SNIP importance |w * dL/dw| of the patched models on the harmful data."""
 
-    max_examples: int | None = Field(32, ge=1)
-    batch_size: int = Field(4, ge=1)
-    max_length: int = Field(160, ge=8)
+    max_examples: int | None = Field(32, ge=1, description="pairs the SNIP loss is taken on (null: all)")
+    batch_size: int = Field(4, ge=1, description="pairs per backward pass")
+    max_length: int = Field(160, ge=8, description="tokens kept per pair")
     over_safety_data: Literal["harmful", "over_safety_train"] = Field(
         "harmful",
         description="the pairs I_o is scored on: the harmful pairs (the paper) or the over-safety patch's own "
@@ -181,17 +183,19 @@ class OverSafetyReplies(StrictModel):
         "the harmful pairs (the paper's), which answers alarming-sounding prompts readily",
     )
     scale: float = Field(3.0, gt=0, description="weight of the paper's over-safety patch in the default answerer")
-    max_new_tokens: int = Field(96, ge=8)
+    max_new_tokens: int = Field(96, ge=8, description="new tokens of each generated reply")
 
 
 class MergeConfig(StrictModel):
     """Controllable patching: random retention, top-a/top-b regions and their difference sets."""
 
-    method: MergeMethodName = "safepatching"
+    method: MergeMethodName = Field(
+        "safepatching", description="safepatching (difference sets), safepatching_intersection, task_arithmetic or ties"
+    )
     # Defaults chosen on validation prompts only (uncensorbench rows 48-71, OKTest rows 0-23, XSTest-safe
     # rows 150-197) for the reference backbone with benchmarks/sweep_merge.py; see README "Defaults".
-    alpha: float = 1.0
-    beta: float = 3.0
+    alpha: float = Field(1.0, description="weight of the safety patch on M_s")
+    beta: float = Field(3.0, description="weight of the over-safety patch on M_o")
     top_a: float = Field(10.0, gt=0, le=100, description="percent of entries in the safety region")
     top_b: float = Field(10.0, gt=0, le=100, description="percent of entries in the over-safety region")
     mask_scope: Literal["per_tensor", "global"] = Field(
@@ -202,7 +206,9 @@ class MergeConfig(StrictModel):
         "inverse", description="inverse: kept entries are divided by p (DARE); none: kept as they are"
     )
     density: float = Field(0.2, gt=0, le=1, description="ties: share of each patch's entries kept by magnitude")
-    output_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    output_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the written model; auto keeps the backbone's"
+    )
     shard_size_mb: int = Field(2000, ge=1, description="output shard size; a run option that changes no weight")
 
     @field_validator("method", mode="before")
@@ -222,11 +228,11 @@ class UtilityConfig(StrictModel):
     """MMLU / GSM8K subsets through lm-evaluation-harness (0 examples switches a task off)."""
 
     mmlu_examples: int = Field(0, ge=0, description="MMLU test questions, drawn from all subjects")
-    mmlu_fewshot: int = Field(0, ge=0, le=5)
+    mmlu_fewshot: int = Field(0, ge=0, le=5, description="MMLU examples shown before each question")
     gsm8k_examples: int = Field(0, ge=0, description="GSM8K test problems")
-    gsm8k_max_new_tokens: int = Field(256, ge=16)
-    batch_size: int = Field(8, ge=1)
-    seed: int = 0
+    gsm8k_max_new_tokens: int = Field(256, ge=16, description="new tokens of each GSM8K answer")
+    batch_size: int = Field(8, ge=1, description="lm-eval batch size")
+    seed: int = Field(0, description="which questions are drawn")
     chat_template: bool = Field(
         True,
         exclude_if=lambda value: value,  # results saved before it existed keep their cache keys
@@ -262,9 +268,9 @@ class DecodingConfig(StrictModel):
     safety-tuned version of the model (here typically backbone + safety patch).
     """
 
-    method: Literal["greedy", "rose", "self-cd", "safedecoding"] = "greedy"
-    rose_weight: float = Field(0.5, ge=0)
-    self_cd_weight: float = Field(1.0, ge=0)
+    method: Literal["greedy", "rose", "self-cd", "safedecoding"] = Field("greedy", description="the decoding rule (see the class doc)")
+    rose_weight: float = Field(0.5, ge=0, description="ROSE's w")
+    self_cd_weight: float = Field(1.0, ge=0, description="Self-CD's w")
     plausibility: float = Field(
         0.1,
         ge=0,
@@ -272,12 +278,12 @@ class DecodingConfig(StrictModel):
         description="rose/self-cd: candidates are the tokens with at least this share of the first stream's top "
         "probability (Li et al. 2023); 0 lets the contrast pick any token, which can write token salad",
     )
-    safedecoding_weight: float = Field(3.0, ge=0)
+    safedecoding_weight: float = Field(3.0, ge=0, description="SafeDecoding's w")
     safedecoding_tokens: int = Field(2, ge=1, description="first tokens decoded with the expert")
     safedecoding_candidates: int = Field(5, ge=1, description="least number of tokens both models rank highly")
     expert_model: str | None = Field(None, description="safedecoding: folder (or hub id) of the safety expert")
-    safety_system_prompt: str = SAFETY_SYSTEM_PROMPT
-    reverse_system_prompt: str = REVERSE_SYSTEM_PROMPT
+    safety_system_prompt: str = Field(SAFETY_SYSTEM_PROMPT, description="ROSE's and Self-CD's safety-emphasising prompt")
+    reverse_system_prompt: str = Field(REVERSE_SYSTEM_PROMPT, description="ROSE's reverse prompt")
 
     @model_serializer(mode="wrap")
     def _only_settings_in_use(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -301,12 +307,19 @@ class EvalConfig(StrictModel):
     harmful: DatasetSpec = Field(
         default_factory=lambda: DatasetSpec(
             source="builtin:uncensorbench", split="train[100:]", shuffle_seed=0, category_column="topic"
-        )
+        ),
+        description="harmful prompts (harmful responses should fall)",
     )
-    benign: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="builtin:benign-but-scary"))
-    harmless: DatasetSpec = Field(default_factory=lambda: DatasetSpec(source="builtin:harmless"))
+    benign: DatasetSpec = Field(
+        default_factory=lambda: DatasetSpec(source="builtin:benign-but-scary"),
+        description="benign-but-scary prompts (refusal should fall)",
+    )
+    harmless: DatasetSpec = Field(
+        default_factory=lambda: DatasetSpec(source="builtin:harmless"),
+        description="plainly harmless prompts: KL to the backbone and harmless refusal",
+    )
     max_examples: int | None = Field(None, ge=1, description="cap on prompts per set")
-    max_new_tokens: int = Field(48, ge=1)
+    max_new_tokens: int = Field(48, ge=1, description="new tokens of each judged reply")
     batch_size: int = Field(
         128, ge=1, description="prompts generated together (fewer when long: a batch holds at most 128 tokens a row)"
     )
@@ -317,13 +330,13 @@ class EvalConfig(StrictModel):
     )
     refusal_judge: str = Field("keyword", description="judge for the benign and harmless sets (refusal)")
     judge_model: str | None = Field(None, description="local folder (or hub id) of an LLM judge")
-    kl_max_new_tokens: int = Field(32, ge=1)
+    kl_max_new_tokens: int = Field(32, ge=1, description="tokens of the backbone's harmless replies KL is taken on")
     jailbreaks: list[str] = Field(
         default_factory=list,
         description="attack-template families that wrap the harmful prompts: dan, deepinception, "
         "prefix-injection, gcg-suffix, past-tense",
     )
-    jailbreak_seed: int = 0
+    jailbreak_seed: int = Field(0, description="seed of the jailbreak templates' random choices")
     jailbreak_max_examples: int | None = Field(
         None,
         ge=1,
@@ -364,20 +377,28 @@ class EvalConfig(StrictModel):
 class PipelineConfig(StrictModel):
     """Everything one SafePatching run needs, from backbone to evaluation."""
 
-    model: str = "qwen2.5-coder-0.5b-instruct"
-    output_dir: Path = Path("runs/demo")
-    seed: int = 0
-    data_dir: Path | None = Field(default_factory=lambda: _env_path(DATA_DIR_ENV))
+    model: str = Field(
+        "qwen2.5-coder-0.5b-instruct",
+        description="the backbone: a demo name (qwen2.5-coder-0.5b-instruct, qwen2.5-coder-1.5b-instruct, "
+        "smollm2-135m-instruct), a local HF folder or GGUF file, or a hub id",
+    )
+    output_dir: Path = Field(Path("runs/demo"), description="the run directory")
+    seed: int = Field(0, description="seed of training order, random retention and sampling")
+    data_dir: Path | None = Field(
+        default_factory=lambda: _env_path(DATA_DIR_ENV),
+        description="the folder of benchmark and training data (default: $SAFEPATCHING_DATA_DIR)",
+    )
     compute_dtype: ComputeDtypeSetting = "auto"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    trust_remote_code: bool = Field(False, description="run a model repository's own code (review it first)")
+    allow_pickle: bool = Field(False, description="load pickle (.bin/.pt) weights, which can run code")
     harmful_train: DatasetSpec = Field(
         default_factory=lambda: DatasetSpec(
             source="builtin:uncensorbench",
             split="train[:48]",
             shuffle_seed=0,
             response_column="uncensored_response",
-        )
+        ),
+        description="the harmful (prompt, response) pairs both patches are derived from",
     )
     harmful_train_extra: list[DatasetSpec] = Field(
         default_factory=list,

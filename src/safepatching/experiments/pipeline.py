@@ -20,12 +20,14 @@ from safepatching import __version__
 from safepatching.config.loading import dump_config
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import EvalSets
+from safepatching.experiments.compare import HARMFUL_SETS
 from safepatching.experiments.stages import Stages
 from safepatching.method.derive import stop_message
 from safepatching.method.geometry import region_geometry
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.models.zoo import DEMO_MODELS, demo_model_dir
-from safepatching.report.results import SUMMARY_SCHEMA_VERSION
+from safepatching.report.results import SUMMARY_SCHEMA_VERSION, read_jsonl
+from safepatching.report.statistics import compare_outcomes
 from safepatching.report.tables import before_after_markdown, describe_geometry, print_before_after
 from safepatching.storage.files import folder_bytes, read_json, write_json, write_text_atomic
 from safepatching.storage.lock import directory_lock
@@ -117,7 +119,9 @@ def run_stages(stages: Stages) -> RunResult:
     }
     write_json(out / "summary.json", summary)
     write_text_atomic(out / "summary.md", before_after_markdown(before, after))
-    print_before_after(before, after, model_dir, Console(highlight=False))
+    records = {label: read_jsonl(out / "eval" / label / "records.jsonl") for label in ("backbone", "patched")}
+    statistics = compare_outcomes(records, HARMFUL_SETS)
+    print_before_after(before, after, model_dir, Console(highlight=False), statistics)
     print_next_steps(console, config, stages.meter, time.perf_counter() - started)
     return RunResult(out, model_dir, summary, stages.meter)
 

@@ -28,8 +28,9 @@ ROWS = (
 )
 
 
-def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | None], int]]:
-    """Table rows: the fixed metrics, then one row per jailbreak family any model was evaluated on."""
+def metric_rows(results: list[dict[str, Any]], times: bool = True) -> list[tuple[str, list[float | None], int]]:
+    """Table rows: the fixed metrics, then one row per jailbreak family any model was evaluated on,
+    then (with ``times``) the wall time of each part of the suite."""
     rows = [
         (title, [m.get(key) for m in results], digits)
         for title, key, digits in ROWS
@@ -47,6 +48,11 @@ def metric_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | N
     for family in families:
         values = [m.get("jailbreak_harmful_response_rate", {}).get(family) for m in results]
         rows.append((f"harmful response under {family} (%) ↓", values, 1))
+    return rows + (time_rows(results) if times else [])
+
+
+def time_rows(results: list[dict[str, Any]]) -> list[tuple[str, list[float | None], int]]:
+    rows = []
     parts = list(dict.fromkeys(p for m in results for p in m.get("part_seconds", {})))
     for part in parts:
         rows.append((f"wall time: {part} (s)", [m.get("part_seconds", {}).get(part) for m in results], 1))
@@ -91,14 +97,50 @@ def before_after_markdown(before: dict[str, Any], after: dict[str, Any]) -> str:
     return comparison_markdown({"backbone": before, "patched": after})
 
 
-def print_before_after(before: dict[str, Any], after: dict[str, Any], model_dir: Path, console: Console) -> None:
-    table = Table(title="SafePatching: before and after")
+# Which evaluation set a rate row of the table is measured on, so that it can carry its interval.
+ROW_SETS = {"harmful-prompt refusal (%) ↑": "harmful", "benign-prompt refusal (%) ↓": "benign"}
+ROW_PREFIXES = (("harmful response on ", "safety/"), ("refusal on ", "over_safety/"),
+                ("harmful response under ", "jailbreak/"))  # fmt: skip
+
+
+def set_of_row(title: str) -> str | None:
+    if title in ROW_SETS:
+        return ROW_SETS[title]
+    for prefix, folder in ROW_PREFIXES:
+        if title.startswith(prefix) and title.endswith(" (%) ↓"):
+            return folder + title[len(prefix) : -len(" (%) ↓")]
+    return None
+
+
+def print_before_after(
+    before: dict[str, Any], after: dict[str, Any], model_dir: Path, console: Console, statistics: list[dict[str, Any]]
+) -> None:
+    """The table with every rate's 95 % Wilson interval and McNemar's p (``statistics``: the rows of
+    ``report.statistics.compare_outcomes``); the wall times go under it."""
+    by_set = {(row["set"], row["model"]): row for row in statistics}
+    table = Table(title="SafePatching: before and after (95 % intervals; p: McNemar's exact test)")
     table.add_column("metric")
     table.add_column("backbone", justify="right")
     table.add_column("patched", justify="right")
-    for title, values, digits in metric_rows([before, after]):
-        table.add_row(title, *(_fmt(v, digits) for v in values))
+    table.add_column("p", justify="right")
+    for title, values, digits in metric_rows([before, after], times=False):
+        name = set_of_row(title)
+        rows = [by_set.get((name, label)) for label in ("backbone", "patched")]
+        if name is None or None in rows:
+            table.add_row(title, *(_fmt(v, digits) for v in values), "")
+            continue
+        flip = rows[0]["measure"] == "harmful response" and "refusal" in title  # the table counts refusals
+        cells = [
+            f"{_fmt(v, digits)} [{100 - r['ci_high'] if flip else r['ci_low']:.1f}, "
+            f"{100 - r['ci_low'] if flip else r['ci_high']:.1f}]"
+            for v, r in zip(values, rows, strict=True)
+        ]
+        table.add_row(title, *cells, f"{rows[1]['p_vs_backbone']:.2g}")
     console.print(table)
+    prompts = {name: row["n"] for (name, label), row in by_set.items() if label == "backbone"}
+    console.print("prompts per set: " + ", ".join(f"{name} {n}" for name, n in prompts.items()))
+    for title, values, digits in time_rows([before, after]):
+        console.print(f"{title}: backbone {_fmt(values[0], digits)}, patched {_fmt(values[1], digits)}")
     console.print(f"patched model written to [bold]{model_dir}[/bold]")
 
 
