@@ -193,7 +193,7 @@ class MergeConfig(StrictModel):
         "safepatching", description="safepatching (difference sets), safepatching_intersection, task_arithmetic or ties"
     )
     # Defaults chosen on validation prompts only (uncensorbench rows 48-71, OKTest rows 0-23, XSTest-safe
-    # rows 150-197) for the reference backbone with benchmarks/sweep_merge.py; see README "Defaults".
+    # rows 150-197) for the reference backbone with `safepatching sweep`; see docs/method.md, "Defaults".
     alpha: float = Field(1.0, description="weight of the safety patch on M_s")
     beta: float = Field(3.0, description="weight of the over-safety patch on M_o")
     top_a: float = Field(10.0, gt=0, le=100, description="percent of entries in the safety region")
