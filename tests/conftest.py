@@ -129,6 +129,15 @@ def private_cache(request, tmp_path_factory, monkeypatch):
         monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
 
 
+@pytest.fixture(autouse=True)
+def progress_bars_switched_on(monkeypatch):
+    """--no-progress flips process-wide switches; each test starts with them off and they are put
+    back after it, so one test's flag never hides the bars another test (or its subprocess) looks for."""
+    for switch in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.setenv(switch, "")  # recorded, so the teardown restores the original state
+        monkeypatch.delenv(switch)
+
+
 def pipeline_settings(model_dir, **extra):
     """Pipeline settings of the experiment tests (bench, continual, sweep, tune) on the tiny model."""
     return {
