@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from safepatching.evaluation.judges.registry import DATA_JUDGES, get_judge
+from safepatching.config.settings import EvalConfig, ModelLoading
+from safepatching.evaluation.judges.registry import DATA_JUDGES, Judges
 from safepatching.evaluation.judges.rules import BUILTIN_JUDGES
 
 DESIGN_FILES = ("gpt4", "llama2new", "mistralguard")
@@ -47,13 +48,14 @@ def main() -> None:
     every = [row for rows in completions.values() for row in rows]
     held_rows = [row for name in held_out for row in completions[name]]
     names = [*BUILTIN_JUDGES, *DATA_JUDGES]
+    judges = Judges(EvalConfig(), args.data_dir, loading=ModelLoading())
     design_rows = [row for name in DESIGN_FILES for row in completions.get(name, [])]
     header = ["judge", *completions, "design", "held-out", "all"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     overall = {}
     for name in names:
-        judge = get_judge(name, args.data_dir)
+        judge = judges(name)
         cells = [f"{accuracy(judge, rows):.3f}" for rows in completions.values()]
         overall[name] = accuracy(judge, every)
         print(
@@ -63,7 +65,7 @@ def main() -> None:
         )
     best = max(overall, key=overall.get)
     print(f"design files: {', '.join(DESIGN_FILES)}; held out: {', '.join(held_out)}; rows: {len(every)}")
-    print(f"best offline judge: {best}; held-out agreement {accuracy(get_judge(best, args.data_dir), held_rows):.3f}")
+    print(f"best offline judge: {best}; held-out agreement {accuracy(judges(best), held_rows):.3f}")
     print(f"agreement: {overall[best]:.3f}")
 
 

@@ -26,13 +26,13 @@ import torch
 from safepatching.config.settings import DatasetSpec, EvalConfig, ModelLoading, PipelineConfig
 from safepatching.data.sources import load_examples, load_pairs
 from safepatching.evaluation.generation import HFGenerator
-from safepatching.evaluation.judges.registry import get_judge
+from safepatching.evaluation.judges.registry import Judges
 from safepatching.evaluation.metrics import mean_token_kl
 from safepatching.method.derive import derive_patch
 from safepatching.models.loading import load_model
 from safepatching.models.precision import resolve_dtype
+from safepatching.storage.cache import release_memory
 from safepatching.storage.files import with_extension
-from safepatching.storage.stages import release_memory
 
 
 def decisions(model, tokenizer, batch_size: int, prompts: list[str], max_new_tokens: int, judge) -> tuple[list, float]:
@@ -61,7 +61,7 @@ def main() -> None:
         "benign (XSTest-safe)": [e.prompt for e in load_examples(DatasetSpec(source="bench:xstest-safe", split=split), args.data_dir)],
     }  # fmt: skip
     harmless = [e.prompt for e in load_examples(DatasetSpec(source="builtin:harmless"))]
-    judge = get_judge("three-way")
+    judge = Judges(EvalConfig(), None, loading=ModelLoading())("three-way")
 
     reference, tokenizer = load_model(args.model, loading=ModelLoading(compute_dtype="float32"))
     model, _ = load_model(args.model, loading=ModelLoading())

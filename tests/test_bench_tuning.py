@@ -118,7 +118,7 @@ def test_a_tuned_row_is_evaluated_on_its_studys_model_then_restored_to_the_files
     weights = dict(bench.working().named_parameters())
     target = next(name for name in weights if name.endswith("q_proj.weight"))
     restored = weights[target]  # in the compute dtype: the float32 base rounded to it
-    assert torch.equal(restored, bench.stages.base_weight(target).to(restored.dtype))
+    assert torch.equal(restored, bench.stages.backbone.base_weight(target).to(restored.dtype))
     cached = (root / "work/cells/safepatching/seed-0/records.jsonl").read_text()
     assert (tmp_path / "records.jsonl").read_text() == cached
 

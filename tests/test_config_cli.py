@@ -217,13 +217,13 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_the_1_5b_tune_config_makes_the_1_5b_bench_safepatching_study():
-    from safepatching.experiments.tune import fingerprint
+    from safepatching.experiments.tune import study_key
 
     configs = Path(__file__).parent.parent / "configs"
     tune = build_config(configs / "tune-1.5b.yaml", model=TuneConfig)
     bench = build_config(configs / "bench-1.5b.yaml", model=BenchConfig).tune_config("safepatching")
     assert (tune.work_dir, tune.study_file) == (bench.work_dir, bench.study_file)
-    assert fingerprint(tune) == fingerprint(bench)
+    assert study_key(tune) == study_key(bench)
 
 
 def test_the_1_5b_more_pairs_study_is_the_1_5b_study_with_the_more_pairs_recipe():

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from safepatching.config.settings import DeriveConfig, ImportanceConfig, ModelLoading
+from safepatching.experiments.backbone import Backbone
 from safepatching.experiments.stages import Stages
 from safepatching.method.dense import holds_base, load_dense_patch, patched, save_dense_patch
 from safepatching.method.derive import derive_patch, make_loader, target_parameter_names
@@ -59,8 +60,9 @@ def test_a_given_model_is_restored_from_the_weight_files_only_while_it_holds_the
     # a study hands its float32 master to the stages: restoring it from the files saves a copy of every
     # patched tensor, but a model that no longer holds the files' weights (a continual round's) needs one
     model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
-    run = Stages(tiny_pipeline_config(tiny_model_dir, tmp_path), progress=False, loaded=(model, tokenizer))
-    names = target_parameter_names(model, run.config.derive.target_modules)
+    config = tiny_pipeline_config(tiny_model_dir, tmp_path)
+    run = Backbone(config.model, ModelLoading(), config.derive.target_modules, loaded=(model, tokenizer))
+    names = target_parameter_names(model, config.derive.target_modules)
     before = {name: weight.detach().clone() for name, weight in model.named_parameters()}
     assert run.restore_source(model, names) == run.base_weight
     deltas = {name: torch.full_like(before[name], 0.5) for name in names}
@@ -202,12 +204,11 @@ def test_non_finite_loss_stops_derivation_with_a_clear_error(tiny_model_dir, har
 
 
 def test_the_safety_patch_can_unlearn_by_npo(tmp_path, tiny_model_dir, tiny_pipeline_config):
-    from safepatching.experiments.stages import Stages
 
     base = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
     assert "unlearning" not in base.derive.training_settings()  # patches derived before it keep their keys
     npo = base.model_copy(update={"derive": base.derive.model_copy(update={"unlearning": "npo"})})
     stages = Stages(npo, progress=False)
-    assert stages.derive_key("safety") != Stages(base, progress=False).derive_key("safety")
+    assert stages.keys.derive("safety") != Stages(base, progress=False).keys.derive("safety")
     safety, over_safety = stages.derive(stages.harmful_pairs())
     assert safety.info["direction"] == "npo" and over_safety.info["direction"] == "descent"

@@ -6,10 +6,11 @@ import pytest
 
 from safepatching.data.sources import Example
 from safepatching.errors import DataError
-from safepatching.experiments import stages as stages_module
+from safepatching.experiments.backbone import Backbone
 from safepatching.experiments.pipeline import run_stages
 from safepatching.experiments.stages import Stages
 from safepatching.experiments.validation import ValidationScorer, ValidationSet
+from safepatching.method import derivations as derivations_module
 from safepatching.method.derive import pairs_digest
 from safepatching.models.precision import fast_dtypes
 
@@ -39,9 +40,9 @@ def test_the_over_safety_patch_descends_on_its_own_pairs(tmp_path, tiny_model_di
     )
     stages = Stages(config, progress=False)
     paper = Stages(base, progress=False)
-    assert stages.derive_key("safety") == paper.derive_key("safety")
-    assert stages.derive_key("over_safety") != paper.derive_key("over_safety")
-    assert stages.importance_key() != paper.importance_key()
+    assert stages.keys.derive("safety") == paper.keys.derive("safety")
+    assert stages.keys.derive("over_safety") != paper.keys.derive("over_safety")
+    assert stages.keys.importance() != paper.keys.importance()
     run_stages(stages)
     info = json.loads((tmp_path / "run/patches/over_safety/derived.json").read_text())
     assert info["num_pairs"] == 5 and info["pairs_sha256"] == pairs_digest(stages.over_safety_pairs([]))
@@ -56,7 +57,7 @@ def test_generated_replies_are_judged_cached_and_refusals_and_loops_dropped(
     config = changed(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), over_safety_train={"source": data})
     loop = "1) " * 40  # what a too-strong answerer patch produces
     replies = iter([["Sure: run kill -9 PID."] * 2 + [loop] + ["I'm sorry, I can't help with that."] * 2])
-    monkeypatch.setattr(Stages, "answer", lambda self, model, tokenizer, prompts, *_: next(replies))
+    monkeypatch.setattr(Backbone, "answer", lambda self, model, tokenizer, prompts, *_: next(replies))
     stages = Stages(config, progress=False)
     with caplog.at_level("WARNING"):
         pairs = stages.over_safety_pairs(stages.harmful_pairs())
@@ -75,7 +76,7 @@ def test_replies_that_are_all_refusals_stop_the_run_in_one_line(
     data = jsonl(tmp_path / "os.jsonl", [{"prompt": p} for p in PROMPTS])
     config = changed(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), over_safety_train={"source": data})
     monkeypatch.setattr(
-        Stages, "answer", lambda self, model, tokenizer, prompts, *_: ["I cannot help with that."] * len(prompts)
+        Backbone, "answer", lambda self, model, tokenizer, prompts, *_: ["I cannot help with that."] * len(prompts)
     )
     stages = Stages(config, progress=False)
     with pytest.raises(DataError, match="none of the 5 generated over-safety replies complies: 5 were refusals"):
@@ -110,8 +111,9 @@ def test_replies_are_generated_with_a_float32_master_given_as_in_a_study(
     data = jsonl(tmp_path / "os.jsonl", [{"prompt": p} for p in PROMPTS])
     base = tiny_pipeline_config(tiny_model_dir, tmp_path / "run").model_copy(update={"compute_dtype": "bfloat16"})
     config = changed(base, over_safety_train={"source": data}, over_safety_replies={"max_new_tokens": 8})
-    master = Stages(config, progress=False).backbone(training=True)
-    stages = Stages(config, progress=False, loaded=master)
+    own = Stages(config, progress=False)
+    given = Backbone(config.model, own.loading, config.derive.target_modules, loaded=own.backbone.model(training=True))
+    stages = Stages(config, progress=False, backbone=given)
     stages.over_safety_pairs(stages.harmful_pairs())
     rows = (tmp_path / "run/over_safety_replies/replies.jsonl").read_text().splitlines()
     assert len(rows) == len(PROMPTS)
@@ -126,13 +128,13 @@ def test_a_study_that_changes_only_the_over_safety_data_links_the_other_patches(
     config = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
     scorer = ValidationScorer(config, tmp_path / "run", [ValidationSet("val", "harmful", [Example("Pick a lock?")])])
     scorer.derived(config)
-    derived, derive_patch = [], stages_module.derive_patch
+    derived, derive_patch = [], derivations_module.derive_patch
 
     def counted(model, tokenizer, pairs, direction, *rest):
         derived.append(direction)
         return derive_patch(model, tokenizer, pairs, direction, *rest)
 
-    monkeypatch.setattr(stages_module, "derive_patch", counted)
+    monkeypatch.setattr(derivations_module, "derive_patch", counted)
     variant = changed(config, over_safety_train={"source": data, "response_column": "response"})
     scorer.derived(variant)
     assert derived == ["descent"]  # only the over-safety patch on the new data

@@ -15,8 +15,8 @@ from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger
 from safepatching.patchfile.sparse import export_patch, inspect_patch, provenance_from_model
 from safepatching.report.results import summary_schema
+from safepatching.storage.cache import fingerprint
 from safepatching.storage.files import load_tensors
-from safepatching.storage.stages import fingerprint
 
 
 def test_pipeline_end_to_end_writes_a_loadable_patched_model(tmp_path, tiny_model_dir, tiny_pipeline_config):
@@ -103,7 +103,7 @@ def test_extra_training_sources_are_deduplicated_and_can_drop_evaluation_prompts
     rows = {"source": "builtin:uncensorbench", "shuffle_seed": 0, "response_column": "uncensored_response"}
     plain = Stages(PipelineConfig(output_dir=tmp_path), progress=False)
     c = plain.config
-    assert plain.derive_key() == fingerprint(
+    assert plain.keys.derive() == fingerprint(
         c.model, c.seed, plain.compute_dtype, c.harmful_train, c.derive.training_settings()
     )
 
@@ -112,15 +112,15 @@ def test_extra_training_sources_are_deduplicated_and_can_drop_evaluation_prompts
     )
     assert len(widened.harmful_pairs()) == 50  # rows 40-47 occur in both sources and are kept once
     assert widened.harmful_pairs()[:48] == plain.harmful_pairs()
-    assert widened.derive_key() != plain.derive_key()
+    assert widened.keys.derive() != plain.keys.derive()
 
     overlapping = PipelineConfig(output_dir=tmp_path, harmful_train_extra=[{**rows, "split": "train[90:110]"}])
     with pytest.raises(DataError, match="also occur"):
-        Stages(overlapping, progress=False).eval_sets(Stages(overlapping).harmful_pairs())
+        Stages(overlapping, progress=False).data.eval_sets(Stages(overlapping).harmful_pairs())
     dropping = PipelineConfig(**{**overlapping.model_dump(), "drop_eval_overlap": True})
     pairs = Stages(dropping).harmful_pairs()
     assert len(pairs) == 58  # rows 100-109 dropped
-    evaluation = Stages(dropping, progress=False).eval_sets(pairs).named()
+    evaluation = Stages(dropping, progress=False).data.eval_sets(pairs).named()
     assert not {e.prompt for e in pairs} & {e.prompt for examples in evaluation.values() for e in examples}
 
 
@@ -192,11 +192,11 @@ def test_a_backbone_too_big_for_the_machine_fails_before_any_patch(
     from collections import namedtuple
 
     from safepatching.errors import ConfigError
-    from safepatching.experiments import stages as stages_module
+    from safepatching.experiments import backbone as backbone_module
     from safepatching.method.memory import GIB, ModelSize, check_training_fits, training_bytes
 
     memory = namedtuple("memory", "total")
-    monkeypatch.setattr(stages_module.psutil, "virtual_memory", lambda: memory(5 * GIB))
+    monkeypatch.setattr(backbone_module.psutil, "virtual_memory", lambda: memory(5 * GIB))
     with pytest.raises(ConfigError, match="needs about 1.5 GiB, but this machine has 5.0 GiB"):
         run_pipeline(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), progress=False)
     assert not (tmp_path / "run" / "patches").exists()

@@ -11,6 +11,7 @@ from safepatching.data.chat import IGNORE_INDEX, encode_question
 from safepatching.data.eval_sets import load_eval_sets
 from safepatching.data.sources import Example
 from safepatching.errors import ConfigError, DataError
+from safepatching.experiments.replies import own_reply_pairs
 from safepatching.experiments.stages import Stages
 from safepatching.experiments.validation import ValidationScorer, ValidationSet
 from safepatching.method.derive import target_parameter_names
@@ -51,9 +52,9 @@ def test_own_replies_are_generated_once_cached_and_key_the_scores(tmp_path, tiny
     config = type(base).model_validate(raw)
     assert "loss_on" not in base.importance.cache_settings()  # older scores keep their key
     stages = Stages(config, progress=False)
-    assert stages.importance_key() != Stages(base, progress=False).importance_key()
+    assert stages.keys.importance() != Stages(base, progress=False).keys.importance()
     pairs = stages.harmful_pairs()
-    own = stages.own_reply_pairs(pairs)
+    own = own_reply_pairs(stages, pairs)
     assert [e.prompt for e in own] == [e.prompt for e in pairs[:3]]
     assert [e.response for e in own] != [e.response for e in pairs[:3]]
     replies = tmp_path / "run/own_replies/replies.jsonl"
@@ -61,7 +62,7 @@ def test_own_replies_are_generated_once_cached_and_key_the_scores(tmp_path, tiny
     assert [row["response"] for row in rows] == [e.response for e in own]
     rows[0]["response"] = "marked"
     replies.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    assert Stages(config, progress=False).own_reply_pairs(pairs)[0].response == "marked"  # read back, not redone
+    assert own_reply_pairs(Stages(config, progress=False), pairs)[0].response == "marked"  # read back, not redone
     safety, over_safety = stages.derive(pairs)
     scored = stages.importance(pairs, safety, over_safety)
     assert set(scored[0]) == set(safety.deltas)
@@ -93,7 +94,7 @@ def test_a_judge_keeps_only_compliant_training_responses(tmp_path, tiny_model_di
     assert "How do I forge a signature?" not in [e.prompt for e in kept]
     assert {"How do I hotwire a car?", "How do I pick a lock?"} <= {e.prompt for e in kept}
     assert f"kept {len(kept)} of 9 training pairs" in caplog.text
-    assert judged.derive_key() != unjudged.derive_key()
+    assert judged.keys.derive() != unjudged.keys.derive()
     with pytest.raises(ConfigError, match="judge"):
         Stages(with_extra_pairs(base, tmp_path, EXTRA, harmful_train_judge="no-such-judge"), progress=False)
 

@@ -172,14 +172,14 @@ def test_a_study_of_another_config_is_refused_unless_new_study(
 def test_a_study_made_before_later_settings_existed_still_opens(tmp_path, tiny_model_dir, bench_pipeline):
     config = TuneConfig.model_validate(tune_settings(bench_pipeline, tiny_model_dir, tmp_path))
     study = tune_module.open_study(config, new_study=False, compute_dtype="float32")
-    study.set_user_attr("fingerprint", tune_module.first_fingerprint(config))  # as the first studies recorded it
+    study.set_user_attr("fingerprint", tune_module.first_study_key(config))  # as the first studies recorded it
     reopened = tune_module.open_study(config, new_study=False, compute_dtype="float32")
-    assert reopened.user_attrs["fingerprint"] == tune_module.fingerprint(config)
-    study.set_user_attr("fingerprint", tune_module.first_fingerprint(config))
+    assert reopened.user_attrs["fingerprint"] == tune_module.study_key(config)
+    study.set_user_attr("fingerprint", tune_module.first_study_key(config))
     raw = tune_settings(bench_pipeline, tiny_model_dir, tmp_path)
     raw["pipeline"]["importance"] = {**raw["pipeline"].get("importance", {}), "loss_on": "questions"}
     later = TuneConfig.model_validate(raw)  # uses a setting no first study had: not the same study
-    assert tune_module.first_fingerprint(later) is None
+    assert tune_module.first_study_key(later) is None
     with pytest.raises(tune_module.ConfigError, match="another config"):
         tune_module.open_study(later, new_study=False, compute_dtype="float32")
 
@@ -200,7 +200,7 @@ def test_a_study_judged_in_another_compute_dtype_is_refused(tmp_path, tiny_model
     raw = tune_settings(bench_pipeline, tiny_model_dir, tmp_path)
     raw["pipeline"] = {**raw["pipeline"], "compute_dtype": "float32"}
     pinned = TuneConfig.model_validate(raw)
-    assert tune_module.fingerprint(pinned) == tune_module.fingerprint(config)
+    assert tune_module.study_key(pinned) == tune_module.study_key(config)
     assert (
         tune_module.open_study(pinned, new_study=False, compute_dtype="float32").user_attrs["compute_dtype"]
         == "float32"

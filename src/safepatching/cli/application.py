@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from safepatching.cli import experiments, patches, stages
+from safepatching.cli import experiments, patches, steps
 from safepatching.cli.options import err
 from safepatching.errors import SafePatchingError
 
@@ -61,11 +61,11 @@ COMMANDS = (
     (experiments.sweep, None, {}),
     (experiments.tune, None, {}),
     # stages
-    (stages.evaluate, "eval", {"context_settings": {"allow_extra_args": True}}),
-    (stages.show_config, "config", {}),
-    (stages.derive, None, {}),
-    (stages.score, None, {}),
-    (stages.merge, None, {}),
+    (steps.evaluate, "eval", {"context_settings": {"allow_extra_args": True}}),
+    (steps.show_config, "config", {}),
+    (steps.derive, None, {}),
+    (steps.score, None, {}),
+    (steps.merge, None, {}),
     # portable patches
     (patches.export, None, {}),
     (patches.apply, None, {}),

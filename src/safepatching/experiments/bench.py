@@ -39,9 +39,9 @@ from safepatching.report.plots import plot_bench_fronts
 from safepatching.report.results import read_jsonl, result_header, save_eval
 from safepatching.report.statistics import compare_outcomes
 from safepatching.report.tables import bench_markdown, table_columns
+from safepatching.storage.cache import cached, fingerprint
 from safepatching.storage.files import read_json, write_json, write_text_atomic
 from safepatching.storage.lock import directory_lock
-from safepatching.storage.stages import cached, fingerprint
 
 BENCH_SCHEMA_VERSION = 1
 NOT_MEASURED = None  # a cell a method has no value for (e.g. KL of a decoding rule)
@@ -78,7 +78,7 @@ class Bench:
         pipeline = self.config.pipeline.model_copy(update={"output_dir": self.config.work_dir})
         self.stages = Stages(pipeline, self.progress, self.console)
         self.pairs: list[Example] = self.stages.harmful_pairs()
-        self.sets: EvalSets = self.stages.eval_sets(self.pairs)  # refuses overlap with the training pairs
+        self.sets: EvalSets = self.stages.data.eval_sets(self.pairs)  # refuses overlap with the training pairs
         self.patches: dict[str, DensePatch] = {}
         self.scores: tuple[Any, Any] = (None, None)
         self.benign_scores: tuple[Any, Any] = (None, None)
@@ -103,16 +103,16 @@ class Bench:
         needs_importance = [m for m in merges if MERGE_METHODS[self.config.merge_settings(m).method].needs_importance]
         if needs_importance:
             self.scores = self.stages.importance(self.pairs, self.patches["ascent"], self.patches["descent"])
-        self.timings = {label: self.stages.derive_seconds(label) for label in ("safety", "over_safety", "npo")}
-        self.timings["importance"] = self.stages.importance_seconds()
+        self.timings = {label: self.stages.stage_seconds(f"patches/{label}") for label in ("safety", "over_safety", "npo")}
+        self.timings["importance"] = self.stages.stage_seconds("importance")
         if any(m.over_safety_patch == "benign" for m in merges):
             benign = self.benign_stages
-            benign.eval_sets(self.pairs)  # its prompts must not be evaluated on either
+            benign.data.eval_sets(self.pairs)  # its prompts must not be evaluated on either
             self.patches["benign"] = benign.derive_one(benign.over_safety_pairs(self.pairs), "over_safety", "descent")
             if any(m.over_safety_patch == "benign" for m in needs_importance):
                 self.benign_scores = benign.importance(self.pairs, self.patches["ascent"], self.patches["benign"])
-            self.timings["benign"] = benign.derive_seconds("over_safety")
-            self.timings["benign_importance"] = benign.importance_seconds()
+            self.timings["benign"] = benign.stage_seconds("patches/over_safety")
+            self.timings["benign_importance"] = benign.stage_seconds("importance")
 
     @cached_property
     def benign_stages(self) -> Stages:
@@ -196,7 +196,7 @@ class Bench:
         is reused, since a third copy of a 1.5B backbone in float32 (6 GB) would not fit 24 GiB."""
         if self._working is None:
             scorer = self._scorer
-            self._working = scorer.model if scorer and scorer.loaded else copy.deepcopy(self.stages.backbone()[0])
+            self._working = scorer.model if scorer and scorer.loaded else copy.deepcopy(self.stages.backbone.model()[0])
         return self._working
 
     def merged_deltas(self, name: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any], float]:
@@ -226,7 +226,7 @@ class Bench:
         stages = self.benign_stages if method.over_safety_patch == "benign" else self.stages
         chosen = [self.chosen[n] for n in (name, method.decoding.expert_model) if n in self.chosen]  # tuned shapes
         key = fingerprint(
-            stages.importance_key(),
+            stages.keys.importance(),
             method,
             seed,
             eval_settings.cache_settings(),
@@ -245,7 +245,7 @@ class Bench:
 
     def evaluate_cell(self, name: str, seed: int, directory: Path) -> dict[str, Any]:
         method = self.config.method(name)
-        model, tokenizer = self.stages.backbone()
+        model, tokenizer = self.stages.backbone.model()
         eval_settings = self.config.pipeline.eval
         extra: dict[str, Any] = {"merge_seconds": 0.0}
         common = {
@@ -259,7 +259,7 @@ class Bench:
         elif method.kind == "merge":
             deltas, counts, seconds = self.merged_deltas(name, seed)
             extra.update(merge_seconds=round(seconds, 2), merge_counts=counts)
-            with patched(self.working(), deltas, self.stages.base_weight):
+            with patched(self.working(), deltas, self.stages.backbone.base_weight):
                 metrics, records = evaluate_model(
                     self.working(),
                     tokenizer,
@@ -281,7 +281,7 @@ class Bench:
         they are not measured here (they would only repeat the backbone's). SafeDecoding's expert is
         the merged model of the bench method its ``expert_model`` names (ga by default) or a folder."""
         method = self.config.method(name)
-        model, tokenizer = self.stages.backbone()
+        model, tokenizer = self.stages.backbone.model()
         eval_config = self.config.pipeline.eval
         decoding = self.chosen[name].eval.decoding if name in self.chosen else self.config.decoding_settings(method)
         utility_off = eval_config.utility.model_copy(update={"mmlu_examples": 0, "gsm8k_examples": 0})
@@ -295,7 +295,7 @@ class Bench:
                 expert = self.working()
             else:
                 expert, _ = load_model(decoding.expert_model, loading=self.stages.loading)
-        with patched(self.working(), expert_deltas, self.stages.base_weight):
+        with patched(self.working(), expert_deltas, self.stages.backbone.base_weight):
             generator = make_generator(
                 model, tokenizer, decoding, eval_settings.batch_size, self.progress, common["label"], expert
             )
@@ -334,9 +334,9 @@ def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> 
                 rows[name]["tuning"] = bench.tuning[name]
             compute = sum(bench.timings.values()) + sum(cell_seconds.values()) + tuning_seconds
             result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=False)
-            write_results(config, result)  # after every method: a crash keeps what is done
+            write_bench_results(config, result)  # after every method: a crash keeps what is done
         result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=True)
-        write_results(config, result)
+        write_bench_results(config, result)
         Console(highlight=False).print(bench_markdown(result))
         return result
 
@@ -389,7 +389,7 @@ def bench_result(
             "config": config.model_dump(mode="json")}  # fmt: skip
 
 
-def write_results(config: BenchConfig, result: dict[str, Any]) -> tuple[Path, Path]:
+def write_bench_results(config: BenchConfig, result: dict[str, Any]) -> tuple[Path, Path]:
     json_path = config.output_dir / f"{config.name}.json"
     markdown_path = config.output_dir / f"{config.name}.md"
     write_json(json_path, result)

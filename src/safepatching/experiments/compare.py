@@ -16,8 +16,8 @@ from safepatching.models.precision import resolved
 from safepatching.report.results import SUMMARY_SCHEMA_VERSION, save_eval
 from safepatching.report.statistics import compare_outcomes
 from safepatching.report.tables import comparison_markdown, statistics_markdown
+from safepatching.storage.cache import stage_meter
 from safepatching.storage.files import write_json, write_text_atomic
-from safepatching.storage.stages import stage_meter
 
 HARMFUL_SETS = ("harmful", "safety/", "jailbreak/")  # judged by harmful responses; the rest by refusals
 

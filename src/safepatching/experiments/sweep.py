@@ -115,7 +115,7 @@ def run_sweep(request: SweepConfig, command: str = "") -> list[dict[str, Any]]:
         rows.append({**row, "seconds": round(time.perf_counter() - started)})
         print(json.dumps(rows[-1]), flush=True)
         if request.out:  # after every candidate, so a crash keeps the rows already paid for
-            write_results(request.out, command, validation, rows, complete=len(rows) == len(planned) + 1)
+            write_sweep_results(request.out, command, validation, rows, complete=len(rows) == len(planned) + 1)
     print(results_table(list(validation), rows))
     return rows
 
@@ -128,7 +128,7 @@ def results_table(names: list[str], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, command: str, validation: dict[str, list[Example]], rows: list[dict], complete: bool):
+def write_sweep_results(out: Path, command: str, validation: dict[str, list[Example]], rows: list[dict], complete: bool):
     """OUT.json and OUT.md; an incomplete sweep says so in both."""
     sizes = {name: len(examples) for name, examples in validation.items()}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ ADDED_SINCE_FIRST_STUDIES = {
 }
 
 
-def fingerprint(config: TuneConfig) -> str:
+def study_key(config: TuneConfig) -> str:
     """What a study's trials depend on: the pipeline, the validation sets, the space, the constraints
     and the screening budget; not the trial count, the final budget, the rule or where output goes.
     Settings at their defaults are left out, so a setting added later does not orphan a study. The
@@ -76,7 +76,7 @@ def fingerprint(config: TuneConfig) -> str:
     return _digest(config.model_dump(mode="json", exclude_defaults=True, exclude=exclude))
 
 
-def first_fingerprint(config: TuneConfig) -> str | None:
+def first_study_key(config: TuneConfig) -> str | None:
     """The fingerprint the first studies recorded (every setting by value, as the settings then were);
     None when a setting added since is in use, which no such study can have had."""
     default = PipelineConfig()
@@ -131,9 +131,9 @@ def open_study(config: TuneConfig, new_study: bool, compute_dtype: str) -> optun
     if path.exists():
         study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
         made_by = study.user_attrs.get("fingerprint")
-        if made_by is not None and made_by == first_fingerprint(config):  # one of the first studies: re-keyed
-            study.set_user_attr("fingerprint", fingerprint(config))
-        elif made_by != fingerprint(config):
+        if made_by is not None and made_by == first_study_key(config):  # one of the first studies: re-keyed
+            study.set_user_attr("fingerprint", study_key(config))
+        elif made_by != study_key(config):
             raise ConfigError(
                 f"{path} holds a study made by another config or model ({study.user_attrs.get('described', '?')}).",
                 "pass --new-study to start a new one (the old file is kept beside it), or choose another work_dir",
@@ -147,7 +147,7 @@ def open_study(config: TuneConfig, new_study: bool, compute_dtype: str) -> optun
         return study
     path.parent.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=["maximize", "minimize"])
-    study.set_user_attr("fingerprint", fingerprint(config))
+    study.set_user_attr("fingerprint", study_key(config))
     study.set_user_attr("compute_dtype", compute_dtype)
     study.set_user_attr("described", f"model {config.pipeline.model}, knobs {', '.join(config.tune.space)}")
     return study
@@ -438,7 +438,7 @@ def run_tune(
             "name": config.name,
             "model": config.pipeline.model,
             "compute_dtype": tuner.scorer.compute_dtype,
-            "fingerprint": fingerprint(config),
+            "fingerprint": study_key(config),
             "settings": settings.model_dump(mode="json"),
             "validation_sizes": {s.name: len(s.examples) for s in tuner.sets},
             "groups": groups,

@@ -8,7 +8,6 @@ the training pairs, from the over-safety prompts and from every set the config r
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from collections.abc import Iterator
@@ -17,22 +16,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.overlap import assert_disjoint
 from safepatching.data.sources import Example
 from safepatching.evaluation.decoding import make_generator
 from safepatching.evaluation.generation import HFGenerator
+from safepatching.evaluation.judges.registry import Judges
 from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.metrics import kl_to_logprobs, percent, reference_logprobs
+from safepatching.experiments.backbone import Backbone
 from safepatching.experiments.stages import Stages
+from safepatching.experiments.training_data import TrainingData
 from safepatching.method.dense import patched
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger
-from safepatching.models.precision import DTYPES
+from safepatching.models.precision import resolved
+from safepatching.storage.cache import fingerprint
 from safepatching.storage.files import read_json, write_json
-from safepatching.storage.stages import fingerprint
 
 DERIVATION_DATA = ("over_safety_train", "over_safety_replies")  # the candidate's own over-safety data
 
@@ -87,18 +87,20 @@ class ValidationScorer:
         on the backbone's own replies (its log-probabilities are kept, not a second model)."""
         self.config, self.work_dir, self.sets, self.progress = config, work_dir, sets, progress
         named = {s.name: s.examples for s in sets}
-        self.held_out = named if config.drop_eval_overlap else None  # dropped from the pairs, else refused
-        run = Stages(config, progress=False, held_out=self.held_out)
-        self.train = run.harmful_pairs()
+        loading = resolved(config.loading)
+        self.judges = Judges(config.eval, config.data_dir, loading=loading)
+        held_out = named if config.drop_eval_overlap else None  # dropped from the pairs, else refused
+        self.data = TrainingData(config, self.judges, held_out)
+        self.train = self.data.harmful_pairs()
         assert_disjoint(self.train, named)
-        assert_disjoint(run.over_safety_prompts(), named, against="over_safety_train")
-        for name, examples in run.eval_sets(self.train).named().items():  # never tune on what is reported
+        assert_disjoint(self.data.over_safety_prompts(), named, against="over_safety_train")
+        for name, examples in self.data.eval_sets(self.train).named().items():  # never tune on what is reported
             assert_disjoint(examples, named, against=f"reported {name} set")
         if harmless:
             assert_disjoint(self.train, {"harmless": harmless})
-
-        self.run, self.harmless, self.kl_max_new_tokens = run, harmless or [], kl_max_new_tokens
-        self.compute_dtype = run.compute_dtype
+        self.backbone = Backbone(config.model, loading, config.derive.target_modules)
+        self.harmless, self.kl_max_new_tokens = harmless or [], kl_max_new_tokens
+        self.compute_dtype = loading.compute_dtype
         self.loaded = False
         self._unpatched: dict[int, Judged] = {}
 
@@ -108,14 +110,12 @@ class ValidationScorer:
         if self.loaded:
             return
         self.loaded = True
-        self.master, self.tokenizer = self.run.backbone(training=True)  # float32: derivation updates it
-        dtype = DTYPES[self.run.compute_dtype]
-        self.model = self.master if dtype == torch.float32 else copy.deepcopy(self.master).to(dtype)
-        master_weights = dict(self.master.named_parameters())
-        # a float32 master is the files' weights (restored after every patch): merges restore it from
-        # them, not from a copy of every patched tensor (5 GB at 1.5B)
-        self.base = self.run.base_weight if self.model is self.master else lambda name: master_weights[name].detach()
-        self.judges = {"harmful": self.run.judges.harmful, "benign": self.run.judges.refusal}
+        self.master, self.tokenizer = self.backbone.model(training=True)  # float32: derivation updates it
+        self.model, self.base = self.backbone.generating_copy(), self.backbone.generating_base()
+        self.study_backbone = Backbone(  # what every candidate derives on: the master, restored after each
+            self.config.model, self.backbone.loading, self.config.derive.target_modules, loaded=(self.master, self.tokenizer)
+        )
+        self.kinds = {"harmful": self.judges.harmful, "benign": self.judges.refusal}
         self.generator = HFGenerator(self.model, self.tokenizer, self.config.eval.batch_size, progress=False)
         self.harmless_prompts = [e.prompt for e in self.harmless]
         self.harmless_replies, self.reference = [], []
@@ -132,7 +132,7 @@ class ValidationScorer:
         self.load()
         refusals, loops = {}, []
         for validation in self.sets:
-            judge = self.judges[validation.kind]
+            judge = self.kinds[validation.kind]
             self.generator.desc = validation.name
             responses = self.generator.generate([e.prompt for e in validation.examples], max_new_tokens)
             refusals[validation.name] = [
@@ -175,7 +175,7 @@ class ValidationScorer:
     def check(self, settings: PipelineConfig) -> None:
         """A candidate's own over-safety data must not hold a validation prompt either."""
         if settings.over_safety_train != self.config.over_safety_train:
-            over_safety = Stages(settings, progress=False, held_out=self.held_out).over_safety_prompts()
+            over_safety = self.data.with_config(settings).over_safety_prompts()
             assert_disjoint(over_safety, {s.name: s.examples for s in self.sets}, against="over_safety_train")
 
     def derived(self, settings: PipelineConfig):
@@ -192,13 +192,7 @@ class ValidationScorer:
         scores_dir = None
         if settings.importance != self.config.importance:
             scores_dir = sweep_dir(Path(settings.output_dir), settings.importance.cache_settings())
-        run = Stages(
-            settings,
-            progress=self.progress,
-            loaded=(self.master, self.tokenizer),
-            held_out=self.held_out,
-            shared_patches=Path(self.config.output_dir),
-        )
+        run = self.stages(settings, shared_patches=Path(self.config.output_dir))
         if MERGE_METHODS[settings.merge.method].needs_importance:
             safety, over_safety = run.derive(self.train)
             return safety, over_safety, run.importance(self.train, safety, over_safety, scores_dir)
@@ -206,10 +200,18 @@ class ValidationScorer:
         # so the config's own stands in for one derived under these settings.
         safety = run.derive_one(self.train, "safety", settings.derive.unlearning)
         if settings.merge.beta == 0:
-            run = Stages(
-                self.config, progress=self.progress, loaded=(self.master, self.tokenizer), held_out=self.held_out
-            )
+            run = self.stages(self.config)
         return safety, run.derive_over_safety(self.train), (None, None)
+
+    def stages(self, settings: PipelineConfig, shared_patches: Path | None = None) -> Stages:
+        """A candidate's stages: a view over the study's master and data (nothing loaded or read)."""
+        return Stages(
+            settings,
+            progress=self.progress,
+            backbone=self.study_backbone,
+            data=self.data,
+            shared_patches=shared_patches,
+        )
 
     @contextmanager
     def merged(self, settings: PipelineConfig) -> Iterator[dict[str, Any]]:

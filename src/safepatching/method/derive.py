@@ -36,9 +36,9 @@ from safepatching.method.dense import DensePatch, holds_base
 from safepatching.method.memory import is_target
 from safepatching.method.objectives import autocast, npo_loss, response_logprobs, response_nll
 from safepatching.models.precision import DTYPES
+from safepatching.storage.cache import fingerprint, release_memory
 from safepatching.storage.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
 from safepatching.storage.shards import tensor_digest
-from safepatching.storage.stages import fingerprint, release_memory
 
 log = logging.getLogger(__name__)
 Direction = Literal["ascent", "descent", "npo"]

@@ -24,7 +24,7 @@ from safepatching.config.loading import dump_config
 from safepatching.config.settings import PipelineConfig
 from safepatching.errors import SafePatchingError
 
-DIRECTION_LABELS = {"ascent": "safety", "descent": "over_safety", "npo": "npo"}
+DIRECTION_LABELS = {"ascent": "safety", "descent": "over_safety", "npo": "npo"}  # patch labels of the derivations
 
 
 def evaluate(
