@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from safepatching.config.identity import cache_identity
 from safepatching.config.settings import DeriveConfig, ImportanceConfig, ModelLoading
 from safepatching.experiments.backbone import Backbone
 from safepatching.experiments.stages import Stages
@@ -125,8 +126,8 @@ def test_before_overshoot_drops_the_update_that_crossed_the_ceiling(tiny_model_d
     assert all(torch.equal(before.deltas[n], short.deltas[n]) for n in short.deltas)
     assert not all(torch.equal(before.deltas[n], after.deltas[n]) for n in after.deltas)
     # the default stays out of cache keys, so patches derived before the setting existed stay valid
-    assert "ascent_stop" not in DeriveConfig().training_settings()
-    assert "ascent_stop" in DeriveConfig(ascent_stop="before_overshoot").training_settings()
+    assert "ascent_stop" not in cache_identity(DeriveConfig())
+    assert "ascent_stop" in cache_identity(DeriveConfig(ascent_stop="before_overshoot"))
 
 
 def test_lora_patch_is_materialised_as_full_delta(tiny_model_dir, harmful_pairs):
@@ -206,7 +207,7 @@ def test_non_finite_loss_stops_derivation_with_a_clear_error(tiny_model_dir, har
 def test_the_safety_patch_can_unlearn_by_npo(tmp_path, tiny_model_dir, tiny_pipeline_config):
 
     base = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
-    assert "unlearning" not in base.derive.training_settings()  # patches derived before it keep their keys
+    assert "unlearning" not in cache_identity(base.derive)  # patches derived before it keep their keys
     npo = base.model_copy(update={"derive": base.derive.model_copy(update={"unlearning": "npo"})})
     stages = Stages(npo, progress=False)
     assert stages.keys.derive("safety") != Stages(base, progress=False).keys.derive("safety")

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from safepatching.config.identity import cache_identity
 from safepatching.config.settings import PipelineConfig
 from safepatching.errors import DataError
 from safepatching.experiments.compare import compare_models
@@ -104,7 +105,7 @@ def test_extra_training_sources_are_deduplicated_and_can_drop_evaluation_prompts
     plain = Stages(PipelineConfig(output_dir=tmp_path), progress=False)
     c = plain.config
     assert plain.keys.derive() == fingerprint(
-        c.model, c.seed, plain.compute_dtype, c.harmful_train, c.derive.training_settings()
+        c.model, c.seed, plain.compute_dtype, c.harmful_train, cache_identity(c.derive)
     )
 
     widened = Stages(

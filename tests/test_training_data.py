@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from safepatching.config.identity import cache_identity
 from safepatching.config.settings import ImportanceConfig, ModelLoading
 from safepatching.data.chat import IGNORE_INDEX, encode_question
 from safepatching.data.eval_sets import load_eval_sets
@@ -50,7 +51,7 @@ def test_own_replies_are_generated_once_cached_and_key_the_scores(tmp_path, tiny
     raw = base.model_dump(mode="json")
     raw["importance"].update(loss_on="own_replies", max_examples=3, own_reply_tokens=8)
     config = type(base).model_validate(raw)
-    assert "loss_on" not in base.importance.cache_settings()  # older scores keep their key
+    assert "loss_on" not in cache_identity(base.importance)  # older scores keep their key
     stages = Stages(config, progress=False)
     assert stages.keys.importance() != Stages(base, progress=False).keys.importance()
     pairs = stages.harmful_pairs()

@@ -7,6 +7,7 @@ import json
 import datasets
 import pytest
 
+from safepatching.config.identity import cache_identity
 from safepatching.config.settings import EvalConfig, ModelLoading, UtilityConfig
 from safepatching.errors import DataError
 from safepatching.evaluation.utility_tasks import _gsm8k_target, evaluate_utility, utility_tasks
@@ -64,6 +65,6 @@ def test_lm_eval_runs_offline_on_an_in_memory_model(utility_dir, tiny_model_dir,
 
 
 def test_the_plain_prompt_format_keys_results_apart_and_the_default_keeps_old_keys():
-    assert "chat_template" not in EvalConfig().cache_settings().model_dump()  # earlier results stay valid
+    assert "chat_template" not in cache_identity(EvalConfig())  # earlier results stay valid
     plain = EvalConfig(utility={"mmlu_examples": 5, "chat_template": False})
-    assert plain.cache_settings() != EvalConfig(utility={"mmlu_examples": 5}).cache_settings()
+    assert cache_identity(plain) != cache_identity(EvalConfig(utility={"mmlu_examples": 5}))

@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from safepatching.config.identity import ADDED_LATER, HELD_RUN_OPTION, RUN_OPTION, only_with
+
 DATA_DIR_ENV = "SAFEPATCHING_DATA_DIR"
 CACHE_DIR_ENV = "SAFEPATCHING_CACHE_DIR"
 
@@ -103,12 +105,12 @@ class DeriveConfig(StrictModel):
     )
     ascent_stop: Literal["after_overshoot", "before_overshoot"] = Field(
         "after_overshoot",
-        description="when a step's NLL (measured before its update) crosses the ceiling, after_overshoot "
+        json_schema_extra=ADDED_LATER, description="when a step's NLL (measured before its update) crosses the ceiling, after_overshoot "
         "still applies that step's update (the committed reference results); before_overshoot drops it",
     )
     unlearning: Literal["ascent", "npo"] = Field(
         "ascent",
-        description="how the safety patch unlearns the harmful responses: gradient ascent (the paper) or NPO "
+        json_schema_extra=ADDED_LATER, description="how the safety patch unlearns the harmful responses: gradient ascent (the paper) or NPO "
         "(bounded; the paper's baseline), both stopped by ascent_max_nll_increase",
     )
     npo_beta: float = Field(0.1, gt=0, description="NPO's inverse temperature (objective: npo)")
@@ -119,28 +121,18 @@ class DeriveConfig(StrictModel):
     lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (method: lora)")
     recompute_activations: bool = Field(
         True,
-        description="gradient checkpointing: keep only each layer's input and recompute the rest in the backward "
+        json_schema_extra=RUN_OPTION, description="gradient checkpointing: keep only each layer's input and recompute the rest in the backward "
         "pass (2 GB less on the reference backbone, about 15 % slower; the patch is the same)",
     )
     memory_check: bool = Field(
-        True, description="refuse, before loading, a derivation whose estimated memory leaves under 4 GiB free"
+        True, json_schema_extra=RUN_OPTION, description="refuse, before loading, a derivation whose estimated memory leaves under 4 GiB free"
     )
     checkpoint_every_steps: int = Field(
-        0, ge=0, description="save a resumable checkpoint every N optimizer steps (0: only by time)"
+        0, ge=0, json_schema_extra=RUN_OPTION, description="save a resumable checkpoint every N optimizer steps (0: only by time)"
     )
     checkpoint_every_minutes: float = Field(
-        10.0, ge=0, description="save a resumable checkpoint when this long has passed since the last (0: never)"
+        10.0, ge=0, json_schema_extra=RUN_OPTION, description="save a resumable checkpoint when this long has passed since the last (0: never)"
     )
-
-    def training_settings(self) -> dict[str, Any]:
-        """The settings that shape the patch (checkpoint frequency does not). ``ascent_stop`` and
-        ``unlearning`` join only when changed, so patches derived before they existed keep their keys."""
-        excluded = {"checkpoint_every_steps", "checkpoint_every_minutes", "recompute_activations", "memory_check"}
-        if self.ascent_stop == "after_overshoot":
-            excluded.add("ascent_stop")
-        if self.unlearning == "ascent":
-            excluded.add("unlearning")
-        return self.model_dump(mode="json", exclude=excluded)
 
 
 class ImportanceConfig(StrictModel):
@@ -151,26 +143,16 @@ class ImportanceConfig(StrictModel):
     max_length: int = Field(160, ge=8, description="tokens kept per pair")
     over_safety_data: Literal["harmful", "over_safety_train"] = Field(
         "harmful",
-        description="the pairs I_o is scored on: the harmful pairs (the paper) or the over-safety patch's own "
+        json_schema_extra=ADDED_LATER, description="the pairs I_o is scored on: the harmful pairs (the paper) or the over-safety patch's own "
         "training pairs (over_safety_train)",
     )
     loss_on: Literal["responses", "questions", "own_replies"] = Field(
         "responses",
-        description="the harmful pairs' tokens the SNIP loss is taken on: their harmful responses (the objective "
+        json_schema_extra=ADDED_LATER, description="the harmful pairs' tokens the SNIP loss is taken on: their harmful responses (the objective "
         "the patches were derived from), the questions alone (a reading of the paper's 'input question'), or the "
         "backbone's own greedy replies to the questions (what it really does, refusals included)",
     )
-    own_reply_tokens: int = Field(96, ge=8, description="new tokens of each own reply (loss_on: own_replies)")
-
-    def cache_settings(self) -> dict[str, Any]:
-        """What keys the scores; a setting joins only when it differs from the paper's reading, so
-        older scores stay valid."""
-        excluded = {"over_safety_data"} if self.over_safety_data == "harmful" else set()
-        if self.loss_on == "responses":
-            excluded.add("loss_on")
-        if self.loss_on != "own_replies":
-            excluded.add("own_reply_tokens")
-        return self.model_dump(mode="json", exclude=excluded)
+    own_reply_tokens: int = Field(96, ge=8, json_schema_extra=only_with(loss_on="own_replies"), description="new tokens of each own reply (loss_on: own_replies)")
 
 
 class OverSafetyReplies(StrictModel):
@@ -209,7 +191,7 @@ class MergeConfig(StrictModel):
     output_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the written model; auto keeps the backbone's"
     )
-    shard_size_mb: int = Field(2000, ge=1, description="output shard size; a run option that changes no weight")
+    shard_size_mb: int = Field(2000, ge=1, json_schema_extra=HELD_RUN_OPTION, description="output shard size; a run option that changes no weight")
 
     @field_validator("method", mode="before")
     @classmethod
@@ -217,11 +199,6 @@ class MergeConfig(StrictModel):
         if method not in get_args(MergeMethodName):
             raise ValueError(f"unknown merge method {method!r}; choose from {sorted(get_args(MergeMethodName))}")
         return method
-
-    def cache_settings(self) -> MergeConfig:
-        """The settings a merged model depends on: run options are held at their defaults, so changing
-        them reuses the merge (and keeps the keys of merges cached before they were excluded)."""
-        return self.model_copy(update={"shard_size_mb": MergeConfig.model_fields["shard_size_mb"].default})
 
 
 class UtilityConfig(StrictModel):
@@ -359,7 +336,7 @@ class EvalConfig(StrictModel):
         "folder or hub id when vLLM is installed and a GPU is present, transformers otherwise",
     )
     vllm_gpu_memory_utilization: float = Field(
-        0.5, gt=0, le=1, description="share of GPU memory vLLM may take (a run option that changes no result)"
+        0.5, gt=0, le=1, json_schema_extra=HELD_RUN_OPTION, description="share of GPU memory vLLM may take (a run option that changes no result)"
     )
     utility: UtilityConfig = Field(default_factory=UtilityConfig)
     perplexity: DatasetSpec | None = Field(
@@ -367,11 +344,6 @@ class EvalConfig(StrictModel):
         description="fixed (prompt, response) pairs whose responses' perplexity is measured under each model, "
         "e.g. bench:alpacaeval with response_column: output",
     )
-
-    def cache_settings(self) -> EvalConfig:
-        """The settings an evaluation's result depends on (run options held at their defaults)."""
-        default = EvalConfig.model_fields["vllm_gpu_memory_utilization"].default
-        return self.model_copy(update={"vllm_gpu_memory_utilization": default})
 
 
 class PipelineConfig(StrictModel):

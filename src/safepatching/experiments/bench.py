@@ -22,6 +22,7 @@ from rich.console import Console
 
 from safepatching import __version__
 from safepatching.config.experiments import BENCH_METHODS, BenchConfig, BenchMethod
+from safepatching.config.identity import cache_identity
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import EvalSets
 from safepatching.data.sources import Example
@@ -229,10 +230,10 @@ class Bench:
             stages.keys.importance(),
             method,
             seed,
-            eval_settings.cache_settings(),
+            cache_identity(eval_settings),
             self.config.pipeline.data_dir,
             __version__,
-            *([self.config.merge_settings(merged).cache_settings()] if merged else []),
+            *([cache_identity(self.config.merge_settings(merged))] if merged else []),
             *[point.model_dump(mode="json", exclude={"output_dir", "data_dir"}) for point in chosen],
         )
         return cached(

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from safepatching import __version__
 from safepatching.config.experiments import ContinualConfig
+from safepatching.config.identity import cache_identity
 from safepatching.data.eval_sets import EvalSets, load_eval_sets
 from safepatching.data.overlap import assert_disjoint, drop_overlap
 from safepatching.data.sources import Example, load_examples
@@ -82,7 +83,7 @@ class Continual:
         """Evaluate ``model`` (whose weights ``state`` names) in the compute dtype, or read the saved
         result. A float32 working model is evaluated through a copy in the compute dtype."""
         pipeline = self.config.pipeline
-        key = fingerprint(state, pipeline.eval.cache_settings(), pipeline.data_dir, __version__)
+        key = fingerprint(state, cache_identity(pipeline.eval), pipeline.data_dir, __version__)
         return cached(
             directory,
             key,

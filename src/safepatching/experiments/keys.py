@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from safepatching.config.identity import cache_identity
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.sources import Example
 from safepatching.storage.cache import fingerprint
@@ -30,7 +31,7 @@ class StageKeys:
     def derive(self, label: str = "safety") -> str:
         """What a patch is derived from; the over-safety patch's data joins when it has its own."""
         c = self.config
-        parts = [c.model, c.seed, self.compute_dtype, c.harmful_train, c.derive.training_settings()]
+        parts = [c.model, c.seed, self.compute_dtype, c.harmful_train, cache_identity(c.derive)]
         if c.harmful_train_extra or c.drop_eval_overlap or c.harmful_train_judge:  # keyed by content: what is
             # dropped depends on the evaluation sets and the judge
             parts.append([(e.prompt, e.response) for e in self.harmful_pairs()])
@@ -55,15 +56,15 @@ class StageKeys:
     def importance(self) -> str:
         c = self.config
         if c.over_safety_train is None:
-            return fingerprint(self.derive(), c.importance.cache_settings())
-        return fingerprint(self.derive(), self.derive("over_safety"), c.importance.cache_settings())
+            return fingerprint(self.derive(), cache_identity(c.importance))
+        return fingerprint(self.derive(), self.derive("over_safety"), cache_identity(c.importance))
 
     def merge(self) -> str:
-        return fingerprint(self.importance(), self.config.merge.cache_settings())
+        return fingerprint(self.importance(), cache_identity(self.config.merge))
 
     def backbone_eval(self) -> str:
         c = self.config
-        return fingerprint(c.model, self.compute_dtype, c.eval.cache_settings(), c.data_dir)
+        return fingerprint(c.model, self.compute_dtype, cache_identity(c.eval), c.data_dir)
 
     def patched_eval(self) -> str:
         return fingerprint(self.backbone_eval(), self.merge())

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from safepatching.config.identity import cache_identity
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.overlap import assert_disjoint
 from safepatching.data.sources import Example
@@ -186,12 +187,12 @@ class ValidationScorer:
         self.load()
         data = [key for key in DERIVATION_DATA if getattr(settings, key) != getattr(self.config, key)]
         if settings.derive != self.config.derive or data:
-            changes: list[Any] = [settings.derive.training_settings()]  # a derive-only change keeps its old directory
+            changes: list[Any] = [cache_identity(settings.derive)]  # a derive-only change keeps its old directory
             changes += [{key: settings.model_dump(mode="json")[key]} for key in data]
             settings = settings.model_copy(update={"output_dir": sweep_dir(self.work_dir, changes)})
         scores_dir = None
         if settings.importance != self.config.importance:
-            scores_dir = sweep_dir(Path(settings.output_dir), settings.importance.cache_settings())
+            scores_dir = sweep_dir(Path(settings.output_dir), cache_identity(settings.importance))
         run = self.stages(settings, shared_patches=Path(self.config.output_dir))
         if MERGE_METHODS[settings.merge.method].needs_importance:
             safety, over_safety = run.derive(self.train)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safepatching.config.identity import cache_identity
 from safepatching.config.settings import DeriveConfig
 from safepatching.data.chat import collate, encode_pair, encode_question
 from safepatching.data.sources import Example
@@ -206,7 +207,7 @@ def derive_patch(
     original = _original_weights(model, names, base)
     key = fingerprint(
         direction,
-        settings.training_settings(),
+        cache_identity(settings),
         seed,
         pairs_digest(pairs),
         tensor_digest(original(names[0])),

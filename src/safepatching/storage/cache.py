@@ -85,16 +85,24 @@ def stage_meter(record: dict[str, Any], name: str, poll_seconds: float = 0.2) ->
 
 
 STAGE_FILE = "stage.json"
+# How stage keys are made (``experiments.keys``, ``config.identity``). Raise it when a change must
+# orphan every cached stage; stages written before it was recorded read as schema 1.
+KEY_SCHEMA = 1
 
 
 def stage_is_fresh(directory: Path, key: str) -> bool:
-    """Whether ``directory`` holds a finished stage made from the settings fingerprinted as ``key``."""
+    """Whether ``directory`` holds a finished stage made from the settings fingerprinted as ``key``
+    under this key schema."""
     stage = directory / STAGE_FILE
-    return stage.exists() and read_json(stage).get("fingerprint") == key
+    if not stage.exists():
+        return False
+    record = read_json(stage)
+    return record.get("fingerprint") == key and record.get("key_schema", 1) == KEY_SCHEMA
 
 
 def mark_stage(directory: Path, key: str, extra: dict[str, Any] | None = None) -> None:
-    write_json(directory / STAGE_FILE, {"fingerprint": key, "safepatching": __version__, **(extra or {})})
+    record = {"fingerprint": key, "key_schema": KEY_SCHEMA, "safepatching": __version__, **(extra or {})}
+    write_json(directory / STAGE_FILE, record)
 
 
 def stage_record(directory: Path) -> dict[str, Any]:
