@@ -160,32 +160,18 @@ def pipeline_settings(model_dir, **extra):
     }  # fmt: skip
 
 
-# Helpers shared by several test modules are handed out as fixtures, so test modules never import each other.
-@pytest.fixture(scope="session")
-def make_tiny_model():
-    return build_tiny_model
+def hand_out(helper):
+    """A session fixture giving ``helper`` to test modules, which never import each other."""
+    return pytest.fixture(scope="session")(lambda: helper)
 
 
-@pytest.fixture(scope="session")
-def run_command():
-    return run_cli
-
-
-@pytest.fixture(scope="session")
-def perturb():
-    return perturbed_copy
+make_tiny_model = hand_out(build_tiny_model)
+run_command = hand_out(run_cli)
+perturb = hand_out(perturbed_copy)
+tiny_pipeline_config = hand_out(tiny_config)
+bench_pipeline = hand_out(pipeline_settings)
 
 
 @pytest.fixture(scope="session")
 def touched() -> list[str]:
     return list(TOUCHED)
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline_config():
-    return tiny_config
-
-
-@pytest.fixture(scope="session")
-def bench_pipeline():
-    return pipeline_settings

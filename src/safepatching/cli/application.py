@@ -52,28 +52,17 @@ def _root(
     logging.basicConfig(level=level, format="%(levelname)s %(message)s", handlers=[handler])
 
 
-COMMANDS = (
-    # experiments
-    (experiments.demo, None, {}),
-    (experiments.run, None, {}),
-    (experiments.bench, None, {}),
-    (experiments.continual, None, {}),
-    (experiments.sweep, None, {}),
-    (experiments.tune, None, {}),
-    # stages
-    (steps.evaluate, "eval", {"context_settings": {"allow_extra_args": True}}),
-    (steps.show_config, "config", {}),
-    (steps.derive, None, {}),
-    (steps.score, None, {}),
-    (steps.merge, None, {}),
-    # portable patches
-    (patches.export, None, {}),
-    (patches.apply, None, {}),
-    (patches.revert, None, {}),
-    (patches.inspect, None, {}),
-)
-for function, name, options in COMMANDS:
-    app.command(name, **options)(function)
+# The commands in --help order, by group; "function:name" registers a function under another name.
+COMMANDS = {
+    experiments: "demo run bench continual sweep tune",
+    steps: "evaluate:eval show_config:config derive score merge",
+    patches: "export apply revert inspect",
+}
+OPTIONS = {"eval": {"context_settings": {"allow_extra_args": True}}}  # eval --compare A B C
+for group, names in COMMANDS.items():
+    for entry in names.split():
+        function, _, name = entry.partition(":")
+        app.command(name or None, **OPTIONS.get(name, {}))(getattr(group, function))
 
 
 def main() -> None:

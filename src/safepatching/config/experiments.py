@@ -14,7 +14,7 @@ from safepatching.config.settings import (
     MergeConfig,
     PipelineConfig,
     StrictModel,
-    require_responses,
+    responses_required,
 )
 from safepatching.errors import ConfigError
 
@@ -227,7 +227,7 @@ class ContinualConfig(StrictModel):
 
     name: str = Field("continual", pattern=r"^[A-Za-z0-9._-]+$", description="results go to OUTPUT_DIR/<name>.*")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
-    rounds: list[DatasetSpec] = Field(min_length=1, description="harmful (prompt, response) pairs of each round")
+    rounds: Annotated[list[DatasetSpec], responses_required("every round")] = Field(min_length=1, description="harmful (prompt, response) pairs of each round")
     methods: list[Literal["safepatching", "ga", "npo"]] = Field(
         default_factory=lambda: ["safepatching", "ga", "npo"], min_length=1, description="the methods run round by round"
     )
@@ -259,11 +259,6 @@ class ContinualConfig(StrictModel):
             except ConfigError as exc:
                 raise ValueError(f"settings.{method}: {exc}") from None
         return self
-
-    @field_validator("rounds")
-    @classmethod
-    def _rounds_have_responses(cls, rounds: list[DatasetSpec]) -> list[DatasetSpec]:
-        return require_responses(rounds, "every round")
 
     @model_validator(mode="after")
     def _rounds_are_the_data(self) -> ContinualConfig:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -76,11 +77,15 @@ class DatasetSpec(StrictModel):
     category_column: str | None = Field(None, description="column whose values split rates by category")
 
 
-def require_responses(specs: list[DatasetSpec], what: str) -> list[DatasetSpec]:
-    """Training data for patches must name its harmful responses; a validator's error otherwise."""
-    if any(not spec.response_column for spec in specs):
-        raise ValueError(f"{what} needs a response_column (the harmful responses to unlearn)")
-    return specs
+def responses_required(what: str) -> AfterValidator:
+    """A field validator: training data for patches must name its harmful responses."""
+
+    def check(specs: DatasetSpec | list[DatasetSpec]):
+        if any(not spec.response_column for spec in (specs if isinstance(specs, list) else [specs])):
+            raise ValueError(f"{what} needs a response_column (the harmful responses to unlearn)")
+        return specs
+
+    return AfterValidator(check)
 
 
 class DeriveConfig(StrictModel):
@@ -363,7 +368,7 @@ class PipelineConfig(StrictModel):
     compute_dtype: ComputeDtypeSetting = "auto"
     trust_remote_code: bool = Field(False, description="run a model repository's own code (review it first)")
     allow_pickle: bool = Field(False, description="load pickle (.bin/.pt) weights, which can run code")
-    harmful_train: DatasetSpec = Field(
+    harmful_train: Annotated[DatasetSpec, responses_required("harmful_train")] = Field(
         default_factory=lambda: DatasetSpec(
             source="builtin:uncensorbench",
             split="train[:48]",
@@ -372,7 +377,7 @@ class PipelineConfig(StrictModel):
         ),
         description="the harmful (prompt, response) pairs both patches are derived from",
     )
-    harmful_train_extra: list[DatasetSpec] = Field(
+    harmful_train_extra: Annotated[list[DatasetSpec], responses_required("every harmful_train_extra source")] = Field(
         default_factory=list,
         description="further sources of harmful pairs, appended to harmful_train (a pair an earlier source gave is skipped)",
     )
@@ -402,16 +407,6 @@ class PipelineConfig(StrictModel):
         "patches and importance scores go once the run has finished, so new merge settings derive again) or "
         "'all' (also the patches and scores, float32, 4 x the patched tensors' size)",
     )
-
-    @field_validator("harmful_train")
-    @classmethod
-    def _needs_responses(cls, spec: DatasetSpec) -> DatasetSpec:
-        return require_responses([spec], "harmful_train")[0]
-
-    @field_validator("harmful_train_extra")
-    @classmethod
-    def _extras_need_responses(cls, specs: list[DatasetSpec]) -> list[DatasetSpec]:
-        return require_responses(specs, "every harmful_train_extra source")
 
     @model_validator(mode="after")
     def _over_safety_scores_need_their_data(self) -> PipelineConfig:

@@ -62,35 +62,25 @@ def reference_logprobs(
     return [_logprobs(reference, batch) for batch in batches]
 
 
-def kl_to_logprobs(
-    model: PreTrainedModel,
-    reference: list[torch.Tensor],
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    responses: list[str],
-    batch_size: int = 4,
-    max_length: int = 512,
-) -> float:
-    """KL(reference || model) per response token, from ``reference_logprobs`` of the same batches."""
-    batches = teacher_forced_batches(tokenizer, prompts, responses, batch_size, max_length)
-    total = sum(_kl_sum(log_p, model, batch) for log_p, batch in zip(reference, batches, strict=True))
-    return total / max(sum(log_p.shape[0] for log_p in reference), 1)
-
-
 def mean_token_kl(
     model: PreTrainedModel,
-    reference: PreTrainedModel,
+    reference: PreTrainedModel | list[torch.Tensor],
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     responses: list[str],
     batch_size: int = 4,
     max_length: int = 512,
 ) -> float:
-    """KL(reference || model) per response token, teacher-forced on the reference's own replies
-    (batch by batch: the reference's log-probabilities of one batch are held at a time)."""
+    """KL(reference || model) per response token, teacher-forced on the reference's own replies. The
+    reference is a model (its log-probabilities of one batch are held at a time) or its
+    ``reference_logprobs`` of the same batches."""
+    batches = teacher_forced_batches(tokenizer, prompts, responses, batch_size, max_length)
+    if isinstance(reference, list):
+        pairs = zip(reference, batches, strict=True)
+    else:
+        pairs = ((_logprobs(reference, batch), batch) for batch in batches)
     total, tokens = 0.0, 0
-    for batch in teacher_forced_batches(tokenizer, prompts, responses, batch_size, max_length):
-        log_p = _logprobs(reference, batch)
+    for log_p, batch in pairs:
         total += _kl_sum(log_p, model, batch)
         tokens += log_p.shape[0]
     return total / max(tokens, 1)

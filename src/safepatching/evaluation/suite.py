@@ -19,7 +19,6 @@ from safepatching.evaluation.judges.registry import Judges, judge_all
 from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.metrics import (
     category_column,
-    kl_to_logprobs,
     mean_token_kl,
     percent,
     rates_by_category,
@@ -188,8 +187,7 @@ def evaluate_model(
         metrics["response_perplexity"] = timed("perplexity", response_perplexity, model, tokenizer, sets.perplexity)
     if reference is not None and reference_harmless is not None:
         prompts = [e.prompt for e in sets.harmless]
-        kl = kl_to_logprobs if isinstance(reference, list) else mean_token_kl
-        metrics["kl_to_reference"] = timed("kl", kl, model, reference, tokenizer, prompts, reference_harmless)
+        metrics["kl_to_reference"] = timed("kl", mean_token_kl, model, reference, tokenizer, prompts, reference_harmless)
     metrics["part_seconds"] = part_seconds
     metrics["generation"] = {
         "seconds": round(generation["seconds"], 2),

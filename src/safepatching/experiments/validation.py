@@ -24,7 +24,7 @@ from safepatching.evaluation.decoding import make_generator
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.evaluation.judges.registry import Judges
 from safepatching.evaluation.judges.rules import looping
-from safepatching.evaluation.metrics import kl_to_logprobs, percent, reference_logprobs
+from safepatching.evaluation.metrics import mean_token_kl, percent, reference_logprobs
 from safepatching.experiments.backbone import Backbone
 from safepatching.experiments.stages import Stages
 from safepatching.experiments.training_data import TrainingData
@@ -171,7 +171,7 @@ class ValidationScorer:
         self.load()
         if not self.harmless_prompts:
             return None
-        return kl_to_logprobs(self.model, self.reference, self.tokenizer, self.harmless_prompts, self.harmless_replies)
+        return mean_token_kl(self.model, self.reference, self.tokenizer, self.harmless_prompts, self.harmless_replies)
 
     def check(self, settings: PipelineConfig) -> None:
         """A candidate's own over-safety data must not hold a validation prompt either."""
