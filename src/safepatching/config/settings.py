@@ -124,10 +124,24 @@ class DeriveConfig(StrictModel):
     )
     lora_rank: int = Field(16, ge=1, description="LoRA rank (method: lora)")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (method: lora)")
-    recompute_activations: bool = Field(
-        True,
-        json_schema_extra=RUN_OPTION, description="gradient checkpointing: keep only each layer's input and recompute the rest in the backward "
-        "pass (2 GB less on the reference backbone, about 15 % slower; the patch is the same)",
+    recompute_activations: bool | None = Field(
+        None,
+        json_schema_extra=RUN_OPTION,
+        description="gradient checkpointing: keep only each layer's input and recompute the rest in the backward "
+        "pass (2 GB less on the reference backbone, about 15 % slower; the patch is the same). null: the device "
+        "decides (on a CPU always; on a GPU only when the model would not fit without)",
+    )
+    logit_rows: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        json_schema_extra=RUN_OPTION,
+        description="response positions projected onto the vocabulary at a time, each chunk recomputed in the "
+        "backward pass; 0: all in one pass, kept. auto: 128 on a CPU, 0 on a GPU",
+    )
+    optimizer: Literal["auto", "per_tensor", "foreach", "fused"] = Field(
+        "auto",
+        json_schema_extra=RUN_OPTION,
+        description="AdamW's implementation: per_tensor (no transient copy of every weight), foreach or fused "
+        "(faster, more memory). auto: per_tensor on a CPU, fused on a GPU",
     )
     memory_check: bool = Field(
         True, json_schema_extra=RUN_OPTION, description="refuse, before loading, a derivation whose estimated memory leaves under 4 GiB free"

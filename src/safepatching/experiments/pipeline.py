@@ -26,6 +26,7 @@ from safepatching.experiments.stages import Stages
 from safepatching.method.derive import stop_message
 from safepatching.method.geometry import region_geometry
 from safepatching.method.merge_methods import MERGE_METHODS
+from safepatching.models.device import device_memory
 from safepatching.models.zoo import DEMO_MODELS, demo_model_dir
 from safepatching.report.results import SUMMARY_SCHEMA_VERSION, read_jsonl
 from safepatching.report.statistics import compare_outcomes
@@ -34,7 +35,7 @@ from safepatching.storage.files import folder_bytes, read_json, write_json, writ
 from safepatching.storage.lock import directory_lock
 from safepatching.storage.shards import SETTINGS_FILE
 
-PATCH_SUMMARY_KEYS = ("steps", "stop_reason", "nll_history")
+PATCH_SUMMARY_KEYS = ("steps", "stop_reason", "nll_history", "device_profile")
 RUN_STAGES = 7
 
 
@@ -110,6 +111,7 @@ def run_stages(stages: Stages) -> RunResult:
         "safepatching": __version__,
         "model": config.model,
         "compute_dtype": stages.compute_dtype,
+        "device": device_memory().record(),
         "patched_model": str(model_dir),
         "backbone": before,
         "patched": after,

@@ -37,6 +37,7 @@ from safepatching.data.sources import load_examples
 from safepatching.errors import ConfigError, TrainingError
 from safepatching.experiments.validation import Judged, ValidationScorer, ValidationSet, rounded_percent
 from safepatching.method.geometry import patch_geometry, region_geometry
+from safepatching.models.device import device_memory
 from safepatching.report.plots import plot_tune_plane
 from safepatching.report.statistics import mcnemar_exact, wilson_interval
 from safepatching.report.tables import tune_markdown
@@ -438,6 +439,7 @@ def run_tune(
             "name": config.name,
             "model": config.pipeline.model,
             "compute_dtype": tuner.scorer.compute_dtype,
+            "device": device_memory().record(),
             "fingerprint": study_key(config),
             "settings": settings.model_dump(mode="json"),
             "validation_sizes": {s.name: len(s.examples) for s in tuner.sets},

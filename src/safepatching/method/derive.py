@@ -34,8 +34,10 @@ from safepatching.data.chat import collate, encode_pair, encode_question
 from safepatching.data.sources import Example
 from safepatching.errors import TrainingError
 from safepatching.method.dense import DensePatch, holds_base
-from safepatching.method.memory import is_target
-from safepatching.method.objectives import autocast, npo_loss, response_logprobs, response_nll
+from safepatching.method.device_profile import derivation_profile
+from safepatching.method.memory import ModelSize, is_target
+from safepatching.method.objectives import autocast, logit_rows, npo_loss, response_logprobs, response_nll
+from safepatching.models.device import device_memory
 from safepatching.models.precision import DTYPES
 from safepatching.storage.cache import fingerprint, release_memory
 from safepatching.storage.files import atomic_dir, load_tensors, read_json, save_tensors, write_json
@@ -223,18 +225,21 @@ def derive_patch(
         reference=model if direction == "npo" else None,  # still untouched here
         compute_dtype=mixed,
     )
+    device = next(model.parameters()).device
+    profile = derivation_profile(settings, ModelSize.of_model(model, names), device_memory(device))
     trainable = _prepare_trainable(model, names, settings)
-    if settings.recompute_activations:
+    if profile.recompute_activations:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     accelerator = Accelerator(  # training runs where the model is (load_model puts it on the GPU)
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        cpu=next(model.parameters()).device.type == "cpu",
+        cpu=device.type == "cpu",
     )
-    optimizer = torch.optim.AdamW(  # one tensor at a time: no transient copy of every trainable weight
+    optimizer = torch.optim.AdamW(  # per_tensor: no transient copy of every trainable weight
         [p for p in trainable.parameters() if p.requires_grad],
         lr=settings.learning_rate,
         weight_decay=0.0,
-        foreach=False,
+        foreach=profile.optimizer == "foreach",
+        fused=profile.optimizer == "fused" or None,
     )
     wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
     checkpointer = Checkpointer(checkpoint_dir, key, settings)
@@ -245,66 +250,67 @@ def derive_patch(
     wrapped.train()
     bar = tqdm(total=total_steps, desc=f"derive ({direction})", disable=not progress)
     step_losses: list[torch.Tensor] = []
-    try:
-        state = checkpointer.restore(accelerator.unwrap_model(wrapped), optimizer)
-        history = state.history
-        bar.update(len(history))
-        for _ in range(state.epoch):  # replay earlier epochs' shuffles so the data order matches
-            for _ in loader:
-                pass
-        while len(history) < total_steps and stop_reason not in ("nll_ceiling", "nll_floor"):
-            for position, batch in enumerate(loader):
-                if position < state.batches_done:
-                    continue
-                with accelerator.accumulate(wrapped):
-                    with autocast(wrapped, mixed):
-                        if direction == "npo":
-                            loss, nll = npo_loss(wrapped, batch, settings.npo_beta)
-                        else:
-                            nll = response_nll(wrapped, batch)
-                            loss = -nll if direction == "ascent" else nll
-                    if not torch.isfinite(nll):
-                        raise TrainingError(
-                            f"the response NLL became {nll.item()} at step {len(history) + 1} ({direction}).",
-                            "lower derive.learning_rate or derive.ascent_max_nll_increase",
-                        )
-                    accelerator.backward(loss)
-                    step_losses.append(nll.detach())
-                    if accelerator.sync_gradients:
-                        step_nll = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
-                        step_losses.clear()
-                        history.append(step_nll)
-                        if direction in UNLEARNING and step_nll > history[0] + settings.ascent_max_nll_increase:
-                            stop_reason = "nll_ceiling"
-                        elif direction == "descent" and step_nll < settings.descent_nll_floor:
-                            stop_reason = "nll_floor"
-                        accelerator.clip_grad_norm_(wrapped.parameters(), settings.max_grad_norm)
-                    overshoot_dropped = stop_reason == "nll_ceiling" and settings.ascent_stop == "before_overshoot"
-                    if not overshoot_dropped:
-                        optimizer.step()
-                    optimizer.zero_grad()
-                if not accelerator.sync_gradients:
-                    continue
-                state.batches_done = position + 1
-                bar.update(1)
-                bar.set_postfix(nll=f"{step_nll:.3f}")
-                if stop_reason in ("nll_ceiling", "nll_floor") or len(history) >= total_steps:
-                    break
-                if checkpointer.due(len(history)):
-                    checkpointer.save(accelerator.unwrap_model(wrapped), optimizer, state, len(loader))
-            else:
-                state.epoch, state.batches_done = state.epoch + 1, 0
-    finally:  # the backbone is restored even when training fails
-        bar.close()
-        trained = _finish_trainable(accelerator.unwrap_model(wrapped), settings)
-        del optimizer, wrapped
-        accelerator.free_memory()  # the optimizer's state (GBs) goes before the deltas are made
-        release_memory()
-        deltas = _take_deltas(trained, original, names)
-        model.requires_grad_(True)
-        if settings.recompute_activations:
-            model.activation_checkpointing_disable()
-        model.eval()
+    with logit_rows(profile.logit_rows):  # the profile's chunking, for this training only
+        try:
+            state = checkpointer.restore(accelerator.unwrap_model(wrapped), optimizer)
+            history = state.history
+            bar.update(len(history))
+            for _ in range(state.epoch):  # replay earlier epochs' shuffles so the data order matches
+                for _ in loader:
+                    pass
+            while len(history) < total_steps and stop_reason not in ("nll_ceiling", "nll_floor"):
+                for position, batch in enumerate(loader):
+                    if position < state.batches_done:
+                        continue
+                    with accelerator.accumulate(wrapped):
+                        with autocast(wrapped, mixed):
+                            if direction == "npo":
+                                loss, nll = npo_loss(wrapped, batch, settings.npo_beta)
+                            else:
+                                nll = response_nll(wrapped, batch)
+                                loss = -nll if direction == "ascent" else nll
+                        if not torch.isfinite(nll):
+                            raise TrainingError(
+                                f"the response NLL became {nll.item()} at step {len(history) + 1} ({direction}).",
+                                "lower derive.learning_rate or derive.ascent_max_nll_increase",
+                            )
+                        accelerator.backward(loss)
+                        step_losses.append(nll.detach())
+                        if accelerator.sync_gradients:
+                            step_nll = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
+                            step_losses.clear()
+                            history.append(step_nll)
+                            if direction in UNLEARNING and step_nll > history[0] + settings.ascent_max_nll_increase:
+                                stop_reason = "nll_ceiling"
+                            elif direction == "descent" and step_nll < settings.descent_nll_floor:
+                                stop_reason = "nll_floor"
+                            accelerator.clip_grad_norm_(wrapped.parameters(), settings.max_grad_norm)
+                        overshoot_dropped = stop_reason == "nll_ceiling" and settings.ascent_stop == "before_overshoot"
+                        if not overshoot_dropped:
+                            optimizer.step()
+                        optimizer.zero_grad()
+                    if not accelerator.sync_gradients:
+                        continue
+                    state.batches_done = position + 1
+                    bar.update(1)
+                    bar.set_postfix(nll=f"{step_nll:.3f}")
+                    if stop_reason in ("nll_ceiling", "nll_floor") or len(history) >= total_steps:
+                        break
+                    if checkpointer.due(len(history)):
+                        checkpointer.save(accelerator.unwrap_model(wrapped), optimizer, state, len(loader))
+                else:
+                    state.epoch, state.batches_done = state.epoch + 1, 0
+        finally:  # the backbone is restored even when training fails
+            bar.close()
+            trained = _finish_trainable(accelerator.unwrap_model(wrapped), settings)
+            del optimizer, wrapped
+            accelerator.free_memory()  # the optimizer's state (GBs) goes before the deltas are made
+            release_memory()
+            deltas = _take_deltas(trained, original, names)
+            model.requires_grad_(True)
+            if profile.recompute_activations:
+                model.activation_checkpointing_disable()
+            model.eval()
     info = {
         "direction": direction,
         "steps": len(history),
@@ -315,6 +321,7 @@ def derive_patch(
         "settings": settings.model_dump(mode="json"),
         "seed": seed,
         "compute_dtype": compute_dtype,
+        "device_profile": profile.record(),
         "num_pairs": len(pairs),
         "pairs_sha256": pairs_digest(pairs),
     }

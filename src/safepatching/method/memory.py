@@ -41,6 +41,13 @@ class ModelSize:
     layers: int = 0
 
     @classmethod
+    def of_model(cls, model, target_names: list[str]) -> ModelSize:
+        """The size of a loaded model, ``target_names`` being its trained parameters."""
+        params = dict(model.named_parameters())
+        total = sum(p.numel() for p in params.values())
+        return cls.from_config(total, sum(params[n].numel() for n in target_names), model.config.to_dict())
+
+    @classmethod
     def from_config(cls, total_params: int, target_params: int, config: dict) -> ModelSize:
         config = config.get("text_config") or config
         shape = (config.get(key) for key in ("hidden_size", "intermediate_size", "num_hidden_layers"))
@@ -56,12 +63,17 @@ def activation_bytes(size: ModelSize, tokens: int, recompute: bool) -> int:
     return 4 * tokens * kept
 
 
-def training_bytes(size: ModelSize, derive: DeriveConfig, importance: ImportanceConfig) -> int:
-    masters = 4 * size.total_params
+def derivation_bytes(size: ModelSize, derive: DeriveConfig, recompute: bool) -> int:
+    """Masters, what training adds per target weight, and the activations a batch keeps."""
     trained = (4 if derive.method == "lora" else 12) * size.target_params
-    derivation = (
-        masters + trained + activation_bytes(size, derive.batch_size * derive.max_length, derive.recompute_activations)
-    )
+    return 4 * size.total_params + trained + activation_bytes(size, derive.batch_size * derive.max_length, recompute)
+
+
+def training_bytes(size: ModelSize, derive: DeriveConfig, importance: ImportanceConfig) -> int:
+    """The machine memory derivation and scoring need; on a CPU activations are recomputed unless
+    ``derive.recompute_activations`` is false."""
+    masters = 4 * size.total_params
+    derivation = derivation_bytes(size, derive, recompute=derive.recompute_activations is not False)
     scoring = (
         masters
         + 4 * size.target_params

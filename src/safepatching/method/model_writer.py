@@ -93,7 +93,8 @@ def write_patched_model(
 def settings_record(config: PipelineConfig, safety: DensePatch, over_safety: DensePatch) -> dict[str, Any]:
     """Provenance kept beside a merged model: every setting, the seed, the training data's hash and
     how the two patches relate (their cosine and sign disagreement)."""
-    keys = ("direction", "steps", "stop_reason", "nll_history", "seed", "compute_dtype", "num_pairs", "pairs_sha256")
+    keys = ("direction", "steps", "stop_reason", "nll_history", "seed", "compute_dtype", "device_profile", "num_pairs",
+            "pairs_sha256")  # fmt: skip
     return {
         "safepatching": __version__,
         "base_model": config.model,

@@ -9,6 +9,7 @@ projection of the decoder's last hidden state (e.g. soft-capped) take the full f
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,19 @@ def _sliceable(model: torch.nn.Module) -> bool:
     return plain and hasattr(model, "get_decoder") and model.get_output_embeddings() is not None
 
 
-LOGIT_ROWS = 128  # response positions projected onto the vocabulary at a time
+LOGIT_ROWS = 128  # response positions projected onto the vocabulary at a time, by default
+_logit_rows: contextvars.ContextVar[int] = contextvars.ContextVar("logit_rows", default=LOGIT_ROWS)
+
+
+@contextlib.contextmanager
+def logit_rows(rows: int):
+    """Project ``rows`` response positions at a time while the block runs (0: all in one pass, kept
+    for the backward pass instead of recomputed: faster where memory is plenty, as on a GPU)."""
+    token = _logit_rows.set(rows)
+    try:
+        yield
+    finally:
+        _logit_rows.reset(token)
 
 
 def _response_rows(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
@@ -58,7 +71,7 @@ def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 
 def _target_logprobs(rows: torch.Tensor, targets: torch.Tensor, projection) -> torch.Tensor:
-    """log p(target) of each row, LOGIT_ROWS rows at a time. With gradients, a chunk's logits are
+    """log p(target) of each row, ``logit_rows`` rows at a time (LOGIT_ROWS by default). With gradients, a chunk's logits are
     recomputed in the backward pass rather than kept: a vocabulary-wide float32 row per response
     token was the largest part of a training step's memory."""
 
@@ -66,10 +79,13 @@ def _target_logprobs(rows: torch.Tensor, targets: torch.Tensor, projection) -> t
         logits = part if projection is None else projection(part)
         return -F.cross_entropy(logits.float(), part_targets, reduction="none")
 
+    per_chunk = _logit_rows.get()
+    if per_chunk == 0:
+        return chunk(rows, targets)
     recompute = projection is not None and torch.is_grad_enabled()
     parts = [
         checkpoint(chunk, part, part_targets, use_reentrant=False) if recompute else chunk(part, part_targets)
-        for part, part_targets in zip(rows.split(LOGIT_ROWS), targets.split(LOGIT_ROWS), strict=True)
+        for part, part_targets in zip(rows.split(per_chunk), targets.split(per_chunk), strict=True)
     ]
     return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from safepatching import __version__
 from safepatching.config.experiments import BenchConfig, ContinualConfig
+from safepatching.models.device import device_memory
 from safepatching.models.precision import resolve_dtype
 from safepatching.storage.files import write_json, write_text_atomic
 
@@ -43,7 +44,7 @@ def result_header(
     schema_version: int,
 ) -> dict[str, Any]:
     """What every bench or continual result starts with: versions, the exact command, the compute
-    dtype the run resolved, timing."""
+    dtype the run resolved, the device it ran on, timing."""
     return {
         "schema_version": schema_version,
         "safepatching": __version__,
@@ -52,5 +53,6 @@ def result_header(
         "complete": complete,
         "backbone": config.pipeline.model,
         "compute_dtype": resolve_dtype(config.pipeline.compute_dtype),
+        "device": device_memory().record(),
         "wall_seconds": round(seconds, 1),
     }

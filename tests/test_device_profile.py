@@ -1,0 +1,71 @@
+"""The device profile on a CPU machine: a made-up GPU's memory decides activation recomputation, a
+forced setting wins, and the CPU keeps today's choices (and so today's patches, bit for bit)."""
+
+import pytest
+import torch
+
+from safepatching.config.settings import DeriveConfig, ModelLoading
+from safepatching.method.derive import derive_patch
+from safepatching.method.device_profile import derivation_profile
+from safepatching.method.memory import GIB, ModelSize
+from safepatching.method.objectives import LOGIT_ROWS, logit_rows, response_nll
+from safepatching.models.device import DeviceMemory, device_memory
+from safepatching.models.loading import load_model
+
+SIZE = ModelSize(total_params=1_500_000_000, target_params=1_300_000_000, hidden_size=1536, intermediate_size=8960,
+                 layers=28)  # fmt: skip
+
+
+def gpu(free_gib: float) -> DeviceMemory:
+    return DeviceMemory("cuda", "a made-up GPU", int(free_gib * GIB), int(80 * GIB))
+
+
+def test_on_a_cpu_the_profile_keeps_the_memory_savings():
+    profile = derivation_profile(DeriveConfig(), SIZE, DeviceMemory("cpu", "a cpu", 20 * GIB, 24 * GIB))
+    assert (profile.recompute_activations, profile.logit_rows, profile.optimizer) == (True, LOGIT_ROWS, "per_tensor")
+
+
+def test_on_a_gpu_with_room_nothing_is_recomputed_and_adamw_is_fused():
+    profile = derivation_profile(DeriveConfig(), SIZE, gpu(70))
+    assert (profile.recompute_activations, profile.logit_rows, profile.optimizer) == (False, 0, "fused")
+    assert profile.reasons == ()
+
+
+def test_a_gpu_too_small_to_keep_the_activations_recomputes_them_and_says_why(caplog):
+    big_batches = DeriveConfig(batch_size=32, max_length=1024)
+    profile = derivation_profile(big_batches, SIZE, gpu(30))
+    assert profile.recompute_activations
+    assert "without, deriving needs about" in profile.reasons[0] and "30.0 GiB free" in profile.reasons[0]
+    assert profile.reasons[0] in caplog.text
+
+
+@pytest.mark.parametrize("memory", [gpu(70), DeviceMemory("cpu", "a cpu", 20 * GIB, 24 * GIB)], ids=["gpu", "cpu"])
+def test_a_forced_setting_wins_over_the_profile(memory):
+    forced = DeriveConfig(recompute_activations=memory.kind == "cuda", logit_rows=64, optimizer="foreach")
+    profile = derivation_profile(forced, SIZE, memory)
+    assert (profile.recompute_activations, profile.logit_rows, profile.optimizer) == (memory.kind == "cuda", 64, "foreach")
+
+
+def test_logits_in_one_pass_give_the_chunked_loss_and_gradients(tiny_model_dir, harmful_pairs):
+    from safepatching.data.chat import collate, encode_pair
+
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
+    batch = collate([encode_pair(tokenizer, e.prompt, e.response, 64) for e in harmful_pairs[:3]], tokenizer.pad_token_id)
+    results = []
+    for rows in (2, 0):  # 2 rows at a time (many chunks, recomputed) and all in one pass
+        model.zero_grad()
+        with logit_rows(rows):
+            loss = response_nll(model, batch)
+        loss.backward()
+        results.append((loss.detach(), model.lm_head.weight.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+def test_the_patch_records_the_profile_it_was_derived_with(tiny_model_dir, harmful_pairs):
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
+    settings = DeriveConfig(max_steps=1, batch_size=2, max_length=48, target_modules=["q_proj"], optimizer="foreach")
+    patch = derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, progress=False)
+    assert patch.info["device_profile"] == {"device": "cpu", "recompute_activations": True, "logit_rows": LOGIT_ROWS,
+                                            "optimizer": "foreach", "reasons": []}  # fmt: skip
+    assert device_memory().kind == "cpu" and device_memory().total_bytes > 0
