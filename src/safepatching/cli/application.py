@@ -54,7 +54,7 @@ def _root(
 
 # The commands in --help order, by group; "function:name" registers a function under another name.
 COMMANDS = {
-    experiments: "demo run bench continual sweep tune",
+    experiments: "demo run bench continual sweep tune directions",
     steps: "evaluate:eval show_config:config derive score merge",
     patches: "export apply revert inspect",
 }

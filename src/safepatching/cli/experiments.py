@@ -139,3 +139,19 @@ def tune(
     chosen = result["chosen"]
     print(f"front of {len(result['front'])} point(s) from {len(result['trials'])} trial(s): {out}.md, .json, .png")
     print(f"chosen: {chosen['config']}" if chosen else "chosen: none (no trial met the constraints)")
+
+
+def directions(
+    config: Annotated[Path | None, typer.Argument(help="YAML directions config (default: the shipped sets)")] = None,
+    overrides: Overrides = None,
+    data_dir: DataDir = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Report the backbone's refusal and false-refusal directions layer by layer (norms, cosine, probes)."""
+    from safepatching.config.experiments import DirectionsConfig
+
+    progress = show_progress(no_progress)
+    resolved = load_cli_config(config, overrides, {"pipeline.data_dir": data_dir}, DirectionsConfig)
+    from safepatching.experiments.directions import run_directions
+
+    run_directions(resolved, command_line(), progress)

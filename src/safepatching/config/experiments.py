@@ -466,3 +466,40 @@ def config_model_of(path: Path) -> type[StrictModel]:
         if keys & marks:
             return model
     return PipelineConfig
+
+
+class DirectionsConfig(StrictModel):
+    """`safepatching directions`: residual-stream directions of the backbone on three prompt sets,
+    reported per layer. The prompts must not share one with the pipeline's evaluation sets."""
+
+    name: str = Field("directions", pattern=r"^[A-Za-z0-9._-]+$", description="results go to OUTPUT_DIR/<name>.*")
+    pipeline: PipelineConfig = Field(
+        default_factory=PipelineConfig, description="the backbone, its loading and the evaluation sets kept apart"
+    )
+    harmful: DatasetSpec = Field(
+        default_factory=lambda: DatasetSpec(
+            source="data:harmful_prompts_extra/refusal_direction_splits/harmful_train.json", prompt_column="instruction"
+        ),
+        description="prompts the model should refuse (r = mean(harmful) - mean(harmless))",
+    )
+    harmless: DatasetSpec = Field(
+        default_factory=lambda: DatasetSpec(
+            source="data:harmful_prompts_extra/refusal_direction_splits/harmless_train.json",
+            prompt_column="instruction",
+            split="train[:300]",
+            shuffle_seed=0,
+        ),
+        description="plainly harmless prompts, the common reference of both directions",
+    )
+    benign: DatasetSpec = Field(
+        default_factory=lambda: DatasetSpec(
+            source="data:over_refusal/or_bench/or_bench_hard_train.json",
+            prompt_column="instruction",
+            split="train[:200]",
+            shuffle_seed=0,
+        ),
+        description="benign prompts that sound harmful (v = mean(benign) - mean(harmless)); OR-Bench-Hard's train split",
+    )
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass")
+    seed: int = Field(0, description="the probes' train/held-out split")
+    output_dir: Path = Field(Path("runs/directions"), description="where the report and the directions go")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from safepatching import __version__
-from safepatching.config.experiments import BenchConfig, ContinualConfig
+from safepatching.config.experiments import BenchConfig, ContinualConfig, DirectionsConfig
 from safepatching.models.device import device_memory
 from safepatching.models.precision import resolve_dtype
 from safepatching.storage.files import write_json, write_text_atomic
@@ -37,13 +37,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def result_header(
-    config: BenchConfig | ContinualConfig,
+    config: BenchConfig | ContinualConfig | DirectionsConfig,
     command: str,
     seconds: float,
     complete: bool,
     schema_version: int,
 ) -> dict[str, Any]:
-    """What every bench or continual result starts with: versions, the exact command, the compute
+    """What every bench, continual or directions result starts with: versions, the exact command, the compute
     dtype the run resolved, the device it ran on, timing."""
     return {
         "schema_version": schema_version,

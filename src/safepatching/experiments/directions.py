@@ -1,0 +1,145 @@
+"""`safepatching directions`: where a backbone keeps refusal and false refusal, layer by layer.
+
+For each layer (at the last post-instruction position) the report gives the norms of the refusal
+direction r = mean(harmful) - mean(harmless) and the false-refusal direction v = mean(benign) -
+mean(harmless), their cosine, and two probes' held-out accuracy: harmful vs harmless (is refusal's
+input linearly there?) and harmful vs benign-but-scary (does the model tell real harm from what only
+sounds like it, even where its refusals do not?). The directions of every layer and position are
+saved beside the report for the edits that use them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from tqdm.auto import tqdm
+
+from safepatching.config.experiments import DirectionsConfig
+from safepatching.data.eval_sets import load_eval_sets
+from safepatching.data.overlap import assert_disjoint
+from safepatching.data.sources import load_examples
+from safepatching.errors import DataError
+from safepatching.experiments.backbone import Backbone
+from safepatching.method.directions import (
+    mean_difference,
+    post_instruction_length,
+    probe_accuracy,
+    residual_activations,
+)
+from safepatching.models.precision import resolved
+from safepatching.report.results import result_header
+from safepatching.report.statistics import wilson_interval
+from safepatching.storage.files import save_tensors, write_json, write_text_atomic
+
+DIRECTIONS_SCHEMA_VERSION = 1
+MIN_PROMPTS = 16  # fewer leave a direction (and a probe's held-out quarter) to noise
+SETS = ("harmful", "harmless", "benign")
+
+
+def direction_prompts(config: DirectionsConfig) -> dict[str, list[str]]:
+    """The three sets' prompts, refused when one holds an evaluation prompt or has too few."""
+    data_dir = config.pipeline.data_dir
+    evaluated = load_eval_sets(config.pipeline.eval, data_dir).named()
+    prompts = {}
+    for name in SETS:
+        spec = getattr(config, name)
+        examples = load_examples(spec, data_dir)
+        assert_disjoint(examples, evaluated, against=f"directions {name} set")
+        if len(examples) < MIN_PROMPTS:
+            raise DataError(
+                f"the {name} set ({spec.source} {spec.split}) has {len(examples)} prompts; directions need {MIN_PROMPTS}.",
+                f"give {name} a larger split",
+            )
+        prompts[name] = [e.prompt for e in examples]
+    return prompts
+
+
+def layer_rows(activations: dict[str, torch.Tensor], seed: int) -> list[dict[str, Any]]:
+    """The per-layer report at the last post-instruction position."""
+    last = {name: acts[:, :, -1] for name, acts in activations.items()}
+    refusal = mean_difference(last["harmful"], last["harmless"])
+    false_refusal = mean_difference(last["benign"], last["harmless"])
+    rows = []
+    for layer in range(refusal.shape[0]):
+        r, v = refusal[layer], false_refusal[layer]
+        rows.append(
+            {
+                "layer": layer,
+                "norm_r": round(float(r.norm()), 4),
+                "norm_v": round(float(v.norm()), 4),
+                "cos_r_v": round(float(torch.nn.functional.cosine_similarity(r, v, dim=0)), 4),
+                **probe_columns("harmful_vs_harmless", last["harmful"][:, layer], last["harmless"][:, layer], seed),
+                **probe_columns("harmful_vs_benign", last["harmful"][:, layer], last["benign"][:, layer], seed),
+            }
+        )
+    return rows
+
+
+def probe_columns(name: str, first: torch.Tensor, second: torch.Tensor, seed: int) -> dict[str, Any]:
+    """A probe's held-out accuracy in % with its 95 % Wilson interval and the held-out count."""
+    correct, total = probe_accuracy(first, second, seed)
+    low, high = wilson_interval(correct, total)
+    return {f"probe_{name}": round(100 * correct / total, 1), f"probe_{name}_95ci": [round(low, 1), round(high, 1)],
+            f"probe_{name}_held_out": total}  # fmt: skip
+
+
+def directions_markdown(result: dict[str, Any]) -> str:
+    sizes = ", ".join(f"{name} {count}" for name, count in result["sizes"].items())
+    lines = [
+        f"# {result['name']}: residual directions of {result['backbone']}",
+        "",
+        f"Command: `{result['command']}`; compute dtype {result['compute_dtype']}; prompts: {sizes}; "
+        f"{result['positions']} post-instruction positions (the table: the last). Probe accuracies are on a "
+        "held-out quarter of the prompts, with 95 % Wilson intervals.",
+        "",
+        "| layer | norm r | norm v | cos(r, v) | probe harmful/harmless (%) | probe harmful/benign (%) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def probe(row: dict[str, Any], name: str) -> str:
+        low, high = row[f"probe_{name}_95ci"]
+        return f"{row[f'probe_{name}']:.1f} [{low:.1f}, {high:.1f}]"
+
+    for row in result["layers"]:
+        lines.append(
+            f"| {row['layer']} | {row['norm_r']:.2f} | {row['norm_v']:.2f} | {row['cos_r_v']:.2f} | "
+            f"{probe(row, 'harmful_vs_harmless')} | {probe(row, 'harmful_vs_benign')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_directions(config: DirectionsConfig, command: str = "", progress: bool = True) -> dict[str, Any]:
+    """Write OUTPUT_DIR/<name>.json and .md (the report) and <name>.safetensors (r and v of every
+    layer and position)."""
+    started = time.perf_counter()
+    prompts = direction_prompts(config)  # bad data fails here, before the model loads
+    pipeline = config.pipeline
+    loading = resolved(pipeline.loading)
+    model, tokenizer = Backbone(pipeline.model, loading, pipeline.derive.target_modules).model()
+    positions = post_instruction_length(tokenizer)
+    activations = {
+        name: residual_activations(model, tokenizer, prompts[name], positions, config.batch_size, loading.compute_dtype)
+        for name in tqdm(SETS, desc="activations", disable=not progress)
+    }
+    result = {
+        **result_header(config, command, time.perf_counter() - started, True, DIRECTIONS_SCHEMA_VERSION),
+        "positions": positions,
+        "sizes": {name: len(prompts[name]) for name in SETS},
+        "layers": layer_rows(activations, config.seed),
+        "config": config.model_dump(mode="json"),
+    }
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    base = Path(config.output_dir)
+    write_json(base / f"{config.name}.json", result)
+    write_text_atomic(base / f"{config.name}.md", directions_markdown(result))
+    directions = {
+        "refusal": mean_difference(activations["harmful"], activations["harmless"]),
+        "false_refusal": mean_difference(activations["benign"], activations["harmless"]),
+    }
+    save_tensors(base / f"{config.name}.safetensors", {k: v.contiguous() for k, v in directions.items()})
+    Console(highlight=False).print(directions_markdown(result))
+    return result

@@ -1,0 +1,120 @@
+"""Directions in the residual stream, from activations on named prompt sets, and the static weight
+edit that projects one out (the first step of directional patches; see docs/method.md).
+
+Activations are the residual stream at every layer's input, taken at the post-instruction
+positions: the tokens the chat template puts after the user's message (its end of turn and the
+assistant header), where refusal is decided before any reply token exists. They come from forward
+passes only, in the compute dtype, and are kept in float32.
+
+- ``mean_difference``: e.g. the refusal direction r = mean(harmful) - mean(harmless) and the
+  false-refusal direction v = mean(benign-but-scary) - mean(harmless).
+- ``orthogonalised``: v - lambda (v . r^) r^, v with (a share of) its refusal component removed.
+- ``probe_accuracy``: whether two sets are linearly apart at a layer (a scikit-learn logistic
+  regression, scored on held-out prompts).
+- ``ablation_deltas``: per-tensor deltas that project a direction out of every residual writer
+  (the input embedding, every attention output and every MLP down projection), folded in float32;
+  added to the backbone they are a patch like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safepatching.data.chat import chat_prompt
+from safepatching.errors import ModelError
+from safepatching.method.objectives import autocast
+from safepatching.models.precision import DTYPES
+
+WRITER_SUFFIXES = ("embed_tokens.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight")
+PROMPT_MARKER = "\x00prompt\x00"
+
+
+def post_instruction_length(tokenizer: PreTrainedTokenizerBase) -> int:
+    """How many tokens the chat template puts after the user's message."""
+    templated = chat_prompt(tokenizer, PROMPT_MARKER)
+    suffix = templated.split(PROMPT_MARKER, 1)[1]
+    return max(len(tokenizer(suffix, add_special_tokens=False).input_ids), 1)
+
+
+@torch.no_grad()
+def residual_activations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    positions: int,
+    batch_size: int = 8,
+    compute_dtype: str = "float32",
+) -> torch.Tensor:
+    """Float32 activations [prompt, layer, position, hidden]: each layer's residual input at the
+    last ``positions`` tokens of each chat-formatted prompt (batches are left-padded, so those
+    positions line up)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    layers = model.config.num_hidden_layers
+    kept = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [
+            tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False).input_ids
+            for p in prompts[start : start + batch_size]
+        ]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded], device=device)
+        with autocast(model, DTYPES[compute_dtype]):
+            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+        kept.append(torch.stack([h[:, -positions:].float() for h in hidden[:layers]], dim=1).cpu())
+    return torch.cat(kept)
+
+
+def mean_difference(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """mean(first) - mean(second) over prompts: one direction per layer and position."""
+    return first.mean(0) - second.mean(0)
+
+
+def orthogonalised(direction: torch.Tensor, against: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """``direction`` less ``strength`` times its component along ``against`` (over the last axis)."""
+    unit = against / against.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return direction - strength * (direction * unit).sum(-1, keepdim=True) * unit
+
+
+def probe_accuracy(first: torch.Tensor, second: torch.Tensor, seed: int = 0, held_out: float = 0.25) -> tuple[int, int]:
+    """(correct, total) on the held-out prompts of a logistic regression telling ``first`` from
+    ``second`` (rows: prompts)."""
+    features = torch.cat([first, second]).numpy()
+    labels = [1] * len(first) + [0] * len(second)
+    train_x, test_x, train_y, test_y = train_test_split(
+        features, labels, test_size=held_out, random_state=seed, stratify=labels
+    )
+    probe = LogisticRegression(max_iter=2000).fit(train_x, train_y)
+    return int((probe.predict(test_x) == test_y).sum()), len(test_y)
+
+
+def residual_writers(model: PreTrainedModel) -> list[str]:
+    """The weights that write into the residual stream; a model without them fails in one line."""
+    names = [name for name, _ in model.named_parameters() if name.endswith(WRITER_SUFFIXES)]
+    if not any(name.endswith("embed_tokens.weight") for name in names) or len(names) < 2:
+        raise ModelError(
+            f"{type(model).__name__} has no Llama/Qwen2/Mistral/Gemma-style residual writers "
+            f"({', '.join(WRITER_SUFFIXES)}).",
+            "directional edits support those families",
+        )
+    return names
+
+
+def ablation_deltas(weights: Mapping[str, torch.Tensor], direction: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Float32 deltas that remove ``direction`` from what each writer writes: W' = (I - d d^T) W for a
+    linear layer ([hidden, in]) and E' = E (I - d d^T) for the embedding ([vocab, hidden])."""
+    unit = (direction / direction.norm()).float()
+    deltas = {}
+    for name, weight in weights.items():
+        weight = weight.float()
+        if name.endswith("embed_tokens.weight"):
+            deltas[name] = -torch.outer(weight @ unit, unit)
+        else:
+            deltas[name] = -torch.outer(unit, unit @ weight)
+    return deltas

@@ -1,0 +1,57 @@
+"""`safepatching directions` on the tiny model with built-in sets: the report, the saved directions,
+and the one-line refusals of bad sets."""
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from safepatching.config.experiments import DirectionsConfig
+from safepatching.config.settings import PipelineConfig
+from safepatching.data.sources import load_examples
+from safepatching.errors import DataError
+from safepatching.experiments.directions import run_directions
+
+SETS = {
+    "harmful": {"source": "builtin:uncensorbench", "split": "train[:20]", "shuffle_seed": 0},
+    "harmless": {"source": "builtin:harmless", "split": "train[2:]"},  # rows 0-1 are evaluated
+    "benign": {"source": "builtin:benign-but-scary", "split": "train[5:25]"},  # rows 0-4 are evaluated
+}
+
+
+def directions_config(model_dir, out, bench_pipeline, **changes):
+    pipeline = PipelineConfig(**bench_pipeline(model_dir), output_dir=out / "run")
+    return DirectionsConfig(**{"pipeline": pipeline, "output_dir": out, "batch_size": 8, **SETS, **changes})
+
+
+def test_the_report_has_a_row_per_layer_and_the_directions_are_saved(tmp_path, tiny_model_dir, bench_pipeline):
+    config = directions_config(tiny_model_dir, tmp_path, bench_pipeline)
+    result = run_directions(config, "safepatching directions", progress=False)
+    assert [row["layer"] for row in result["layers"]] == [0, 1]
+    assert result["sizes"] == {"harmful": 20, "harmless": 22, "benign": 20}
+    first, second = result["layers"]
+    assert first["norm_r"] == 0 and first["norm_v"] == 0  # layer 0's input at the last position: one token's embedding
+    assert second["norm_r"] > 0 and -1 <= second["cos_r_v"] <= 1 and 0 <= second["probe_harmful_vs_benign"] <= 100
+    low, high = second["probe_harmful_vs_benign_95ci"]
+    assert low <= second["probe_harmful_vs_benign"] <= high and second["probe_harmful_vs_benign_held_out"] == 10
+    saved = json.loads((tmp_path / "directions.json").read_text())
+    assert saved["layers"] == result["layers"] and saved["device"]["kind"] == "cpu"
+    tensors = load_file(tmp_path / "directions.safetensors")
+    assert tensors["refusal"].shape == (2, result["positions"], 32) and tensors["false_refusal"].shape == (2, result["positions"], 32)
+    assert "| layer | norm r |" in (tmp_path / "directions.md").read_text()
+
+
+def test_a_set_sharing_an_evaluation_prompt_or_too_small_is_refused(tmp_path, tiny_model_dir, bench_pipeline):
+    overlapping = directions_config(tiny_model_dir, tmp_path, bench_pipeline, benign={"source": "builtin:benign-but-scary"})
+    with pytest.raises(DataError, match="directions benign set"):
+        run_directions(overlapping, progress=False)
+    small = directions_config(tiny_model_dir, tmp_path, bench_pipeline, harmless={"source": "builtin:harmless", "split": "train[2:10]"})
+    with pytest.raises(DataError, match="has 8 prompts; directions need 16"):
+        run_directions(small, progress=False)
+    assert not (tmp_path / "directions.json").exists()
+
+
+def test_the_shipped_sets_are_in_the_data_directory():
+    defaults = DirectionsConfig()
+    sizes = [len(load_examples(getattr(defaults, name), defaults.pipeline.data_dir)) for name in ("harmful", "harmless", "benign")]
+    assert sizes == [260, 300, 200]
