@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from safepatching.cli.options import load_cli_config
-from safepatching.config.experiments import BenchConfig, ContinualConfig, TuneConfig, config_model_of
+from safepatching.config.experiments import BenchConfig, ContinualConfig, DirectionsConfig, TuneConfig, config_model_of
 from safepatching.config.loading import build_config, parse_overrides
 from safepatching.config.settings import PipelineConfig
 from safepatching.errors import ConfigError
@@ -196,11 +196,11 @@ def test_cli_derive_score_merge_end_to_end_and_no_silent_overwrite(tmp_path, tin
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    kinds = {"bench": BenchConfig, "continual": ContinualConfig, "tune": TuneConfig}
+    kinds = {"bench": BenchConfig, "continual": ContinualConfig, "tune": TuneConfig, "directions": DirectionsConfig}
     kind = config_model_of(path)  # the CLI's own way of telling kinds apart, checked against the name
     assert kind is kinds.get(path.name.split("-")[0], PipelineConfig)
     assert isinstance(build_config(path, model=kind), kind)
-    if kind in (BenchConfig, ContinualConfig):
+    if kind in (BenchConfig, ContinualConfig, DirectionsConfig):
         quick = build_config(path, model=kind, quick=True)
         assert quick.name.endswith("-quick") and quick.pipeline.model == "smollm2-135m-instruct"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Annotated
@@ -9,7 +10,6 @@ from typing import Annotated
 import typer
 
 from safepatching.cli.options import DataDir, NoProgress, Overrides, Quick, command_line, load_cli_config, show_progress
-from safepatching.config.experiments import BenchConfig, ContinualConfig
 from safepatching.config.settings import DATA_DIR_ENV
 
 
@@ -46,12 +46,18 @@ def run(
 
 
 ExperimentConfigFile = Annotated[
-    Path, typer.Argument(help="YAML config (see configs/bench-reference.yaml, configs/continual-reference.yaml)")
+    Path,
+    typer.Argument(help="YAML config (see configs/bench-reference.yaml, continual-reference.yaml, directions-reference.yaml)"),
 ]
+EXPERIMENTS = {  # kind: (its config, the module and function that run it)
+    "bench": ("BenchConfig", "safepatching.experiments.bench", "run_bench"),
+    "continual": ("ContinualConfig", "safepatching.experiments.continual", "run_continual"),
+    "directions": ("DirectionsConfig", "safepatching.experiments.directions", "run_directions"),
+}
 
 
 def experiment_command(kind: str, summary: str):
-    """`bench` and `continual` take the same options: a config file, --quick, --set and --data-dir."""
+    """`bench`, `continual` and `directions` take the same options: a config file, --quick, --set and --data-dir."""
 
     def command(
         config: ExperimentConfigFile,
@@ -61,12 +67,10 @@ def experiment_command(kind: str, summary: str):
         no_progress: NoProgress = False,
     ) -> None:
         progress = show_progress(no_progress)
-        model = BenchConfig if kind == "bench" else ContinualConfig
+        settings, module, function = EXPERIMENTS[kind]
+        model = getattr(importlib.import_module("safepatching.config.experiments"), settings)
         resolved = load_cli_config(config, overrides, {"pipeline.data_dir": data_dir}, model, quick)
-        if kind == "bench":
-            from safepatching.experiments.bench import run_bench as runner
-        else:
-            from safepatching.experiments.continual import run_continual as runner
+        runner = getattr(importlib.import_module(module), function)  # after the config: its errors come first
         runner(resolved, command_line(), progress=progress)
 
     command.__name__, command.__doc__ = kind, summary
@@ -80,6 +84,10 @@ bench = experiment_command(
 continual = experiment_command(
     "continual",
     "Patch round after round on disjoint harmful data; evaluate after every round (table + plot).",
+)
+directions = experiment_command(
+    "directions",
+    "Report the backbone's refusal and false-refusal directions layer by layer (norms, cosine, probes).",
 )
 
 
@@ -139,19 +147,3 @@ def tune(
     chosen = result["chosen"]
     print(f"front of {len(result['front'])} point(s) from {len(result['trials'])} trial(s): {out}.md, .json, .png")
     print(f"chosen: {chosen['config']}" if chosen else "chosen: none (no trial met the constraints)")
-
-
-def directions(
-    config: Annotated[Path | None, typer.Argument(help="YAML directions config (default: the shipped sets)")] = None,
-    overrides: Overrides = None,
-    data_dir: DataDir = None,
-    no_progress: NoProgress = False,
-) -> None:
-    """Report the backbone's refusal and false-refusal directions layer by layer (norms, cosine, probes)."""
-    from safepatching.config.experiments import DirectionsConfig
-
-    progress = show_progress(no_progress)
-    resolved = load_cli_config(config, overrides, {"pipeline.data_dir": data_dir}, DirectionsConfig)
-    from safepatching.experiments.directions import run_directions
-
-    run_directions(resolved, command_line(), progress)

@@ -462,10 +462,18 @@ BenchConfig.model_rebuild()
 def config_model_of(path: Path) -> type[StrictModel]:
     """The config class a YAML file is written for, told by the top-level keys only that class has."""
     keys = set(read_yaml(path))
-    for model, marks in ((ContinualConfig, {"rounds"}), (BenchConfig, {"seeds", "tuning"}), (TuneConfig, {"tune"})):
+    kinds = ((ContinualConfig, {"rounds"}), (BenchConfig, {"seeds", "tuning"}), (TuneConfig, {"tune"}),
+             (DirectionsConfig, {"harmless", "benign"}))  # fmt: skip
+    for model, marks in kinds:
         if keys & marks:
             return model
     return PipelineConfig
+
+
+def shipped_prompts(path: str, description: str, split: str = "train", shuffle_seed: int | None = None):
+    """A direction set's default: a JSON file of the data directory with its prompts under ``instruction``."""
+    spec = {"source": f"data:{path}", "prompt_column": "instruction", "split": split, "shuffle_seed": shuffle_seed}
+    return Field(default_factory=lambda: DatasetSpec(**spec), description=description)
 
 
 class DirectionsConfig(StrictModel):
@@ -476,30 +484,23 @@ class DirectionsConfig(StrictModel):
     pipeline: PipelineConfig = Field(
         default_factory=PipelineConfig, description="the backbone, its loading and the evaluation sets kept apart"
     )
-    harmful: DatasetSpec = Field(
-        default_factory=lambda: DatasetSpec(
-            source="data:harmful_prompts_extra/refusal_direction_splits/harmful_train.json", prompt_column="instruction"
-        ),
-        description="prompts the model should refuse (r = mean(harmful) - mean(harmless))",
+    harmful: DatasetSpec = shipped_prompts(
+        "harmful_prompts_extra/refusal_direction_splits/harmful_train.json",
+        "prompts the model should refuse (r = mean(harmful) - mean(harmless))",
     )
-    harmless: DatasetSpec = Field(
-        default_factory=lambda: DatasetSpec(
-            source="data:harmful_prompts_extra/refusal_direction_splits/harmless_train.json",
-            prompt_column="instruction",
-            split="train[:300]",
-            shuffle_seed=0,
-        ),
-        description="plainly harmless prompts, the common reference of both directions",
+    harmless: DatasetSpec = shipped_prompts(
+        "harmful_prompts_extra/refusal_direction_splits/harmless_train.json",
+        "plainly harmless prompts, the common reference of both directions",
+        "train[:300]",
+        0,
     )
-    benign: DatasetSpec = Field(
-        default_factory=lambda: DatasetSpec(
-            source="data:over_refusal/or_bench/or_bench_hard_train.json",
-            prompt_column="instruction",
-            split="train[:200]",
-            shuffle_seed=0,
-        ),
-        description="benign prompts that sound harmful (v = mean(benign) - mean(harmless)); OR-Bench-Hard's train split",
+    benign: DatasetSpec = shipped_prompts(
+        "over_refusal/or_bench/or_bench_hard_train.json",
+        "benign prompts that sound harmful (v = mean(benign) - mean(harmless)); OR-Bench-Hard's train split",
+        "train[:200]",
+        0,
     )
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
     seed: int = Field(0, description="the probes' train/held-out split")
     output_dir: Path = Field(Path("runs/directions"), description="where the report and the directions go")
+    quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --quick")
