@@ -72,6 +72,12 @@ class Backbone:
                 hold_output_layer_in(self._model, DTYPES[self.compute_dtype], self.target_modules)
         return self._model, self._tokenizer
 
+    def master_host(self) -> Backbone:
+        """A host over this backbone's float32 master for callers that change it (a study's trials,
+        continual PSA's rounds): restoring from the files is then checked against what it holds."""
+        master = self.model(training=True)
+        return Backbone(self.source, self.loading, self.target_modules, loaded=master, meter=self.meter)
+
     def generating_copy(self):
         """The model a study patches and generates with, beside the float32 master that derivation and
         importance train: the master itself when the compute dtype is float32, else one copy in the

@@ -125,9 +125,8 @@ class Continual:
         records: dict[str, list[list[dict[str, Any]]]] = {}  # per prompt, for the paired statistics
         for method in self.config.methods:
             pipeline = self.config.method_pipeline(method)
-            targets = pipeline.derive.target_modules
-            working, _ = Backbone(pipeline.model, self.loading, targets).model(training=True)  # float32 master
-            host = Backbone(pipeline.model, self.loading, targets, loaded=(working, self.tokenizer))  # the rounds add up
+            host = Backbone(pipeline.model, self.loading, pipeline.derive.target_modules).master_host()
+            working, _ = host.model(training=True)  # the float32 master the rounds add up in
             state = origin
             rows[method], records[method] = [baseline], [baseline_records]
             for number, (spec, pairs) in enumerate(zip(self.config.rounds, self.rounds, strict=True), start=1):

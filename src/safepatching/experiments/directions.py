@@ -125,14 +125,14 @@ def run_directions(config: DirectionsConfig, command: str = "", progress: bool =
         name: residual_activations(model, tokenizer, prompts[name], positions, config.batch_size, loading.compute_dtype)
         for name in tqdm(SETS, desc="activations", disable=not progress)
     }
+    layers = layer_rows(activations, config.seed)
     result = {
         **result_header(config, command, time.perf_counter() - started, True, DIRECTIONS_SCHEMA_VERSION),
         "positions": positions,
         "sizes": {name: len(prompts[name]) for name in SETS},
-        "layers": layer_rows(activations, config.seed),
+        "layers": layers,
         "config": config.model_dump(mode="json"),
     }
-    result["wall_seconds"] = round(time.perf_counter() - started, 1)
     base = Path(config.output_dir)
     write_json(base / f"{config.name}.json", result)
     write_text_atomic(base / f"{config.name}.md", directions_markdown(result))

@@ -113,9 +113,7 @@ class ValidationScorer:
         self.loaded = True
         self.master, self.tokenizer = self.backbone.model(training=True)  # float32: derivation updates it
         self.model, self.base = self.backbone.generating_copy(), self.backbone.generating_base()
-        self.study_backbone = Backbone(  # what every candidate derives on: the master, restored after each
-            self.config.model, self.backbone.loading, self.config.derive.target_modules, loaded=(self.master, self.tokenizer)
-        )
+        self.study_backbone = self.backbone.master_host()  # what every candidate derives on, restored after each
         self.kinds = {"harmful": self.judges.harmful, "benign": self.judges.refusal}
         self.generator = HFGenerator(self.model, self.tokenizer, self.config.eval.batch_size, progress=False)
         self.harmless_prompts = [e.prompt for e in self.harmless]

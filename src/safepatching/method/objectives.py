@@ -71,9 +71,9 @@ def response_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 
 def _target_logprobs(rows: torch.Tensor, targets: torch.Tensor, projection) -> torch.Tensor:
-    """log p(target) of each row, ``logit_rows`` rows at a time (LOGIT_ROWS by default). With gradients, a chunk's logits are
-    recomputed in the backward pass rather than kept: a vocabulary-wide float32 row per response
-    token was the largest part of a training step's memory."""
+    """log p(target) of each row, ``logit_rows`` rows at a time (LOGIT_ROWS by default). With
+    gradients, a chunk's logits are recomputed in the backward pass rather than kept: a
+    vocabulary-wide float32 row per response token was the largest part of a training step's memory."""
 
     def chunk(part: torch.Tensor, part_targets: torch.Tensor) -> torch.Tensor:
         logits = part if projection is None else projection(part)
