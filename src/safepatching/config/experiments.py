@@ -227,7 +227,9 @@ class ContinualConfig(StrictModel):
 
     name: str = Field("continual", pattern=r"^[A-Za-z0-9._-]+$", description="results go to OUTPUT_DIR/<name>.*")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
-    rounds: Annotated[list[DatasetSpec], responses_required("every round")] = Field(min_length=1, description="harmful (prompt, response) pairs of each round")
+    rounds: Annotated[list[DatasetSpec], responses_required("every round")] = Field(
+        min_length=1, description="harmful (prompt, response) pairs of each round"
+    )
     methods: list[Literal["safepatching", "ga", "npo"]] = Field(
         default_factory=lambda: ["safepatching", "ga", "npo"], min_length=1, description="the methods run round by round"
     )

@@ -110,12 +110,14 @@ class DeriveConfig(StrictModel):
     )
     ascent_stop: Literal["after_overshoot", "before_overshoot"] = Field(
         "after_overshoot",
-        json_schema_extra=ADDED_LATER, description="when a step's NLL (measured before its update) crosses the ceiling, after_overshoot "
+        json_schema_extra=ADDED_LATER,
+        description="when a step's NLL (measured before its update) crosses the ceiling, after_overshoot "
         "still applies that step's update (the committed reference results); before_overshoot drops it",
     )
     unlearning: Literal["ascent", "npo"] = Field(
         "ascent",
-        json_schema_extra=ADDED_LATER, description="how the safety patch unlearns the harmful responses: gradient ascent (the paper) or NPO "
+        json_schema_extra=ADDED_LATER,
+        description="how the safety patch unlearns the harmful responses: gradient ascent (the paper) or NPO "
         "(bounded; the paper's baseline), both stopped by ascent_max_nll_increase",
     )
     npo_beta: float = Field(0.1, gt=0, description="NPO's inverse temperature (objective: npo)")
@@ -144,13 +146,21 @@ class DeriveConfig(StrictModel):
         "(faster, more memory). auto: per_tensor on a CPU, fused on a GPU",
     )
     memory_check: bool = Field(
-        True, json_schema_extra=RUN_OPTION, description="refuse, before loading, a derivation whose estimated memory leaves under 4 GiB free"
+        True,
+        json_schema_extra=RUN_OPTION,
+        description="refuse, before loading, a derivation whose estimated memory leaves under 4 GiB free",
     )
     checkpoint_every_steps: int = Field(
-        0, ge=0, json_schema_extra=RUN_OPTION, description="save a resumable checkpoint every N optimizer steps (0: only by time)"
+        0,
+        ge=0,
+        json_schema_extra=RUN_OPTION,
+        description="save a resumable checkpoint every N optimizer steps (0: only by time)",
     )
     checkpoint_every_minutes: float = Field(
-        10.0, ge=0, json_schema_extra=RUN_OPTION, description="save a resumable checkpoint when this long has passed since the last (0: never)"
+        10.0,
+        ge=0,
+        json_schema_extra=RUN_OPTION,
+        description="save a resumable checkpoint when this long has passed since the last (0: never)",
     )
 
 
@@ -162,16 +172,23 @@ class ImportanceConfig(StrictModel):
     max_length: int = Field(160, ge=8, description="tokens kept per pair")
     over_safety_data: Literal["harmful", "over_safety_train"] = Field(
         "harmful",
-        json_schema_extra=ADDED_LATER, description="the pairs I_o is scored on: the harmful pairs (the paper) or the over-safety patch's own "
+        json_schema_extra=ADDED_LATER,
+        description="the pairs I_o is scored on: the harmful pairs (the paper) or the over-safety patch's own "
         "training pairs (over_safety_train)",
     )
     loss_on: Literal["responses", "questions", "own_replies"] = Field(
         "responses",
-        json_schema_extra=ADDED_LATER, description="the harmful pairs' tokens the SNIP loss is taken on: their harmful responses (the objective "
+        json_schema_extra=ADDED_LATER,
+        description="the harmful pairs' tokens the SNIP loss is taken on: their harmful responses (the objective "
         "the patches were derived from), the questions alone (a reading of the paper's 'input question'), or the "
         "backbone's own greedy replies to the questions (what it really does, refusals included)",
     )
-    own_reply_tokens: int = Field(96, ge=8, json_schema_extra=only_with(loss_on="own_replies"), description="new tokens of each own reply (loss_on: own_replies)")
+    own_reply_tokens: int = Field(
+        96,
+        ge=8,
+        json_schema_extra=only_with(loss_on="own_replies"),
+        description="new tokens of each own reply (loss_on: own_replies)",
+    )
 
 
 class OverSafetyReplies(StrictModel):
@@ -210,7 +227,12 @@ class MergeConfig(StrictModel):
     output_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the written model; auto keeps the backbone's"
     )
-    shard_size_mb: int = Field(2000, ge=1, json_schema_extra=HELD_RUN_OPTION, description="output shard size; a run option that changes no weight")
+    shard_size_mb: int = Field(
+        2000,
+        ge=1,
+        json_schema_extra=HELD_RUN_OPTION,
+        description="output shard size; a run option that changes no weight",
+    )
 
     @field_validator("method", mode="before")
     @classmethod
@@ -355,7 +377,11 @@ class EvalConfig(StrictModel):
         "folder or hub id when vLLM is installed and a GPU is present, transformers otherwise",
     )
     vllm_gpu_memory_utilization: float = Field(
-        0.5, gt=0, le=1, json_schema_extra=HELD_RUN_OPTION, description="share of GPU memory vLLM may take (a run option that changes no result)"
+        0.5,
+        gt=0,
+        le=1,
+        json_schema_extra=HELD_RUN_OPTION,
+        description="share of GPU memory vLLM may take (a run option that changes no result)",
     )
     utility: UtilityConfig = Field(default_factory=UtilityConfig)
     perplexity: DatasetSpec | None = Field(

@@ -6,13 +6,13 @@ The derivation profile (``method.device_profile``) decides from this; tests hand
 
 from __future__ import annotations
 
-import functools
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import torch
+
+from safepatching.models.precision import compute_device, cpuinfo
 
 
 @dataclass(frozen=True)
@@ -29,21 +29,11 @@ class DeviceMemory:
                 "total_gib": round(self.total_bytes / gib, 1)}  # fmt: skip
 
 
-@functools.cache
-def cpu_name() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return platform.processor() or "cpu"
-    line = next((line for line in text.splitlines() if line.startswith("model name")), "")
-    return line.partition(":")[2].strip() or platform.processor() or "cpu"
-
-
 def device_memory(device: torch.device | str | None = None) -> DeviceMemory:
     """The memory of ``device`` (default: where models compute, a CUDA device when one is present)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(device or compute_device())
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return DeviceMemory("cuda", torch.cuda.get_device_name(device), free, total)
     memory = psutil.virtual_memory()
-    return DeviceMemory("cpu", cpu_name(), memory.available, memory.total)
+    return DeviceMemory("cpu", cpuinfo("model name") or platform.processor() or "cpu", memory.available, memory.total)

@@ -23,14 +23,20 @@ CPU_FP16_FLAGS = {"amx_fp16", "avx512_fp16"}
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
+def cpuinfo(*keys: str) -> str:
+    """The value of the first Linux /proc/cpuinfo line starting with one of ``keys``; empty where
+    there is none or the file cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
-    return frozenset(line.partition(":")[2].split())
+        return ""
+    line = next((line for line in text.splitlines() if line.startswith(keys)), "")
+    return line.partition(":")[2].strip()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags; empty where they cannot be read."""
+    return frozenset(cpuinfo("flags", "Features").split())
 
 
 def compute_device() -> str:
