@@ -156,6 +156,11 @@ def pipeline_settings(model_dir, **extra):
             "jailbreaks": ["past-tense"],
             "max_new_tokens": 4, "kl_max_new_tokens": 4, "batch_size": 3,
         },
+        "directional": {"ablate_layer": 1, "add_layer": 1, "sets": {
+            "harmful": {"source": "builtin:uncensorbench", "split": "train[120:140]", "shuffle_seed": 0},
+            "harmless": {"source": "builtin:harmless", "split": "train[4:24]"},
+            "benign": {"source": "builtin:benign-but-scary", "split": "train[20:40]"},
+        }},
         **extra,
     }  # fmt: skip
 

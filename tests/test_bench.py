@@ -60,7 +60,8 @@ def test_bench_writes_every_method_with_its_seeds(bench_run):
     for name, row in result["methods"].items():
         assert row["seeds"] == ([0, 1] if depends_on_seed(config, name) else [0]), name
     assert {n for n in BENCH_METHODS if depends_on_seed(config, n)} == {
-        "safepatching", "safety-only", "over-safety-only", "intersection", "per-tensor", "dare", "safepatching-benign-os"
+        "safepatching", "safety-only", "over-safety-only", "intersection", "per-tensor", "dare", "safepatching-benign-os",
+        "safepatching-directional",
     }  # fmt: skip
     markdown = (root / "results/tiny.md").read_text()
     assert "| safepatching | 2 |" in markdown and "refusal: scary (%)" in markdown and "refusal: scary2 (%)" in markdown
@@ -87,7 +88,8 @@ def test_bench_cells_are_the_saved_evaluations(bench_run):
     cell_files = list((root / "work/cells").rglob("metrics.json"))
     cell_seconds = [json.loads(p.read_text()) for p in cell_files]
     stage_files = [p for p in (root / "work").rglob("stage.json") if "cells" not in p.parts]
-    assert len(stage_files) == 6  # safety, over_safety, npo, importance; the benign-os rows' patch and importance
+    # safety, over_safety, npo, importance; the benign-os rows' patch and importance; the directions
+    assert len(stage_files) == 7
     stages = [json.loads(p.read_text())["wall_seconds"] for p in stage_files]
     expected_compute = sum(stages) + sum(c["merge_seconds"] + sum(c["part_seconds"].values()) for c in cell_seconds)
     assert result["compute_seconds"] == pytest.approx(expected_compute, abs=0.2)
@@ -98,6 +100,8 @@ def test_bench_cells_are_the_saved_evaluations(bench_run):
         label: json.loads((root / f"work/{label}/stage.json").read_text())["wall_seconds"]
         for label in ("patches/safety", "patches/over_safety", "patches/npo", "importance")
     }
+    (directions_stage,) = (root / "work/directions").glob("*/stage.json")
+    directions = json.loads(directions_stage.read_text())["wall_seconds"]
     expected = {
         "backbone": 0.0,
         "ga": stage["patches/safety"],
@@ -107,6 +111,10 @@ def test_bench_cells_are_the_saved_evaluations(bench_run):
         "safety-only": stage["patches/safety"] + stage["importance"],
         "rose": 0.0,
         "safedecoding": stage["patches/safety"],
+        "directional-ablate": directions,
+        "directional-add": directions,
+        "safepatching-directional": stage["patches/safety"] + stage["patches/over_safety"] + stage["importance"]
+        + directions,
     }
     for name, seconds in expected.items():
         assert result["methods"][name]["columns"]["derive + importance (s)"]["mean"] == pytest.approx(seconds), name

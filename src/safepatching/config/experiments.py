@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, create_model, field_serializer, field_validator, model_validator
 
+from safepatching.config.directional import DirectionalConfig, DirectionSets
 from safepatching.config.loading import read_yaml, with_settings
 from safepatching.config.settings import (
     DatasetSpec,
@@ -34,6 +35,7 @@ def partial_model(full: type[StrictModel]) -> type[StrictModel]:
 
 MergeOverrides = partial_model(MergeConfig)
 DecodingOverrides = partial_model(DecodingConfig)
+DirectionalOverrides = partial_model(DirectionalConfig)
 
 
 def overridden(base: StrictModel, overrides: StrictModel) -> Any:
@@ -59,14 +61,20 @@ class BenchMethod(StrictModel):
         default_factory=MergeOverrides, description="overrides of the pipeline's merge settings"
     )
     decoding: DecodingOverrides = Field(default_factory=DecodingOverrides, description="overrides of eval.decoding")
+    directional: DirectionalOverrides = Field(
+        default_factory=DirectionalOverrides,
+        exclude_if=lambda value: not value.model_dump(exclude_none=True),  # rows before it keep their cache keys
+        description="overrides of the pipeline's directional edits (a merge row with alpha and beta 0 edits only)",
+    )
 
-    @field_serializer("merge", "decoding")
+    @field_serializer("merge", "decoding", "directional")
     def _only_set(self, overrides: StrictModel) -> dict[str, Any]:
         """Only the overrides that are set: results and stage keys read as before overrides were typed."""
         return overrides.model_dump(mode="json", exclude_none=True)
 
 
 _TASK_ARITHMETIC_FULL = {"method": "task_arithmetic", "retention": 1.0}
+_NO_PATCH = {"method": "task_arithmetic", "alpha": 0.0, "beta": 0.0, "retention": 1.0}  # nothing derived
 
 
 BENCH_METHODS: dict[str, BenchMethod] = {
@@ -109,6 +117,20 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         description="merging: alpha*P_s + beta*P_o everywhere, P_o learnt from benign-but-scary prompts",
         over_safety_patch="benign",
         merge=dict(_TASK_ARITHMETIC_FULL),
+    ),
+    "directional-ablate": BenchMethod(
+        description="directional: the false-refusal direction, less its refusal part, ablated from every writer",
+        merge=dict(_NO_PATCH),
+        directional={"ablate_scale": 1.0},
+    ),
+    "directional-add": BenchMethod(
+        description="directional (control): the refusal direction amplified in every writer",
+        merge=dict(_NO_PATCH),
+        directional={"add_scale": 1.0},
+    ),
+    "safepatching-directional": BenchMethod(
+        description="SafePatching's two patches plus the false-refusal ablation",
+        directional={"ablate_scale": 1.0},
     ),
     "self-cd": BenchMethod(kind="decoding", description="decoding: Self-CD", decoding={"method": "self-cd"}),
     "rose": BenchMethod(kind="decoding", description="decoding: ROSE", decoding={"method": "rose"}),
@@ -165,6 +187,7 @@ class BenchConfig(StrictModel):
             fixed["derive.unlearning"] = "npo"
         if method.over_safety_patch == "benign":
             fixed["over_safety_train"] = self.over_safety_train.model_dump(mode="json")
+        fixed |= {f"directional.{k}": v for k, v in method.directional.model_dump(mode="json", exclude_none=True).items()}
         return fixed
 
     def tune_config(self, name: str) -> TuneConfig:
@@ -191,6 +214,15 @@ class BenchConfig(StrictModel):
     def decoding_settings(self, method: BenchMethod) -> DecodingConfig:
         return overridden(self.pipeline.eval.decoding, method.decoding)
 
+    def row_pipeline(self, method: BenchMethod) -> PipelineConfig:
+        """The pipeline an untuned merge row stands for: its merge and directional overrides applied."""
+        return self.pipeline.model_copy(
+            update={
+                "merge": self.merge_settings(method),
+                "directional": overridden(self.pipeline.directional, method.directional),
+            }
+        )
+
     @model_validator(mode="after")
     def _known_methods(self) -> BenchConfig:
         unknown = [m for m in self.methods if m not in BENCH_METHODS and m not in self.custom_methods]
@@ -198,7 +230,7 @@ class BenchConfig(StrictModel):
             raise ValueError(f"unknown method {unknown[0]!r}; choose from {sorted(BENCH_METHODS)} or custom_methods")
         for name in self.methods:  # each row's whole settings are valid before any derivation starts
             try:
-                self.merge_settings(self.method(name))
+                self.row_pipeline(self.method(name))
                 self.decoding_settings(self.method(name))
             except ValidationError as exc:
                 problem = exc.errors()[0]
@@ -231,7 +263,9 @@ class ContinualConfig(StrictModel):
         min_length=1, description="harmful (prompt, response) pairs of each round"
     )
     methods: list[Literal["safepatching", "ga", "npo"]] = Field(
-        default_factory=lambda: ["safepatching", "ga", "npo"], min_length=1, description="the methods run round by round"
+        default_factory=lambda: ["safepatching", "ga", "npo"],
+        min_length=1,
+        description="the methods run round by round",
     )
     settings: dict[Literal["safepatching", "ga", "npo"], dict[str, Any]] = Field(
         default_factory=dict,
@@ -289,7 +323,7 @@ class SweepConfig(StrictModel):
     out: Path | None = Field(None, description="write OUT.json and OUT.md")
 
 
-TUNABLE_SECTIONS = ("merge.", "derive.", "importance.", "eval.decoding.")
+TUNABLE_SECTIONS = ("merge.", "derive.", "importance.", "eval.decoding.", "directional.")
 
 
 class SearchRange(StrictModel):
@@ -349,6 +383,13 @@ class SearchSettings(StrictModel):
         "front",
         description="front: judge the whole feasible front again with the full budget and choose there; chosen: "
         "choose by the rule on the screened front and judge only that point again (a bench's budget)",
+    )
+    max_harmless_refusal: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="constraint: refusal (%) on the harmless validation prompts (null: not judged); a direction "
+        "that refuses more also refuses plain tasks",
     )
     benign_weight: float = Field(
         1.0,
@@ -472,35 +513,14 @@ def config_model_of(path: Path) -> type[StrictModel]:
     return PipelineConfig
 
 
-def shipped_prompts(path: str, description: str, split: str = "train", shuffle_seed: int | None = None):
-    """A direction set's default: a JSON file of the data directory with its prompts under ``instruction``."""
-    spec = {"source": f"data:{path}", "prompt_column": "instruction", "split": split, "shuffle_seed": shuffle_seed}
-    return Field(default_factory=lambda: DatasetSpec(**spec), description=description)
-
-
-class DirectionsConfig(StrictModel):
-    """`safepatching directions`: residual-stream directions of the backbone on three prompt sets,
-    reported per layer. The prompts must not share one with the pipeline's evaluation sets."""
+class DirectionsConfig(DirectionSets):
+    """`safepatching directions`: residual-stream directions of the backbone on three prompt sets (the
+    fields of ``DirectionSets``, with the defaults the edits use), reported per layer. The prompts must
+    not share one with the pipeline's evaluation sets."""
 
     name: str = Field("directions", pattern=r"^[A-Za-z0-9._-]+$", description="results go to OUTPUT_DIR/<name>.*")
     pipeline: PipelineConfig = Field(
         default_factory=PipelineConfig, description="the backbone, its loading and the evaluation sets kept apart"
-    )
-    harmful: DatasetSpec = shipped_prompts(
-        "harmful_prompts_extra/refusal_direction_splits/harmful_train.json",
-        "prompts the model should refuse (r = mean(harmful) - mean(harmless))",
-    )
-    harmless: DatasetSpec = shipped_prompts(
-        "harmful_prompts_extra/refusal_direction_splits/harmless_train.json",
-        "plainly harmless prompts, the common reference of both directions",
-        "train[:300]",
-        0,
-    )
-    benign: DatasetSpec = shipped_prompts(
-        "over_refusal/or_bench/or_bench_hard_train.json",
-        "benign prompts that sound harmful (v = mean(benign) - mean(harmless)); OR-Bench-Hard's train split",
-        "train[:200]",
-        0,
     )
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
     seed: int = Field(0, description="the probes' train/held-out split")

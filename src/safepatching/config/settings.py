@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -20,16 +19,14 @@ from pydantic import (
     model_validator,
 )
 
+from safepatching.config.datasets import DatasetSpec, StrictModel
+from safepatching.config.directional import DirectionalConfig
 from safepatching.config.identity import ADDED_LATER, HELD_RUN_OPTION, RUN_OPTION, only_with
 
 DATA_DIR_ENV = "SAFEPATCHING_DATA_DIR"
 CACHE_DIR_ENV = "SAFEPATCHING_CACHE_DIR"
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 ComputeDtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -55,28 +52,6 @@ class ModelLoading(StrictModel):
     allow_pickle: bool = False
 
 
-class DatasetSpec(StrictModel):
-    """Where a dataset lives and which rows and columns to use.
-
-    ``source`` is ``builtin:NAME`` (data shipped with safepatching), ``bench:NAME`` (a named benchmark
-    in the data directory, e.g. bench:advbench, bench:xstest-safe), ``data:RELATIVE/PATH`` (a file
-    under the data directory setting), a local CSV/JSON/JSONL/TXT path, or a Hugging Face hub
-    dataset id. ``split`` selects rows, e.g. ``train``, ``train[:100]``, ``train[80%:]``; local
-    files have the single split ``train``. Rows are shuffled with ``shuffle_seed`` before slicing.
-    """
-
-    source: str = Field(description="builtin:NAME, bench:NAME, data:PATH, a local file or a hub dataset id")
-    split: str = Field("train", description="rows to use, e.g. train, train[:100], train[80%:] (local files: train)")
-    prompt_column: str = Field("prompt", description="column holding the prompt")
-    response_column: str | None = Field(None, description="column holding the response (training pairs need one)")
-    where: dict[str, str | list[str]] = Field(
-        default_factory=dict, description="keep rows whose column equals the value (or one of the listed values)"
-    )
-    shuffle_seed: int | None = Field(None, description="shuffle the rows with this seed before slicing; null keeps the order")
-    hub_config: str | None = Field(None, description="the configuration name of a hub dataset")
-    category_column: str | None = Field(None, description="column whose values split rates by category")
-
-
 def responses_required(what: str) -> AfterValidator:
     """A field validator: training data for patches must name its harmful responses."""
 
@@ -91,16 +66,24 @@ def responses_required(what: str) -> AfterValidator:
 class DeriveConfig(StrictModel):
     """Fine-tuning that turns harmful pairs into the safety (ascent) and over-safety (descent) patches."""
 
-    method: Literal["full", "lora"] = Field("full", description="train every target weight, or a LoRA adapter merged into a dense delta")
+    method: Literal["full", "lora"] = Field(
+        "full", description="train every target weight, or a LoRA adapter merged into a dense delta"
+    )
     learning_rate: float = Field(2e-5, gt=0, description="AdamW learning rate of both derivations")
     epochs: int = Field(1, ge=1, description="passes over the training pairs")
-    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (null: the epochs decide)")
+    max_steps: int | None = Field(
+        None, ge=1, description="stop after this many optimizer steps (null: the epochs decide)"
+    )
     batch_size: int = Field(4, ge=1, description="pairs per forward pass")
     gradient_accumulation_steps: int = Field(2, ge=1, description="forward passes per optimizer step")
-    max_length: int = Field(160, ge=8, description="tokens of prompt and response kept per pair (longer ones are truncated, with a warning)")
+    max_length: int = Field(
+        160, ge=8, description="tokens of prompt and response kept per pair (longer ones are truncated, with a warning)"
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     target_modules: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1, description="module names whose weights are trained (and patched)"
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        description="module names whose weights are trained (and patched)",
     )
     ascent_max_nll_increase: float = Field(
         2.0,
@@ -241,6 +224,11 @@ class MergeConfig(StrictModel):
             raise ValueError(f"unknown merge method {method!r}; choose from {sorted(get_args(MergeMethodName))}")
         return method
 
+    @property
+    def merges_patches(self) -> bool:
+        """Whether either patch has a weight (alpha and beta 0: a directional edit alone, no derivation)."""
+        return self.alpha != 0 or self.beta != 0
+
 
 class UtilityConfig(StrictModel):
     """MMLU / GSM8K subsets through lm-evaluation-harness (0 examples switches a task off)."""
@@ -286,7 +274,9 @@ class DecodingConfig(StrictModel):
     safety-tuned version of the model (here typically backbone + safety patch).
     """
 
-    method: Literal["greedy", "rose", "self-cd", "safedecoding"] = Field("greedy", description="the decoding rule (see the class doc)")
+    method: Literal["greedy", "rose", "self-cd", "safedecoding"] = Field(
+        "greedy", description="the decoding rule (see the class doc)"
+    )
     rose_weight: float = Field(0.5, ge=0, description="ROSE's w")
     self_cd_weight: float = Field(1.0, ge=0, description="Self-CD's w")
     plausibility: float = Field(
@@ -300,7 +290,9 @@ class DecodingConfig(StrictModel):
     safedecoding_tokens: int = Field(2, ge=1, description="first tokens decoded with the expert")
     safedecoding_candidates: int = Field(5, ge=1, description="least number of tokens both models rank highly")
     expert_model: str | None = Field(None, description="safedecoding: folder (or hub id) of the safety expert")
-    safety_system_prompt: str = Field(SAFETY_SYSTEM_PROMPT, description="ROSE's and Self-CD's safety-emphasising prompt")
+    safety_system_prompt: str = Field(
+        SAFETY_SYSTEM_PROMPT, description="ROSE's and Self-CD's safety-emphasising prompt"
+    )
     reverse_system_prompt: str = Field(REVERSE_SYSTEM_PROMPT, description="ROSE's reverse prompt")
 
     @model_serializer(mode="wrap")
@@ -441,6 +433,11 @@ class PipelineConfig(StrictModel):
     importance: ImportanceConfig = Field(default_factory=ImportanceConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    directional: DirectionalConfig = Field(
+        default_factory=DirectionalConfig,
+        json_schema_extra=ADDED_LATER,
+        description="static weight edits from residual directions, added to the merged patches (off by default)",
+    )
     keep: Literal["model", "all"] = Field(
         "model",
         description="what a finished run keeps: 'model' (the patched model, evaluation and summary; the derived "

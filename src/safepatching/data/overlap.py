@@ -10,7 +10,7 @@ from safepatching.errors import DataError
 log = logging.getLogger(__name__)
 
 
-def drop_overlap(train: list[Example], evaluation: dict[str, list[Example]]) -> list[Example]:
+def drop_overlap(train: list[Example], evaluation: dict[str, list[Example]], what: str = "training pairs") -> list[Example]:
     """The training examples whose prompt no evaluation set holds."""
     held = {normalise_prompt(e.prompt) for examples in evaluation.values() for e in examples}
     kept = [e for e in train if normalise_prompt(e.prompt) not in held]
@@ -18,7 +18,7 @@ def drop_overlap(train: list[Example], evaluation: dict[str, list[Example]]) -> 
         raise DataError("every training prompt also occurs in an evaluation set.", "use other training data")
     if len(kept) < len(train):
         log.warning(
-            "dropped %d of %d training pairs whose prompt an evaluation set holds", len(train) - len(kept), len(train)
+            "dropped %d of %d %s whose prompt an evaluation set holds", len(train) - len(kept), len(train), what
         )
     return kept
 

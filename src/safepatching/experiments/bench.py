@@ -29,6 +29,7 @@ from safepatching.data.sources import Example
 from safepatching.evaluation.decoding import make_generator
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
 from safepatching.experiments.compare import HARMFUL_SETS
+from safepatching.experiments.directional import DirectionalEdits, summed
 from safepatching.experiments.stages import Stages
 from safepatching.experiments.tune import candidate_settings, finished_count, make_scorer, run_tune
 from safepatching.experiments.validation import ValidationScorer
@@ -56,6 +57,12 @@ def depends_on_seed(config: BenchConfig, name: str, chosen: PipelineConfig | Non
         return False
     settings = chosen.merge if chosen else config.merge_settings(method)
     return settings.retention < 1.0 and MERGE_METHODS[settings.method].uses_retention
+
+
+def chosen_identity_exclusions(point: PipelineConfig) -> set[str]:
+    """What a tuned row's chosen point leaves out of its cell key: where output goes, and the
+    directional section while it is off (points chosen before it existed keep their keys)."""
+    return {"output_dir", "data_dir", *(() if point.directional.active else ("directional",))}
 
 
 def summarise(values: list[float | None]) -> dict[str, Any]:
@@ -89,6 +96,9 @@ class Bench:
         self._scorer: ValidationScorer | None = None
         self._working = None
         self._reference_harmless: list[str] | None = None
+        self.edits = DirectionalEdits(  # the directions stage is shared with the studies (same work_dir)
+            pipeline, self.stages.compute_dtype, self.config.work_dir / "directions", self.sets.named(), progress=self.progress
+        )
 
     # -- derived once --------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -96,6 +106,7 @@ class Bench:
         tuned = self.config.tuning.spaces if self.config.tuning else {}
         methods = [self.config.method(name) for name in self.config.methods if name not in tuned]
         merges = [m for m in methods if m.kind == "merge"] + [e for m in methods if (e := self.expert_method(m))]
+        merges = [m for m in merges if self.config.merge_settings(m).merges_patches]  # edit-only rows derive nothing
         if not merges:
             return
         self.patches["ascent"], self.patches["descent"] = self.stages.derive(self.pairs)
@@ -135,8 +146,12 @@ class Bench:
         if method.kind == "backbone":
             return 0.0
         settings = self.config.merge_settings(method)
+        row = self.config.row_pipeline(method)
+        seconds = self.edits.seconds(row) if row.directional.active else 0.0
+        if not settings.merges_patches:
+            return seconds
         benign = method.over_safety_patch == "benign"
-        seconds = self.timings.get("npo" if method.safety_patch == "npo" else "safety", 0.0)
+        seconds += self.timings.get("npo" if method.safety_patch == "npo" else "safety", 0.0)
         if settings.beta != 0:
             seconds += self.timings.get("benign" if benign else "over_safety", 0.0)
         if MERGE_METHODS[settings.method].needs_importance:
@@ -187,8 +202,19 @@ class Bench:
     def candidate_deltas(self, name: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """A tuned merge row's deltas at its chosen point, from the patches its study derived."""
         candidate = self.chosen[name]
+        if not candidate.merge.merges_patches:
+            return self.with_edits({}, {"changed_fraction": 0.0}, candidate)
         safety, over_safety, scores = self._scorer.derived(candidate)
-        return PatchMerger(safety, over_safety, candidate.merge, seed, *scores).merge_all()
+        return self.with_edits(*PatchMerger(safety, over_safety, candidate.merge, seed, *scores).merge_all(), candidate)
+
+    def with_edits(
+        self, deltas: dict[str, torch.Tensor], counts: dict[str, Any], settings: PipelineConfig
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The merged deltas plus the directional edits ``settings`` ask for (directions of the
+        untouched backbone)."""
+        model, tokenizer = self.stages.backbone.model()
+        edits = self.edits.deltas(settings, model, tokenizer, self.stages.backbone.base_weight)
+        return summed(deltas, edits), {**counts, "edited_tensors": len(edits)}
 
     # -- cells ---------------------------------------------------------------------------------------
     def working(self):
@@ -207,6 +233,9 @@ class Bench:
             return deltas, counts, time.perf_counter() - started
         method = self.config.method(name)
         settings = self.config.merge_settings(method)
+        if not settings.merges_patches:
+            deltas, counts = self.with_edits({}, {"changed_fraction": 0.0}, self.config.row_pipeline(method))
+            return deltas, counts, time.perf_counter() - started
         safety = self.patches["npo" if method.safety_patch == "npo" else "ascent"]
         benign = method.over_safety_patch == "benign"
         over_safety = self.patches["benign" if benign else "descent"]
@@ -216,6 +245,7 @@ class Bench:
             else (None, None)
         )
         deltas, counts = PatchMerger(safety, over_safety, settings, seed, *scores).merge_all()
+        deltas, counts = self.with_edits(deltas, counts, self.config.row_pipeline(method))
         return deltas, counts, time.perf_counter() - started
 
     def cell(self, name: str, seed: int) -> dict[str, Any]:
@@ -234,7 +264,8 @@ class Bench:
             self.config.pipeline.data_dir,
             __version__,
             *([cache_identity(self.config.merge_settings(merged))] if merged else []),
-            *[point.model_dump(mode="json", exclude={"output_dir", "data_dir"}) for point in chosen],
+            *([cache_identity(edit.directional)] if merged and (edit := self.config.row_pipeline(merged)).directional.active else []),
+            *[point.model_dump(mode="json", exclude=chosen_identity_exclusions(point)) for point in chosen],
         )
         return cached(
             directory,
@@ -333,7 +364,8 @@ def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> 
             rows[name] = method_row(config, name, seeds, cells, backbone_metrics)
             if name in bench.tuning:
                 rows[name]["tuning"] = bench.tuning[name]
-            compute = sum(bench.timings.values()) + sum(cell_seconds.values()) + tuning_seconds
+            compute = sum(bench.timings.values()) + bench.edits.computed_seconds() + sum(cell_seconds.values())
+            compute += tuning_seconds
             result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=False)
             write_bench_results(config, result)  # after every method: a crash keeps what is done
         result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=True)

@@ -16,46 +16,18 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from tqdm.auto import tqdm
 
 from safepatching.config.experiments import DirectionsConfig
 from safepatching.data.eval_sets import load_eval_sets
-from safepatching.data.overlap import assert_disjoint
-from safepatching.data.sources import load_examples
-from safepatching.errors import DataError
 from safepatching.experiments.backbone import Backbone
-from safepatching.method.directions import (
-    mean_difference,
-    post_instruction_length,
-    probe_accuracy,
-    residual_activations,
-)
+from safepatching.experiments.directional import SETS, direction_prompts, directions_of, set_activations
+from safepatching.method.directions import mean_difference, probe_accuracy
 from safepatching.models.precision import resolved
 from safepatching.report.results import result_header
 from safepatching.report.statistics import wilson_interval
 from safepatching.storage.files import save_tensors, write_json, write_text_atomic
 
 DIRECTIONS_SCHEMA_VERSION = 1
-MIN_PROMPTS = 16  # fewer leave a direction (and a probe's held-out quarter) to noise
-SETS = ("harmful", "harmless", "benign")
-
-
-def direction_prompts(config: DirectionsConfig) -> dict[str, list[str]]:
-    """The three sets' prompts, refused when one holds an evaluation prompt or has too few."""
-    data_dir = config.pipeline.data_dir
-    evaluated = load_eval_sets(config.pipeline.eval, data_dir).named()
-    prompts = {}
-    for name in SETS:
-        spec = getattr(config, name)
-        examples = load_examples(spec, data_dir)
-        assert_disjoint(examples, evaluated, against=f"directions {name} set")
-        if len(examples) < MIN_PROMPTS:
-            raise DataError(
-                f"the {name} set ({spec.source} {spec.split}) has {len(examples)} prompts; directions need {MIN_PROMPTS}.",
-                f"give {name} a larger split",
-            )
-        prompts[name] = [e.prompt for e in examples]
-    return prompts
 
 
 def layer_rows(activations: dict[str, torch.Tensor], seed: int) -> list[dict[str, Any]]:
@@ -116,15 +88,13 @@ def run_directions(config: DirectionsConfig, command: str = "", progress: bool =
     """Write OUTPUT_DIR/<name>.json and .md (the report) and <name>.safetensors (r and v of every
     layer and position)."""
     started = time.perf_counter()
-    prompts = direction_prompts(config)  # bad data fails here, before the model loads
     pipeline = config.pipeline
+    evaluated = load_eval_sets(pipeline.eval, pipeline.data_dir).named()
+    prompts = direction_prompts(config, pipeline.data_dir, evaluated)  # bad data fails here, before the model loads
     loading = resolved(pipeline.loading)
     model, tokenizer = Backbone(pipeline.model, loading, pipeline.derive.target_modules).model()
-    positions = post_instruction_length(tokenizer)
-    activations = {
-        name: residual_activations(model, tokenizer, prompts[name], positions, config.batch_size, loading.compute_dtype)
-        for name in tqdm(SETS, desc="activations", disable=not progress)
-    }
+    activations = set_activations(model, tokenizer, prompts, config.batch_size, loading.compute_dtype, progress)
+    positions = activations["harmful"].shape[2]
     layers = layer_rows(activations, config.seed)
     result = {
         **result_header(config, command, time.perf_counter() - started, True, DIRECTIONS_SCHEMA_VERSION),
@@ -136,10 +106,6 @@ def run_directions(config: DirectionsConfig, command: str = "", progress: bool =
     base = Path(config.output_dir)
     write_json(base / f"{config.name}.json", result)
     write_text_atomic(base / f"{config.name}.md", directions_markdown(result))
-    directions = {
-        "refusal": mean_difference(activations["harmful"], activations["harmless"]),
-        "false_refusal": mean_difference(activations["benign"], activations["harmless"]),
-    }
-    save_tensors(base / f"{config.name}.safetensors", {k: v.contiguous() for k, v in directions.items()})
+    save_tensors(base / f"{config.name}.safetensors", directions_of(activations))
     Console(highlight=False).print(directions_markdown(result))
     return result

@@ -214,7 +214,15 @@ def make_scorer(config: TuneConfig, progress: bool = True) -> ValidationScorer:
             )
     harmless = load_examples(config.validation.harmless, data_dir) if config.validation.harmless else None
     pipeline = config.pipeline.model_copy(update={"output_dir": config.work_dir})
-    return ValidationScorer(pipeline, config.work_dir, sets, harmless, config.pipeline.eval.kl_max_new_tokens, progress)
+    return ValidationScorer(
+        pipeline,
+        config.work_dir,
+        sets,
+        harmless,
+        config.pipeline.eval.kl_max_new_tokens,
+        progress,
+        judge_harmless=config.tune.max_harmless_refusal is not None,
+    )
 
 
 def candidate_settings(config: TuneConfig, pipeline: PipelineConfig, params: dict[str, Any]) -> PipelineConfig:
@@ -286,6 +294,8 @@ class Tuner:
             trial.set_user_attr(key, value)
         trial.set_constraint("kl", (kl or 0.0) - self.settings.max_kl)
         trial.set_constraint("looping", outcome["looping"] - self.settings.max_looping)
+        if self.settings.max_harmless_refusal is not None:
+            trial.set_constraint("harmless_refusal", outcome["sets"]["harmless"] - self.settings.max_harmless_refusal)
         return outcome["harmful"], outcome["benign"]
 
     # -- the search -------------------------------------------------------------------------------
@@ -294,6 +304,12 @@ class Tuner:
         the backbone judged with the same budget."""
         base = self.backbone(budget)
         return (harmful - base["harmful"]) - self.settings.benign_weight * (benign - base["benign"])
+
+    def feasible_at_full_budget(self, final: dict[str, Any]) -> bool:
+        """The constraints that generation decides, checked again on the full reply budget."""
+        limit = self.settings.max_harmless_refusal
+        harmless_ok = limit is None or final["sets"].get("harmless", 0.0) <= limit
+        return final["looping"] <= self.settings.max_looping and harmless_ok
 
     def front(self) -> list[FrozenTrial]:
         """The feasible Pareto front of the screened trials, by trial number."""
@@ -426,7 +442,7 @@ def run_tune(
                     "final": {**final, **with_intervals(final, groups, backbone_final)},
                 }
             )
-        feasible_final = [p for p in front if p["final"]["looping"] <= settings.max_looping]
+        feasible_final = [p for p in front if tuner.feasible_at_full_budget(p["final"])]
         chosen = max(
             feasible_final,
             key=lambda p: tuner.trade_off(p["final"]["harmful"]["refusal"], p["final"]["benign"]["refusal"], "final"),

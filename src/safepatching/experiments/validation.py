@@ -26,6 +26,7 @@ from safepatching.evaluation.judges.registry import Judges
 from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.metrics import mean_token_kl, percent, reference_logprobs
 from safepatching.experiments.backbone import Backbone
+from safepatching.experiments.directional import DirectionalEdits, summed
 from safepatching.experiments.stages import Stages
 from safepatching.experiments.training_data import TrainingData
 from safepatching.method.dense import patched
@@ -83,10 +84,13 @@ class ValidationScorer:
         harmless: list[Example] | None = None,
         kl_max_new_tokens: int = 32,
         progress: bool = False,
+        judge_harmless: bool = False,
     ):
         """``harmless`` prompts, when given, measure each candidate's KL to the backbone, teacher-forced
-        on the backbone's own replies (its log-probabilities are kept, not a second model)."""
+        on the backbone's own replies (its log-probabilities are kept, not a second model); with
+        ``judge_harmless`` each candidate's own replies to them are judged for refusal too."""
         self.config, self.work_dir, self.sets, self.progress = config, work_dir, sets, progress
+        self.judge_harmless = judge_harmless and bool(harmless)
         named = {s.name: s.examples for s in sets}
         loading = resolved(config.loading)
         self.judges = Judges(config.eval, config.data_dir, loading=loading)
@@ -95,11 +99,14 @@ class ValidationScorer:
         self.train = self.data.harmful_pairs()
         assert_disjoint(self.train, named)
         assert_disjoint(self.data.over_safety_prompts(), named, against="over_safety_train")
-        for name, examples in self.data.eval_sets(self.train).named().items():  # never tune on what is reported
+        reported = self.data.eval_sets(self.train).named()
+        for name, examples in reported.items():  # never tune on what is reported
             assert_disjoint(examples, named, against=f"reported {name} set")
         if harmless:
             assert_disjoint(self.train, {"harmless": harmless})
         self.backbone = Backbone(config.model, loading, config.derive.target_modules)
+        held_out = {**reported, **named, **({"harmless": harmless} if harmless else {})}
+        self.edits = DirectionalEdits(config, loading.compute_dtype, work_dir / "directions", held_out, progress=progress)
         self.harmless, self.kl_max_new_tokens = harmless or [], kl_max_new_tokens
         self.compute_dtype = loading.compute_dtype
         self.loaded = False
@@ -138,6 +145,12 @@ class ValidationScorer:
                 judge(e.prompt, r).refusal for e, r in zip(validation.examples, responses, strict=True)
             ]
             loops += list(map(looping, responses))
+        if self.judge_harmless:  # not pooled into either objective: a constraint's rate
+            self.generator.desc = "harmless"
+            responses = self.generator.generate(self.harmless_prompts, max_new_tokens)
+            refusals["harmless"] = [
+                self.judges.refusal(e.prompt, r).refusal for e, r in zip(self.harmless, responses, strict=True)
+            ]
         return Judged(refusals, loops)
 
     def unpatched(self, max_new_tokens: int) -> Judged:
@@ -155,6 +168,7 @@ class ValidationScorer:
                 c.eval.refusal_judge,
                 c.eval.judge_model,
                 c.eval.batch_size,
+                *([[e.prompt for e in self.harmless]] if self.judge_harmless else []),
             )
             path = self.work_dir / "backbone-judged" / f"{key}.json"
             if path.exists():
@@ -172,7 +186,9 @@ class ValidationScorer:
         return mean_token_kl(self.model, self.reference, self.tokenizer, self.harmless_prompts, self.harmless_replies)
 
     def check(self, settings: PipelineConfig) -> None:
-        """A candidate's own over-safety data must not hold a validation prompt either."""
+        """A candidate's own over-safety data and direction sets must not hold a validation prompt either."""
+        if settings.directional.active:
+            self.edits.prompts(settings.directional.sets)
         if settings.over_safety_train != self.config.over_safety_train:
             over_safety = self.data.with_config(settings).over_safety_prompts()
             assert_disjoint(over_safety, {s.name: s.examples for s in self.sets}, against="over_safety_train")
@@ -215,11 +231,17 @@ class ValidationScorer:
     @contextmanager
     def merged(self, settings: PipelineConfig) -> Iterator[dict[str, Any]]:
         """The model patched with this candidate's merge while the block runs; yields the merge's
-        counts. Its patches, scores and deltas (GBs when freshly derived) are freed on exit."""
-        safety, over_safety, scores = self.derived(settings)
-        deltas, counts = PatchMerger(safety, over_safety, settings.merge, settings.seed, *scores).merge_all()
-        del safety, over_safety, scores
-        with patched(self.model, deltas, self.base):
+        counts. Its patches, scores and deltas (GBs when freshly derived) are freed on exit. A
+        directional edit adds its deltas; with alpha and beta 0 no patch is derived at all."""
+        self.load()
+        deltas, counts = {}, {"changed_fraction": 0.0}
+        if settings.merge.merges_patches:
+            safety, over_safety, scores = self.derived(settings)
+            deltas, counts = PatchMerger(safety, over_safety, settings.merge, settings.seed, *scores).merge_all()
+            del safety, over_safety, scores
+        edits = self.edits.deltas(settings, self.model, self.tokenizer, self.base)
+        counts["edited_tensors"] = len(edits)
+        with patched(self.model, summed(deltas, edits), self.base):
             yield counts
 
     @contextmanager

@@ -11,22 +11,24 @@ passes only, in the compute dtype, and are kept in float32.
 - ``orthogonalised``: v - lambda (v . r^) r^, v with (a share of) its refusal component removed.
 - ``probe_accuracy``: whether two sets are linearly apart at a layer (a scikit-learn logistic
   regression, scored on held-out prompts).
-- ``ablation_deltas``: per-tensor deltas that project a direction out of every residual writer
-  (the input embedding, every attention output and every MLP down projection), folded in float32;
-  added to the backbone they are a patch like any other.
+- ``projection_deltas``: per-tensor deltas that remove (or amplify) directions in what every residual
+  writer writes (the input embedding, every attention output and every MLP down projection),
+  folded in float32; added to the backbone they are a patch like any other. ``configured_edits``
+  turns the ``directional`` settings into those directions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from safepatching.config.directional import DirectionalConfig
 from safepatching.data.chat import chat_prompt
-from safepatching.errors import ModelError
+from safepatching.errors import ConfigError, ModelError
 from safepatching.method.objectives import autocast
 from safepatching.models.precision import DTYPES
 
@@ -94,8 +96,10 @@ def probe_accuracy(first: torch.Tensor, second: torch.Tensor, seed: int = 0, hel
     return int((probe.predict(test_x) == test_y).sum()), len(test_y)
 
 
-def residual_writers(model: PreTrainedModel) -> list[str]:
-    """The weights that write into the residual stream; a model without them fails in one line."""
+def residual_writers(model: PreTrainedModel, embedding: str = "edit") -> list[str]:
+    """The weights that write into the residual stream; a model without them fails in one line.
+    ``embedding``: edit (keep the input embedding), skip, or auto (skip it when the output layer
+    shares it: an edit of a tied embedding would change every logit too)."""
     names = [name for name, _ in model.named_parameters() if name.endswith(WRITER_SUFFIXES)]
     if not any(name.endswith("embed_tokens.weight") for name in names) or len(names) < 2:
         raise ModelError(
@@ -103,18 +107,63 @@ def residual_writers(model: PreTrainedModel) -> list[str]:
             f"({', '.join(WRITER_SUFFIXES)}).",
             "directional edits support those families",
         )
+    output = model.get_output_embeddings()
+    tied = output is not None and output.weight is model.get_input_embeddings().weight
+    if embedding == "skip" or (embedding == "auto" and tied):
+        names = [name for name in names if not name.endswith("embed_tokens.weight")]
     return names
 
 
-def ablation_deltas(weights: Mapping[str, torch.Tensor], direction: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Float32 deltas that remove ``direction`` from what each writer writes: W' = (I - d d^T) W for a
-    linear layer ([hidden, in]) and E' = E (I - d d^T) for the embedding ([vocab, hidden])."""
-    unit = (direction / direction.norm()).float()
+def projection_deltas(
+    weight: Callable[[str], torch.Tensor], names: list[str], edits: list[tuple[torch.Tensor, float]]
+) -> dict[str, torch.Tensor]:
+    """Float32 deltas that scale what each writer writes along each edit's direction d by (1 + c):
+    c d d^T W for a linear layer ([hidden, in]) and c E d d^T for the embedding ([vocab, hidden]).
+    c = -1 removes the direction (ablation), c > 0 amplifies it; the edits' deltas add."""
     deltas = {}
-    for name, weight in weights.items():
-        weight = weight.float()
-        if name.endswith("embed_tokens.weight"):
-            deltas[name] = -torch.outer(weight @ unit, unit)
-        else:
-            deltas[name] = -torch.outer(unit, unit @ weight)
+    for name in names:
+        base = weight(name).float()
+        delta = torch.zeros_like(base)
+        for direction, coefficient in edits:
+            unit = (direction / direction.norm().clamp_min(1e-12)).float()
+            if name.endswith("embed_tokens.weight"):
+                delta += coefficient * torch.outer(base @ unit, unit)
+            else:
+                delta += coefficient * torch.outer(unit, unit @ base)
+        deltas[name] = delta
     return deltas
+
+
+def ablation_deltas(weights: Mapping[str, torch.Tensor], direction: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Deltas that remove ``direction`` from what each writer writes: W' = (I - d d^T) W."""
+    return projection_deltas(weights.__getitem__, list(weights), [(direction, -1.0)])
+
+
+def configured_edits(
+    directions: Mapping[str, torch.Tensor], settings: DirectionalConfig
+) -> list[tuple[torch.Tensor, float]]:
+    """The (direction, coefficient) pairs the settings ask for, from ``refusal`` and
+    ``false_refusal`` directions of shape [layer, position, hidden]; a layer or position the
+    backbone does not have fails in one line."""
+    layers, positions = directions["refusal"].shape[:2]
+    if -settings.position > positions:
+        raise ConfigError(
+            f"directional.position {settings.position}: the chat template puts {positions} tokens after the prompt.",
+            f"choose a position from -{positions} to -1",
+        )
+    edits = []
+    for knob, scale in (("ablate_layer", settings.ablate_scale), ("add_layer", settings.add_scale)):
+        layer = getattr(settings, knob)
+        if scale and layer >= layers:
+            raise ConfigError(
+                f"directional.{knob} {layer}: the backbone has {layers} layers.",
+                f"choose a layer from 0 to {layers - 1}",
+            )
+    at = settings.position
+    if settings.ablate_scale:
+        refusal = directions["refusal"][settings.ablate_layer, at]
+        false_refusal = directions["false_refusal"][settings.ablate_layer, at]
+        edits.append((orthogonalised(false_refusal, refusal, settings.strength), -settings.ablate_scale))
+    if settings.add_scale:
+        edits.append((directions["refusal"][settings.add_layer, at], settings.add_scale))
+    return edits

@@ -1,0 +1,167 @@
+"""The directional stage: the backbone's refusal and false-refusal directions on the configured
+prompt sets (computed once and cached), and the edit deltas each candidate's settings ask for.
+
+Directions are always taken on the weights the host starts from (the backbone, or it after earlier
+continual rounds), never on a candidate's merged model: the edit and the paper's patches then add as
+independent terms whose scales a study searches separately, and a trial costs no activation pass.
+With the small patch scales the studies choose (KL <= 0.05), the merged model's directions stay
+close to the backbone's (docs/method.md, "Directional patches").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from safepatching.config.directional import DirectionSets
+from safepatching.config.settings import PipelineConfig
+from safepatching.data.overlap import assert_disjoint, drop_overlap
+from safepatching.data.sources import Example, load_examples
+from safepatching.errors import DataError
+from safepatching.method.directions import (
+    configured_edits,
+    mean_difference,
+    post_instruction_length,
+    projection_deltas,
+    residual_activations,
+    residual_writers,
+)
+from safepatching.storage.cache import cached, fingerprint, stage_record
+from safepatching.storage.files import load_tensors, save_tensors
+
+MIN_PROMPTS = 16  # fewer leave a direction (and a probe's held-out quarter) to noise
+SETS = ("harmful", "harmless", "benign")
+
+
+def direction_prompts(
+    sets: DirectionSets, data_dir: Path | None, held_out: Mapping[str, list[Example]]
+) -> dict[str, list[str]]:
+    """The three sets' prompts, refused when one holds a held-out (evaluated or validation) prompt
+    or has too few."""
+    prompts = {}
+    for name in SETS:
+        spec = getattr(sets, name)
+        examples = load_examples(spec, data_dir)
+        if sets.drop_held_out:
+            examples = drop_overlap(examples, dict(held_out), f"directions {name} prompts")
+        assert_disjoint(examples, dict(held_out), against=f"directions {name} set")
+        if len(examples) < MIN_PROMPTS:
+            raise DataError(
+                f"the {name} set ({spec.source} {spec.split}) has {len(examples)} prompts; directions need {MIN_PROMPTS}.",
+                f"give {name} a larger split",
+            )
+        prompts[name] = [e.prompt for e in examples]
+    return prompts
+
+
+def set_activations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: dict[str, list[str]],
+    batch_size: int,
+    compute_dtype: str,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Each set's activations [prompt, layer, position, hidden] at the post-instruction positions."""
+    positions = post_instruction_length(tokenizer)
+    return {
+        name: residual_activations(model, tokenizer, prompts[name], positions, batch_size, compute_dtype)
+        for name in tqdm(prompts, desc="activations", disable=not progress)
+    }
+
+
+def directions_of(activations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """r = mean(harmful) - mean(harmless) and v = mean(benign) - mean(harmless), per layer and position."""
+    return {
+        "refusal": mean_difference(activations["harmful"], activations["harmless"]).contiguous(),
+        "false_refusal": mean_difference(activations["benign"], activations["harmless"]).contiguous(),
+    }
+
+
+class DirectionalEdits:
+    """The directions of one host's weights under ``directory`` (one cached stage per distinct set
+    of prompts), and the edits built from them. ``held_out`` are the prompts no direction set may
+    hold; the config's own sets are checked when this is made, before any model loads."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        compute_dtype: str,
+        directory: Path,
+        held_out: Mapping[str, list[Example]],
+        base_state: str | None = None,
+        progress: bool = True,
+    ):
+        self.config, self.compute_dtype, self.directory = config, compute_dtype, Path(directory)
+        self.held_out, self.base_state, self.progress = held_out, base_state, progress
+        self.meter: dict[str, dict[str, float]] = {}
+        self._prompts: dict[str, dict[str, list[str]]] = {}
+        if config.directional.active:
+            self.prompts(config.directional.sets)
+
+    def prompts(self, sets: DirectionSets) -> dict[str, list[str]]:
+        key = fingerprint(sets)
+        if key not in self._prompts:
+            self._prompts[key] = direction_prompts(sets, self.config.data_dir, self.held_out)
+        return self._prompts[key]
+
+    def key(self, prompts: dict[str, list[str]]) -> str:
+        """What the directions depend on: the weights, the compute dtype and the prompts."""
+        parts = [self.config.model, self.compute_dtype, prompts]
+        return fingerprint(*parts, *([self.base_state] if self.base_state else []))
+
+    def directions(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: PipelineConfig
+    ) -> dict[str, torch.Tensor]:
+        """The directions of the settings' sets on ``model`` (the host's weights in the compute dtype)."""
+        prompts = self.prompts(settings.directional.sets)
+        key = self.key(prompts)
+        directory = self.directory / key[:12]
+        path = directory / "directions.safetensors"
+
+        def produce() -> dict[str, torch.Tensor]:
+            acts = set_activations(
+                model, tokenizer, prompts, settings.directional.batch_size, self.compute_dtype, self.progress
+            )
+            found = directions_of(acts)
+            save_tensors(path, found)
+            return found
+
+        return cached(directory, key, produce, lambda: load_tensors(path), self.meter, "directions")
+
+    def deltas(
+        self,
+        settings: PipelineConfig,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        weight: Callable[[str], torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """The float32 deltas of the settings' edits (none when they are off), from the float32
+        weights ``weight`` gives by name."""
+        if not settings.directional.active:
+            return {}
+        edits = configured_edits(self.directions(model, tokenizer, settings), settings.directional)
+        return projection_deltas(weight, residual_writers(model, settings.directional.embedding), edits)
+
+    def seconds(self, settings: PipelineConfig) -> float:
+        """Wall time the settings' directions took when they were computed (0: not yet)."""
+        return self.stage_seconds(self.key(self.prompts(settings.directional.sets)))
+
+    def stage_seconds(self, key: str) -> float:
+        return stage_record(self.directory / key[:12]).get("wall_seconds", 0.0)
+
+    def computed_seconds(self) -> float:
+        """Wall time of every direction stage asked for here (cached ones included)."""
+        return sum(self.stage_seconds(self.key(prompts)) for prompts in self._prompts.values())
+
+
+def summed(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Two patches' deltas added tensor by tensor (a tensor only one of them changes is kept as it is)."""
+    out = dict(first)
+    for name, delta in second.items():
+        out[name] = out[name].float() + delta if name in out else delta
+    return out

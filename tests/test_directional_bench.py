@@ -1,0 +1,105 @@
+"""Directional rows in a tuned bench on a tiny model: edit-only rows derive nothing, a study searches
+the edit's layer and scale, harmless refusal is a constraint, and a bad layer fails in one line."""
+
+import json
+
+import pytest
+import torch
+
+from safepatching.config.experiments import BenchConfig
+from safepatching.config.loading import build_config
+from safepatching.errors import ConfigError
+from safepatching.experiments.bench import Bench, run_bench
+from safepatching.method.directions import configured_edits, projection_deltas, residual_writers
+from safepatching.storage.files import load_tensors
+
+VALIDATION = {
+    "harmful": {"unc-val": {"source": "builtin:uncensorbench", "split": "train[6:12]", "shuffle_seed": 0}},
+    "benign": {"scary-val": {"source": "builtin:benign-but-scary", "split": "train[5:9]"}},
+    "harmless": {"source": "builtin:harmless", "split": "train[2:4]"},
+}
+
+
+def directional_bench(pipeline, model_dir, root, **tuning):
+    return {
+        "name": "tiny-directional",
+        "pipeline": pipeline(model_dir),
+        "methods": ["backbone", "directional-ablate", "directional-add"],
+        "seeds": [0],
+        "output_dir": str(root / "results"),
+        "work_dir": str(root / "work"),
+        "tuning": {
+            "validation": VALIDATION,
+            "trials": 2,
+            "max_kl": 50.0,
+            "max_looping": 100.0,
+            "max_harmless_refusal": 100.0,
+            "screen_max_new_tokens": 3,
+            "final_max_new_tokens": 4,
+            "spaces": {
+                "directional-ablate": {
+                    "directional.ablate_layer": {"low": 0, "high": 1, "integer": True},
+                    "directional.ablate_scale": {"low": 0.5, "high": 1.0},
+                },
+            },
+            **tuning,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def directional(tmp_path_factory, tiny_model_dir, bench_pipeline):
+    root = tmp_path_factory.mktemp("directional-bench")
+    config = build_config(overrides=directional_bench(bench_pipeline, tiny_model_dir, root), model=BenchConfig)
+    return root, config, run_bench(config, "safepatching bench tiny-directional.yaml", progress=False)
+
+
+def test_edit_only_rows_derive_no_patch_and_share_one_directions_stage(directional):
+    root, _, result = directional
+    assert list(result["methods"]) == ["backbone", "directional-ablate", "directional-add"]
+    assert not (root / "work/patches").exists()
+    (stage,) = (root / "work/directions").glob("*/stage.json")
+    directions = load_tensors(stage.parent / "directions.safetensors")
+    assert directions["refusal"].shape[:1] == (2,) and directions["false_refusal"].shape == directions["refusal"].shape
+    for name in ("directional-ablate", "directional-add"):
+        cell = json.loads((root / f"work/cells/{name}/seed-0/metrics.json").read_text())
+        assert cell["merge_counts"]["edited_tensors"] > 0, name
+        assert cell["kl_to_reference"] > 0, name  # the edit changed the model that was evaluated
+
+
+def test_the_study_searches_the_edit_under_the_harmless_constraint(directional):
+    root, _, result = directional
+    tuning = result["methods"]["directional-ablate"]["tuning"]
+    assert tuning["trials"] == 2 and tuning["chosen"] is not None
+    params = tuning["chosen"]["params"]
+    assert params["directional.ablate_layer"] in (0, 1) and 0.5 <= params["directional.ablate_scale"] <= 1.0
+    study = json.loads((root / "results/tiny-directional-tuning/tiny-directional-directional-ablate.json").read_text())
+    for trial in study["trials"]:
+        assert set(trial["sets"]) == {"unc-val", "scary-val", "harmless"}  # harmless judged, not pooled
+    assert "tuning" not in result["methods"]["directional-add"]  # untuned: its configured point
+
+
+def test_the_evaluated_edit_is_the_projection_of_the_chosen_direction(directional):
+    root, config, result = directional
+    bench = Bench(config, progress=False)
+    bench.tune("directional-ablate", "")
+    deltas, counts, _ = bench.merged_deltas("directional-ablate", 0)
+    model, _ = bench.stages.backbone.model()
+    (stage,) = (root / "work/directions").glob("*/stage.json")
+    directions = load_tensors(stage.parent / "directions.safetensors")
+    chosen = bench.chosen["directional-ablate"].directional
+    expected = projection_deltas(
+        bench.stages.backbone.base_weight, residual_writers(model, "auto"), configured_edits(directions, chosen)
+    )
+    assert set(deltas) == set(expected) and counts["edited_tensors"] == len(expected)
+    for name, delta in expected.items():
+        torch.testing.assert_close(deltas[name], delta)
+
+
+def test_an_edit_of_a_layer_the_model_lacks_fails_in_one_line(tmp_path, tiny_model_dir, bench_pipeline):
+    settings = directional_bench(bench_pipeline, tiny_model_dir, tmp_path)
+    settings["tuning"] = None
+    settings["methods"] = ["backbone", "directional-add"]
+    settings["pipeline"]["directional"]["add_layer"] = 7
+    with pytest.raises(ConfigError, match=r"directional.add_layer 7: the backbone has 2 layers"):
+        run_bench(build_config(overrides=settings, model=BenchConfig), progress=False)
