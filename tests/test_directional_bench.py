@@ -103,3 +103,31 @@ def test_an_edit_of_a_layer_the_model_lacks_fails_in_one_line(tmp_path, tiny_mod
     settings["pipeline"]["directional"]["add_layer"] = 7
     with pytest.raises(ConfigError, match=r"directional.add_layer 7: the backbone has 2 layers"):
         run_bench(build_config(overrides=settings, model=BenchConfig), progress=False)
+
+
+def test_a_run_writes_the_merge_plus_the_edit_and_keys_the_merge_by_it(tmp_path, tiny_model_dir, tiny_pipeline_config):
+    from safepatching.experiments.pipeline import run_pipeline
+    from safepatching.experiments.stages import Stages
+    from safepatching.storage.shards import WeightFolder
+
+    plain = tiny_pipeline_config(tiny_model_dir, tmp_path / "plain", method="task_arithmetic")
+    sets = {"harmful": {"source": "builtin:uncensorbench", "split": "train[120:140]", "shuffle_seed": 0},
+            "harmless": {"source": "builtin:harmless", "split": "train[4:24]"},
+            "benign": {"source": "builtin:benign-but-scary", "split": "train[20:40]"}}  # fmt: skip
+    edit = {"add_scale": 0.5, "add_layer": 1, "sets": sets}
+    edited = type(plain).model_validate({**plain.model_dump(), "output_dir": tmp_path / "edited", "directional": edit})
+    assert Stages(plain, progress=False).keys.merge() != Stages(edited, progress=False).keys.merge()
+    run_pipeline(plain, progress=False)
+    run_pipeline(edited, progress=False)
+    record = json.loads((tmp_path / "edited/model/safepatching.json").read_text())
+    assert record["merge_counts"]["edited_tensors"] > 0
+    stages = Stages(edited, progress=False)
+    model, tokenizer = stages.backbone.model()
+    edits = stages.directional().deltas(edited, model, tokenizer, stages.backbone.base_weight)
+    plain_weights, edited_weights = WeightFolder(tmp_path / "plain/model"), WeightFolder(tmp_path / "edited/model")
+    embedding = next(name for name in edits if name.endswith("embed_tokens.weight"))
+    torch.testing.assert_close(
+        edited_weights.read(embedding), stages.backbone.base_weight(embedding).float() + edits[embedding]
+    )
+    writer = next(name for name in edits if name.endswith("o_proj.weight"))
+    torch.testing.assert_close(edited_weights.read(writer), plain_weights.read(writer) + edits[writer])

@@ -29,11 +29,12 @@ from safepatching.data.sources import Example
 from safepatching.evaluation.decoding import make_generator
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
 from safepatching.experiments.compare import HARMFUL_SETS
-from safepatching.experiments.directional import DirectionalEdits, summed
+from safepatching.experiments.directional import DirectionalEdits
 from safepatching.experiments.stages import Stages
 from safepatching.experiments.tune import candidate_settings, finished_count, make_scorer, run_tune
 from safepatching.experiments.validation import ValidationScorer
 from safepatching.method.dense import DensePatch, patched
+from safepatching.method.directions import edit_counts
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger
 from safepatching.models.loading import load_model
@@ -202,19 +203,16 @@ class Bench:
     def candidate_deltas(self, name: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """A tuned merge row's deltas at its chosen point, from the patches its study derived."""
         candidate = self.chosen[name]
+        edits = self.edit_deltas(candidate)
         if not candidate.merge.merges_patches:
-            return self.with_edits({}, {"changed_fraction": 0.0}, candidate)
+            return edits, edit_counts(edits)
         safety, over_safety, scores = self._scorer.derived(candidate)
-        return self.with_edits(*PatchMerger(safety, over_safety, candidate.merge, seed, *scores).merge_all(), candidate)
+        return PatchMerger(safety, over_safety, candidate.merge, seed, *scores, edits=edits).merge_all()
 
-    def with_edits(
-        self, deltas: dict[str, torch.Tensor], counts: dict[str, Any], settings: PipelineConfig
-    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The merged deltas plus the directional edits ``settings`` ask for (directions of the
-        untouched backbone)."""
+    def edit_deltas(self, settings: PipelineConfig) -> dict[str, torch.Tensor]:
+        """The directional edits ``settings`` ask for (directions of the untouched backbone)."""
         model, tokenizer = self.stages.backbone.model()
-        edits = self.edits.deltas(settings, model, tokenizer, self.stages.backbone.base_weight)
-        return summed(deltas, edits), {**counts, "edited_tensors": len(edits)}
+        return self.edits.deltas(settings, model, tokenizer, self.stages.backbone.base_weight)
 
     # -- cells ---------------------------------------------------------------------------------------
     def working(self):
@@ -233,9 +231,9 @@ class Bench:
             return deltas, counts, time.perf_counter() - started
         method = self.config.method(name)
         settings = self.config.merge_settings(method)
+        edits = self.edit_deltas(self.config.row_pipeline(method))
         if not settings.merges_patches:
-            deltas, counts = self.with_edits({}, {"changed_fraction": 0.0}, self.config.row_pipeline(method))
-            return deltas, counts, time.perf_counter() - started
+            return edits, edit_counts(edits), time.perf_counter() - started
         safety = self.patches["npo" if method.safety_patch == "npo" else "ascent"]
         benign = method.over_safety_patch == "benign"
         over_safety = self.patches["benign" if benign else "descent"]
@@ -244,8 +242,7 @@ class Bench:
             if MERGE_METHODS[settings.method].needs_importance
             else (None, None)
         )
-        deltas, counts = PatchMerger(safety, over_safety, settings, seed, *scores).merge_all()
-        deltas, counts = self.with_edits(deltas, counts, self.config.row_pipeline(method))
+        deltas, counts = PatchMerger(safety, over_safety, settings, seed, *scores, edits=edits).merge_all()
         return deltas, counts, time.perf_counter() - started
 
     def cell(self, name: str, seed: int) -> dict[str, Any]:

@@ -158,10 +158,3 @@ class DirectionalEdits:
         """Wall time of every direction stage asked for here (cached ones included)."""
         return sum(self.stage_seconds(self.key(prompts)) for prompts in self._prompts.values())
 
-
-def summed(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Two patches' deltas added tensor by tensor (a tensor only one of them changes is kept as it is)."""
-    out = dict(first)
-    for name, delta in second.items():
-        out[name] = out[name].float() + delta if name in out else delta
-    return out

@@ -60,7 +60,10 @@ class StageKeys:
         return fingerprint(self.derive(), self.derive("over_safety"), cache_identity(c.importance))
 
     def merge(self) -> str:
-        return fingerprint(self.importance(), cache_identity(self.config.merge))
+        """The merged model: its patches, the merge settings and, when on, the directional edit."""
+        directional = self.config.directional
+        edit = [cache_identity(directional)] if directional.active else []
+        return fingerprint(self.importance(), cache_identity(self.config.merge), *edit)
 
     def backbone_eval(self) -> str:
         c = self.config

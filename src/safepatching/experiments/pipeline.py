@@ -78,6 +78,7 @@ def run_stages(stages: Stages) -> RunResult:
     say = StageLines(console, stages.meter, RUN_STAGES)
     pairs = stages.harmful_pairs()
     sets = stages.data.eval_sets(pairs)  # bad data and train/eval overlap fail here, before anything is written
+    stages.directional(sets.named())  # direction sets that hold an evaluated prompt fail here too
     say("data", f"{len(pairs)} harmful training pairs; evaluation prompts: {describe_sets(sets)}")
     if config.over_safety_train is not None:
         spec = config.over_safety_train
@@ -151,6 +152,8 @@ def derive_score_merge(stages: Stages, say: StageLines, pairs, model_dir: Path) 
     say.reused("importance_safety", "importance_over_safety")
     stages.backbone.model()  # training is over: the one backbone copy drops to the compute dtype before the merge
     say("merge", f"{merge_plan(config)} -> {model_dir}")
+    if config.directional.active:
+        say.note(f"plus the directional edit: {edit_plan(config)}")
     stages.merge(safety, over_safety, scores, model_dir)
     say.reused("merge")
 
@@ -168,6 +171,16 @@ def merge_plan(config: PipelineConfig) -> str:
         f"{merge.method}, alpha {merge.alpha:g}, beta {merge.beta:g}, regions top {merge.top_a:g}% / "
         f"{merge.top_b:g}% ({merge.mask_scope}), retention {merge.retention:g}"
     )
+
+
+def edit_plan(config: PipelineConfig) -> str:
+    edit = config.directional
+    parts = []
+    if edit.ablate_scale:
+        parts.append(f"false-refusal direction of layer {edit.ablate_layer} ablated x{edit.ablate_scale:g} (lambda {edit.strength:g})")
+    if edit.add_scale:
+        parts.append(f"refusal direction of layer {edit.add_layer} amplified x{edit.add_scale:g}")
+    return "; ".join(parts)
 
 
 def print_next_steps(console: Console, config: PipelineConfig, meter: dict[str, Any], seconds: float) -> None:

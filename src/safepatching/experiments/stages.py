@@ -20,6 +20,7 @@ from safepatching.config.settings import PipelineConfig
 from safepatching.data.sources import Example
 from safepatching.evaluation.judges.registry import Judges
 from safepatching.experiments.backbone import Backbone
+from safepatching.experiments.directional import DirectionalEdits
 from safepatching.experiments.keys import StageKeys
 from safepatching.experiments.replies import over_safety_replies, own_reply_pairs
 from safepatching.experiments.training_data import TrainingData
@@ -71,6 +72,7 @@ class Stages:
         self.data = data.with_config(config) if data is not None else TrainingData(config, self.judges)
         self.keys = StageKeys(config, self.compute_dtype, self.data.harmful_pairs, base_state)
         self._over_safety_pairs: list[Example] | None = None
+        self._edits: DirectionalEdits | None = None
         if config.over_safety_train is not None and config.over_safety_replies.model:
             check_model_source(config.over_safety_replies.model)
 
@@ -196,7 +198,11 @@ class Stages:
         settings = self.config.merge
 
         def produce() -> dict[str, Any]:
-            merger = PatchMerger(safety, over_safety, settings, self.config.seed, *scores)
+            edits = {}
+            if self.config.directional.active:
+                model, tokenizer = self.backbone.model()
+                edits = self.directional().deltas(self.config, model, tokenizer, self.backbone.base_weight)
+            merger = PatchMerger(safety, over_safety, settings, self.config.seed, *scores, edits=edits)
             counts = write_patched_model(
                 self.backbone.folder(),
                 directory,
@@ -220,6 +226,16 @@ class Stages:
         stage_dir = directory / "safepatching"  # inside the model folder, which is written atomically
         counted = lambda counts: {"counts": counts}  # noqa: E731
         return cached(stage_dir, self.keys.merge(), produce, load, self.meter, "merge", counted, refresh)
+
+    def directional(self, held_out: dict[str, list[Example]] | None = None) -> DirectionalEdits:
+        """The directions stage under directions/ (made once; ``held_out``, the evaluation sets,
+        checked against the direction sets when it is made)."""
+        if self._edits is None:
+            held_out = held_out if held_out is not None else self.data.eval_sets(self.harmful_pairs()).named()
+            self._edits = DirectionalEdits(
+                self.config, self.compute_dtype, self.out / "directions", held_out, self.base_state, self.progress
+            )
+        return self._edits
 
     def merge_is_fresh(self, directory: Path) -> bool:
         """Whether ``directory`` holds the patched model these settings make (then no patch is needed)."""

@@ -26,10 +26,11 @@ from safepatching.evaluation.judges.registry import Judges
 from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.metrics import mean_token_kl, percent, reference_logprobs
 from safepatching.experiments.backbone import Backbone
-from safepatching.experiments.directional import DirectionalEdits, summed
+from safepatching.experiments.directional import DirectionalEdits
 from safepatching.experiments.stages import Stages
 from safepatching.experiments.training_data import TrainingData
 from safepatching.method.dense import patched
+from safepatching.method.directions import edit_counts
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger
 from safepatching.models.precision import resolved
@@ -234,14 +235,14 @@ class ValidationScorer:
         counts. Its patches, scores and deltas (GBs when freshly derived) are freed on exit. A
         directional edit adds its deltas; with alpha and beta 0 no patch is derived at all."""
         self.load()
-        deltas, counts = {}, {"changed_fraction": 0.0}
+        edits = self.edits.deltas(settings, self.model, self.tokenizer, self.base)
+        deltas, counts = edits, edit_counts(edits)
         if settings.merge.merges_patches:
             safety, over_safety, scores = self.derived(settings)
-            deltas, counts = PatchMerger(safety, over_safety, settings.merge, settings.seed, *scores).merge_all()
-            del safety, over_safety, scores
-        edits = self.edits.deltas(settings, self.model, self.tokenizer, self.base)
-        counts["edited_tensors"] = len(edits)
-        with patched(self.model, summed(deltas, edits), self.base):
+            merger = PatchMerger(safety, over_safety, settings.merge, settings.seed, *scores, edits=edits)
+            deltas, counts = merger.merge_all()
+            del safety, over_safety, scores, merger
+        with patched(self.model, deltas, self.base):
             yield counts
 
     @contextmanager

@@ -167,3 +167,11 @@ def configured_edits(
     if settings.add_scale:
         edits.append((directions["refusal"][settings.add_layer, at], settings.add_scale))
     return edits
+
+
+def edit_counts(deltas: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """A merge's counts for an edit applied alone: entries of the edited tensors and how many change."""
+    entries = sum(delta.numel() for delta in deltas.values())
+    changed = sum(int(torch.count_nonzero(delta)) for delta in deltas.values())
+    return {"entries": entries, "changed": changed, "changed_fraction": changed / max(entries, 1),
+            "edited_tensors": len(deltas)}  # fmt: skip

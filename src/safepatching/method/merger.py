@@ -40,9 +40,13 @@ class PatchMerger:
         seed: int,
         safety_scores: Mapping[str, torch.Tensor] | None = None,
         over_safety_scores: Mapping[str, torch.Tensor] | None = None,
+        edits: Mapping[str, torch.Tensor] | None = None,
     ):
+        """``edits``: further float32 deltas added on top (a directional edit), which may touch
+        tensors the patches do not (the input embedding)."""
         check_compatible(safety, over_safety)
         self.safety, self.over_safety, self.settings, self.seed = safety, over_safety, settings, seed
+        self.edits = dict(edits or {})
         self.method = MERGE_METHODS[settings.method]
         self.regions: tuple[TopRegion, TopRegion] | None = None
         if self.method.needs_importance:
@@ -57,10 +61,18 @@ class PatchMerger:
         self.counts = {"entries": 0, "changed": 0, "safety_only": 0, "over_safety_only": 0, "intersection": 0}
 
     def names(self) -> list[str]:
-        return list(self.safety.deltas)
+        return list(self.safety.deltas) + [name for name in self.edits if name not in self.safety.deltas]
 
     def delta(self, name: str) -> torch.Tensor:
-        """The merged float32 delta for one tensor; statistics accumulate in ``counts``."""
+        """The merged float32 delta for one tensor (plus its edit); statistics accumulate in ``counts``."""
+        merged = self.patch_delta(name) if name in self.safety.deltas else None
+        if name in self.edits:
+            merged = self.edits[name] if merged is None else merged + self.edits[name]
+        self.counts["entries"] += merged.numel()
+        self.counts["changed"] += int(torch.count_nonzero(merged))
+        return merged
+
+    def patch_delta(self, name: str) -> torch.Tensor:
         safety_region = over_safety_region = None
         if self.regions is not None:
             safety_region, over_safety_region = (region.mask(name) for region in self.regions)
@@ -72,8 +84,6 @@ class PatchMerger:
             over_safety_region,
         )
         merged = self.method.function(patches, self.settings, self.seed)
-        self.counts["entries"] += merged.numel()
-        self.counts["changed"] += int(torch.count_nonzero(merged))
         if safety_region is not None:
             only_s, only_o = difference_sets(safety_region, over_safety_region)
             self.counts["safety_only"] += int(only_s.sum())
@@ -87,4 +97,5 @@ class PatchMerger:
         return deltas, self.summary()
 
     def summary(self) -> dict[str, Any]:
-        return {**self.counts, "changed_fraction": self.counts["changed"] / max(self.counts["entries"], 1)}
+        edited = {"edited_tensors": len(self.edits)} if self.edits else {}
+        return {**self.counts, "changed_fraction": self.counts["changed"] / max(self.counts["entries"], 1), **edited}

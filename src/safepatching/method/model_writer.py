@@ -56,11 +56,12 @@ def write_patched_model(
     plan = [PlannedTensor(name, dtype or info.dtype, info.shape) for name, info in base.tensors.items()]
 
     tensors = read_ahead(base, list(base.tensors), lambda value: None)
+    touched_names = set(merger.names())
 
     def produce(planned: PlannedTensor) -> torch.Tensor:
         nonlocal lost
         _, value, _ = next(tensors)
-        if planned.name not in merger.safety.deltas:
+        if planned.name not in touched_names:
             return value.to(planned.dtype)
         delta = merger.delta(planned.name)
         if tuple(delta.shape) != planned.shape:
