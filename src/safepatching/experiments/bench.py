@@ -25,13 +25,13 @@ from safepatching.config.experiments import BENCH_METHODS, BenchConfig, BenchMet
 from safepatching.config.identity import cache_identity
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import EvalSets
-from safepatching.data.sources import Example
+from safepatching.data.sources import Example, load_examples
 from safepatching.evaluation.decoding import make_generator
 from safepatching.evaluation.suite import evaluate_model, harmless_responses
 from safepatching.experiments.compare import HARMFUL_SETS
 from safepatching.experiments.directional import DirectionalEdits
 from safepatching.experiments.stages import Stages
-from safepatching.experiments.tune import candidate_settings, finished_count, make_scorer, run_tune
+from safepatching.experiments.tune import candidate_settings, finished_count, make_scorer, run_tune, validation_sets
 from safepatching.experiments.validation import ValidationScorer
 from safepatching.method.dense import DensePatch, patched
 from safepatching.method.directions import edit_counts
@@ -97,8 +97,14 @@ class Bench:
         self._scorer: ValidationScorer | None = None
         self._working = None
         self._reference_harmless: list[str] | None = None
-        self.edits = DirectionalEdits(  # the directions stage is shared with the studies (same work_dir)
-            pipeline, self.stages.compute_dtype, self.config.work_dir / "directions", self.sets.named(), progress=self.progress
+        held_out = self.sets.named()  # the studies' validation prompts too, so both use the same directions
+        if self.config.tuning:
+            validation = self.config.tuning.validation
+            held_out |= {s.name: s.examples for s in validation_sets(validation, pipeline.data_dir)}
+            if validation.harmless:
+                held_out["harmless"] = load_examples(validation.harmless, pipeline.data_dir)
+        self.edits = DirectionalEdits(
+            pipeline, self.stages.compute_dtype, self.config.work_dir / "directions", held_out, progress=self.progress
         )
 
     # -- derived once --------------------------------------------------------------------------------

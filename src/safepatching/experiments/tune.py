@@ -30,7 +30,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
-from safepatching.config.experiments import SearchRange, TuneConfig, TuneSettings
+from safepatching.config.experiments import SearchRange, TuneConfig, TuneSettings, ValidationSets
 from safepatching.config.loading import with_settings
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.sources import load_examples
@@ -191,14 +191,19 @@ def text_flags(text: str) -> list[bool]:
     return [char == "1" for char in text]
 
 
+def validation_sets(validation: ValidationSets, data_dir: Path | None) -> list[ValidationSet]:
+    """The harmful and benign validation sets, read."""
+    return [
+        ValidationSet(name, kind, load_examples(spec, data_dir))
+        for kind, specs in (("harmful", validation.harmful), ("benign", validation.benign))
+        for name, spec in specs.items()
+    ]
+
+
 def make_scorer(config: TuneConfig, progress: bool = True) -> ValidationScorer:
     """The scorer of a study's validation sets (checked for overlap; the model loads on first use)."""
     data_dir = config.pipeline.data_dir
-    sets = [
-        ValidationSet(name, kind, load_examples(spec, data_dir))
-        for kind, specs in (("harmful", config.validation.harmful), ("benign", config.validation.benign))
-        for name, spec in specs.items()
-    ]
+    sets = validation_sets(config.validation, data_dir)
     names = [s.name for s in sets]
     if len(set(names)) < len(names):
         raise ConfigError("two validation sets share a name.", "give each harmful and benign set its own name")
