@@ -55,3 +55,23 @@ def test_the_shipped_sets_are_in_the_data_directory():
     defaults = DirectionsConfig()
     sizes = [len(load_examples(getattr(defaults, name), defaults.pipeline.data_dir)) for name in ("harmful", "harmless", "benign")]
     assert sizes == [260, 300, 200]
+
+
+def test_the_refusal_filter_keeps_what_the_judge_calls_refused_and_too_few_fail_in_one_line(
+    tmp_path, tiny_model_dir, bench_pipeline
+):
+    from safepatching.evaluation.judges.rules import Verdict
+    from safepatching.experiments.directional import refused_only
+    from safepatching.models.loading import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir), loading=PipelineConfig().loading.model_copy(
+        update={"compute_dtype": "float32"}))  # fmt: skip
+    prompts = [e.prompt for e in load_examples(DirectionsConfig(**SETS).benign, None)]
+    refused = set(prompts[::2])
+    judge = lambda prompt, reply: Verdict("full_refusal" if prompt in refused else "full_compliance")  # noqa: E731
+    kept = refused_only(model, tokenizer, DirectionsConfig(**SETS), prompts + prompts[:12], judge, 4)
+    assert kept == [p for p in prompts + prompts[:12] if p in refused]
+    # the tiny random model refuses nothing under the rule judge: the filter leaves too few, in one line
+    config = directions_config(tiny_model_dir, tmp_path, bench_pipeline, benign_refused_only=True, refusal_max_new_tokens=4)
+    with pytest.raises(DataError, match=r"the backbone refuses 0 of the 20 benign direction prompts"):
+        run_directions(config, progress=False)

@@ -45,6 +45,12 @@ class DirectionSets(StrictModel):
         "train[:200]",
         0,
     )
+    benign_refused_only: bool = Field(
+        False,
+        description="keep only the benign prompts the backbone refuses (Surgical's rule), judged by "
+        "eval.refusal_judge on a reply of refusal_max_new_tokens",
+    )
+    refusal_max_new_tokens: int = Field(48, ge=1, description="reply budget of that refusal check")
     drop_held_out: bool = Field(
         False,
         description="drop the prompts an evaluation or validation set holds (the shipped harmful set shares some "

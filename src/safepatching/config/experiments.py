@@ -208,6 +208,18 @@ class BenchConfig(StrictModel):
             study_file=f"study-{name}.sqlite3",
         )
 
+    def merged_method(self, method: BenchMethod) -> BenchMethod | None:
+        """The method whose merge settings shape this row's model (itself, a SafeDecoding expert, or none)."""
+        return method if method.kind == "merge" else self.expert_method(method)
+
+    def expert_method(self, method: BenchMethod) -> BenchMethod | None:
+        """The bench method whose merged model is a SafeDecoding row's expert (None: a folder or no expert)."""
+        name = method.decoding.expert_model
+        known = name in self.custom_methods or name in BENCH_METHODS
+        if method.decoding.method == "safedecoding" and known and self.method(name).kind == "merge":
+            return self.method(name)
+        return None
+
     def merge_settings(self, method: BenchMethod) -> MergeConfig:
         return overridden(self.pipeline.merge, method.merge)
 

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 
 from safepatching import __version__
-from safepatching.config.experiments import BENCH_METHODS, BenchConfig, BenchMethod
+from safepatching.config.experiments import BenchConfig, BenchMethod
 from safepatching.config.identity import cache_identity
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import EvalSets
@@ -104,7 +104,7 @@ class Bench:
             if validation.harmless:
                 held_out["harmless"] = load_examples(validation.harmless, pipeline.data_dir)
         self.edits = DirectionalEdits(
-            pipeline, self.stages.compute_dtype, self.config.work_dir / "directions", held_out, progress=self.progress
+            pipeline, self.stages.judges, self.config.work_dir / "directions", held_out, progress=self.progress
         )
 
     # -- derived once --------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ class Bench:
         """Derive the patches and scores the selected methods need (cached in work_dir)."""
         tuned = self.config.tuning.spaces if self.config.tuning else {}
         methods = [self.config.method(name) for name in self.config.methods if name not in tuned]
-        merges = [m for m in methods if m.kind == "merge"] + [e for m in methods if (e := self.expert_method(m))]
+        merges = [m for m in methods if m.kind == "merge"] + [e for m in methods if (e := self.config.expert_method(m))]
         merges = [m for m in merges if self.config.merge_settings(m).merges_patches]  # edit-only rows derive nothing
         if not merges:
             return
@@ -148,7 +148,7 @@ class Bench:
     def derive_seconds(self, method: BenchMethod) -> float:
         """Derivation (and importance) wall time the method's patches took, from the stage records."""
         if method.kind == "decoding":
-            expert = self.expert_method(method)
+            expert = self.config.expert_method(method)
             return self.derive_seconds(expert) if expert else 0.0
         if method.kind == "backbone":
             return 0.0
@@ -164,18 +164,6 @@ class Bench:
         if MERGE_METHODS[settings.method].needs_importance:
             seconds += self.timings.get("benign_importance" if benign else "importance", 0.0)
         return seconds
-
-    def merged_method(self, method: BenchMethod) -> BenchMethod | None:
-        """The method whose merge settings shape this row's model (itself, a SafeDecoding expert, or none)."""
-        return method if method.kind == "merge" else self.expert_method(method)
-
-    def expert_method(self, method: BenchMethod) -> BenchMethod | None:
-        """The bench method whose merged model is a SafeDecoding row's expert (None: a folder or no expert)."""
-        name = method.decoding.expert_model
-        known = name in self.config.custom_methods or name in BENCH_METHODS
-        if method.decoding.method == "safedecoding" and known and self.config.method(name).kind == "merge":
-            return self.config.method(name)
-        return None
 
     # -- tuning --------------------------------------------------------------------------------------
     def tune(self, name: str, command: str) -> None:
@@ -256,7 +244,7 @@ class Bench:
         method = self.config.method(name)
         directory = self.config.work_dir / "cells" / name / f"seed-{seed}"
         eval_settings = self.config.pipeline.eval
-        merged = self.merged_method(method)
+        merged = self.config.merged_method(method)
         stages = self.benign_stages if method.over_safety_patch == "benign" else self.stages
         chosen = [self.chosen[n] for n in (name, method.decoding.expert_model) if n in self.chosen]  # tuned shapes
         key = fingerprint(
@@ -324,7 +312,7 @@ class Bench:
         expert_deltas: dict[str, torch.Tensor] = {}
         expert = None
         if decoding.method == "safedecoding":
-            expert_method = self.expert_method(method)
+            expert_method = self.config.expert_method(method)
             if expert_method is not None:
                 expert_deltas, _, _ = self.merged_deltas(decoding.expert_model, seed)
                 expert = self.working()

@@ -22,6 +22,9 @@ from safepatching.config.settings import PipelineConfig
 from safepatching.data.overlap import assert_disjoint, drop_overlap
 from safepatching.data.sources import Example, load_examples
 from safepatching.errors import DataError
+from safepatching.evaluation.generation import HFGenerator
+from safepatching.evaluation.judges.registry import Judges
+from safepatching.evaluation.judges.rules import Judge
 from safepatching.method.directions import (
     configured_edits,
     mean_difference,
@@ -31,7 +34,7 @@ from safepatching.method.directions import (
     residual_writers,
 )
 from safepatching.storage.cache import cached, fingerprint, stage_record
-from safepatching.storage.files import load_tensors, save_tensors
+from safepatching.storage.files import load_tensors, save_tensors, write_json
 
 MIN_PROMPTS = 16  # fewer leave a direction (and a probe's held-out quarter) to noise
 SETS = ("harmful", "harmless", "benign")
@@ -56,6 +59,22 @@ def direction_prompts(
             )
         prompts[name] = [e.prompt for e in examples]
     return prompts
+
+
+def refused_only(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sets: DirectionSets, prompts: list[str], judge: Judge,
+    batch_size: int,
+) -> list[str]:  # fmt: skip
+    """The benign prompts the model refuses (Surgical's rule); too few fail in one line."""
+    replies = HFGenerator(model, tokenizer, batch_size, progress=False).generate(prompts, sets.refusal_max_new_tokens)
+    kept = [prompt for prompt, reply in zip(prompts, replies, strict=True) if judge(prompt, reply).refusal]
+    if len(kept) < MIN_PROMPTS:
+        raise DataError(
+            f"the backbone refuses {len(kept)} of the {len(prompts)} benign direction prompts; directions need "
+            f"{MIN_PROMPTS}.",
+            "set directional.sets.benign_refused_only: false, or give benign a larger or harder split",
+        )
+    return kept
 
 
 def set_activations(
@@ -90,40 +109,52 @@ class DirectionalEdits:
     def __init__(
         self,
         config: PipelineConfig,
-        compute_dtype: str,
+        judges: Judges,
         directory: Path,
         held_out: Mapping[str, list[Example]],
         base_state: str | None = None,
         progress: bool = True,
     ):
-        self.config, self.compute_dtype, self.directory = config, compute_dtype, Path(directory)
+        self.config, self.judges, self.directory = config, judges, Path(directory)
+        self.compute_dtype = judges.loading.compute_dtype
         self.held_out, self.base_state, self.progress = held_out, base_state, progress
         self.meter: dict[str, dict[str, float]] = {}
-        self._prompts: dict[str, dict[str, list[str]]] = {}
+        self._prompts: dict[str, tuple[dict[str, list[str]], DirectionSets]] = {}
         if config.directional.active:
             self.prompts(config.directional.sets)
 
     def prompts(self, sets: DirectionSets) -> dict[str, list[str]]:
+        """The sets' prompts, read and checked once (a copy: the benign set may be filtered)."""
         key = fingerprint(sets)
         if key not in self._prompts:
-            self._prompts[key] = direction_prompts(sets, self.config.data_dir, self.held_out)
-        return self._prompts[key]
+            self._prompts[key] = (direction_prompts(sets, self.config.data_dir, self.held_out), sets)
+        return dict(self._prompts[key][0])
 
-    def key(self, prompts: dict[str, list[str]]) -> str:
-        """What the directions depend on: the weights, the compute dtype and the prompts."""
+    def key(self, prompts: dict[str, list[str]], sets: DirectionSets) -> str:
+        """What the directions depend on: the weights, the compute dtype, the prompts and, when the
+        benign set is filtered, who judges refusal and how long a reply it reads."""
         parts = [self.config.model, self.compute_dtype, prompts]
+        if sets.benign_refused_only:
+            parts += ["refused_only", self.config.eval.refusal_judge, self.config.eval.judge_model,
+                      sets.refusal_max_new_tokens]  # fmt: skip
         return fingerprint(*parts, *([self.base_state] if self.base_state else []))
 
     def directions(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: PipelineConfig
     ) -> dict[str, torch.Tensor]:
         """The directions of the settings' sets on ``model`` (the host's weights in the compute dtype)."""
-        prompts = self.prompts(settings.directional.sets)
-        key = self.key(prompts)
+        sets = settings.directional.sets
+        prompts = self.prompts(sets)
+        key = self.key(prompts, sets)
         directory = self.directory / key[:12]
         path = directory / "directions.safetensors"
 
         def produce() -> dict[str, torch.Tensor]:
+            if sets.benign_refused_only:
+                benign = refused_only(model, tokenizer, sets, prompts["benign"], self.judges.refusal,
+                                      self.config.eval.batch_size)  # fmt: skip
+                write_json(directory / "benign_refused.json", benign)
+                prompts["benign"] = benign
             acts = set_activations(
                 model, tokenizer, prompts, settings.directional.batch_size, self.compute_dtype, self.progress
             )
@@ -149,12 +180,13 @@ class DirectionalEdits:
 
     def seconds(self, settings: PipelineConfig) -> float:
         """Wall time the settings' directions took when they were computed (0: not yet)."""
-        return self.stage_seconds(self.key(self.prompts(settings.directional.sets)))
+        sets = settings.directional.sets
+        return self.stage_seconds(self.key(self.prompts(sets), sets))
 
     def stage_seconds(self, key: str) -> float:
         return stage_record(self.directory / key[:12]).get("wall_seconds", 0.0)
 
     def computed_seconds(self) -> float:
         """Wall time of every direction stage asked for here (cached ones included)."""
-        return sum(self.stage_seconds(self.key(prompts)) for prompts in self._prompts.values())
+        return sum(self.stage_seconds(self.key(prompts, sets)) for prompts, sets in self._prompts.values())
 

@@ -19,8 +19,15 @@ from rich.console import Console
 
 from safepatching.config.experiments import DirectionsConfig
 from safepatching.data.eval_sets import load_eval_sets
+from safepatching.evaluation.judges.registry import Judges
 from safepatching.experiments.backbone import Backbone
-from safepatching.experiments.directional import SETS, direction_prompts, directions_of, set_activations
+from safepatching.experiments.directional import (
+    SETS,
+    direction_prompts,
+    directions_of,
+    refused_only,
+    set_activations,
+)
 from safepatching.method.directions import mean_difference, probe_accuracy
 from safepatching.models.precision import resolved
 from safepatching.report.results import result_header
@@ -93,6 +100,9 @@ def run_directions(config: DirectionsConfig, command: str = "", progress: bool =
     prompts = direction_prompts(config, pipeline.data_dir, evaluated)  # bad data fails here, before the model loads
     loading = resolved(pipeline.loading)
     model, tokenizer = Backbone(pipeline.model, loading, pipeline.derive.target_modules).model()
+    if config.benign_refused_only:
+        judge = Judges(pipeline.eval, pipeline.data_dir, loading=loading).refusal
+        prompts["benign"] = refused_only(model, tokenizer, config, prompts["benign"], judge, pipeline.eval.batch_size)
     activations = set_activations(model, tokenizer, prompts, config.batch_size, loading.compute_dtype, progress)
     positions = activations["harmful"].shape[2]
     layers = layer_rows(activations, config.seed)

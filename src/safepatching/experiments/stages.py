@@ -233,7 +233,7 @@ class Stages:
         if self._edits is None:
             held_out = held_out if held_out is not None else self.data.eval_sets(self.harmful_pairs()).named()
             self._edits = DirectionalEdits(
-                self.config, self.compute_dtype, self.out / "directions", held_out, self.base_state, self.progress
+                self.config, self.judges, self.out / "directions", held_out, self.base_state, self.progress
             )
         return self._edits
 

@@ -107,7 +107,7 @@ class ValidationScorer:
             assert_disjoint(self.train, {"harmless": harmless})
         self.backbone = Backbone(config.model, loading, config.derive.target_modules)
         held_out = {**reported, **named, **({"harmless": harmless} if harmless else {})}
-        self.edits = DirectionalEdits(config, loading.compute_dtype, work_dir / "directions", held_out, progress=progress)
+        self.edits = DirectionalEdits(config, self.judges, work_dir / "directions", held_out, progress=progress)
         self.harmless, self.kl_max_new_tokens = harmless or [], kl_max_new_tokens
         self.compute_dtype = loading.compute_dtype
         self.loaded = False
