@@ -131,3 +131,36 @@ def test_a_run_writes_the_merge_plus_the_edit_and_keys_the_merge_by_it(tmp_path,
     )
     writer = next(name for name in edits if name.endswith("o_proj.weight"))
     torch.testing.assert_close(edited_weights.read(writer), plain_weights.read(writer) + edits[writer])
+
+
+def test_an_edited_model_exports_as_a_low_rank_patch_that_applies_and_reverts_bit_exactly(
+    tmp_path, tiny_model_dir, tiny_pipeline_config
+):
+    from safepatching.experiments.pipeline import run_pipeline
+    from safepatching.patchfile.sparse import apply_patches, export_patch, inspect_patch, revert_patch
+    from safepatching.storage.shards import WeightFolder
+
+    plain = tiny_pipeline_config(tiny_model_dir, tmp_path / "run", method="task_arithmetic", alpha=0.0, beta=0.0)
+    sets = {"harmful": {"source": "builtin:uncensorbench", "split": "train[120:140]", "shuffle_seed": 0},
+            "harmless": {"source": "builtin:harmless", "split": "train[4:24]"},
+            "benign": {"source": "builtin:benign-but-scary", "split": "train[20:40]"}}  # fmt: skip
+    edit = {"ablate_scale": 1.0, "ablate_layer": 1, "add_scale": 0.5, "add_layer": 1, "sets": sets}
+    config = type(plain).model_validate({**plain.model_dump(), "directional": edit})
+    result = run_pipeline(config, progress=False)
+    base = WeightFolder(tiny_model_dir)
+    meta = export_patch(tiny_model_dir, result.model_dir, tmp_path / "patch", progress=False)
+    assert meta["format_version"] == 2
+    low_rank = {name: r for name, r in meta["tensors"].items() if "low_rank" in r}
+    assert low_rank and all(r["low_rank"] == 2 for r in low_rank.values())  # two edits: rank 2
+    dense_bytes = sum(base.tensors[name].nbytes for name in low_rank)
+    # factors plus the entries where rounding does not invert (about 15 % at this tiny model's scale)
+    assert meta["patch_bytes"] < dense_bytes * 0.75
+    assert all(0 < r["exact"] < 0.3 * r["changed"] for r in low_rank.values())
+    assert inspect_patch(tmp_path / "patch")["low_rank_tensors"] == len(low_rank)
+    apply_patches([tmp_path / "patch"], tiny_model_dir, tmp_path / "applied", progress=False)
+    revert_patch(tmp_path / "patch", tmp_path / "applied", tmp_path / "reverted", progress=False)
+    patched, applied, reverted = (WeightFolder(p) for p in (result.model_dir, tmp_path / "applied", tmp_path / "reverted"))
+    for name in base.tensors:
+        assert torch.equal(applied.read(name).view(torch.int32), patched.read(name).view(torch.int32)), name
+        assert torch.equal(reverted.read(name).view(torch.int32), base.read(name).view(torch.int32)), name
+    assert not (tmp_path / "applied/safepatching").exists()  # the factors stay with the merge that made them

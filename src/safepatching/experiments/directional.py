@@ -27,9 +27,10 @@ from safepatching.evaluation.judges.registry import Judges
 from safepatching.evaluation.judges.rules import Judge
 from safepatching.method.directions import (
     configured_edits,
+    low_rank_delta,
     mean_difference,
     post_instruction_length,
-    projection_deltas,
+    projection_factors,
     residual_activations,
     residual_writers,
 )
@@ -164,19 +165,23 @@ class DirectionalEdits:
 
         return cached(directory, key, produce, lambda: load_tensors(path), self.meter, "directions")
 
-    def deltas(
+    def factors(
         self,
         settings: PipelineConfig,
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         weight: Callable[[str], torch.Tensor],
-    ) -> dict[str, torch.Tensor]:
-        """The float32 deltas of the settings' edits (none when they are off), from the float32
-        weights ``weight`` gives by name."""
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The settings' edits as low-rank factors per writer (none when they are off), from the
+        float32 weights ``weight`` gives by name."""
         if not settings.directional.active:
             return {}
         edits = configured_edits(self.directions(model, tokenizer, settings), settings.directional)
-        return projection_deltas(weight, residual_writers(model, settings.directional.embedding), edits)
+        return projection_factors(weight, residual_writers(model, settings.directional.embedding), edits)
+
+    def deltas(self, settings: PipelineConfig, model, tokenizer, weight) -> dict[str, torch.Tensor]:
+        """The dense float32 deltas of ``factors``."""
+        return {name: low_rank_delta(*pair) for name, pair in self.factors(settings, model, tokenizer, weight).items()}
 
     def seconds(self, settings: PipelineConfig) -> float:
         """Wall time the settings' directions took when they were computed (0: not yet)."""

@@ -26,6 +26,7 @@ from safepatching.experiments.replies import over_safety_replies, own_reply_pair
 from safepatching.experiments.training_data import TrainingData
 from safepatching.method.dense import DensePatch, checkpoint_dir_for, load_dense_patch, patched, save_dense_patch
 from safepatching.method.derivations import DERIVATIONS, DerivationInputs
+from safepatching.method.directions import low_rank_delta
 from safepatching.method.importance import snip_scores
 from safepatching.method.merge_methods import MERGE_METHODS
 from safepatching.method.merger import PatchMerger
@@ -198,10 +199,11 @@ class Stages:
         settings = self.config.merge
 
         def produce() -> dict[str, Any]:
-            edits = {}
+            factors = {}
             if self.config.directional.active:
                 model, tokenizer = self.backbone.model()
-                edits = self.directional().deltas(self.config, model, tokenizer, self.backbone.base_weight)
+                factors = self.directional().factors(self.config, model, tokenizer, self.backbone.base_weight)
+            edits = {name: low_rank_delta(*pair) for name, pair in factors.items()}
             merger = PatchMerger(safety, over_safety, settings, self.config.seed, *scores, edits=edits)
             counts = write_patched_model(
                 self.backbone.folder(),
@@ -212,6 +214,7 @@ class Stages:
                 settings_record(self.config, safety, over_safety),
                 settings.shard_size_mb,
                 progress=self.progress,
+                edit_factors=factors,
             )
             if counts["rounding_loss_fraction"] > 0.05:
                 log.warning(

@@ -114,24 +114,43 @@ def residual_writers(model: PreTrainedModel, embedding: str = "edit") -> list[st
     return names
 
 
-def projection_deltas(
+def projection_factors(
     weight: Callable[[str], torch.Tensor], names: list[str], edits: list[tuple[torch.Tensor, float]]
-) -> dict[str, torch.Tensor]:
-    """Float32 deltas that scale what each writer writes along each edit's direction d by (1 + c):
-    c d d^T W for a linear layer ([hidden, in]) and c E d d^T for the embedding ([vocab, hidden]).
-    c = -1 removes the direction (ablation), c > 0 amplifies it; the edits' deltas add."""
-    deltas = {}
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each writer's edit as low-rank factors (a [rank, rows], b [rank, columns]), one rank per edit,
+    that scale what the writer writes along the edit's direction d by (1 + c): c d (d^T W) for a
+    linear layer ([hidden, in]) and c (E d) d^T for the embedding ([vocab, hidden]). c = -1 removes
+    the direction (ablation), c > 0 amplifies it."""
+    factors = {}
     for name in names:
         base = weight(name).float()
-        delta = torch.zeros_like(base)
+        rows, columns = [], []
         for direction, coefficient in edits:
             unit = (direction / direction.norm().clamp_min(1e-12)).float()
             if name.endswith("embed_tokens.weight"):
-                delta += coefficient * torch.outer(base @ unit, unit)
+                rows.append(coefficient * (base @ unit))
+                columns.append(unit)
             else:
-                delta += coefficient * torch.outer(unit, unit @ base)
-        deltas[name] = delta
-    return deltas
+                rows.append(coefficient * unit)
+                columns.append(unit @ base)
+        factors[name] = (torch.stack(rows), torch.stack(columns))
+    return factors
+
+
+def low_rank_delta(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """sum_k outer(rows[k], columns[k]) in float32, rank by rank: elementwise products and sums in a
+    fixed order, so every machine computes the same bits (a patch file applies them exactly)."""
+    delta = torch.zeros(rows.shape[1], columns.shape[1], dtype=torch.float32)
+    for row, column in zip(rows.float(), columns.float(), strict=True):
+        delta += torch.outer(row, column)
+    return delta
+
+
+def projection_deltas(
+    weight: Callable[[str], torch.Tensor], names: list[str], edits: list[tuple[torch.Tensor, float]]
+) -> dict[str, torch.Tensor]:
+    """The dense float32 deltas of ``projection_factors``; the edits' deltas add."""
+    return {name: low_rank_delta(*pair) for name, pair in projection_factors(weight, names, edits).items()}
 
 
 def ablation_deltas(weights: Mapping[str, torch.Tensor], direction: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from safepatching.errors import SafePatchingError
 from safepatching.method.dense import DensePatch
 from safepatching.method.geometry import patch_geometry
 from safepatching.method.merger import PatchMerger
-from safepatching.storage.files import atomic_dir, write_json
+from safepatching.storage.files import EDIT_FACTORS_FILE, atomic_dir, save_factors, write_json
 from safepatching.storage.shards import (
     SETTINGS_FILE,
     PlannedTensor,
@@ -39,8 +39,12 @@ def write_patched_model(
     shard_size_mb: int = 2000,
     overwrite: bool = True,
     progress: bool = True,
+    edit_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Stream base + merged deltas into a HF model folder, one tensor in memory at a time.
+
+    ``edit_factors``: a directional edit's low-rank factors (already in the merger's deltas), kept
+    beside the model as ``edit_factors.safetensors`` so that `export` stores them, not the dense change.
 
     ``dtype`` None keeps each tensor's stored dtype. ``settings_record`` (the config and the patches'
     provenance) goes to ``safepatching.json`` and the model card. Returns the merge statistics,
@@ -88,6 +92,8 @@ def write_patched_model(
         card = model_card(base_model, settings_record.get("config", {}), {"merge": counts})
         (staging / "README.md").write_text(card, encoding="utf-8")
         write_json(staging / SETTINGS_FILE, {**settings_record, "merge_counts": counts})
+        if edit_factors:
+            save_factors(staging / EDIT_FACTORS_FILE, edit_factors)
     return counts
 
 

@@ -32,7 +32,8 @@ from safepatching import __version__
 from safepatching.errors import SafePatchingError
 from safepatching.method.dense import is_dense_patch
 from safepatching.method.geometry import region_geometry
-from safepatching.storage.files import atomic_dir, read_json, save_tensors, write_json
+from safepatching.patchfile.low_rank import Factors, apply_low_rank, bit_pattern, inexact_entries
+from safepatching.storage.files import EDIT_FACTORS_FILE, atomic_dir, load_factors, read_json, save_tensors, write_json
 from safepatching.storage.shards import (
     DTYPE_CODES,
     SETTINGS_FILE,
@@ -47,6 +48,7 @@ from safepatching.storage.shards import (
 
 PATCH_FORMAT = "safepatching-sparse-patch"
 PATCH_FORMAT_VERSION = 1
+LOW_RANK_FORMAT_VERSION = 2  # a patch with low-rank entries, which a version-1 reader would misapply
 VALUES_FILE = "patch.safetensors"
 META_FILE = "patch.json"
 INT32_LIMIT = 2**31 - 1
@@ -65,28 +67,24 @@ class SparseDelta:
     exact_index: torch.Tensor
     before: torch.Tensor
     after: torch.Tensor
+    factors: Factors | None = None  # a low-rank change (then index and delta are empty)
 
     @property
     def changed(self) -> int:
         return self.index.numel() + self.exact_index.numel()
 
 
-def _bits(values: torch.Tensor) -> torch.Tensor:
-    """Bit patterns, so that -0.0 != 0.0 and NaN == NaN when comparing."""
-    return values.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()])
-
-
 def diff_tensor(before: torch.Tensor, after: torch.Tensor) -> SparseDelta | None:
     """The sparse difference of two same-shaped tensors, or None when they are bitwise equal."""
     flat_before, flat_after = before.reshape(-1), after.reshape(-1)
-    changed = torch.nonzero(_bits(flat_before) != _bits(flat_after)).reshape(-1)
+    changed = torch.nonzero(bit_pattern(flat_before) != bit_pattern(flat_after)).reshape(-1)
     if changed.numel() == 0:
         return None
     index_dtype = torch.int32 if flat_before.numel() <= INT32_LIMIT else torch.int64
     old, new = flat_before[changed], flat_after[changed]
     if before.is_floating_point():
         delta = (new.double() - old.double()).to(before.dtype)
-        exact = (_bits(old + delta) != _bits(new)) | (_bits(new - delta) != _bits(old))
+        exact = (bit_pattern(old + delta) != bit_pattern(new)) | (bit_pattern(new - delta) != bit_pattern(old))
     else:
         delta = torch.zeros_like(new)
         exact = torch.ones_like(changed, dtype=torch.bool)
@@ -99,8 +97,20 @@ def diff_tensor(before: torch.Tensor, after: torch.Tensor) -> SparseDelta | None
     )
 
 
+def diff_low_rank(before: torch.Tensor, after: torch.Tensor, factors: Factors) -> SparseDelta:
+    """A low-rank change with the entries it does not reproduce exactly kept as before/after values."""
+    changed = inexact_entries(before, after, factors)
+    index_dtype = torch.int32 if before.numel() <= INT32_LIMIT else torch.int64
+    flat_before, flat_after = before.reshape(-1), after.reshape(-1)
+    empty = torch.empty(0, dtype=index_dtype)
+    return SparseDelta(empty, torch.empty(0, dtype=before.dtype), changed.to(index_dtype), flat_before[changed],
+                       flat_after[changed], factors)  # fmt: skip
+
+
 def apply_delta(values: torch.Tensor, sparse: SparseDelta, sign: int = 1) -> torch.Tensor:
     """Add (sign 1) or subtract (sign -1) the patch in place; exact entries take after/before values."""
+    if sparse.factors is not None:
+        values.copy_(apply_low_rank(values, sparse.factors, sign))
     flat = values.view(-1)
     index = sparse.index.long()
     flat[index] = flat[index] + sparse.delta if sign > 0 else flat[index] - sparse.delta
@@ -131,8 +141,11 @@ def export_patch(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write the sparse difference between a patched model and its base as a patch folder."""
+    """Write the sparse difference between a patched model and its base as a patch folder; the
+    tensors a directional edit changed (its factors kept in the patched folder) as low-rank entries."""
     base, patched = WeightFolder(base_dir), WeightFolder(patched_dir)
+    factors_file = Path(patched_dir) / EDIT_FACTORS_FILE
+    factors = load_factors(factors_file) if factors_file.is_file() else {}
     if set(base.tensors) != set(patched.tensors):
         only = sorted(set(base.tensors) ^ set(patched.tensors))[0]
         raise PatchMismatchError(
@@ -150,7 +163,7 @@ def export_patch(
                 )
             before_digests[name] = _digest_entry(old)
             after_digests[name] = _digest_entry(new)
-            difference = diff_tensor(old, new)
+            difference = diff_low_rank(old, new, factors[name]) if name in factors else diff_tensor(old, new)
             if difference is not None:
                 sparse[name] = difference
                 where = torch.cat([difference.index.long(), difference.exact_index.long()])
@@ -162,9 +175,13 @@ def export_patch(
                     "exact": difference.exact_index.numel(),
                     "before": before_digests[name][2],
                     "after": after_digests[name][2],
-                    "delta_l2": float(change.norm()),
-                    "delta_max_abs": float(change.abs().max()),
+                    "delta_l2": float(change.norm()) if where.numel() else 0.0,
+                    "delta_max_abs": float(change.abs().max()) if where.numel() else 0.0,
                 }
+                if difference.factors is not None:  # the change in full, from the factors
+                    full = (new.double() - old.double()).reshape(-1)
+                    records[name].update(low_rank=int(difference.factors[0].shape[0]), changed=int(torch.count_nonzero(full)),
+                                         delta_l2=float(full.norm()), delta_max_abs=float(full.abs().max()))  # fmt: skip
             bar.update(info.nbytes)
     tensors = {}
     for name, difference in sparse.items():
@@ -174,9 +191,11 @@ def export_patch(
             tensors[f"{name}/exact_index"] = difference.exact_index
             tensors[f"{name}/before"] = difference.before
             tensors[f"{name}/after"] = difference.after
+        if difference.factors is not None:
+            tensors[f"{name}/low_rank_rows"], tensors[f"{name}/low_rank_columns"] = difference.factors
     meta = {
         "format": PATCH_FORMAT,
-        "format_version": PATCH_FORMAT_VERSION,
+        "format_version": LOW_RANK_FORMAT_VERSION if factors else PATCH_FORMAT_VERSION,
         "safepatching": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "base": {"fingerprint": model_fingerprint(before_digests), "tensors": len(before_digests)},
@@ -207,12 +226,14 @@ class SparsePatch:
         dtype = self.values.infos[f"{name}/delta"].dtype
         empty_index = torch.empty(0, dtype=torch.int64)
         exact = f"{name}/exact_index" in self.values.infos
+        low_rank = f"{name}/low_rank_rows" in self.values.infos
         return SparseDelta(
             self.values[f"{name}/index"],
             self.values[f"{name}/delta"],
             self.values[f"{name}/exact_index"] if exact else empty_index,
             self.values[f"{name}/before"] if exact else torch.empty(0, dtype=dtype),
             self.values[f"{name}/after"] if exact else torch.empty(0, dtype=dtype),
+            (self.values[f"{name}/low_rank_rows"], self.values[f"{name}/low_rank_columns"]) if low_rank else None,
         )
 
 
@@ -235,7 +256,7 @@ def open_patch(path: Path) -> SparsePatch:
         raise SafePatchingError(
             f"{path} is not a portable patch file.", "pass a folder written by `safepatching export`"
         )
-    if meta.get("format_version", 0) > PATCH_FORMAT_VERSION:
+    if meta.get("format_version", 0) > LOW_RANK_FORMAT_VERSION:
         raise SafePatchingError(
             f"{path} uses patch format {meta['format_version']}, newer than this safepatching understands.",
             "upgrade safepatching",
@@ -422,6 +443,7 @@ def inspect_patch(patch_dir: Path) -> dict[str, Any]:
         "patch_bytes": meta["patch_bytes"],
         "size_fraction_of_model": meta["patch_bytes"] / max(meta["model_bytes"], 1),
         "tensors_changed": len(meta["tensors"]),
+        "low_rank_tensors": sum("low_rank" in record for record in meta["tensors"].values()),
         "provenance": provenance,
         "geometry": geometry,
         "layers": rows(by_layer),

@@ -129,3 +129,22 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def folder_bytes(folder: Path) -> int:
     """Bytes the files under ``folder`` take (0 when it does not exist)."""
     return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
+
+
+# A directional edit's low-rank factors, kept inside a merged model's folder (in its safepatching/
+# subfolder, which no weight loader reads and apply/revert do not copy).
+EDIT_FACTORS_FILE = "safepatching/edit_factors.safetensors"
+
+
+def save_factors(path: Path, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Per-tensor low-rank factors (rows [rank, m], columns [rank, n]) as one safetensors file."""
+    flat = {}
+    for name, (rows, columns) in factors.items():
+        flat[f"{name}/rows"], flat[f"{name}/columns"] = rows.contiguous(), columns.contiguous()
+    save_tensors(path, flat)
+
+
+def load_factors(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    flat = load_tensors(path)
+    names = {key.rsplit("/", 1)[0] for key in flat}
+    return {name: (flat[f"{name}/rows"], flat[f"{name}/columns"]) for name in names}
