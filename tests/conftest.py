@@ -165,6 +165,21 @@ def pipeline_settings(model_dir, **extra):
     }  # fmt: skip
 
 
+def tuned_bench_settings(pipeline, model_dir, root, name, methods, spaces, **tuning):
+    """A tuned bench on the tiny model: two trials a row, constraints wide open, tiny reply budgets."""
+    validation = {
+        "harmful": {"unc-val": {"source": "builtin:uncensorbench", "split": "train[6:12]", "shuffle_seed": 0}},
+        "benign": {"scary-val": {"source": "builtin:benign-but-scary", "split": "train[5:9]"}},
+        "harmless": {"source": "builtin:harmless", "split": "train[2:4]"},
+    }
+    return {
+        "name": name, "pipeline": pipeline(model_dir), "methods": methods, "seeds": [0],
+        "output_dir": str(root / "results"), "work_dir": str(root / "work"),
+        "tuning": {"validation": validation, "trials": 2, "max_kl": 50.0, "max_looping": 100.0,
+                   "screen_max_new_tokens": 3, "final_max_new_tokens": 4, "spaces": spaces, **tuning},
+    }  # fmt: skip
+
+
 def hand_out(helper):
     """A session fixture giving ``helper`` to test modules, which never import each other."""
     return pytest.fixture(scope="session")(lambda: helper)
@@ -175,6 +190,7 @@ run_command = hand_out(run_cli)
 perturb = hand_out(perturbed_copy)
 tiny_pipeline_config = hand_out(tiny_config)
 bench_pipeline = hand_out(pipeline_settings)
+tuned_bench_config = hand_out(tuned_bench_settings)
 
 
 @pytest.fixture(scope="session")

@@ -13,41 +13,24 @@ from safepatching.errors import ConfigError
 from safepatching.experiments.bench import Bench, run_bench
 from safepatching.report.tables import dominance_markdown
 
-VALIDATION = {
-    "harmful": {"unc-val": {"source": "builtin:uncensorbench", "split": "train[6:12]", "shuffle_seed": 0}},
-    "benign": {"scary-val": {"source": "builtin:benign-but-scary", "split": "train[5:9]"}},
-    "harmless": {"source": "builtin:harmless", "split": "train[2:4]"},
+SPACES = {
+    "safepatching": {"merge.alpha": {"low": 0.5, "high": 2.0}, "merge.top_a": {"choices": [10, 30]}},
+    "ga": {"merge.alpha": {"low": 0.2, "high": 1.0}, "derive.max_steps": {"choices": [1]}},
+    "rose": {"eval.decoding.rose_weight": {"low": 0.1, "high": 1.0}},
 }
 
 
-def tuned_bench(pipeline, model_dir, root, **tuning):
-    return {
-        "name": "tiny-tuned",
-        "pipeline": pipeline(model_dir),
-        "methods": ["backbone", "safepatching", "ga", "rose"],
-        "seeds": [0],
-        "output_dir": str(root / "results"),
-        "work_dir": str(root / "work"),
-        "tuning": {
-            "validation": VALIDATION,
-            "trials": 2,
-            "seed": 3,
-            "max_kl": 50.0,
-            "max_looping": 100.0,
-            "screen_max_new_tokens": 3,
-            "final_max_new_tokens": 4,
-            "spaces": {
-                "safepatching": {"merge.alpha": {"low": 0.5, "high": 2.0}, "merge.top_a": {"choices": [10, 30]}},
-                "ga": {"merge.alpha": {"low": 0.2, "high": 1.0}, "derive.max_steps": {"choices": [1]}},
-                "rose": {"eval.decoding.rose_weight": {"low": 0.1, "high": 1.0}},
-            },
-            **tuning,
-        },
-    }
+@pytest.fixture(scope="module")
+def tuned_bench(tuned_bench_config):
+    def settings(pipeline, model_dir, root, **tuning):
+        methods = ["backbone", "safepatching", "ga", "rose"]
+        return tuned_bench_config(pipeline, model_dir, root, "tiny-tuned", methods, SPACES, seed=3, **tuning)
+
+    return settings
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory, tiny_model_dir, bench_pipeline):
+def tuned(tmp_path_factory, tiny_model_dir, bench_pipeline, tuned_bench):
     root = tmp_path_factory.mktemp("tuned-bench")
     config = build_config(overrides=tuned_bench(bench_pipeline, tiny_model_dir, root), model=BenchConfig)
     return root, config, run_bench(config, "safepatching bench tiny-tuned.yaml", progress=False)
@@ -135,7 +118,9 @@ def test_a_tuned_row_is_evaluated_on_its_studys_model_then_restored_to_the_files
         ({"safedecoding": {"eval.decoding.safedecoding_weight": {"low": 1, "high": 3}}}, "safedecoding's expert"),
     ],
 )
-def test_bad_tuning_is_refused_in_one_line(tmp_path, tiny_model_dir, bench_pipeline, run_command, spaces, message):
+def test_bad_tuning_is_refused_in_one_line(
+    tmp_path, tiny_model_dir, bench_pipeline, run_command, spaces, message, tuned_bench
+):
     config = tuned_bench(bench_pipeline, tiny_model_dir, tmp_path)
     config["methods"].append("safedecoding")
     config["tuning"]["spaces"] = spaces
@@ -148,7 +133,7 @@ def test_bad_tuning_is_refused_in_one_line(tmp_path, tiny_model_dir, bench_pipel
 
 
 def test_a_bench_narrowed_from_the_command_line_drops_the_spaces_of_rows_it_leaves_out(
-    tmp_path, tiny_model_dir, bench_pipeline
+    tmp_path, tiny_model_dir, bench_pipeline, tuned_bench
 ):
     path = tmp_path / "bench.yaml"
     path.write_text(yaml.safe_dump(tuned_bench(bench_pipeline, tiny_model_dir, tmp_path)))
@@ -159,7 +144,7 @@ def test_a_bench_narrowed_from_the_command_line_drops_the_spaces_of_rows_it_leav
         build_config(path, overrides=parse_overrides(narrowed[:1]), model=BenchConfig)
 
 
-def test_over_safety_data_that_holds_a_validation_prompt_is_refused(tmp_path, tiny_model_dir, bench_pipeline):
+def test_over_safety_data_that_holds_a_validation_prompt_is_refused(tmp_path, tiny_model_dir, bench_pipeline, tuned_bench):
     config = tuned_bench(bench_pipeline, tiny_model_dir, tmp_path)
     config["methods"] = ["backbone", "safepatching-benign-os"]
     config["over_safety_train"] = {"source": "builtin:benign-but-scary", "split": "train[7:12]"}

@@ -13,44 +13,21 @@ from safepatching.experiments.bench import Bench, run_bench
 from safepatching.method.directions import configured_edits, projection_deltas, residual_writers
 from safepatching.storage.files import load_tensors
 
-VALIDATION = {
-    "harmful": {"unc-val": {"source": "builtin:uncensorbench", "split": "train[6:12]", "shuffle_seed": 0}},
-    "benign": {"scary-val": {"source": "builtin:benign-but-scary", "split": "train[5:9]"}},
-    "harmless": {"source": "builtin:harmless", "split": "train[2:4]"},
+SPACES = {
+    "directional-ablate": {
+        "directional.ablate_layer": {"low": 0, "high": 1, "integer": True},
+        "directional.ablate_scale": {"low": 0.5, "high": 1.0},
+    },
 }
-
-
-def directional_bench(pipeline, model_dir, root, **tuning):
-    return {
-        "name": "tiny-directional",
-        "pipeline": pipeline(model_dir),
-        "methods": ["backbone", "directional-ablate", "directional-add"],
-        "seeds": [0],
-        "output_dir": str(root / "results"),
-        "work_dir": str(root / "work"),
-        "tuning": {
-            "validation": VALIDATION,
-            "trials": 2,
-            "max_kl": 50.0,
-            "max_looping": 100.0,
-            "max_harmless_refusal": 100.0,
-            "screen_max_new_tokens": 3,
-            "final_max_new_tokens": 4,
-            "spaces": {
-                "directional-ablate": {
-                    "directional.ablate_layer": {"low": 0, "high": 1, "integer": True},
-                    "directional.ablate_scale": {"low": 0.5, "high": 1.0},
-                },
-            },
-            **tuning,
-        },
-    }
+METHODS = ["backbone", "directional-ablate", "directional-add"]
 
 
 @pytest.fixture(scope="module")
-def directional(tmp_path_factory, tiny_model_dir, bench_pipeline):
+def directional(tmp_path_factory, tiny_model_dir, bench_pipeline, tuned_bench_config):
     root = tmp_path_factory.mktemp("directional-bench")
-    config = build_config(overrides=directional_bench(bench_pipeline, tiny_model_dir, root), model=BenchConfig)
+    settings = tuned_bench_config(bench_pipeline, tiny_model_dir, root, "tiny-directional", METHODS, SPACES,
+                                  max_harmless_refusal=100.0)  # fmt: skip
+    config = build_config(overrides=settings, model=BenchConfig)
     return root, config, run_bench(config, "safepatching bench tiny-directional.yaml", progress=False)
 
 
@@ -96,8 +73,8 @@ def test_the_evaluated_edit_is_the_projection_of_the_chosen_direction(directiona
         torch.testing.assert_close(deltas[name], delta)
 
 
-def test_an_edit_of_a_layer_the_model_lacks_fails_in_one_line(tmp_path, tiny_model_dir, bench_pipeline):
-    settings = directional_bench(bench_pipeline, tiny_model_dir, tmp_path)
+def test_an_edit_of_a_layer_the_model_lacks_fails_in_one_line(tmp_path, tiny_model_dir, bench_pipeline, tuned_bench_config):
+    settings = tuned_bench_config(bench_pipeline, tiny_model_dir, tmp_path, "tiny-directional", METHODS, SPACES)
     settings["tuning"] = None
     settings["methods"] = ["backbone", "directional-add"]
     settings["pipeline"]["directional"]["add_layer"] = 7
