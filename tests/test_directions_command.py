@@ -75,3 +75,17 @@ def test_the_refusal_filter_keeps_what_the_judge_calls_refused_and_too_few_fail_
     config = directions_config(tiny_model_dir, tmp_path, bench_pipeline, benign_refused_only=True, refusal_max_new_tokens=4)
     with pytest.raises(DataError, match=r"the backbone refuses 0 of the 20 benign direction prompts"):
         run_directions(config, progress=False)
+
+
+def test_the_refused_vs_answered_probe_uses_the_backbones_own_refusals(tmp_path, tiny_model_dir, bench_pipeline, monkeypatch):
+    from safepatching.experiments import directions
+
+    def every_other(model, tokenizer, prompts, judge, max_new_tokens, batch_size):
+        return [i % 2 == 0 for i in range(len(prompts))]
+
+    monkeypatch.setattr(directions, "refusals", every_other)
+    result = run_directions(directions_config(tiny_model_dir, tmp_path, bench_pipeline), progress=False)
+    assert result["refused"] == {"harmful": 10, "benign": 10}
+    row = result["layers"][1]
+    assert 0 <= row["probe_refused_vs_answered"] <= 100 and row["probe_refused_vs_answered_held_out"] == 10
+    assert "probe refused/answered (%)" in (tmp_path / "directions.md").read_text()

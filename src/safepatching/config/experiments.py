@@ -536,5 +536,10 @@ class DirectionsConfig(DirectionSets):
     )
     batch_size: int = Field(8, ge=1, description="prompts per forward pass")
     seed: int = Field(0, description="the probes' train/held-out split")
+    refusal_probe: bool = Field(
+        True,
+        description="also probe refused vs answered: the backbone replies to the harmful and benign prompts "
+        "(refusal_max_new_tokens, judged by eval.refusal_judge) and a probe tells its refusals apart",
+    )
     output_dir: Path = Field(Path("runs/directions"), description="where the report and the directions go")
     quick: dict[str, Any] = Field(default_factory=dict, description="overrides applied by --quick")

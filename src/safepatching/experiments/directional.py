@@ -62,13 +62,22 @@ def direction_prompts(
     return prompts
 
 
+def refusals(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], judge: Judge, max_new_tokens: int,
+    batch_size: int,
+) -> list[bool]:  # fmt: skip
+    """Whether the model refuses each prompt, by ``judge`` on a greedy reply of ``max_new_tokens``."""
+    replies = HFGenerator(model, tokenizer, batch_size, progress=False).generate(prompts, max_new_tokens)
+    return [judge(prompt, reply).refusal for prompt, reply in zip(prompts, replies, strict=True)]
+
+
 def refused_only(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sets: DirectionSets, prompts: list[str], judge: Judge,
     batch_size: int,
 ) -> list[str]:  # fmt: skip
     """The benign prompts the model refuses (Surgical's rule); too few fail in one line."""
-    replies = HFGenerator(model, tokenizer, batch_size, progress=False).generate(prompts, sets.refusal_max_new_tokens)
-    kept = [prompt for prompt, reply in zip(prompts, replies, strict=True) if judge(prompt, reply).refusal]
+    refused = refusals(model, tokenizer, prompts, judge, sets.refusal_max_new_tokens, batch_size)
+    kept = [prompt for prompt, flag in zip(prompts, refused, strict=True) if flag]
     if len(kept) < MIN_PROMPTS:
         raise DataError(
             f"the backbone refuses {len(kept)} of the {len(prompts)} benign direction prompts; directions need "

@@ -22,9 +22,11 @@ from safepatching.data.eval_sets import load_eval_sets
 from safepatching.evaluation.judges.registry import Judges
 from safepatching.experiments.backbone import Backbone
 from safepatching.experiments.directional import (
+    MIN_PROMPTS,
     SETS,
     direction_prompts,
     directions_of,
+    refusals,
     refused_only,
     set_activations,
 )
@@ -37,9 +39,18 @@ from safepatching.storage.files import save_tensors, write_json, write_text_atom
 DIRECTIONS_SCHEMA_VERSION = 1
 
 
-def layer_rows(activations: dict[str, torch.Tensor], seed: int) -> list[dict[str, Any]]:
-    """The per-layer report at the last post-instruction position."""
+def layer_rows(
+    activations: dict[str, torch.Tensor], seed: int, refused: dict[str, list[bool]] | None = None
+) -> list[dict[str, Any]]:
+    """The per-layer report at the last post-instruction position. ``refused``: the backbone's own
+    refusals of the harmful and benign prompts, for the refused-vs-answered probe."""
     last = {name: acts[:, :, -1] for name, acts in activations.items()}
+    split = None
+    if refused is not None:
+        flags = torch.tensor(refused["harmful"] + refused["benign"])
+        both = torch.cat([last["harmful"], last["benign"]])
+        if min(int(flags.sum()), int((~flags).sum())) >= MIN_PROMPTS:  # a probe needs both classes
+            split = both[flags], both[~flags]
     refusal = mean_difference(last["harmful"], last["harmless"])
     false_refusal = mean_difference(last["benign"], last["harmless"])
     rows = []
@@ -53,6 +64,7 @@ def layer_rows(activations: dict[str, torch.Tensor], seed: int) -> list[dict[str
                 "cos_r_v": round(float(torch.nn.functional.cosine_similarity(r, v, dim=0)), 4),
                 **probe_columns("harmful_vs_harmless", last["harmful"][:, layer], last["harmless"][:, layer], seed),
                 **probe_columns("harmful_vs_benign", last["harmful"][:, layer], last["benign"][:, layer], seed),
+                **(probe_columns("refused_vs_answered", split[0][:, layer], split[1][:, layer], seed) if split else {}),
             }
         )
     return rows
@@ -68,15 +80,23 @@ def probe_columns(name: str, first: torch.Tensor, second: torch.Tensor, seed: in
 
 def directions_markdown(result: dict[str, Any]) -> str:
     sizes = ", ".join(f"{name} {count}" for name, count in result["sizes"].items())
+    refused = result.get("refused")
+    probed = bool(result["layers"]) and "probe_refused_vs_answered" in result["layers"][0]
+    note = ""
+    if refused:
+        note = (f" The backbone refuses {refused['harmful']} harmful and {refused['benign']} benign prompts; "
+                + ("the last probe tells its refusals from its answers." if probed else
+                   f"too few of one kind for the refused/answered probe (it needs {MIN_PROMPTS} of each)."))  # fmt: skip
     lines = [
         f"# {result['name']}: residual directions of {result['backbone']}",
         "",
         f"Command: `{result['command']}`; compute dtype {result['compute_dtype']}; prompts: {sizes}; "
         f"{result['positions']} post-instruction positions (the table: the last). Probe accuracies are on a "
-        "held-out quarter of the prompts, with 95 % Wilson intervals.",
+        f"held-out quarter of the prompts, with 95 % Wilson intervals.{note}",
         "",
-        "| layer | norm r | norm v | cos(r, v) | probe harmful/harmless (%) | probe harmful/benign (%) |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| layer | norm r | norm v | cos(r, v) | probe harmful/harmless (%) | probe harmful/benign (%) |"
+        + (" probe refused/answered (%) |" if probed else ""),
+        "|---:|---:|---:|---:|---:|---:|" + ("---:|" if probed else ""),
     ]
 
     def probe(row: dict[str, Any], name: str) -> str:
@@ -87,6 +107,7 @@ def directions_markdown(result: dict[str, Any]) -> str:
         lines.append(
             f"| {row['layer']} | {row['norm_r']:.2f} | {row['norm_v']:.2f} | {row['cos_r_v']:.2f} | "
             f"{probe(row, 'harmful_vs_harmless')} | {probe(row, 'harmful_vs_benign')} |"
+            + (f" {probe(row, 'refused_vs_answered')} |" if probed else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -100,16 +121,22 @@ def run_directions(config: DirectionsConfig, command: str = "", progress: bool =
     prompts = direction_prompts(config, pipeline.data_dir, evaluated)  # bad data fails here, before the model loads
     loading = resolved(pipeline.loading)
     model, tokenizer = Backbone(pipeline.model, loading, pipeline.derive.target_modules).model()
+    judge = Judges(pipeline.eval, pipeline.data_dir, loading=loading).refusal
+    batch = pipeline.eval.batch_size
     if config.benign_refused_only:
-        judge = Judges(pipeline.eval, pipeline.data_dir, loading=loading).refusal
-        prompts["benign"] = refused_only(model, tokenizer, config, prompts["benign"], judge, pipeline.eval.batch_size)
+        prompts["benign"] = refused_only(model, tokenizer, config, prompts["benign"], judge, batch)
     activations = set_activations(model, tokenizer, prompts, config.batch_size, loading.compute_dtype, progress)
     positions = activations["harmful"].shape[2]
-    layers = layer_rows(activations, config.seed)
+    refused = None
+    if config.refusal_probe:
+        tokens = config.refusal_max_new_tokens
+        refused = {name: refusals(model, tokenizer, prompts[name], judge, tokens, batch) for name in ("harmful", "benign")}
+    layers = layer_rows(activations, config.seed, refused)
     result = {
         **result_header(config, command, time.perf_counter() - started, True, DIRECTIONS_SCHEMA_VERSION),
         "positions": positions,
         "sizes": {name: len(prompts[name]) for name in SETS},
+        "refused": refused and {name: sum(flags) for name, flags in refused.items()},
         "layers": layers,
         "config": config.model_dump(mode="json"),
     }
