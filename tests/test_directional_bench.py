@@ -124,6 +124,7 @@ def test_an_edited_model_exports_as_a_low_rank_patch_that_applies_and_reverts_bi
     edit = {"ablate_scale": 1.0, "ablate_layer": 1, "add_scale": 0.5, "add_layer": 1, "sets": sets}
     config = type(plain).model_validate({**plain.model_dump(), "directional": edit})
     result = run_pipeline(config, progress=False)
+    assert not (tmp_path / "run/patches").exists()  # alpha and beta 0: an edit alone derives nothing
     base = WeightFolder(tiny_model_dir)
     meta = export_patch(tiny_model_dir, result.model_dir, tmp_path / "patch", progress=False)
     assert meta["format_version"] == 2

@@ -23,6 +23,7 @@ from safepatching.data.eval_sets import EvalSets
 from safepatching.experiments.compare import HARMFUL_SETS
 from safepatching.experiments.evaluation_stage import evaluate_before_after
 from safepatching.experiments.stages import Stages
+from safepatching.method.dense import DensePatch
 from safepatching.method.derive import stop_message
 from safepatching.method.geometry import region_geometry
 from safepatching.method.merge_methods import MERGE_METHODS
@@ -131,8 +132,18 @@ def run_stages(stages: Stages) -> RunResult:
 
 
 def derive_score_merge(stages: Stages, say: StageLines, pairs, model_dir: Path) -> None:
-    """Derive both patches, score them and merge them into ``model_dir``."""
+    """Derive both patches, score them and merge them into ``model_dir`` (with alpha and beta 0, a
+    directional edit alone, nothing is derived)."""
     config = stages.config
+    if not config.merge.merges_patches:
+        for name in ("derive safety", "derive over_safety", "importance"):
+            say(name, "not needed: alpha and beta are 0, so only the directional edit is merged")
+        stages.backbone.model()
+        say("merge", f"{edit_plan(config) or 'nothing to merge'} -> {model_dir}")
+        nothing = DensePatch({}, {"direction": "none"})
+        stages.merge(nothing, nothing, (None, None), model_dir)
+        say.reused("merge")
+        return
     patches = []
     for label, direction in (("safety", config.derive.unlearning), ("over_safety", "descent")):
         data = stages.training_pairs(label, pairs)

@@ -39,7 +39,7 @@ def patch_geometry(safety: Mapping[str, torch.Tensor], over_safety: Mapping[str,
         return float(values[0]) / norm if norm > 0 else None
 
     return {
-        "cosine": cosine(sums.pop("all")),
+        "cosine": cosine(sums.pop("all", torch.zeros(3, dtype=torch.float64))),  # no tensors: None
         "cosine_by_module": {module: cosine(values) for module, values in sorted(sums.items())},
         "sign_disagreement": disagree / both if both else None,
     }

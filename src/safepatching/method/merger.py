@@ -49,7 +49,7 @@ class PatchMerger:
         self.edits = dict(edits or {})
         self.method = MERGE_METHODS[settings.method]
         self.regions: tuple[TopRegion, TopRegion] | None = None
-        if self.method.needs_importance:
+        if self.method.needs_importance and safety.deltas:  # no patch tensors (an edit alone): no regions
             if safety_scores is None or over_safety_scores is None:
                 raise SafePatchingError(
                     f"merge method {settings.method!r} needs importance scores.", "run `score` first"
