@@ -60,6 +60,29 @@ def depends_on_seed(config: BenchConfig, name: str, chosen: PipelineConfig | Non
     return settings.retention < 1.0 and MERGE_METHODS[settings.method].uses_retention
 
 
+def study_summary(result: dict[str, Any], results: str) -> dict[str, Any]:
+    """What a tuned row's table keeps of its study: budget, time, the screened front and the chosen
+    point with its full-budget validation rates."""
+    chosen = result["chosen"]
+    final = next((p["final"] for p in result["front"] if chosen and p["trial"] == chosen["trial"]), None)
+    return {
+        "trials": finished_count(result),
+        "seconds": result["wall_seconds"],
+        "results": results,
+        "backbone": {group: result["backbone"]["final"][group] for group in ("harmful", "benign")},
+        "screened_front": [
+            {"trial": p["trial"], "harmful": p["screen"]["harmful"], "benign": p["screen"]["benign"]}
+            for p in result["screened_front"]
+        ],
+        "chosen": chosen
+        and {
+            "trial": chosen["trial"],
+            "params": chosen["params"],
+            "validation": {group: final[group] for group in ("harmful", "benign")} | {"kl": final["kl"]},
+        },
+    }
+
+
 def chosen_identity_exclusions(point: PipelineConfig) -> set[str]:
     """What a tuned row's chosen point leaves out of its cell key: where output goes, and the
     directional section while it is off (points chosen before it existed keep their keys)."""
@@ -174,23 +197,7 @@ class Bench:
             self._scorer = make_scorer(config, self.progress)
         result = run_tune(config, command, progress=self.progress, scorer=self._scorer)
         chosen = result["chosen"]
-        final = next((p["final"] for p in result["front"] if chosen and p["trial"] == chosen["trial"]), None)
-        self.tuning[name] = {
-            "trials": finished_count(result),
-            "seconds": result["wall_seconds"],
-            "results": str(config.output_dir / config.name),
-            "backbone": {group: result["backbone"]["final"][group] for group in ("harmful", "benign")},
-            "screened_front": [
-                {"trial": p["trial"], "harmful": p["screen"]["harmful"], "benign": p["screen"]["benign"]}
-                for p in result["screened_front"]
-            ],
-            "chosen": chosen
-            and {
-                "trial": chosen["trial"],
-                "params": chosen["params"],
-                "validation": {group: final[group] for group in ("harmful", "benign")} | {"kl": final["kl"]},
-            },
-        }
+        self.tuning[name] = study_summary(result, str(config.output_dir / config.name))
         if chosen:
             self.chosen[name] = candidate_settings(config, self._scorer.config, chosen["params"])
 

@@ -199,6 +199,7 @@ def table_columns(metrics: dict[str, Any], harmful_label: str, benign_label: str
     columns["MMLU (%) ↑"] = metrics.get("mmlu_accuracy")
     columns["GSM8K (%) ↑"] = metrics.get("gsm8k_exact_match")
     columns["KL (nats/token) ↓"] = metrics.get("kl_to_reference")
+    columns["refusal: harmless (%) ↓"] = metrics.get("harmless_refusal_rate")  # plain tasks a direction may refuse
     columns["looping replies (%) ↓"] = metrics.get("looping_reply_rate")  # rates above count them as compliance
     return columns
 
