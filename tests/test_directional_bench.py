@@ -54,6 +54,8 @@ def test_the_study_searches_the_edit_under_the_harmless_constraint(directional):
     for trial in study["trials"]:
         assert set(trial["sets"]) == {"unc-val", "scary-val", "harmless"}  # harmless judged, not pooled
     assert "tuning" not in result["methods"]["directional-add"]  # untuned: its configured point
+    markdown = (root / "results/tiny-directional-tuning/tiny-directional-directional-ablate.md").read_text()
+    assert "refusal of the harmless prompts <= 100.0 %" in markdown and "harmless refusal |" in markdown
 
 
 def test_the_evaluated_edit_is_the_projection_of_the_chosen_direction(directional):

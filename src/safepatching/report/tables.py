@@ -420,6 +420,8 @@ def separation_text(separation: dict[str, Any], backbone: dict[str, Any]) -> str
 
 def tune_markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
+    limit = settings.get("max_harmless_refusal")  # studies before it have none
+    harmless_limit = "" if limit is None else f", refusal of the harmless prompts <= {limit} %"
     sizes = ", ".join(f"{name} {size}" for name, size in result["validation_sizes"].items())
     lines = [
         f"# Tuning {result['model']} ({result['compute_dtype']})",
@@ -429,8 +431,9 @@ def tune_markdown(result: dict[str, Any]) -> str:
         "",
         f"Validation prompts: {sizes} (harmful: {', '.join(result['groups']['harmful'])}; benign: "
         f"{', '.join(result['groups']['benign'])}). Objectives: refusal on harmful prompts up, on benign prompts down. "
-        f"Constraints: KL to the backbone <= {settings['max_kl']} nats/token, looping replies <= {settings['max_looping']} %. "
-        f"Trials judge {settings['screen_max_new_tokens']} new tokens; "
+        f"Constraints: KL to the backbone <= {settings['max_kl']} nats/token, looping replies <= {settings['max_looping']} %"
+        + harmless_limit
+        + f". Trials judge {settings['screen_max_new_tokens']} new tokens; "
         + (
             "the front is"
             if settings.get("final_judging", "front") == "front"
@@ -485,8 +488,9 @@ def tune_markdown(result: dict[str, Any]) -> str:
         "",
         "## Every trial (short budget)",
         "",
-        "| trial | state | knobs | harmful refusal | benign refusal | looping % | KL | feasible | s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| trial | state | knobs | harmful refusal | benign refusal | looping % | KL | feasible | s |"
+        + (" harmless refusal |" if limit is not None else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if limit is not None else ""),
     ]
     screen = result["backbone"]["screen"]
     lines.append(
@@ -497,6 +501,7 @@ def tune_markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {row['trial']} | complete | {knobs_text(row['params'])} | {row['harmful']:.1f} | {row['benign']:.1f} | "
                 f"{row['looping']:.1f} | {_fmt(row['kl'], 4)} | {'yes' if row['feasible'] else 'no'} | {row['seconds']:.0f} |"
+                + (f" {_fmt(row['sets'].get('harmless'), 1)} |" if limit is not None else "")
             )
         else:
             lines.append(
