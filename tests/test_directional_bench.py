@@ -1,5 +1,6 @@
 """Directional rows in a tuned bench on a tiny model: edit-only rows derive nothing, a study searches
-the edit's layer and scale, harmless refusal is a constraint, and a bad layer fails in one line."""
+the edit's layer and scale, harmless refusal is a constraint, and a bad layer fails in one line. The
+random model refuses nothing, so align's answered/refused labels come from a stubbed judge."""
 
 import json
 
@@ -19,26 +20,44 @@ SPACES = {
         "directional.ablate_scale": {"low": 0.5, "high": 1.0},
     },
 }
-METHODS = ["backbone", "directional-ablate", "directional-add"]
+METHODS = ["backbone", "directional-ablate", "directional-add", "directional-align"]
+
+
+def every_other_refused(model, tokenizer, prompts, *rest):
+    return [i % 2 == 0 for i in range(len(prompts))]
 
 
 @pytest.fixture(scope="module")
 def directional(tmp_path_factory, tiny_model_dir, bench_pipeline, tuned_bench_config):
+    from safepatching.experiments import directional as stage
+
     root = tmp_path_factory.mktemp("directional-bench")
     settings = tuned_bench_config(bench_pipeline, tiny_model_dir, root, "tiny-directional", METHODS, SPACES,
-                                  max_harmless_refusal=100.0)  # fmt: skip
+                                  max_harmless_refusal=100.0, max_harmful_drop=100.0)  # fmt: skip
     config = build_config(overrides=settings, model=BenchConfig)
-    return root, config, run_bench(config, "safepatching bench tiny-directional.yaml", progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stage, "refusals", every_other_refused)
+        return root, config, run_bench(config, "safepatching bench tiny-directional.yaml", progress=False)
 
 
 def test_edit_only_rows_derive_no_patch_and_share_one_directions_stage(directional):
     root, _, result = directional
-    assert list(result["methods"]) == ["backbone", "directional-ablate", "directional-add"]
+    assert list(result["methods"]) == METHODS
     assert not (root / "work/patches").exists()
-    (stage,) = (root / "work/directions").glob("*/stage.json")
-    directions = load_tensors(stage.parent / "directions.safetensors")
+    stages = {path.parent.name: path for path in (root / "work/directions").glob("*/*.safetensors")}
+    assert sorted(path.name for path in stages.values()) == ["alignment.safetensors", "directions.safetensors"]
+    directions = load_tensors(next(p for p in stages.values() if p.name == "directions.safetensors"))
     assert directions["refusal"].shape[:1] == (2,) and directions["false_refusal"].shape == directions["refusal"].shape
-    for name in ("directional-ablate", "directional-add"):
+    alignment = load_tensors(next(p for p in stages.values() if p.name == "alignment.safetensors"))
+    assert alignment["answer"].shape[:1] == (4,) and alignment["benign_accuracy"].shape == alignment["answer"].shape[:2]
+    seconds = {p.name: json.loads((p.parent / "stage.json").read_text())["wall_seconds"] for p in stages.values()}
+    derived = {name: result["methods"][name]["columns"]["derive + importance (s)"]["mean"] for name in METHODS[1:]}
+    assert derived == pytest.approx({"directional-ablate": 0.0,  # tuned: its study's time is its own
+                                     "directional-add": seconds["directions.safetensors"],
+                                     "directional-align": seconds["alignment.safetensors"]})  # fmt: skip
+    align = json.loads((root / "work/cells/directional-align/seed-0/metrics.json").read_text())
+    assert align["merge_counts"]["edited_tensors"] == 4  # 8 sublayers asked; the tiny model has 4
+    for name in ("directional-ablate", "directional-add", "directional-align"):
         cell = json.loads((root / f"work/cells/{name}/seed-0/metrics.json").read_text())
         assert cell["merge_counts"]["edited_tensors"] > 0, name
         assert cell["kl_to_reference"] > 0, name  # the edit changed the model that was evaluated
@@ -56,6 +75,22 @@ def test_the_study_searches_the_edit_under_the_harmless_constraint(directional):
     assert "tuning" not in result["methods"]["directional-add"]  # untuned: its configured point
     markdown = (root / "results/tiny-directional-tuning/tiny-directional-directional-ablate.md").read_text()
     assert "refusal of the harmless prompts <= 100.0 %" in markdown and "harmless refusal |" in markdown
+    assert "harmful refusal at most 100.0 points below the backbone's" in markdown
+
+
+def test_the_harmful_guard_refuses_a_point_that_loses_more_harmful_refusal_than_allowed():
+    from types import SimpleNamespace
+
+    from safepatching.experiments.tune import Tuner
+
+    tuner = object.__new__(Tuner)
+    tuner.settings = SimpleNamespace(max_harmless_refusal=None, max_harmful_drop=3.0, max_looping=2.0)
+    tuner.backbone = lambda budget: {"harmful": 60.0}
+    final = {"looping": 0.0, "sets": {}}
+    assert tuner.feasible_at_full_budget({**final, "harmful": {"refusal": 57.0}})
+    assert not tuner.feasible_at_full_budget({**final, "harmful": {"refusal": 56.5}})
+    tuner.settings.max_harmful_drop = None
+    assert tuner.feasible_at_full_budget({**final, "harmful": {"refusal": 10.0}})
 
 
 def test_the_evaluated_edit_is_the_projection_of_the_chosen_direction(directional):
@@ -64,8 +99,8 @@ def test_the_evaluated_edit_is_the_projection_of_the_chosen_direction(directiona
     bench.tune("directional-ablate", "")
     deltas, counts, _ = bench.merged_deltas("directional-ablate", 0)
     model, _ = bench.stages.backbone.model()
-    (stage,) = (root / "work/directions").glob("*/stage.json")
-    directions = load_tensors(stage.parent / "directions.safetensors")
+    (path,) = (root / "work/directions").glob("*/directions.safetensors")
+    directions = load_tensors(path)
     chosen = bench.chosen["directional-ablate"].directional
     expected = projection_deltas(
         bench.stages.backbone.base_weight, residual_writers(model, "auto"), configured_edits(directions, chosen)

@@ -1,13 +1,18 @@
 """Settings of directional patches: static weight edits from residual-stream directions (see
 docs/method.md, "Directional patches").
 
-Two edits, each off at scale 0 and each a rank-1 change of every residual writer:
+Three edits, each off at scale 0:
 
 - ``ablate`` (Surgical false-refusal ablation): the false-refusal direction v of ``ablate_layer``,
-  less ``strength`` times its component along the refusal direction r, is projected out;
-- ``add`` (the control): the refusal direction r of ``add_layer`` is amplified by ``add_scale``.
+  less ``strength`` times its component along the refusal direction r, is projected out of every
+  residual writer;
+- ``add`` (the control): the refusal direction r of ``add_layer`` is amplified by ``add_scale`` in
+  every residual writer;
+- ``align`` (LLM-VA): in the ``align_sublayers`` attention and MLP outputs where the model's answers
+  and the prompts' harm are best told apart, what the writer writes along its answer direction is
+  replaced by its benign component, rescaled (one rank-1 rewrite per sublayer).
 
-Both may be on at once (an over-refusal layer and a safety layer); their deltas add.
+Any of them may be on at once (e.g. an over-refusal layer and a safety layer); their deltas add.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ class DirectionSets(StrictModel):
         description="keep only the benign prompts the backbone refuses (Surgical's rule), judged by "
         "eval.refusal_judge on a reply of refusal_max_new_tokens",
     )
-    refusal_max_new_tokens: int = Field(48, ge=1, description="reply budget of that refusal check")
+    refusal_max_new_tokens: int = Field(
+        48, ge=1, description="reply budget of the refusal checks (that filter, and align's answered/refused labels)"
+    )
     drop_held_out: bool = Field(
         False,
         description="drop the prompts an evaluation or validation set holds (the shipped harmful set shares some "
@@ -78,9 +85,23 @@ class DirectionalConfig(StrictModel):
         description="edit the input embedding too; auto: unless it is tied to the output layer (an edit there "
         "would also change every logit)",
     )
+    align_scale: float = Field(
+        0.0,
+        ge=0,
+        le=2,
+        json_schema_extra=ADDED_LATER,
+        description="share of LLM-VA's answer-to-benign rewrite applied (0: off, 1: the paper's rewrite)",
+    )
+    align_sublayers: int = Field(
+        8,
+        ge=1,
+        json_schema_extra=ADDED_LATER,
+        description="how many attention/MLP outputs align rewrites: those whose answered/refused and "
+        "benign/harmful probes are both most accurate on held-out prompts",
+    )
     sets: DirectionSets = Field(default_factory=DirectionSets)
     batch_size: int = Field(8, ge=1, json_schema_extra=ADDED_LATER, description="prompts per activation pass")
 
     @property
     def active(self) -> bool:
-        return self.ablate_scale != 0 or self.add_scale != 0
+        return self.ablate_scale != 0 or self.add_scale != 0 or self.align_scale != 0

@@ -123,6 +123,11 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         merge=dict(_NO_PATCH),
         directional={"ablate_scale": 1.0},
     ),
+    "directional-align": BenchMethod(
+        description="directional: LLM-VA's rewrite of the answer direction to the benign one in chosen sublayers",
+        merge=dict(_NO_PATCH),
+        directional={"align_scale": 1.0},
+    ),
     "directional-add": BenchMethod(
         description="directional (control): the refusal direction amplified in every writer",
         merge=dict(_NO_PATCH),
@@ -402,6 +407,13 @@ class SearchSettings(StrictModel):
         le=100,
         description="constraint: refusal (%) on the harmless validation prompts (null: not judged); a direction "
         "that refuses more also refuses plain tasks",
+    )
+    max_harmful_drop: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="constraint: points of harmful refusal a candidate may lose against the backbone judged with "
+        "the same budget (null: off); a guard for edits chosen to cut benign refusal",
     )
     benign_weight: float = Field(
         1.0,

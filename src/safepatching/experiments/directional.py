@@ -1,5 +1,6 @@
 """The directional stage: the backbone's refusal and false-refusal directions on the configured
-prompt sets (computed once and cached), and the edit deltas each candidate's settings ask for.
+prompt sets and, for align, its per-sublayer answer and benign probes (each computed once and
+cached), and the edit deltas each candidate's settings ask for.
 
 Directions are always taken on the weights the host starts from (the backbone, or it after earlier
 continual rounds), never on a candidate's merged model: the edit and the paper's patches then add as
@@ -25,6 +26,13 @@ from safepatching.errors import DataError
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.evaluation.judges.registry import Judges
 from safepatching.evaluation.judges.rules import Judge
+from safepatching.method.alignment import (
+    alignment_directions,
+    alignment_factors,
+    chosen_sublayers,
+    sublayer_activations,
+    sublayer_names,
+)
 from safepatching.method.directions import (
     configured_edits,
     low_rank_delta,
@@ -174,6 +182,46 @@ class DirectionalEdits:
 
         return cached(directory, key, produce, lambda: load_tensors(path), self.meter, "directions")
 
+    def alignment_key(self, prompts: dict[str, list[str]], sets: DirectionSets) -> str:
+        """What the alignment probes depend on: the weights, the compute dtype, all three sets' prompts
+        and who judges the replies that label them answered or refused."""
+        parts = ["align", self.config.model, self.compute_dtype, prompts, self.config.eval.refusal_judge,
+                 self.config.eval.judge_model, sets.refusal_max_new_tokens]  # fmt: skip
+        return fingerprint(*parts, *([self.base_state] if self.base_state else []))
+
+    def alignment(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: PipelineConfig
+    ) -> dict[str, torch.Tensor]:
+        """LLM-VA's probes of every attention and MLP output on ``model``: the harmful set against the
+        harmless and benign ones, and the model's answers against its refusals of all three."""
+        sets = settings.directional.sets
+        prompts = self.prompts(sets)
+        key = self.alignment_key(prompts, sets)
+        directory = self.directory / key[:12]
+        path = directory / "alignment.safetensors"
+
+        def produce() -> dict[str, torch.Tensor]:
+            everything = [prompt for name in SETS for prompt in prompts[name]]
+            refused = refusals(model, tokenizer, everything, self.judges.refusal, sets.refusal_max_new_tokens,
+                               self.config.eval.batch_size)  # fmt: skip
+            answered = torch.tensor([not flag for flag in refused])
+            write_json(directory / "answered.json", dict(zip(everything, answered.tolist(), strict=True)))
+            if min(int(answered.sum()), int((~answered).sum())) < MIN_PROMPTS:
+                raise DataError(
+                    f"the backbone answers {int(answered.sum())} of the {len(everything)} direction prompts; align's "
+                    f"answered/refused probe needs {MIN_PROMPTS} of each.",
+                    "give the direction sets more prompts the backbone refuses (harmful) and answers (harmless)",
+                )
+            benign = torch.tensor([name != "harmful" for name in SETS for _ in prompts[name]])
+            positions = post_instruction_length(tokenizer)
+            acts = sublayer_activations(model, tokenizer, everything, positions, settings.directional.batch_size,
+                                        self.compute_dtype)  # fmt: skip
+            found = alignment_directions(acts, benign, answered)
+            save_tensors(path, found)
+            return found
+
+        return cached(directory, key, produce, lambda: load_tensors(path), self.meter, "alignment")
+
     def factors(
         self,
         settings: PipelineConfig,
@@ -182,25 +230,44 @@ class DirectionalEdits:
         weight: Callable[[str], torch.Tensor],
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The settings' edits as low-rank factors per writer (none when they are off), from the
-        float32 weights ``weight`` gives by name."""
-        if not settings.directional.active:
-            return {}
-        edits = configured_edits(self.directions(model, tokenizer, settings), settings.directional)
-        return projection_factors(weight, residual_writers(model, settings.directional.embedding), edits)
+        float32 weights ``weight`` gives by name; a writer two edits change stacks their ranks."""
+        edit = settings.directional
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if edit.ablate_scale or edit.add_scale:
+            projections = configured_edits(self.directions(model, tokenizer, settings), edit)
+            factors = projection_factors(weight, residual_writers(model, edit.embedding), projections)
+        if edit.align_scale:
+            found = self.alignment(model, tokenizer, settings)
+            names = [f"{name}.weight" for name in sublayer_names(model)]
+            chosen = chosen_sublayers(found, edit.position, min(edit.align_sublayers, len(names)))
+            aligned = alignment_factors(weight, {i: names[i] for i in chosen}, found, edit.position, edit.align_scale)
+            for name, (rows, columns) in aligned.items():
+                if name in factors:
+                    rows, columns = torch.cat([factors[name][0], rows]), torch.cat([factors[name][1], columns])
+                factors[name] = (rows, columns)
+        return factors
 
     def deltas(self, settings: PipelineConfig, model, tokenizer, weight) -> dict[str, torch.Tensor]:
         """The dense float32 deltas of ``factors``."""
         return {name: low_rank_delta(*pair) for name, pair in self.factors(settings, model, tokenizer, weight).items()}
 
+    def stage_keys(self, settings: PipelineConfig) -> list[str]:
+        """The keys of the stages the settings' edits read."""
+        edit, sets = settings.directional, settings.directional.sets
+        prompts = self.prompts(sets)
+        return [*([self.key(prompts, sets)] if edit.ablate_scale or edit.add_scale else []),
+                *([self.alignment_key(prompts, sets)] if edit.align_scale else [])]  # fmt: skip
+
     def seconds(self, settings: PipelineConfig) -> float:
-        """Wall time the settings' directions took when they were computed (0: not yet)."""
-        sets = settings.directional.sets
-        return self.stage_seconds(self.key(self.prompts(sets), sets))
+        """Wall time the settings' directions and probes took when they were computed (0: not yet)."""
+        return sum(self.stage_seconds(key) for key in self.stage_keys(settings))
 
     def stage_seconds(self, key: str) -> float:
         return stage_record(self.directory / key[:12]).get("wall_seconds", 0.0)
 
     def computed_seconds(self) -> float:
-        """Wall time of every direction stage asked for here (cached ones included)."""
-        return sum(self.stage_seconds(self.key(prompts, sets)) for prompts, sets in self._prompts.values())
+        """Wall time of every direction and probe stage computed under this host's directory."""
+        keys = {key for prompts, sets in self._prompts.values() for key in (self.key(prompts, sets),
+                self.alignment_key(prompts, sets))}  # fmt: skip
+        return sum(self.stage_seconds(key) for key in keys)
 

@@ -191,6 +191,8 @@ def edit_plan(config: PipelineConfig) -> str:
         parts.append(f"false-refusal direction of layer {edit.ablate_layer} ablated x{edit.ablate_scale:g} (lambda {edit.strength:g})")
     if edit.add_scale:
         parts.append(f"refusal direction of layer {edit.add_layer} amplified x{edit.add_scale:g}")
+    if edit.align_scale:
+        parts.append(f"answer directions of {edit.align_sublayers} sublayers aligned to benign x{edit.align_scale:g}")
     return "; ".join(parts)
 
 

@@ -301,6 +301,9 @@ class Tuner:
         trial.set_constraint("looping", outcome["looping"] - self.settings.max_looping)
         if self.settings.max_harmless_refusal is not None:
             trial.set_constraint("harmless_refusal", outcome["sets"]["harmless"] - self.settings.max_harmless_refusal)
+        if self.settings.max_harmful_drop is not None:
+            drop = self.backbone("screen")["harmful"] - outcome["harmful"]
+            trial.set_constraint("harmful_drop", drop - self.settings.max_harmful_drop)
         return outcome["harmful"], outcome["benign"]
 
     # -- the search -------------------------------------------------------------------------------
@@ -311,10 +314,12 @@ class Tuner:
         return (harmful - base["harmful"]) - self.settings.benign_weight * (benign - base["benign"])
 
     def feasible_at_full_budget(self, final: dict[str, Any]) -> bool:
-        """The constraints that generation decides, checked again on the full reply budget."""
-        limit = self.settings.max_harmless_refusal
+        """The constraints that generation decides, checked again on the full reply budget (``final``:
+        a front point's full-budget outcome with its intervals)."""
+        limit, drop = self.settings.max_harmless_refusal, self.settings.max_harmful_drop
         harmless_ok = limit is None or final["sets"].get("harmless", 0.0) <= limit
-        return final["looping"] <= self.settings.max_looping and harmless_ok
+        harmful_ok = drop is None or self.backbone("final")["harmful"] - final["harmful"]["refusal"] <= drop
+        return final["looping"] <= self.settings.max_looping and harmless_ok and harmful_ok
 
     def front(self) -> list[FrozenTrial]:
         """The feasible Pareto front of the screened trials, by trial number."""

@@ -19,7 +19,7 @@ passes only, in the compute dtype, and are kept in float32.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -43,6 +43,30 @@ def post_instruction_length(tokenizer: PreTrainedTokenizerBase) -> int:
     return max(len(tokenizer(suffix, add_special_tokens=False).input_ids), 1)
 
 
+def chat_batches(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], batch_size: int
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(prompt indices, input ids, attention mask) of each batch of chat-formatted prompts. Batches
+    group prompts of similar length (little padding to compute) and are left-padded, so that the
+    post-instruction positions line up at the end."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False).input_ids for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda index: len(encoded[index]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = max(len(encoded[index]) for index in batch)
+        ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch], device=device)
+        yield batch, ids, mask
+
+
+def in_prompt_order(batches: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """The rows of (indices, rows) batches, concatenated back into prompt order."""
+    indices = torch.tensor([index for batch, _ in batches for index in batch])
+    return torch.cat([rows for _, rows in batches])[torch.argsort(indices)]
+
+
 @torch.no_grad()
 def residual_activations(
     model: PreTrainedModel,
@@ -53,24 +77,15 @@ def residual_activations(
     compute_dtype: str = "float32",
 ) -> torch.Tensor:
     """Float32 activations [prompt, layer, position, hidden]: each layer's residual input at the
-    last ``positions`` tokens of each chat-formatted prompt (batches are left-padded, so those
-    positions line up)."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    last ``positions`` tokens of each chat-formatted prompt."""
     layers = model.config.num_hidden_layers
     kept = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [
-            tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False).input_ids
-            for p in prompts[start : start + batch_size]
-        ]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.tensor([[pad] * (width - len(row)) + row for row in encoded], device=device)
-        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded], device=device)
+    for batch, ids, mask in chat_batches(model, tokenizer, prompts, batch_size):
         with autocast(model, DTYPES[compute_dtype]):
-            hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
-        kept.append(torch.stack([h[:, -positions:].float() for h in hidden[:layers]], dim=1).cpu())
-    return torch.cat(kept)
+            # the decoder alone: the output layer's logits (a quarter of a 0.5B model's compute) are not needed
+            hidden = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+        kept.append((batch, torch.stack([h[:, -positions:].float() for h in hidden[:layers]], dim=1).cpu()))
+    return in_prompt_order(kept)
 
 
 def mean_difference(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

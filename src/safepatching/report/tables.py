@@ -422,6 +422,8 @@ def tune_markdown(result: dict[str, Any]) -> str:
     settings = result["settings"]
     limit = settings.get("max_harmless_refusal")  # studies before it have none
     harmless_limit = "" if limit is None else f", refusal of the harmless prompts <= {limit} %"
+    drop = settings.get("max_harmful_drop")
+    harmless_limit += "" if drop is None else f", harmful refusal at most {drop} points below the backbone's"
     sizes = ", ".join(f"{name} {size}" for name, size in result["validation_sizes"].items())
     lines = [
         f"# Tuning {result['model']} ({result['compute_dtype']})",
