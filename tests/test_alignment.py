@@ -25,9 +25,9 @@ def test_the_rewrite_writes_the_rescaled_benign_component_along_the_answer_direc
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(8, 6, generator=generator)
     answer, benign = unit(torch.randn(8, generator=generator)), unit(torch.randn(8, generator=generator))
-    directions = {"answer": answer[None, None], "benign": benign[None, None],
-                  "answer_std": torch.tensor([[3.0]]), "benign_std": torch.tensor([[1.5]])}  # fmt: skip
-    factors = alignment_factors(lambda name: weight, {0: "w"}, directions, -1, 1.0)
+    directions = {"answer": answer[None], "benign": benign[None],
+                  "answer_std": torch.tensor([3.0]), "benign_std": torch.tensor([1.5])}  # fmt: skip
+    factors = alignment_factors(lambda name: weight, {0: "w"}, directions, 1.0)
     rows, columns = factors["w"]
     assert rows.shape == (1, 8) and columns.shape == (1, 6)  # rank 1
     edited = weight + low_rank_delta(rows, columns)
@@ -36,7 +36,7 @@ def test_the_rewrite_writes_the_rescaled_benign_component_along_the_answer_direc
     other = unit(torch.randn(8, generator=generator))
     other = unit(other - (other @ answer) * answer)  # anything orthogonal to a is written as before
     torch.testing.assert_close(other @ edited @ inputs, other @ weight @ inputs)
-    half = alignment_factors(lambda name: weight, {0: "w"}, directions, -1, 0.5)["w"]
+    half = alignment_factors(lambda name: weight, {0: "w"}, directions, 0.5)["w"]
     torch.testing.assert_close(low_rank_delta(*half), 0.5 * low_rank_delta(rows, columns))
 
 
@@ -51,13 +51,17 @@ def test_a_probe_points_to_label_one_and_is_scored_on_held_out_prompts():
     assert std == pytest.approx(float((features @ direction).std()))
     _, _, chance = probe_direction(torch.randn(80, 16, generator=generator), labels)
     assert chance < 0.9
+    # one dimension 1000 times the others' scale, as transformers have: the probe still finds the signal
+    features[:, 0] *= 1000
+    direction, _, accuracy = probe_direction(features, labels)
+    assert accuracy >= 0.9 and abs(float(direction[3])) > 0.8
 
 
 def test_the_chosen_sublayers_have_the_most_accurate_probes_and_keep_forward_order():
-    directions = {"answer_accuracy": torch.tensor([[0.9], [0.6], [1.0], [0.95]]),
-                  "benign_accuracy": torch.tensor([[1.0], [1.0], [0.8], [0.9]])}  # fmt: skip
-    assert chosen_sublayers(directions, -1, 2) == [0, 3]  # products 0.9, 0.6, 0.8, 0.855
-    assert chosen_sublayers(directions, -1, 9) == [0, 1, 2, 3]
+    directions = {"answer_accuracy": torch.tensor([0.9, 0.6, 1.0, 0.95]),
+                  "benign_accuracy": torch.tensor([1.0, 1.0, 0.8, 0.9])}  # fmt: skip
+    assert chosen_sublayers(directions, 2) == [0, 3]  # products 0.9, 0.6, 0.8, 0.855
+    assert chosen_sublayers(directions, 9) == [0, 1, 2, 3]
 
 
 def test_sublayer_outputs_add_up_to_each_layers_residual_change(tiny_model_dir):

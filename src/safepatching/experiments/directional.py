@@ -22,7 +22,7 @@ from safepatching.config.directional import DirectionSets
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.overlap import assert_disjoint, drop_overlap
 from safepatching.data.sources import Example, load_examples
-from safepatching.errors import DataError
+from safepatching.errors import ConfigError, DataError
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.evaluation.judges.registry import Judges
 from safepatching.evaluation.judges.rules import Judge
@@ -138,6 +138,7 @@ class DirectionalEdits:
         self.held_out, self.base_state, self.progress = held_out, base_state, progress
         self.meter: dict[str, dict[str, float]] = {}
         self._prompts: dict[str, tuple[dict[str, list[str]], DirectionSets]] = {}
+        self._alignment_keys: set[str] = set()
         if config.directional.active:
             self.prompts(config.directional.sets)
 
@@ -182,11 +183,11 @@ class DirectionalEdits:
 
         return cached(directory, key, produce, lambda: load_tensors(path), self.meter, "directions")
 
-    def alignment_key(self, prompts: dict[str, list[str]], sets: DirectionSets) -> str:
-        """What the alignment probes depend on: the weights, the compute dtype, all three sets' prompts
-        and who judges the replies that label them answered or refused."""
+    def alignment_key(self, prompts: dict[str, list[str]], sets: DirectionSets, position: int) -> str:
+        """What the alignment probes depend on: the weights, the compute dtype, all three sets' prompts,
+        who judges the replies that label them answered or refused, and the position probed."""
         parts = ["align", self.config.model, self.compute_dtype, prompts, self.config.eval.refusal_judge,
-                 self.config.eval.judge_model, sets.refusal_max_new_tokens]  # fmt: skip
+                 self.config.eval.judge_model, sets.refusal_max_new_tokens, position]  # fmt: skip
         return fingerprint(*parts, *([self.base_state] if self.base_state else []))
 
     def alignment(
@@ -194,9 +195,10 @@ class DirectionalEdits:
     ) -> dict[str, torch.Tensor]:
         """LLM-VA's probes of every attention and MLP output on ``model``: the harmful set against the
         harmless and benign ones, and the model's answers against its refusals of all three."""
-        sets = settings.directional.sets
+        sets, position = settings.directional.sets, settings.directional.position
         prompts = self.prompts(sets)
-        key = self.alignment_key(prompts, sets)
+        key = self.alignment_key(prompts, sets, position)
+        self._alignment_keys.add(key)
         directory = self.directory / key[:12]
         path = directory / "alignment.safetensors"
 
@@ -214,9 +216,14 @@ class DirectionalEdits:
                 )
             benign = torch.tensor([name != "harmful" for name in SETS for _ in prompts[name]])
             positions = post_instruction_length(tokenizer)
-            acts = sublayer_activations(model, tokenizer, everything, positions, settings.directional.batch_size,
+            if -position > positions:
+                raise ConfigError(
+                    f"directional.position {position}: the chat template puts {positions} tokens after the prompt.",
+                    f"choose a position from -{positions} to -1",
+                )
+            acts = sublayer_activations(model, tokenizer, everything, -position, settings.directional.batch_size,
                                         self.compute_dtype)  # fmt: skip
-            found = alignment_directions(acts, benign, answered)
+            found = alignment_directions(acts[:, :, 0], benign, answered)
             save_tensors(path, found)
             return found
 
@@ -239,8 +246,8 @@ class DirectionalEdits:
         if edit.align_scale:
             found = self.alignment(model, tokenizer, settings)
             names = [f"{name}.weight" for name in sublayer_names(model)]
-            chosen = chosen_sublayers(found, edit.position, min(edit.align_sublayers, len(names)))
-            aligned = alignment_factors(weight, {i: names[i] for i in chosen}, found, edit.position, edit.align_scale)
+            chosen = chosen_sublayers(found, min(edit.align_sublayers, len(names)))
+            aligned = alignment_factors(weight, {i: names[i] for i in chosen}, found, edit.align_scale)
             for name, (rows, columns) in aligned.items():
                 if name in factors:
                     rows, columns = torch.cat([factors[name][0], rows]), torch.cat([factors[name][1], columns])
@@ -256,7 +263,7 @@ class DirectionalEdits:
         edit, sets = settings.directional, settings.directional.sets
         prompts = self.prompts(sets)
         return [*([self.key(prompts, sets)] if edit.ablate_scale or edit.add_scale else []),
-                *([self.alignment_key(prompts, sets)] if edit.align_scale else [])]  # fmt: skip
+                *([self.alignment_key(prompts, sets, edit.position)] if edit.align_scale else [])]  # fmt: skip
 
     def seconds(self, settings: PipelineConfig) -> float:
         """Wall time the settings' directions and probes took when they were computed (0: not yet)."""
@@ -267,7 +274,6 @@ class DirectionalEdits:
 
     def computed_seconds(self) -> float:
         """Wall time of every direction and probe stage computed under this host's directory."""
-        keys = {key for prompts, sets in self._prompts.values() for key in (self.key(prompts, sets),
-                self.alignment_key(prompts, sets))}  # fmt: skip
+        keys = {self.key(prompts, sets) for prompts, sets in self._prompts.values()} | self._alignment_keys
         return sum(self.stage_seconds(key) for key in keys)
 

@@ -2,8 +2,8 @@
 refuse where it is harmful, by tying the direction it answers along to the direction that tells
 benign from harmful, in the outputs of chosen attention and MLP sublayers.
 
-For each sublayer (its output at a post-instruction position) two linear probes (scikit-learn's
-LinearSVC) give unit directions: ``answer`` (answered vs
+For each sublayer (its output at the configured post-instruction position) two linear probes
+(scikit-learn's LinearSVC) give unit directions: ``answer`` (answered vs
 refused, by the model's own replies) and ``benign`` (benign vs harmful prompts), with the standard
 deviation of the activations along each and each probe's held-out accuracy. The rewrite of the
 sublayer's writer W ([hidden, in]) replaces what it writes along a by its component along b, rescaled
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -65,43 +65,42 @@ def probe_direction(
     features: torch.Tensor, labels: torch.Tensor, seed: int = 0, held_out: float = 0.25
 ) -> tuple[torch.Tensor, float, float]:
     """(unit direction towards label 1, std of all features along it, held-out accuracy) of a LinearSVC
-    fitted on the rest. It has an intercept (LLM-VA fits none): activations are not centred, and a
-    separating plane forced through the origin tilts its normal, the direction that is kept."""
-    x, y = features.numpy(), labels.numpy().astype(int)
+    fitted on the rest. The features are standardised for the fit (a few of a transformer's
+    dimensions are orders of magnitude larger than the rest, and liblinear then fails to converge);
+    the normal is mapped back to the activations' own space. The probe has an intercept (LLM-VA fits
+    none): activations are not centred, and a plane forced through the origin tilts its normal."""
+    x, y = features.double().numpy(), labels.numpy().astype(int)
     train_x, test_x, train_y, test_y = train_test_split(x, y, test_size=held_out, random_state=seed, stratify=y)
-    probe = LinearSVC(max_iter=5000, random_state=seed).fit(train_x, train_y)
-    unit = torch.from_numpy(np.asarray(probe.coef_[0], dtype=np.float32))
-    unit = unit / unit.norm().clamp_min(1e-12)
-    return unit, float((features @ unit).std()), float(probe.score(test_x, test_y))
+    scaler = StandardScaler().fit(train_x)
+    probe = LinearSVC(random_state=seed).fit(scaler.transform(train_x), train_y)
+    normal = torch.from_numpy(probe.coef_[0] / scaler.scale_).float()
+    unit = normal / normal.norm().clamp_min(1e-12)
+    return unit, float((features @ unit).std()), float(probe.score(scaler.transform(test_x), test_y))
 
 
 def alignment_directions(
     activations: torch.Tensor, benign: torch.Tensor, answered: torch.Tensor, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Both probes at every sublayer and position of ``activations`` [prompt, sublayer, position,
-    hidden]; ``benign`` and ``answered`` are the prompts' boolean labels. Returns ``answer`` and
-    ``benign`` unit directions [sublayer, position, hidden] with their ``*_std`` and ``*_accuracy``
-    [sublayer, position]."""
-    sublayers, positions, hidden = activations.shape[1:]
+    """Both probes at every sublayer of ``activations`` [prompt, sublayer, hidden] (one position);
+    ``benign`` and ``answered`` are the prompts' boolean labels. Returns ``answer`` and ``benign``
+    unit directions [sublayer, hidden] with their ``*_std`` and ``*_accuracy`` [sublayer]."""
+    sublayers, hidden = activations.shape[1:]
     out = {
-        f"{kind}{part}": torch.zeros(sublayers, positions, *((hidden,) if part == "" else ()))
+        f"{kind}{part}": torch.zeros(sublayers, *((hidden,) if part == "" else ()))
         for kind in ("answer", "benign")
         for part in ("", "_std", "_accuracy")
     }
     for kind, labels in (("answer", answered), ("benign", benign)):
         for sublayer in range(sublayers):
-            for position in range(positions):
-                unit, std, accuracy = probe_direction(activations[:, sublayer, position], labels, seed)
-                out[kind][sublayer, position] = unit
-                out[f"{kind}_std"][sublayer, position] = std
-                out[f"{kind}_accuracy"][sublayer, position] = accuracy
+            unit, std, accuracy = probe_direction(activations[:, sublayer], labels, seed)
+            out[kind][sublayer], out[f"{kind}_std"][sublayer], out[f"{kind}_accuracy"][sublayer] = unit, std, accuracy
     return out
 
 
-def chosen_sublayers(directions: Mapping[str, torch.Tensor], position: int, count: int) -> list[int]:
-    """The ``count`` sublayers whose two probes are together most accurate at ``position`` (the product
-    of the held-out accuracies; ties go to the earlier sublayer), in forward order."""
-    score = directions["answer_accuracy"][:, position] * directions["benign_accuracy"][:, position]
+def chosen_sublayers(directions: Mapping[str, torch.Tensor], count: int) -> list[int]:
+    """The ``count`` sublayers whose two probes are together most accurate (the product of the
+    held-out accuracies; ties go to the earlier sublayer), in forward order."""
+    score = directions["answer_accuracy"] * directions["benign_accuracy"]
     order = sorted(range(len(score)), key=lambda index: (-float(score[index]), index))
     return sorted(order[:count])
 
@@ -110,17 +109,14 @@ def alignment_factors(
     weight: Callable[[str], torch.Tensor],
     writers: Mapping[int, str],
     directions: Mapping[str, torch.Tensor],
-    position: int,
     scale: float,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The rewrite of each chosen sublayer's writer (``writers``: sublayer index -> weight name) as
     rank-1 factors (rows [1, hidden], columns [1, in]), times ``scale``."""
     factors = {}
     for sublayer, name in writers.items():
-        answer = directions["answer"][sublayer, position].float()
-        benign = directions["benign"][sublayer, position].float()
-        spread = directions["answer_std"][sublayer, position], directions["benign_std"][sublayer, position]
-        ratio = spread[0] / spread[1].clamp_min(1e-12)
+        answer, benign = directions["answer"][sublayer].float(), directions["benign"][sublayer].float()
+        ratio = directions["answer_std"][sublayer] / directions["benign_std"][sublayer].clamp_min(1e-12)
         columns = (ratio * benign - answer) @ weight(name).float()
         factors[name] = ((scale * answer)[None], columns[None])
     return factors
