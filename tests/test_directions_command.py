@@ -88,4 +88,11 @@ def test_the_refused_vs_answered_probe_uses_the_backbones_own_refusals(tmp_path,
     assert result["refused"] == {"harmful": 10, "benign": 10}
     row = result["layers"][1]
     assert 0 <= row["probe_refused_vs_answered"] <= 100 and row["probe_refused_vs_answered_held_out"] == 10
-    assert "probe refused/answered (%)" in (tmp_path / "directions.md").read_text()
+    markdown = (tmp_path / "directions.md").read_text()
+    assert "probe refused/answered (%)" in markdown and "| sublayer | probe answered/refused (%) |" in markdown
+    names = [row["sublayer"] for row in result["sublayers"]]
+    assert names == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
+                     "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]  # fmt: skip
+    for row in result["sublayers"]:
+        low, high = row["probe_answered_vs_refused_95ci"]
+        assert low <= row["probe_answered_vs_refused"] <= high and -1 <= row["cos_answer_benign"] <= 1

@@ -10,6 +10,7 @@ saved beside the report for the edits that use them.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from safepatching.experiments.directional import (
     refused_only,
     set_activations,
 )
+from safepatching.method.alignment import probe_direction, sublayer_activations, sublayer_names
 from safepatching.method.directions import mean_difference, probe_accuracy
 from safepatching.models.precision import resolved
 from safepatching.report.results import result_header
@@ -78,6 +80,27 @@ def probe_columns(name: str, first: torch.Tensor, second: torch.Tensor, seed: in
             f"probe_{name}_held_out": total}  # fmt: skip
 
 
+def sublayer_rows(
+    outputs: torch.Tensor, names: list[str], harmful: int, refused: list[bool], seed: int
+) -> list[dict[str, Any]]:
+    """align's view of each attention and MLP output (``outputs`` [prompt, sublayer, hidden] of the
+    harmful then the benign prompts): the held-out accuracy of its answered/refused and benign/harmful
+    probes and the cosine of their directions."""
+    answered = torch.tensor([not flag for flag in refused])
+    benign = torch.arange(len(refused)) >= harmful
+    held_out = math.ceil(0.25 * len(refused))  # probe_direction's held-out quarter
+    rows = []
+    for index, name in enumerate(names):
+        answer, _, answer_accuracy = probe_direction(outputs[:, index], answered, seed)
+        harm, _, harm_accuracy = probe_direction(outputs[:, index], benign, seed)
+        row = {"sublayer": name, "cos_answer_benign": round(float(answer @ harm), 4)}
+        for key, accuracy in (("answered_vs_refused", answer_accuracy), ("benign_vs_harmful", harm_accuracy)):
+            low, high = wilson_interval(round(accuracy * held_out), held_out)
+            row |= {f"probe_{key}": round(100 * accuracy, 1), f"probe_{key}_95ci": [round(low, 1), round(high, 1)]}
+        rows.append(row)
+    return rows
+
+
 def directions_markdown(result: dict[str, Any]) -> str:
     sizes = ", ".join(f"{name} {count}" for name, count in result["sizes"].items())
     refused = result.get("refused")
@@ -109,6 +132,18 @@ def directions_markdown(result: dict[str, Any]) -> str:
             f"{probe(row, 'harmful_vs_harmless')} | {probe(row, 'harmful_vs_benign')} |"
             + (f" {probe(row, 'refused_vs_answered')} |" if probed else "")
         )
+    if result.get("sublayers"):
+        lines += [
+            "",
+            "Attention and MLP outputs (what `align` rewrites), on the harmful and benign prompts at the last "
+            "position: its two probes' held-out accuracy and the cosine of their directions.",
+            "",
+            "| sublayer | probe answered/refused (%) | probe benign/harmful (%) | cos(answer, benign) |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in result["sublayers"]:
+            lines.append(f"| {row['sublayer']} | {probe(row, 'answered_vs_refused')} | {probe(row, 'benign_vs_harmful')} | "
+                         f"{row['cos_answer_benign']:.2f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -130,14 +165,25 @@ def run_directions(config: DirectionsConfig, command: str = "", progress: bool =
     refused = None
     if config.refusal_probe:
         tokens = config.refusal_max_new_tokens
-        refused = {name: refusals(model, tokenizer, prompts[name], judge, tokens, batch) for name in ("harmful", "benign")}
+        refused = {
+            name: refusals(model, tokenizer, prompts[name], judge, tokens, batch) for name in ("harmful", "benign")
+        }
     layers = layer_rows(activations, config.seed, refused)
+    sublayers = None
+    if refused is not None and "probe_refused_vs_answered" in layers[0]:  # both kinds of reply are there
+        both = prompts["harmful"] + prompts["benign"]
+        outputs = sublayer_activations(model, tokenizer, both, 1, config.batch_size, loading.compute_dtype)[:, :, 0]
+        names = sublayer_names(model)
+        sublayers = sublayer_rows(
+            outputs, names, len(prompts["harmful"]), refused["harmful"] + refused["benign"], config.seed
+        )
     result = {
         **result_header(config, command, time.perf_counter() - started, True, DIRECTIONS_SCHEMA_VERSION),
         "positions": positions,
         "sizes": {name: len(prompts[name]) for name in SETS},
         "refused": refused and {name: sum(flags) for name, flags in refused.items()},
         "layers": layers,
+        "sublayers": sublayers,
         "config": config.model_dump(mode="json"),
     }
     base = Path(config.output_dir)

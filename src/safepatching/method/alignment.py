@@ -72,7 +72,7 @@ def probe_direction(
     x, y = features.double().numpy(), labels.numpy().astype(int)
     train_x, test_x, train_y, test_y = train_test_split(x, y, test_size=held_out, random_state=seed, stratify=y)
     scaler = StandardScaler().fit(train_x)
-    probe = LinearSVC(random_state=seed).fit(scaler.transform(train_x), train_y)
+    probe = LinearSVC(max_iter=10000, random_state=seed).fit(scaler.transform(train_x), train_y)
     normal = torch.from_numpy(probe.coef_[0] / scaler.scale_).float()
     unit = normal / normal.norm().clamp_min(1e-12)
     return unit, float((features @ unit).std()), float(probe.score(scaler.transform(test_x), test_y))
