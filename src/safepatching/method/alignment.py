@@ -12,9 +12,11 @@ to a's spread: W' = W - a (a^T W) + (sigma_a / sigma_b) a (b^T W), a rank-1 chan
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
@@ -72,7 +74,9 @@ def probe_direction(
     x, y = features.double().numpy(), labels.numpy().astype(int)
     train_x, test_x, train_y, test_y = train_test_split(x, y, test_size=held_out, random_state=seed, stratify=y)
     scaler = StandardScaler().fit(train_x)
-    probe = LinearSVC(max_iter=10000, random_state=seed).fit(scaler.transform(train_x), train_y)
+    with warnings.catch_warnings():  # with more dimensions than prompts liblinear may stop at max_iter;
+        warnings.simplefilter("ignore", ConvergenceWarning)  # the held-out accuracy says how good the plane is
+        probe = LinearSVC(max_iter=10000, random_state=seed).fit(scaler.transform(train_x), train_y)
     normal = torch.from_numpy(probe.coef_[0] / scaler.scale_).float()
     unit = normal / normal.norm().clamp_min(1e-12)
     return unit, float((features @ unit).std()), float(probe.score(scaler.transform(test_x), test_y))
