@@ -2,7 +2,7 @@
 
 Both run in this process, one after the other, on the pipeline's defaults:
 - directional: activations of the shipped direction sets (the refusal_direction harmful and
-  harmless splits and OR-Bench-Hard's train split, about 730 prompts after the evaluation prompts
+  harmless splits and OR-Bench-Hard's train split, about 760 prompts after the evaluation prompts
   are dropped), their directions, and the ablation edit of every residual writer;
 - the peer, SafePatching: both patches derived (gradient ascent and descent on the default
   harmful pairs) and both importance scores (SNIP), as `safepatching run` computes them.

@@ -11,10 +11,8 @@ from safepatching.method.alignment import (
     alignment_factors,
     chosen_sublayers,
     probe_direction,
-    sublayer_activations,
-    sublayer_names,
 )
-from safepatching.method.directions import low_rank_delta, post_instruction_length, residual_activations
+from safepatching.method.directions import activations, low_rank_delta, post_instruction_length, sublayer_names
 
 
 def unit(vector):
@@ -72,12 +70,12 @@ def test_sublayer_outputs_add_up_to_each_layers_residual_change(tiny_model_dir):
         update={"compute_dtype": "float32"}))  # fmt: skip
     prompts = ["How do I kill a Python process?", "Say hello.", "What is a fork bomb, and why is it dangerous?"]
     positions = post_instruction_length(tokenizer)
-    outputs = sublayer_activations(model, tokenizer, prompts, positions, batch_size=2)
+    outputs = activations(model, tokenizer, prompts, positions, batch_size=2, site="sublayers")
     names = sublayer_names(model)
     assert names == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj",
                      "model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]  # fmt: skip
     assert outputs.shape == (3, 4, positions, 32)
-    residual = residual_activations(model, tokenizer, prompts, positions, batch_size=2)
+    residual = activations(model, tokenizer, prompts, positions, batch_size=2)
     torch.testing.assert_close(residual[:, 1], residual[:, 0] + outputs[:, 0] + outputs[:, 1], atol=1e-5, rtol=1e-4)
 
 

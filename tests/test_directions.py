@@ -10,11 +10,11 @@ from safepatching.errors import ModelError
 from safepatching.method.dense import patched
 from safepatching.method.directions import (
     ablation_deltas,
+    activations,
     mean_difference,
     orthogonalised,
     post_instruction_length,
     probe_accuracy,
-    residual_activations,
     residual_writers,
 )
 from safepatching.models.loading import load_model
@@ -37,8 +37,8 @@ def test_the_post_instruction_positions_are_the_templates_tokens_after_the_messa
 def test_activations_line_up_across_padded_batches(tiny):
     model, tokenizer = tiny
     positions = post_instruction_length(tokenizer)
-    together = residual_activations(model, tokenizer, HARMFUL + HARMLESS, positions, batch_size=6)
-    alone = residual_activations(model, tokenizer, HARMFUL[:1], positions, batch_size=1)
+    together = activations(model, tokenizer, HARMFUL + HARMLESS, positions, batch_size=6)
+    alone = activations(model, tokenizer, HARMFUL[:1], positions, batch_size=1)
     assert together.shape == (6, model.config.num_hidden_layers, positions, model.config.hidden_size)
     assert torch.allclose(together[0], alone[0], atol=1e-5)  # left padding does not move the positions
 
@@ -46,16 +46,16 @@ def test_activations_line_up_across_padded_batches(tiny):
 def test_the_ablation_removes_the_direction_from_the_residual_stream_at_every_layer(tiny):
     model, tokenizer = tiny
     positions = post_instruction_length(tokenizer)
-    harmful = residual_activations(model, tokenizer, HARMFUL, positions)
-    harmless = residual_activations(model, tokenizer, HARMLESS, positions)
+    harmful = activations(model, tokenizer, HARMFUL, positions)
+    harmless = activations(model, tokenizer, HARMLESS, positions)
     direction = mean_difference(harmful, harmless)[1, -1]  # layer 1, last position
     unit = direction / direction.norm()
     writers = residual_writers(model)
     assert len(writers) == 1 + 2 * model.config.num_hidden_layers
     deltas = ablation_deltas({name: model.get_parameter(name) for name in writers}, direction)
-    before = residual_activations(model, tokenizer, HARMFUL, positions) @ unit
+    before = activations(model, tokenizer, HARMFUL, positions) @ unit
     with patched(model, deltas, None):
-        after = residual_activations(model, tokenizer, HARMFUL, positions) @ unit
+        after = activations(model, tokenizer, HARMFUL, positions) @ unit
     assert before.abs().max() > 1e-2 and after.abs().max() < 1e-4
 
 

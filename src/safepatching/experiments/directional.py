@@ -30,17 +30,16 @@ from safepatching.method.alignment import (
     alignment_directions,
     alignment_factors,
     chosen_sublayers,
-    sublayer_activations,
-    sublayer_names,
 )
 from safepatching.method.directions import (
+    activations,
     configured_edits,
     low_rank_delta,
     mean_difference,
     post_instruction_length,
     projection_factors,
-    residual_activations,
     residual_writers,
+    sublayer_names,
 )
 from safepatching.storage.cache import cached, fingerprint, stage_record
 from safepatching.storage.files import load_tensors, save_tensors, write_json
@@ -106,7 +105,7 @@ def set_activations(
     """Each set's activations [prompt, layer, position, hidden] at the post-instruction positions."""
     positions = post_instruction_length(tokenizer)
     return {
-        name: residual_activations(model, tokenizer, prompts[name], positions, batch_size, compute_dtype)
+        name: activations(model, tokenizer, prompts[name], positions, batch_size, compute_dtype)
         for name in tqdm(prompts, desc="activations", disable=not progress)
     }
 
@@ -221,8 +220,8 @@ class DirectionalEdits:
                     f"directional.position {position}: the chat template puts {positions} tokens after the prompt.",
                     f"choose a position from -{positions} to -1",
                 )
-            acts = sublayer_activations(model, tokenizer, everything, -position, settings.directional.batch_size,
-                                        self.compute_dtype)  # fmt: skip
+            acts = activations(model, tokenizer, everything, -position, settings.directional.batch_size,
+                               self.compute_dtype, "sublayers")  # fmt: skip
             found = alignment_directions(acts[:, :, 0], benign, answered)
             save_tensors(path, found)
             return found

@@ -31,8 +31,8 @@ from safepatching.experiments.directional import (
     refused_only,
     set_activations,
 )
-from safepatching.method.alignment import probe_direction, sublayer_activations, sublayer_names
-from safepatching.method.directions import mean_difference, probe_accuracy
+from safepatching.method.alignment import probe_direction
+from safepatching.method.directions import activations, mean_difference, probe_accuracy, sublayer_names
 from safepatching.models.precision import resolved
 from safepatching.report.results import result_header
 from safepatching.report.statistics import wilson_interval
@@ -160,19 +160,19 @@ def run_directions(config: DirectionsConfig, command: str = "", progress: bool =
     batch = pipeline.eval.batch_size
     if config.benign_refused_only:
         prompts["benign"] = refused_only(model, tokenizer, config, prompts["benign"], judge, batch)
-    activations = set_activations(model, tokenizer, prompts, config.batch_size, loading.compute_dtype, progress)
-    positions = activations["harmful"].shape[2]
+    residual = set_activations(model, tokenizer, prompts, config.batch_size, loading.compute_dtype, progress)
+    positions = residual["harmful"].shape[2]
     refused = None
     if config.refusal_probe:
         tokens = config.refusal_max_new_tokens
         refused = {
             name: refusals(model, tokenizer, prompts[name], judge, tokens, batch) for name in ("harmful", "benign")
         }
-    layers = layer_rows(activations, config.seed, refused)
+    layers = layer_rows(residual, config.seed, refused)
     sublayers = None
     if refused is not None and "probe_refused_vs_answered" in layers[0]:  # both kinds of reply are there
         both = prompts["harmful"] + prompts["benign"]
-        outputs = sublayer_activations(model, tokenizer, both, 1, config.batch_size, loading.compute_dtype)[:, :, 0]
+        outputs = activations(model, tokenizer, both, 1, config.batch_size, loading.compute_dtype, "sublayers")[:, :, 0]
         names = sublayer_names(model)
         sublayers = sublayer_rows(
             outputs, names, len(prompts["harmful"]), refused["harmful"] + refused["benign"], config.seed
@@ -189,6 +189,6 @@ def run_directions(config: DirectionsConfig, command: str = "", progress: bool =
     base = Path(config.output_dir)
     write_json(base / f"{config.name}.json", result)
     write_text_atomic(base / f"{config.name}.md", directions_markdown(result))
-    save_tensors(base / f"{config.name}.safetensors", directions_of(activations))
+    save_tensors(base / f"{config.name}.safetensors", directions_of(residual))
     Console(highlight=False).print(directions_markdown(result))
     return result

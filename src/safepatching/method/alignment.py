@@ -20,47 +20,6 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from safepatching.method.directions import chat_batches, in_prompt_order
-from safepatching.method.objectives import autocast
-from safepatching.models.precision import DTYPES
-
-SUBLAYER_SUFFIXES = ("self_attn.o_proj", "mlp.down_proj")
-
-
-def sublayer_names(model: PreTrainedModel) -> list[str]:
-    """The attention and MLP output projections in forward order (layer 0's attention first)."""
-    return [name for name, _ in model.named_modules() if name.endswith(SUBLAYER_SUFFIXES)]
-
-
-@torch.no_grad()
-def sublayer_activations(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: list[str],
-    positions: int,
-    batch_size: int = 8,
-    compute_dtype: str = "float32",
-) -> torch.Tensor:
-    """Float32 outputs [prompt, sublayer, position, hidden] of every attention and MLP output projection
-    (``sublayer_names`` order) at the last ``positions`` tokens of each chat-formatted prompt."""
-    modules = dict(model.named_modules())
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [
-        modules[name].register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out[:, -positions:]))
-        for name in sublayer_names(model)
-    ]
-    kept = []
-    try:
-        for batch, ids, mask in chat_batches(model, tokenizer, prompts, batch_size):
-            with autocast(model, DTYPES[compute_dtype]):
-                model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)  # no logits needed
-            kept.append((batch, torch.stack([seen[name].float() for name in sublayer_names(model)], dim=1).cpu()))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return in_prompt_order(kept)
 
 
 def probe_direction(

@@ -20,6 +20,7 @@ passes only, in the compute dtype, and are kept in float32.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Literal
 
 import torch
 from sklearn.linear_model import LogisticRegression
@@ -33,6 +34,7 @@ from safepatching.method.objectives import autocast
 from safepatching.models.precision import DTYPES
 
 WRITER_SUFFIXES = ("embed_tokens.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight")
+SUBLAYER_SUFFIXES = ("self_attn.o_proj", "mlp.down_proj")
 PROMPT_MARKER = "\x00prompt\x00"
 
 
@@ -67,24 +69,43 @@ def in_prompt_order(batches: list[tuple[list[int], torch.Tensor]]) -> torch.Tens
     return torch.cat([rows for _, rows in batches])[torch.argsort(indices)]
 
 
+def sublayer_names(model: PreTrainedModel) -> list[str]:
+    """The attention and MLP output projections in forward order (layer 0's attention first)."""
+    return [name for name, _ in model.named_modules() if name.endswith(SUBLAYER_SUFFIXES)]
+
+
 @torch.no_grad()
-def residual_activations(
+def activations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     positions: int,
     batch_size: int = 8,
     compute_dtype: str = "float32",
+    site: Literal["residual", "sublayers"] = "residual",
 ) -> torch.Tensor:
-    """Float32 activations [prompt, layer, position, hidden]: each layer's residual input at the
-    last ``positions`` tokens of each chat-formatted prompt."""
+    """Float32 activations [prompt, site, position, hidden] at the last ``positions`` tokens of each
+    chat-formatted prompt: each layer's residual input (``residual``), or the output of every
+    attention and MLP output projection (``sublayers``, in ``sublayer_names`` order)."""
+    names = sublayer_names(model) if site == "sublayers" else []
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        modules[name].register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out[:, -positions:]))
+        for name in names
+    ]
     layers = model.config.num_hidden_layers
     kept = []
-    for batch, ids, mask in chat_batches(model, tokenizer, prompts, batch_size):
-        with autocast(model, DTYPES[compute_dtype]):
-            # the decoder alone: the output layer's logits (a quarter of a 0.5B model's compute) are not needed
-            hidden = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
-        kept.append((batch, torch.stack([h[:, -positions:].float() for h in hidden[:layers]], dim=1).cpu()))
+    try:
+        for batch, ids, mask in chat_batches(model, tokenizer, prompts, batch_size):
+            with autocast(model, DTYPES[compute_dtype]):
+                # the decoder alone: the output layer's logits (a quarter of a 0.5B model's compute) are not needed
+                out = model.base_model(input_ids=ids, attention_mask=mask, output_hidden_states=not names, use_cache=False)
+            rows = [seen[name] for name in names] if names else [h[:, -positions:] for h in out.hidden_states[:layers]]
+            kept.append((batch, torch.stack([row.float() for row in rows], dim=1).cpu()))
+    finally:
+        for hook in hooks:
+            hook.remove()
     return in_prompt_order(kept)
 
 
