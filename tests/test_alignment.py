@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from safepatching.errors import DataError
+from safepatching.errors import ConfigError, DataError
 from safepatching.method.alignment import (
     alignment_factors,
     chosen_sublayers,
@@ -44,15 +44,15 @@ def test_a_probe_points_to_label_one_and_is_scored_on_held_out_prompts():
     shift[3] = 6.0
     features = torch.cat([torch.randn(40, 16, generator=generator), torch.randn(40, 16, generator=generator) + shift])
     labels = torch.tensor([0] * 40 + [1] * 40)
-    direction, std, accuracy = probe_direction(features, labels)
-    assert accuracy >= 0.9 and direction[3] > 0.8 and abs(float(direction.norm()) - 1) < 1e-5
+    direction, std, correct, total = probe_direction(features, labels)
+    assert total == 20 and correct / total >= 0.9 and direction[3] > 0.8 and abs(float(direction.norm()) - 1) < 1e-5
     assert std == pytest.approx(float((features @ direction).std()))
-    _, _, chance = probe_direction(torch.randn(80, 16, generator=generator), labels)
-    assert chance < 0.9
+    _, _, correct, total = probe_direction(torch.randn(80, 16, generator=generator), labels)
+    assert correct / total < 0.9
     # one dimension 1000 times the others' scale, as transformers have: the probe still finds the signal
     features[:, 0] *= 1000
-    direction, _, accuracy = probe_direction(features, labels)
-    assert accuracy >= 0.9 and abs(float(direction[3])) > 0.8
+    direction, _, correct, total = probe_direction(features, labels)
+    assert correct / total >= 0.9 and abs(float(direction[3])) > 0.8
 
 
 def test_the_chosen_sublayers_have_the_most_accurate_probes_and_keep_forward_order():
@@ -93,6 +93,9 @@ def test_a_run_rewrites_only_the_chosen_writers_and_exports_rank_one_factors(
     config = type(plain).model_validate({**plain.model_dump(), "directional": edit})
     with pytest.raises(DataError, match=r"the backbone answers 60 of the 60 direction prompts; align's answered/refused probe needs 16 of each"):
         run_pipeline(config, progress=False)  # the random tiny model refuses nothing
+    far = type(plain).model_validate({**plain.model_dump(), "directional": {**edit, "position": -99}})
+    with pytest.raises(ConfigError, match=r"directional.position -99: the chat template puts \d+ tokens after the prompt"):
+        run_pipeline(far, progress=False)  # refused before any reply is generated
 
     monkeypatch.setattr(directional, "refusals", lambda model, tok, prompts, *rest: [i % 2 == 0 for i in range(len(prompts))])
     result = run_pipeline(config, progress=False)

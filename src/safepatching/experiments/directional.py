@@ -22,7 +22,7 @@ from safepatching.config.directional import DirectionSets
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.overlap import assert_disjoint, drop_overlap
 from safepatching.data.sources import Example, load_examples
-from safepatching.errors import ConfigError, DataError
+from safepatching.errors import DataError
 from safepatching.evaluation.generation import HFGenerator
 from safepatching.evaluation.judges.registry import Judges
 from safepatching.evaluation.judges.rules import Judge
@@ -33,6 +33,7 @@ from safepatching.method.alignment import (
 )
 from safepatching.method.directions import (
     activations,
+    check_position,
     configured_edits,
     low_rank_delta,
     mean_difference,
@@ -155,6 +156,10 @@ class DirectionalEdits:
         if sets.benign_refused_only:
             parts += ["refused_only", self.config.eval.refusal_judge, self.config.eval.judge_model,
                       sets.refusal_max_new_tokens]  # fmt: skip
+        return self.host_key(*parts)
+
+    def host_key(self, *parts) -> str:
+        """A stage key of ``parts`` and, after earlier continual rounds, the host's weights."""
         return fingerprint(*parts, *([self.base_state] if self.base_state else []))
 
     def directions(
@@ -187,7 +192,7 @@ class DirectionalEdits:
         who judges the replies that label them answered or refused, and the position probed."""
         parts = ["align", self.config.model, self.compute_dtype, prompts, self.config.eval.refusal_judge,
                  self.config.eval.judge_model, sets.refusal_max_new_tokens, position]  # fmt: skip
-        return fingerprint(*parts, *([self.base_state] if self.base_state else []))
+        return self.host_key(*parts)
 
     def alignment(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: PipelineConfig
@@ -202,6 +207,8 @@ class DirectionalEdits:
         path = directory / "alignment.safetensors"
 
         def produce() -> dict[str, torch.Tensor]:
+            positions = post_instruction_length(tokenizer)
+            check_position(position, positions)  # before the replies, the stage's long part
             everything = [prompt for name in SETS for prompt in prompts[name]]
             refused = refusals(model, tokenizer, everything, self.judges.refusal, sets.refusal_max_new_tokens,
                                self.config.eval.batch_size)  # fmt: skip
@@ -214,12 +221,6 @@ class DirectionalEdits:
                     "give the direction sets more prompts the backbone refuses (harmful) and answers (harmless)",
                 )
             benign = torch.tensor([name != "harmful" for name in SETS for _ in prompts[name]])
-            positions = post_instruction_length(tokenizer)
-            if -position > positions:
-                raise ConfigError(
-                    f"directional.position {position}: the chat template puts {positions} tokens after the prompt.",
-                    f"choose a position from -{positions} to -1",
-                )
             acts = activations(model, tokenizer, everything, -position, settings.directional.batch_size,
                                self.compute_dtype, "sublayers")  # fmt: skip
             found = alignment_directions(acts[:, :, 0], benign, answered)

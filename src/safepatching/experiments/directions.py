@@ -10,7 +10,6 @@ saved beside the report for the edits that use them.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -74,7 +73,10 @@ def layer_rows(
 
 def probe_columns(name: str, first: torch.Tensor, second: torch.Tensor, seed: int) -> dict[str, Any]:
     """A probe's held-out accuracy in % with its 95 % Wilson interval and the held-out count."""
-    correct, total = probe_accuracy(first, second, seed)
+    return accuracy_columns(name, *probe_accuracy(first, second, seed))
+
+
+def accuracy_columns(name: str, correct: int, total: int) -> dict[str, Any]:
     low, high = wilson_interval(correct, total)
     return {f"probe_{name}": round(100 * correct / total, 1), f"probe_{name}_95ci": [round(low, 1), round(high, 1)],
             f"probe_{name}_held_out": total}  # fmt: skip
@@ -88,16 +90,13 @@ def sublayer_rows(
     probes and the cosine of their directions."""
     answered = torch.tensor([not flag for flag in refused])
     benign = torch.arange(len(refused)) >= harmful
-    held_out = math.ceil(0.25 * len(refused))  # probe_direction's held-out quarter
     rows = []
     for index, name in enumerate(names):
-        answer, _, answer_accuracy = probe_direction(outputs[:, index], answered, seed)
-        harm, _, harm_accuracy = probe_direction(outputs[:, index], benign, seed)
-        row = {"sublayer": name, "cos_answer_benign": round(float(answer @ harm), 4)}
-        for key, accuracy in (("answered_vs_refused", answer_accuracy), ("benign_vs_harmful", harm_accuracy)):
-            low, high = wilson_interval(round(accuracy * held_out), held_out)
-            row |= {f"probe_{key}": round(100 * accuracy, 1), f"probe_{key}_95ci": [round(low, 1), round(high, 1)]}
-        rows.append(row)
+        answer, _, *answer_counts = probe_direction(outputs[:, index], answered, seed)
+        harm, _, *harm_counts = probe_direction(outputs[:, index], benign, seed)
+        rows.append({"sublayer": name, "cos_answer_benign": round(float(answer @ harm), 4),
+                     **accuracy_columns("answered_vs_refused", *answer_counts),
+                     **accuracy_columns("benign_vs_harmful", *harm_counts)})  # fmt: skip
     return rows
 
 

@@ -24,9 +24,9 @@ from sklearn.svm import LinearSVC
 
 def probe_direction(
     features: torch.Tensor, labels: torch.Tensor, seed: int = 0, held_out: float = 0.25
-) -> tuple[torch.Tensor, float, float]:
-    """(unit direction towards label 1, std of all features along it, held-out accuracy) of a LinearSVC
-    fitted on the rest. The features are standardised for the fit (a few of a transformer's
+) -> tuple[torch.Tensor, float, int, int]:
+    """(unit direction towards label 1, std of all features along it, correct and total held-out
+    prompts) of a LinearSVC fitted on the rest. The features are standardised for the fit (a few of a transformer's
     dimensions are orders of magnitude larger than the rest, and liblinear then fails to converge);
     the normal is mapped back to the activations' own space. The probe has an intercept (LLM-VA fits
     none): activations are not centred, and a plane forced through the origin tilts its normal."""
@@ -38,7 +38,8 @@ def probe_direction(
         probe = LinearSVC(max_iter=10000, random_state=seed).fit(scaler.transform(train_x), train_y)
     normal = torch.from_numpy(probe.coef_[0] / scaler.scale_).float()
     unit = normal / normal.norm().clamp_min(1e-12)
-    return unit, float((features @ unit).std()), float(probe.score(scaler.transform(test_x), test_y))
+    correct = int((probe.predict(scaler.transform(test_x)) == test_y).sum())
+    return unit, float((features @ unit).std()), correct, len(test_y)
 
 
 def alignment_directions(
@@ -55,8 +56,9 @@ def alignment_directions(
     }
     for kind, labels in (("answer", answered), ("benign", benign)):
         for sublayer in range(sublayers):
-            unit, std, accuracy = probe_direction(activations[:, sublayer], labels, seed)
-            out[kind][sublayer], out[f"{kind}_std"][sublayer], out[f"{kind}_accuracy"][sublayer] = unit, std, accuracy
+            unit, std, correct, total = probe_direction(activations[:, sublayer], labels, seed)
+            out[kind][sublayer], out[f"{kind}_std"][sublayer] = unit, std
+            out[f"{kind}_accuracy"][sublayer] = correct / total
     return out
 
 

@@ -194,6 +194,16 @@ def ablation_deltas(weights: Mapping[str, torch.Tensor], direction: torch.Tensor
     return projection_deltas(weights.__getitem__, list(weights), [(direction, -1.0)])
 
 
+def check_position(position: int, positions: int) -> None:
+    """A post-instruction position the chat template has (``positions`` tokens follow the prompt), or
+    a one-line error."""
+    if -position > positions:
+        raise ConfigError(
+            f"directional.position {position}: the chat template puts {positions} tokens after the prompt.",
+            f"choose a position from -{positions} to -1",
+        )
+
+
 def configured_edits(
     directions: Mapping[str, torch.Tensor], settings: DirectionalConfig
 ) -> list[tuple[torch.Tensor, float]]:
@@ -201,11 +211,7 @@ def configured_edits(
     ``false_refusal`` directions of shape [layer, position, hidden]; a layer or position the
     backbone does not have fails in one line."""
     layers, positions = directions["refusal"].shape[:2]
-    if -settings.position > positions:
-        raise ConfigError(
-            f"directional.position {settings.position}: the chat template puts {positions} tokens after the prompt.",
-            f"choose a position from -{positions} to -1",
-        )
+    check_position(settings.position, positions)
     edits = []
     for knob, scale in (("ablate_layer", settings.ablate_scale), ("add_layer", settings.add_scale)):
         layer = getattr(settings, knob)
