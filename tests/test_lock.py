@@ -6,7 +6,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
@@ -23,26 +22,38 @@ def run_config(tiny_pipeline_config, model_dir, out, path):
     return path
 
 
-WARM_RUN = "import sys; from safepatching.cli import main\nsys.stdin.readline(); sys.argv[0] = 'safepatching'; main()"
+# the first run holds its lock until the test says go, so the second always meets a held lock
+PAUSED_RUN = """import sys
+from contextlib import contextmanager
+from safepatching.experiments import pipeline
+from safepatching.cli import main
+real_lock = pipeline.directory_lock
+@contextmanager
+def paused_lock(*args, **kwargs):
+    with real_lock(*args, **kwargs):
+        print('held', flush=True)
+        sys.stdin.readline()
+        yield
+pipeline.directory_lock = paused_lock
+sys.argv[0] = 'safepatching'
+main()"""
 
 
 def test_two_runs_on_one_directory(tmp_path, tiny_model_dir, tiny_pipeline_config):
     out = tmp_path / "run"
     path = run_config(tiny_pipeline_config, tiny_model_dir, out, tmp_path / "config.yaml")
     args = ["run", str(path), "--no-progress"]
-    # the second run is started (imports done) before the first and released once the first holds the lock
-    second = subprocess.Popen([sys.executable, "-c", WARM_RUN, *args], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    first = subprocess.Popen([sys.executable, "-m", "safepatching", *args, "--set", "derive.max_steps=40"],
+    first = subprocess.Popen([sys.executable, "-c", PAUSED_RUN, *args], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not (out / LOCK_NAME).exists() and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    _, second_err = second.communicate("go\n", timeout=120)
-    _, first_err = first.communicate(timeout=600)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        second = subprocess.run([sys.executable, "-m", "safepatching", *args], capture_output=True, text=True,
+                                timeout=120)  # fmt: skip
+    finally:
+        _, first_err = first.communicate("go\n", timeout=600)
     assert first.returncode == 0, first_err
-    assert second.returncode == 2 and "Traceback" not in second_err
-    message = second_err.strip()
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    message = second.stderr.strip()
     assert len(message.splitlines()) == 1 and f"in use by PID {first.pid}" in message
     assert f"safepatching run {path}" in message
     assert not (out / LOCK_NAME).exists()  # released when the first run finished
