@@ -47,10 +47,10 @@ OVER_SAFETY_TRAIN = {"source": "bench:xstest-safe", "split": "train[100:250]", "
 FAMILIES: dict[str, tuple[dict[str, Any], list[float]]] = {
     "paper": ({}, [1.0, 2.0, 4.0, 6.0]),  # the config's own beta (3) is the sweep's first row
     "benign-os-own-snip": (
-        {"over_safety_train": OVER_SAFETY_TRAIN, "importance": {"over_safety_data": "over_safety_train"}},
+        {"over_safety": {"train": OVER_SAFETY_TRAIN}, "importance": {"over_safety_data": "over_safety_train"}},
         [0.5, 1.0, 2.0, 4.0],
     ),
-    "benign-os": ({"over_safety_train": OVER_SAFETY_TRAIN}, [0.5, 1.0, 2.0, 4.0]),
+    "benign-os": ({"over_safety": {"train": OVER_SAFETY_TRAIN}}, [0.5, 1.0, 2.0, 4.0]),
 }
 TESTED = ("paper", "benign-os")
 VALIDATION = {"harmful_split": "train[48:100]", "benign": ["oktest-val=bench:oktest@train[:100]"]}
@@ -82,7 +82,7 @@ def test_eval() -> dict[str, Any]:
 def family_config(base: dict[str, Any], changes: dict[str, Any], out: Path) -> PipelineConfig:
     raw = json.loads(json.dumps(base))
     for key, value in changes.items():
-        raw[key] = {**raw.get(key, {}), **value} if key == "importance" else value
+        raw[key] = {**raw.get(key, {}), **value} if key in ("importance", "over_safety") else value
     return PipelineConfig.model_validate({**raw, "output_dir": str(out)})
 
 
@@ -152,7 +152,7 @@ def main() -> None:
     if args.smoke:
         base["derive"].update(max_steps=1)
         base["importance"].update(max_examples=4)
-        base["over_safety_replies"].update(max_new_tokens=8)
+        base["over_safety"]["replies"].update(max_new_tokens=8)
     results: dict[str, Any] = {"command": command, "families": {}}
     configs = {}
     for family, (changes, betas) in FAMILIES.items():

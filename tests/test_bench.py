@@ -36,7 +36,7 @@ def bench_run(tmp_path_factory, tiny_model_dir, run_command, bench_pipeline):
         "name": "tiny",
         "pipeline": bench_pipeline(tiny_model_dir),
         "methods": [m for m in BENCH_METHODS if m != "directional-align"],  # needs refusals: test_directional_bench
-        "over_safety_train": {"source": str(root / "scary.jsonl"), "response_column": "response"},
+        "over_safety": {"train": {"source": str(root / "scary.jsonl"), "response_column": "response"}},
         "seeds": [0, 1, 2],
         "output_dir": str(root / "results"),
         "work_dir": str(root / "work"),

@@ -147,9 +147,9 @@ def test_a_bench_narrowed_from_the_command_line_drops_the_spaces_of_rows_it_leav
 def test_over_safety_data_that_holds_a_validation_prompt_is_refused(tmp_path, tiny_model_dir, bench_pipeline, tuned_bench):
     config = tuned_bench(bench_pipeline, tiny_model_dir, tmp_path)
     config["methods"] = ["backbone", "safepatching-benign-os"]
-    config["over_safety_train"] = {"source": "builtin:benign-but-scary", "split": "train[7:12]"}
+    config["over_safety"] = {"train": {"source": "builtin:benign-but-scary", "split": "train[7:12]"}}
     config["tuning"]["spaces"] = {"safepatching-benign-os": {"merge.beta": {"low": 0.1, "high": 1.0}}}
-    with pytest.raises(Exception, match="over_safety_train"):
+    with pytest.raises(Exception, match="over_safety.train"):
         run_bench(build_config(overrides=config, model=BenchConfig), progress=False)
 
 

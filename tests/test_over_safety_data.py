@@ -4,11 +4,15 @@ import json
 
 import pytest
 
+from safepatching.config.experiments import BenchConfig, TuneConfig
+from safepatching.config.loading import build_config, with_settings
+from safepatching.config.settings import PipelineConfig
 from safepatching.data.sources import Example
-from safepatching.errors import DataError
+from safepatching.errors import ConfigError, DataError
 from safepatching.experiments.backbone import Backbone
 from safepatching.experiments.pipeline import run_stages
 from safepatching.experiments.stages import Stages
+from safepatching.experiments.tune import first_study_key, study_key
 from safepatching.experiments.validation import ValidationScorer, ValidationSet
 from safepatching.method import derivations as derivations_module
 from safepatching.method.derive import pairs_digest
@@ -21,7 +25,7 @@ def changed(config, **fields):
     """The config with some top-level fields replaced, validated like any config."""
     raw = config.model_dump(mode="json")
     for key, value in fields.items():
-        raw[key] = {**raw[key], **value} if key == "importance" else value
+        raw[key] = {**raw[key], **value} if key in ("importance", "over_safety") else value
     return type(config).model_validate(raw)
 
 
@@ -35,7 +39,7 @@ def test_the_over_safety_patch_descends_on_its_own_pairs(tmp_path, tiny_model_di
     base = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
     config = changed(
         base,
-        over_safety_train={"source": data, "response_column": "response"},
+        over_safety={"train": {"source": data, "response_column": "response"}},
         importance={"over_safety_data": "over_safety_train"},
     )
     stages = Stages(config, progress=False)
@@ -54,7 +58,7 @@ def test_generated_replies_are_judged_cached_and_refusals_and_loops_dropped(
     tmp_path, tiny_model_dir, tiny_pipeline_config, monkeypatch, caplog
 ):
     data = jsonl(tmp_path / "os.jsonl", [{"prompt": p} for p in PROMPTS])
-    config = changed(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), over_safety_train={"source": data})
+    config = changed(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), over_safety={"train": {"source": data}})
     loop = "1) " * 40  # what a too-strong answerer patch produces
     replies = iter([["Sure: run kill -9 PID."] * 2 + [loop] + ["I'm sorry, I can't help with that."] * 2])
     monkeypatch.setattr(Backbone, "answer", lambda self, model, tokenizer, prompts, *_: next(replies))
@@ -74,7 +78,7 @@ def test_replies_that_are_all_refusals_stop_the_run_in_one_line(
     tmp_path, tiny_model_dir, tiny_pipeline_config, monkeypatch
 ):
     data = jsonl(tmp_path / "os.jsonl", [{"prompt": p} for p in PROMPTS])
-    config = changed(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), over_safety_train={"source": data})
+    config = changed(tiny_pipeline_config(tiny_model_dir, tmp_path / "run"), over_safety={"train": {"source": data}})
     monkeypatch.setattr(
         Backbone, "answer", lambda self, model, tokenizer, prompts, *_: ["I cannot help with that."] * len(prompts)
     )
@@ -87,8 +91,8 @@ def test_over_safety_prompts_that_an_evaluation_set_holds_are_refused_before_any
     tmp_path, tiny_model_dir, tiny_pipeline_config
 ):
     base = tiny_pipeline_config(tiny_model_dir, tmp_path / "run")
-    config = changed(base, over_safety_train=base.eval.benign.model_dump(mode="json"))
-    with pytest.raises(DataError, match="over_safety_train"):
+    config = changed(base, over_safety={"train": base.eval.benign.model_dump(mode="json")})
+    with pytest.raises(DataError, match="over_safety.train"):
         run_stages(Stages(config, progress=False))
     assert not (tmp_path / "run").exists()
 
@@ -98,7 +102,7 @@ def test_scoring_on_over_safety_data_needs_that_data(tiny_pipeline_config, tiny_
 
     raw = tiny_pipeline_config(tiny_model_dir, tmp_path).model_dump()
     raw["importance"]["over_safety_data"] = "over_safety_train"
-    with pytest.raises(ValidationError, match="needs an over_safety_train source"):
+    with pytest.raises(ValidationError, match="needs an over_safety.train source"):
         type(tiny_pipeline_config(tiny_model_dir, tmp_path)).model_validate(raw)
 
 
@@ -110,7 +114,7 @@ def test_replies_are_generated_with_a_float32_master_given_as_in_a_study(
     paper's patched model must still answer the over-safety prompts under autocast."""
     data = jsonl(tmp_path / "os.jsonl", [{"prompt": p} for p in PROMPTS])
     base = tiny_pipeline_config(tiny_model_dir, tmp_path / "run").model_copy(update={"compute_dtype": "bfloat16"})
-    config = changed(base, over_safety_train={"source": data}, over_safety_replies={"max_new_tokens": 8})
+    config = changed(base, over_safety={"train": {"source": data}, "replies": {"max_new_tokens": 8}})
     own = Stages(config, progress=False)
     given = Backbone(config.model, own.loading, config.derive.target_modules, loaded=own.backbone.model(training=True))
     stages = Stages(config, progress=False, backbone=given)
@@ -135,10 +139,36 @@ def test_a_study_that_changes_only_the_over_safety_data_links_the_other_patches(
         return derive_patch(model, tokenizer, pairs, direction, *rest)
 
     monkeypatch.setattr(derivations_module, "derive_patch", counted)
-    variant = changed(config, over_safety_train={"source": data, "response_column": "response"})
+    variant = changed(config, over_safety={"train": {"source": data, "response_column": "response"}})
     scorer.derived(variant)
     assert derived == ["descent"]  # only the over-safety patch on the new data
     (sweep,) = (tmp_path / "run/sweep").iterdir()
     own = tmp_path / "run/patches/safety/deltas.safetensors"
     assert (sweep / "patches/safety/deltas.safetensors").stat().st_ino == own.stat().st_ino
     assert json.loads((sweep / "patches/over_safety/derived.json").read_text())["num_pairs"] == 5
+
+
+def test_the_old_over_safety_keys_are_read_into_the_one_section():
+    old = {"over_safety_train": {"source": "bench:oktest", "split": "train[:40]"}, "over_safety_replies": {"scale": 1.0}}
+    new = {"over_safety": {"train": {"source": "bench:oktest", "split": "train[:40]"}, "replies": {"scale": 1.0}}}
+    assert PipelineConfig.model_validate(old) == PipelineConfig.model_validate(new)
+    assert with_settings(PipelineConfig(), {"over_safety_replies.scale": 2.0}).over_safety.replies.scale == 2.0
+    with pytest.raises(ConfigError, match=r"over_safety_train and over_safety.train both given") as error:
+        build_config(overrides={**old, **new})
+    assert "\n" not in str(error.value)
+    bench = BenchConfig.model_validate({"over_safety_train": old["over_safety_train"], "pipeline": old})
+    assert bench.over_safety == PipelineConfig.model_validate(new).over_safety  # answered by the pipeline's replies
+
+
+def test_study_keys_written_before_the_section_still_match():
+    """Fingerprints of a study on its own over-safety data, as the version with the two top-level keys wrote them."""
+    config = TuneConfig.model_validate(
+        {
+            "pipeline": {"over_safety": {"train": {"source": "builtin:benign-but-scary", "split": "train[:40]"},
+                                         "replies": {"scale": 1.0}}},  # fmt: skip
+            "validation": {"harmful": {"h": {"source": "builtin:uncensorbench", "split": "train[48:60]"}},
+                           "benign": {"b": {"source": "bench:oktest", "split": "train[:12]"}}},  # fmt: skip
+            "tune": {"space": {"merge.beta": {"low": 0.5, "high": 2.0}}},
+        }
+    )
+    assert (study_key(config), first_study_key(config)) == ("a17bf3489a35bd52", "da8300a4b71d5783")

@@ -13,8 +13,10 @@ from safepatching.config.settings import (
     DatasetSpec,
     DecodingConfig,
     MergeConfig,
+    OverSafetyData,
     PipelineConfig,
     StrictModel,
+    move_legacy_over_safety_keys,
     responses_required,
 )
 from safepatching.errors import ConfigError
@@ -55,7 +57,7 @@ class BenchMethod(StrictModel):
         "descent",
         exclude_if=lambda value: value == "descent",  # rows saved before it existed keep their cache keys
         description="which patch plays P_o: descent on the pipeline's over-safety data (the harmful pairs by "
-        "default), or descent on the bench's over_safety_train (benign-but-scary prompts)",
+        "default), or descent on the bench's over_safety.train (benign-but-scary prompts)",
     )
     merge: MergeOverrides = Field(
         default_factory=MergeOverrides, description="overrides of the pipeline's merge settings"
@@ -110,7 +112,7 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         description="merging: task arithmetic after random retention (DARE)", merge={"method": "task_arithmetic"}
     ),
     "safepatching-benign-os": BenchMethod(
-        description="SafePatching with P_o learnt from benign-but-scary prompts (the bench's over_safety_train)",
+        description="SafePatching with P_o learnt from benign-but-scary prompts (the bench's over_safety.train)",
         over_safety_patch="benign",
     ),
     "task-arithmetic-benign-os": BenchMethod(
@@ -159,10 +161,12 @@ class BenchConfig(StrictModel):
         min_length=1,
         description="rows in order; the *-benign-os rows are opt-in (they derive a further patch)",
     )
-    over_safety_train: DatasetSpec = Field(
-        default_factory=lambda: DatasetSpec(source="bench:xstest-safe", split="train[100:250]", shuffle_seed=0),
-        description="what the *-benign-os rows' over-safety patch descends on (the pipeline's over_safety_replies "
-        "answer it when it has no response column)",
+    over_safety: OverSafetyData = Field(
+        default_factory=lambda: OverSafetyData(
+            train=DatasetSpec(source="bench:xstest-safe", split="train[100:250]", shuffle_seed=0)
+        ),
+        description="the *-benign-os rows' over-safety section (the other rows keep the pipeline's): what their "
+        "over-safety patch descends on, and who answers it when it has no response column",
     )
     custom_methods: dict[str, BenchMethod] = Field(default_factory=dict, description="further rows, by name")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description="seeds of every seeded row")
@@ -191,7 +195,7 @@ class BenchConfig(StrictModel):
         if method.safety_patch == "npo":
             fixed["derive.unlearning"] = "npo"
         if method.over_safety_patch == "benign":
-            fixed["over_safety_train"] = self.over_safety_train.model_dump(mode="json")
+            fixed["over_safety"] = self.over_safety.model_dump(mode="json")
         fixed |= {f"directional.{k}": v for k, v in method.directional.model_dump(mode="json", exclude_none=True).items()}
         return fixed
 
@@ -240,11 +244,30 @@ class BenchConfig(StrictModel):
             }
         )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_over_safety_train(cls, raw: Any) -> Any:
+        """The old bench-level over_safety_train, answered (as it was) by the pipeline's replies settings."""
+        if not isinstance(raw, dict) or "over_safety_train" not in raw:
+            return raw
+        raw, section = dict(raw), dict(raw.get("over_safety") or {})
+        if "train" in section:
+            raise ValueError("over_safety_train and over_safety.train both given; keep over_safety.train")
+        section["train"] = raw.pop("over_safety_train")
+        replies = (move_legacy_over_safety_keys(raw.get("pipeline") or {}).get("over_safety") or {}).get("replies")
+        if replies is not None:
+            section.setdefault("replies", replies)
+        raw["over_safety"] = section
+        return raw
+
     @model_validator(mode="after")
     def _known_methods(self) -> BenchConfig:
         unknown = [m for m in self.methods if m not in BENCH_METHODS and m not in self.custom_methods]
         if unknown:
             raise ValueError(f"unknown method {unknown[0]!r}; choose from {sorted(BENCH_METHODS)} or custom_methods")
+        benign = [m for m in self.methods if self.method(m).over_safety_patch == "benign"]
+        if benign and self.over_safety.train is None:
+            raise ValueError(f"method {benign[0]!r} descends on over_safety.train; give it a source")
         for name in self.methods:  # each row's whole settings are valid before any derivation starts
             try:
                 self.row_pipeline(self.method(name))

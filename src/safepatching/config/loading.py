@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from safepatching.config.settings import PipelineConfig, StrictModel
+from safepatching.config.settings import PipelineConfig, StrictModel, current_setting
 from safepatching.errors import ConfigError
 
 
@@ -139,6 +139,7 @@ def with_settings(config: PipelineConfig, candidate: dict[str, Any]) -> Pipeline
     eval.decoding.method: rose) is found by validating what is set so far."""
     raw = config.model_dump(mode="json")
     for key, value in candidate.items():
+        key = current_setting(key)
         node = _parent_of(raw, key)
         if node is None:
             raw = build_config(overrides=raw).model_dump(mode="json")

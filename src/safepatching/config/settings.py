@@ -157,7 +157,7 @@ class ImportanceConfig(StrictModel):
         "harmful",
         json_schema_extra=ADDED_LATER,
         description="the pairs I_o is scored on: the harmful pairs (the paper) or the over-safety patch's own "
-        "training pairs (over_safety_train)",
+        "training pairs (over_safety.train)",
     )
     loss_on: Literal["responses", "questions", "own_replies"] = Field(
         "responses",
@@ -185,6 +185,52 @@ class OverSafetyReplies(StrictModel):
     )
     scale: float = Field(3.0, gt=0, description="weight of the paper's over-safety patch in the default answerer")
     max_new_tokens: int = Field(96, ge=8, description="new tokens of each generated reply")
+
+
+class OverSafetyData(StrictModel):
+    """What the over-safety patch descends on, and who answers its prompts when they come without replies."""
+
+    train: DatasetSpec | None = Field(
+        None,
+        description="null for the harmful pairs (the paper); or benign-but-scary prompts with compliant replies "
+        "(from response_column, or written by `replies`)",
+    )
+    replies: OverSafetyReplies = Field(default_factory=OverSafetyReplies)
+
+
+# The over-safety section's keys before it was one section (still read, in YAML and dotted settings).
+LEGACY_OVER_SAFETY_KEYS = {"over_safety_train": "train", "over_safety_replies": "replies"}
+
+
+def move_legacy_over_safety_keys(raw: Any) -> Any:
+    """``raw`` (a config dict) with the old top-level over-safety keys moved into its `over_safety` section."""
+    if not isinstance(raw, dict) or not LEGACY_OVER_SAFETY_KEYS.keys() & raw.keys():
+        return raw
+    raw, section = dict(raw), dict(raw.get("over_safety") or {})
+    for old, new in LEGACY_OVER_SAFETY_KEYS.items():
+        if old in raw:
+            if new in section:
+                raise ValueError(f"{old} and over_safety.{new} both given; keep over_safety.{new}")
+            section[new] = raw.pop(old)
+    raw["over_safety"] = section
+    return raw
+
+
+def current_setting(key: str) -> str:
+    """A dotted setting with an old over-safety key (``over_safety_replies.scale``) in today's spelling."""
+    head, _, rest = key.partition(".")
+    if head not in LEGACY_OVER_SAFETY_KEYS:
+        return key
+    return ".".join(["over_safety", LEGACY_OVER_SAFETY_KEYS[head], *([rest] if rest else [])])
+
+
+def legacy_over_safety_spelling(dumped: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline dump with the section spelt as the first studies recorded it (for their fingerprints)."""
+    dumped = dict(dumped)
+    section = dumped.pop("over_safety", None)
+    if section is not None:
+        dumped |= {old: section[new] for old, new in LEGACY_OVER_SAFETY_KEYS.items() if new in section}
+    return dumped
 
 
 class MergeConfig(StrictModel):
@@ -423,12 +469,7 @@ class PipelineConfig(StrictModel):
         description="judge every training pair's response with this offline judge (e.g. three-way) and keep only "
         "those it finds fully compliant, logging the count; null keeps every pair (curated data)",
     )
-    over_safety_train: DatasetSpec | None = Field(
-        None,
-        description="what the over-safety patch descends on: null for the harmful pairs (the paper); or "
-        "benign-but-scary prompts with compliant replies (from response_column, or from over_safety_replies)",
-    )
-    over_safety_replies: OverSafetyReplies = Field(default_factory=OverSafetyReplies)
+    over_safety: OverSafetyData = Field(default_factory=OverSafetyData)
     derive: DeriveConfig = Field(default_factory=DeriveConfig)
     importance: ImportanceConfig = Field(default_factory=ImportanceConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
@@ -445,10 +486,15 @@ class PipelineConfig(StrictModel):
         "'all' (also the patches and scores, float32, 4 x the patched tensors' size)",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_over_safety_keys(cls, raw: Any) -> Any:
+        return move_legacy_over_safety_keys(raw)
+
     @model_validator(mode="after")
     def _over_safety_scores_need_their_data(self) -> PipelineConfig:
-        if self.importance.over_safety_data == "over_safety_train" and self.over_safety_train is None:
-            raise ValueError("importance.over_safety_data: over_safety_train needs an over_safety_train source")
+        if self.importance.over_safety_data == "over_safety_train" and self.over_safety.train is None:
+            raise ValueError("importance.over_safety_data: over_safety_train needs an over_safety.train source")
         return self
 
     def harmful_train_specs(self) -> list[DatasetSpec]:

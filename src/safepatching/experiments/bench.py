@@ -158,11 +158,11 @@ class Bench:
 
     @cached_property
     def benign_stages(self) -> Stages:
-        """The stages of the *-benign-os rows: the pipeline with the bench's over_safety_train, in
+        """The stages of the *-benign-os rows: the pipeline with the bench's over-safety section, in
         work_dir/benign-os (the safety patch is the same and is derived once, in work_dir)."""
         pipeline = self.config.pipeline.model_copy(
             update={
-                "over_safety_train": self.config.over_safety_train,
+                "over_safety": self.config.over_safety,
                 "output_dir": self.config.work_dir / "benign-os",
             }
         )

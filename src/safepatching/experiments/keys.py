@@ -36,17 +36,18 @@ class StageKeys:
             # dropped depends on the evaluation sets and the judge
             parts.append([(e.prompt, e.response) for e in self.harmful_pairs()])
         key = fingerprint(*parts, *([self.base_state] if self.base_state else []))
-        if label == "over_safety" and c.over_safety_train is not None:
-            key = fingerprint(key, "over_safety_train", self.replies())
+        if label == "over_safety" and c.over_safety.train is not None:
+            key = fingerprint(key, "over_safety_train", self.replies())  # the tag the first keys used
         return key
 
     def replies(self) -> str:
         """What the over-safety training pairs depend on: the prompts and who answers them, and how."""
         c = self.config
-        if c.over_safety_train.response_column:
-            return fingerprint(c.over_safety_train)
-        answerer = c.over_safety_replies.model or self.derive("over_safety_paper")
-        return fingerprint(c.over_safety_train, c.over_safety_replies, answerer, c.eval.refusal_judge)
+        data = c.over_safety
+        if data.train.response_column:
+            return fingerprint(data.train)
+        answerer = data.replies.model or self.derive("over_safety_paper")
+        return fingerprint(data.train, data.replies, answerer, c.eval.refusal_judge)
 
     def own_replies(self, prompts: list[str]) -> str:
         """The weights replying (the backbone, or it after earlier rounds) and what they are asked."""
@@ -55,7 +56,7 @@ class StageKeys:
 
     def importance(self) -> str:
         c = self.config
-        if c.over_safety_train is None:
+        if c.over_safety.train is None:
             return fingerprint(self.derive(), cache_identity(c.importance))
         return fingerprint(self.derive(), self.derive("over_safety"), cache_identity(c.importance))
 

@@ -81,8 +81,8 @@ def run_stages(stages: Stages) -> RunResult:
     sets = stages.data.eval_sets(pairs)  # bad data and train/eval overlap fail here, before anything is written
     stages.directional(sets.named())  # direction sets that hold an evaluated prompt fail here too
     say("data", f"{len(pairs)} harmful training pairs; evaluation prompts: {describe_sets(sets)}")
-    if config.over_safety_train is not None:
-        spec = config.over_safety_train
+    if config.over_safety.train is not None:
+        spec = config.over_safety.train
         replies = f"replies from {spec.response_column}" if spec.response_column else "replies generated and judged"
         say.note(f"the over-safety patch descends on {spec.source} {spec.split} ({replies})")
     say("backbone", f"{config.model} (compute dtype {stages.compute_dtype})")

@@ -1,6 +1,6 @@
 """The reply stages: training data that a model writes, generated once and cached.
 
-- Over-safety replies: when over_safety_train gives prompts without replies, an answerer writes
+- Over-safety replies: when over_safety.train gives prompts without replies, an answerer writes
   them (another model, or the backbone plus the paper's over-safety patch, which complies readily);
   the refusal judge and the loop check drop the unusable ones.
 - Own replies: SNIP scored on the backbone's own greedy replies to the harmful questions.
@@ -30,7 +30,7 @@ def over_safety_replies(stages: Stages, pairs: list[Example]) -> list[Example]:
     """The over-safety prompts with generated, judged and cached (over_safety_replies/) replies."""
     directory = stages.out / "over_safety_replies"
     config, backbone = stages.config, stages.backbone
-    replies = config.over_safety_replies
+    replies = config.over_safety.replies
 
     def answer(model, tokenizer, prompts: list[str]) -> list[str]:
         batch = config.eval.batch_size
@@ -76,16 +76,16 @@ def usable_replies(rows: list[dict[str, Any]], judge: str) -> list[Example]:
         raise DataError(
             f"none of the {len(rows)} generated over-safety replies complies: {refused} were refusals (judge "
             f"{judge}), {loops} looped.",
-            "lower over_safety_replies.scale if they loop, raise it if they refuse, name another "
-            "over_safety_replies.model, or give replies in over_safety_train.response_column",
+            "lower over_safety.replies.scale if they loop, raise it if they refuse, name another "
+            "over_safety.replies.model, or give replies in over_safety.train.response_column",
         )
     if refused or loops:
         log.warning(
-            "over_safety_train: of %d generated replies, %d refusals and %d looping ones were dropped%s",
+            "over_safety.train: of %d generated replies, %d refusals and %d looping ones were dropped%s",
             len(rows),
             refused,
             loops,
-            "; lower over_safety_replies.scale for fewer loops" if loops else "",
+            "; lower over_safety.replies.scale for fewer loops" if loops else "",
         )
     return kept
 

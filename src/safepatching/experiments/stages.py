@@ -74,8 +74,8 @@ class Stages:
         self.keys = StageKeys(config, self.compute_dtype, self.data.harmful_pairs, base_state)
         self._over_safety_pairs: list[Example] | None = None
         self._edits: DirectionalEdits | None = None
-        if config.over_safety_train is not None and config.over_safety_replies.model:
-            check_model_source(config.over_safety_replies.model)
+        if config.over_safety.train is not None and config.over_safety.replies.model:
+            check_model_source(config.over_safety.replies.model)
 
     @property
     def compute_dtype(self) -> str:
@@ -85,9 +85,9 @@ class Stages:
         return self.data.harmful_pairs()
 
     def over_safety_pairs(self, pairs: list[Example]) -> list[Example]:
-        """What the over-safety patch descends on: the harmful pairs (the paper), or over_safety_train
+        """What the over-safety patch descends on: the harmful pairs (the paper), or over_safety.train
         with its own replies or replies generated, judged and cached under over_safety_replies/."""
-        spec = self.config.over_safety_train
+        spec = self.config.over_safety.train
         if spec is None:
             return pairs
         if self._over_safety_pairs is None:

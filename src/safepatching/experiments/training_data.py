@@ -77,7 +77,7 @@ class TrainingData:
 
     def over_safety_prompts(self) -> list[Example]:
         """The over-safety training prompts as the data gives them (replies, if any, not yet made)."""
-        spec = self.config.over_safety_train
+        spec = self.config.over_safety.train
         return [] if spec is None else load_examples(spec, self.config.data_dir)
 
     def eval_sets(self, pairs: list[Example]) -> EvalSets:
@@ -85,7 +85,7 @@ class TrainingData:
         pairs and the over-safety prompts)."""
         sets = load_eval_sets(self.config.eval, self.config.data_dir)
         assert_disjoint(pairs, sets.named())
-        assert_disjoint(self.over_safety_prompts(), sets.named(), against="over_safety_train")
+        assert_disjoint(self.over_safety_prompts(), sets.named(), against="over_safety.train")
         return sets
 
 

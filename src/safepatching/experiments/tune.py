@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from safepatching.config.experiments import SearchRange, TuneConfig, TuneSettings, ValidationSets
 from safepatching.config.loading import with_settings
-from safepatching.config.settings import PipelineConfig
+from safepatching.config.settings import PipelineConfig, legacy_over_safety_spelling
 from safepatching.data.sources import load_examples
 from safepatching.errors import ConfigError, TrainingError
 from safepatching.experiments.validation import Judged, ValidationScorer, ValidationSet, rounded_percent
@@ -99,6 +99,9 @@ def first_study_key(config: TuneConfig) -> str | None:
 
 
 def _digest(relevant: dict[str, Any]) -> str:
+    """The fingerprint of a study's dumped settings, the over-safety section spelt as it first was."""
+    if "pipeline" in relevant:
+        relevant = {**relevant, "pipeline": legacy_over_safety_spelling(relevant["pipeline"])}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

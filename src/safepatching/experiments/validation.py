@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from safepatching.config.identity import cache_identity
-from safepatching.config.settings import PipelineConfig
+from safepatching.config.settings import LEGACY_OVER_SAFETY_KEYS, PipelineConfig
 from safepatching.data.overlap import assert_disjoint
 from safepatching.data.sources import Example
 from safepatching.evaluation.decoding import make_generator
@@ -36,8 +36,6 @@ from safepatching.method.merger import PatchMerger
 from safepatching.models.precision import resolved
 from safepatching.storage.cache import fingerprint
 from safepatching.storage.files import read_json, write_json
-
-DERIVATION_DATA = ("over_safety_train", "over_safety_replies")  # the candidate's own over-safety data
 
 
 def sweep_dir(work_dir: Path, changes: Any) -> Path:
@@ -99,7 +97,7 @@ class ValidationScorer:
         self.data = TrainingData(config, self.judges, held_out)
         self.train = self.data.harmful_pairs()
         assert_disjoint(self.train, named)
-        assert_disjoint(self.data.over_safety_prompts(), named, against="over_safety_train")
+        assert_disjoint(self.data.over_safety_prompts(), named, against="over_safety.train")
         reported = self.data.eval_sets(self.train).named()
         for name, examples in reported.items():  # never tune on what is reported
             assert_disjoint(examples, named, against=f"reported {name} set")
@@ -190,9 +188,9 @@ class ValidationScorer:
         """A candidate's own over-safety data and direction sets must not hold a validation prompt either."""
         if settings.directional.active:
             self.edits.prompts(settings.directional.sets)
-        if settings.over_safety_train != self.config.over_safety_train:
+        if settings.over_safety.train != self.config.over_safety.train:
             over_safety = self.data.with_config(settings).over_safety_prompts()
-            assert_disjoint(over_safety, {s.name: s.examples for s in self.sets}, against="over_safety_train")
+            assert_disjoint(over_safety, {s.name: s.examples for s in self.sets}, against="over_safety.train")
 
     def derived(self, settings: PipelineConfig):
         """Patches and scores for these training settings: the config's own, or a sweep directory per
@@ -200,10 +198,11 @@ class ValidationScorer:
         importance setting (so importance variants share the patches)."""
         self.check(settings)
         self.load()
-        data = [key for key in DERIVATION_DATA if getattr(settings, key) != getattr(self.config, key)]
+        ours, theirs = settings.over_safety.model_dump(mode="json"), self.config.over_safety.model_dump(mode="json")
+        data = [(old, new) for old, new in LEGACY_OVER_SAFETY_KEYS.items() if ours[new] != theirs[new]]
         if settings.derive != self.config.derive or data:
             changes: list[Any] = [cache_identity(settings.derive)]  # a derive-only change keeps its old directory
-            changes += [{key: settings.model_dump(mode="json")[key]} for key in data]
+            changes += [{old: ours[new]} for old, new in data]  # named as before, so old sweep folders match
             settings = settings.model_copy(update={"output_dir": sweep_dir(self.work_dir, changes)})
         scores_dir = None
         if settings.importance != self.config.importance:
