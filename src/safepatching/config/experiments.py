@@ -250,14 +250,10 @@ class BenchConfig(StrictModel):
         """The old bench-level over_safety_train, answered (as it was) by the pipeline's replies settings."""
         if not isinstance(raw, dict) or "over_safety_train" not in raw:
             return raw
-        raw, section = dict(raw), dict(raw.get("over_safety") or {})
-        if "train" in section:
-            raise ValueError("over_safety_train and over_safety.train both given; keep over_safety.train")
-        section["train"] = raw.pop("over_safety_train")
         replies = (move_legacy_over_safety_keys(raw.get("pipeline") or {}).get("over_safety") or {}).get("replies")
+        raw = move_legacy_over_safety_keys(raw)  # a copy, with its own over_safety section
         if replies is not None:
-            section.setdefault("replies", replies)
-        raw["over_safety"] = section
+            raw["over_safety"].setdefault("replies", replies)
         return raw
 
     @model_validator(mode="after")
