@@ -163,7 +163,7 @@ def main() -> None:
         path.write_text(dump_config(config))
         stages = Stages(config)
         pairs = stages.harmful_pairs()
-        stages.over_safety_pairs(pairs)  # replies made once in bf16, before the sweep loads its float32 master
+        stages.patches.over_safety_pairs(pairs)  # replies made once in bf16, before the sweep loads its float32 master
         sweep = SweepConfig(
             config=path,
             data_dir=args.data_dir,
@@ -173,8 +173,8 @@ def main() -> None:
         )
         rows = run_sweep(sweep, command)
         chosen = choose(rows, config)
-        safety, over_safety = stages.derive(pairs)
-        scores = stages.importance(pairs, safety, over_safety)
+        safety, over_safety = stages.patches.derive(pairs)
+        scores = stages.patches.importance(pairs, safety, over_safety)
         geometry = {
             **patch_geometry(safety.deltas, over_safety.deltas),
             "regions": region_geometry(region_counts(scores, config)),

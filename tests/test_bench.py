@@ -336,7 +336,7 @@ def test_continual_methods_take_their_own_settings(tmp_path):
     assert config.method_pipeline("npo") == config.pipeline
 
     patch = SimpleNamespace(deltas={"w": torch.ones(2)})
-    run = SimpleNamespace(derive_one=lambda *_: patch, config=config.method_pipeline("ga"))
+    run = SimpleNamespace(patches=SimpleNamespace(derive_one=lambda *_: patch), config=config.method_pipeline("ga"))
     torch.testing.assert_close(round_deltas(run, "ga", [])["w"], torch.full((2,), 0.25))
     run.config = config.method_pipeline("npo")  # merge.alpha 1: the patch as derived
     assert round_deltas(run, "npo", [])["w"] is patch.deltas["w"]

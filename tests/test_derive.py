@@ -211,5 +211,5 @@ def test_the_safety_patch_can_unlearn_by_npo(tmp_path, tiny_model_dir, tiny_pipe
     npo = base.model_copy(update={"derive": base.derive.model_copy(update={"unlearning": "npo"})})
     stages = Stages(npo, progress=False)
     assert stages.keys.derive("safety") != Stages(base, progress=False).keys.derive("safety")
-    safety, over_safety = stages.derive(stages.harmful_pairs())
+    safety, over_safety = stages.patches.derive(stages.harmful_pairs())
     assert safety.info["direction"] == "npo" and over_safety.info["direction"] == "descent"

@@ -179,3 +179,37 @@ def test_an_edited_model_exports_as_a_low_rank_patch_that_applies_and_reverts_bi
         assert torch.equal(applied.read(name).view(torch.int32), patched.read(name).view(torch.int32)), name
         assert torch.equal(reverted.read(name).view(torch.int32), base.read(name).view(torch.int32)), name
     assert not (tmp_path / "applied/safepatching").exists()  # the factors stay with the merge that made them
+
+
+def test_align_iterates_on_the_model_its_earlier_rounds_left_and_stacks_each_rounds_rewrite(
+    tmp_path, tiny_model_dir, tiny_pipeline_config, monkeypatch
+):
+    from safepatching.experiments import directional as stage
+    from safepatching.experiments.stages import Stages
+
+    monkeypatch.setattr(stage, "refusals", every_other_refused)
+    plain = tiny_pipeline_config(tiny_model_dir, tmp_path / "run", method="task_arithmetic", alpha=0.0, beta=0.0)
+    sets = {"harmful": {"source": "builtin:uncensorbench", "split": "train[120:140]", "shuffle_seed": 0},
+            "harmless": {"source": "builtin:harmless", "split": "train[4:24]"},
+            "benign": {"source": "builtin:benign-but-scary", "split": "train[20:40]"}}  # fmt: skip
+
+    def settings(rounds: int):
+        edit = {"align_scale": 1.0, "align_sublayers": 4, "align_iterations": rounds, "sets": sets}  # all four
+        return type(plain).model_validate({**plain.model_dump(), "directional": edit})
+
+    stages = Stages(settings(2), progress=False)
+    model, tokenizer = stages.backbone.model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    edits = stages.directional()
+    once = edits.factors(settings(1), model, tokenizer, stages.backbone.base_weight)
+    twice = edits.factors(settings(2), model, tokenizer, stages.backbone.base_weight)
+    assert len(once) == 4 and set(once) == set(twice) and all(twice[name][0].shape[0] == 2 for name in once)
+    for name, (rows, columns) in once.items():  # the first round is the one-round edit
+        torch.testing.assert_close(twice[name][0][:1], rows)
+        torch.testing.assert_close(twice[name][1][:1], columns)
+    first, second = (load_tensors(stages.out / "directions" / key[:12] / "alignment.safetensors")
+                     for key in edits.stage_keys(settings(2)))  # fmt: skip
+    assert not torch.allclose(first["answer"], second["answer"])  # probed on the edited model
+    for name, param in model.named_parameters():  # the rounds' patches were taken out again
+        assert torch.equal(param, before[name]), name
+    assert edits.stage_keys(settings(1)) == edits.stage_keys(settings(2))[:1]

@@ -49,7 +49,7 @@ def test_the_over_safety_patch_descends_on_its_own_pairs(tmp_path, tiny_model_di
     assert stages.keys.importance() != paper.keys.importance()
     run_stages(stages)
     info = json.loads((tmp_path / "run/patches/over_safety/derived.json").read_text())
-    assert info["num_pairs"] == 5 and info["pairs_sha256"] == pairs_digest(stages.over_safety_pairs([]))
+    assert info["num_pairs"] == 5 and info["pairs_sha256"] == pairs_digest(stages.patches.over_safety_pairs([]))
     safety_info = json.loads((tmp_path / "run/patches/safety/derived.json").read_text())
     assert safety_info["num_pairs"] == 6  # the harmful pairs, unchanged
 
@@ -64,14 +64,14 @@ def test_generated_replies_are_judged_cached_and_refusals_and_loops_dropped(
     monkeypatch.setattr(Backbone, "answer", lambda self, model, tokenizer, prompts, *_: next(replies))
     stages = Stages(config, progress=False)
     with caplog.at_level("WARNING"):
-        pairs = stages.over_safety_pairs(stages.harmful_pairs())
+        pairs = stages.patches.over_safety_pairs(stages.harmful_pairs())
     assert [p.response for p in pairs] == ["Sure: run kill -9 PID."] * 2
     assert "of 5 generated replies, 2 refusals and 1 looping ones were dropped" in caplog.text
     rows = [json.loads(line) for line in (tmp_path / "run/over_safety_replies/replies.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and sum(row["refusal"] for row in rows) == 2
     assert (tmp_path / "run/patches/over_safety_paper/derived.json").exists()  # the default answerer's patch
     again = Stages(config, progress=False)  # cached: the answerer is not asked again (the iterator is spent)
-    assert [p.response for p in again.over_safety_pairs(again.harmful_pairs())] == [p.response for p in pairs]
+    assert [p.response for p in again.patches.over_safety_pairs(again.harmful_pairs())] == [p.response for p in pairs]
 
 
 def test_replies_that_are_all_refusals_stop_the_run_in_one_line(
@@ -84,7 +84,7 @@ def test_replies_that_are_all_refusals_stop_the_run_in_one_line(
     )
     stages = Stages(config, progress=False)
     with pytest.raises(DataError, match="none of the 5 generated over-safety replies complies: 5 were refusals"):
-        stages.over_safety_pairs(stages.harmful_pairs())
+        stages.patches.over_safety_pairs(stages.harmful_pairs())
 
 
 def test_over_safety_prompts_that_an_evaluation_set_holds_are_refused_before_any_output(
@@ -118,7 +118,7 @@ def test_replies_are_generated_with_a_float32_master_given_as_in_a_study(
     own = Stages(config, progress=False)
     given = Backbone(config.model, own.loading, config.derive.target_modules, loaded=own.backbone.model(training=True))
     stages = Stages(config, progress=False, backbone=given)
-    stages.over_safety_pairs(stages.harmful_pairs())
+    stages.patches.over_safety_pairs(stages.harmful_pairs())
     rows = (tmp_path / "run/over_safety_replies/replies.jsonl").read_text().splitlines()
     assert len(rows) == len(PROMPTS)
 

@@ -64,8 +64,8 @@ def test_own_replies_are_generated_once_cached_and_key_the_scores(tmp_path, tiny
     rows[0]["response"] = "marked"
     replies.write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert own_reply_pairs(Stages(config, progress=False), pairs)[0].response == "marked"  # read back, not redone
-    safety, over_safety = stages.derive(pairs)
-    scored = stages.importance(pairs, safety, over_safety)
+    safety, over_safety = stages.patches.derive(pairs)
+    scored = stages.patches.importance(pairs, safety, over_safety)
     assert set(scored[0]) == set(safety.deltas)
 
 

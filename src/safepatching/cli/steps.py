@@ -90,7 +90,7 @@ def derive(
     if direction not in DIRECTION_LABELS:
         raise SafePatchingError(f"unknown direction {direction!r}.", "use --direction ascent, descent or npo")
     stages = pipeline_stages(config, overrides, model, data, data_dir, out, force, no_progress)
-    patch = stages.derive_one(stages.harmful_pairs(), DIRECTION_LABELS[direction], direction, out, refresh=True)
+    patch = stages.patches.derive_one(stages.harmful_pairs(), DIRECTION_LABELS[direction], direction, out, refresh=True)
     err.print(f"{direction} patch ({patch.info['steps']} steps, stop: {patch.info['stop_reason']}) written to {out}")
 
 
@@ -111,7 +111,7 @@ def score(
     from safepatching.storage.files import save_tensors
 
     loaded = load_dense_patch(patch)
-    scores = stages.score(stages.harmful_pairs(), loaded, loaded.info.get("label", "patch"))
+    scores = stages.patches.score(stages.harmful_pairs(), loaded, loaded.info.get("label", "patch"))
     save_tensors(out, scores)
     err.print(f"importance scores for {len(scores)} tensors written to {out}")
 

@@ -99,6 +99,14 @@ class DirectionalConfig(StrictModel):
         description="how many attention/MLP outputs align rewrites: those whose answered/refused and "
         "benign/harmful probes are both most accurate on held-out prompts",
     )
+    align_iterations: int = Field(
+        1,
+        ge=1,
+        le=8,
+        json_schema_extra=ADDED_LATER,
+        description="LLM-VA's iteration: each round probes the model as the earlier rounds left it and adds its "
+        "rewrite; the count is a tune knob, so the study keeps the round that validates best",
+    )
     sets: DirectionSets = Field(default_factory=DirectionSets)
     batch_size: int = Field(8, ge=1, json_schema_extra=ADDED_LATER, description="prompts per activation pass")
 

@@ -139,22 +139,22 @@ class Bench:
         merges = [m for m in merges if self.config.merge_settings(m).merges_patches]  # edit-only rows derive nothing
         if not merges:
             return
-        self.patches["ascent"], self.patches["descent"] = self.stages.derive(self.pairs)
+        self.patches["ascent"], self.patches["descent"] = self.stages.patches.derive(self.pairs)
         if any(m.safety_patch == "npo" for m in merges):
-            self.patches["npo"] = self.stages.derive_one(self.pairs, "npo", "npo")
+            self.patches["npo"] = self.stages.patches.derive_one(self.pairs, "npo", "npo")
         needs_importance = [m for m in merges if MERGE_METHODS[self.config.merge_settings(m).method].needs_importance]
         if needs_importance:
-            self.scores = self.stages.importance(self.pairs, self.patches["ascent"], self.patches["descent"])
-        self.timings = {label: self.stages.stage_seconds(f"patches/{label}") for label in ("safety", "over_safety", "npo")}
-        self.timings["importance"] = self.stages.stage_seconds("importance")
+            self.scores = self.stages.patches.importance(self.pairs, self.patches["ascent"], self.patches["descent"])
+        self.timings = {label: self.stages.patches.stage_seconds(f"patches/{label}") for label in ("safety", "over_safety", "npo")}
+        self.timings["importance"] = self.stages.patches.stage_seconds("importance")
         if any(m.over_safety_patch == "benign" for m in merges):
             benign = self.benign_stages
             benign.data.eval_sets(self.pairs)  # its prompts must not be evaluated on either
-            self.patches["benign"] = benign.derive_one(benign.over_safety_pairs(self.pairs), "over_safety", "descent")
+            self.patches["benign"] = benign.patches.derive_over_safety(self.pairs)
             if any(m.over_safety_patch == "benign" for m in needs_importance):
-                self.benign_scores = benign.importance(self.pairs, self.patches["ascent"], self.patches["benign"])
-            self.timings["benign"] = benign.stage_seconds("patches/over_safety")
-            self.timings["benign_importance"] = benign.stage_seconds("importance")
+                self.benign_scores = benign.patches.importance(self.pairs, self.patches["ascent"], self.patches["benign"])
+            self.timings["benign"] = benign.patches.stage_seconds("patches/over_safety")
+            self.timings["benign_importance"] = benign.patches.stage_seconds("importance")
 
     @cached_property
     def benign_stages(self) -> Stages:

@@ -59,11 +59,12 @@ def load_rounds(config: ContinualConfig, sets: EvalSets) -> list[list[Example]]:
 def round_deltas(run: Stages, method: str, pairs: list[Example]) -> dict[str, torch.Tensor]:
     """What one round adds to the model for ``method``."""
     if method in ("ga", "npo"):
-        patch = run.derive_one(pairs, "safety", "ascent") if method == "ga" else run.derive_one(pairs, "npo", "npo")
+        label, derivation = ("safety", "ascent") if method == "ga" else ("npo", "npo")
+        patch = run.patches.derive_one(pairs, label, derivation)
         scale = run.config.merge.alpha
         return {name: delta * scale if scale != 1 else delta for name, delta in patch.deltas.items()}
-    safety, over_safety = run.derive(pairs)
-    scores = run.importance(pairs, safety, over_safety)
+    safety, over_safety = run.patches.derive(pairs)
+    scores = run.patches.importance(pairs, safety, over_safety)
     deltas, _ = PatchMerger(safety, over_safety, run.config.merge, run.config.seed, *scores).merge_all()
     return deltas
 

@@ -31,6 +31,7 @@ from safepatching.method.alignment import (
     alignment_factors,
     chosen_sublayers,
 )
+from safepatching.method.dense import patched
 from safepatching.method.directions import (
     activations,
     check_position,
@@ -119,6 +120,18 @@ def directions_of(activations: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     }
 
 
+def stacked(
+    first: dict[str, tuple[torch.Tensor, torch.Tensor]], second: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Two edits' low-rank factors as one: a writer both change stores their ranks side by side."""
+    both = dict(first)
+    for name, (rows, columns) in second.items():
+        if name in both:
+            rows, columns = torch.cat([both[name][0], rows]), torch.cat([both[name][1], columns])
+        both[name] = (rows, columns)
+    return both
+
+
 class DirectionalEdits:
     """The directions of one host's weights under ``directory`` (one cached stage per distinct set
     of prompts), and the edits built from them. ``held_out`` are the prompts no direction set may
@@ -187,21 +200,26 @@ class DirectionalEdits:
 
         return cached(directory, key, produce, lambda: load_tensors(path), self.meter, "directions")
 
-    def alignment_key(self, prompts: dict[str, list[str]], sets: DirectionSets, position: int) -> str:
+    def alignment_key(self, prompts: dict[str, list[str]], settings: PipelineConfig, iteration: int = 0) -> str:
         """What the alignment probes depend on: the weights, the compute dtype, all three sets' prompts,
-        who judges the replies that label them answered or refused, and the position probed."""
+        who judges the replies that label them answered or refused, the position probed and, after the
+        first round, the rewrite the earlier rounds made (its scale, sublayer count and rounds)."""
+        edit = settings.directional
         parts = ["align", self.config.model, self.compute_dtype, prompts, self.config.eval.refusal_judge,
-                 self.config.eval.judge_model, sets.refusal_max_new_tokens, position]  # fmt: skip
+                 self.config.eval.judge_model, edit.sets.refusal_max_new_tokens, edit.position]  # fmt: skip
+        if iteration:
+            parts.append(["rounds", iteration, edit.align_scale, edit.align_sublayers])
         return self.host_key(*parts)
 
     def alignment(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: PipelineConfig
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: PipelineConfig, iteration: int = 0
     ) -> dict[str, torch.Tensor]:
-        """LLM-VA's probes of every attention and MLP output on ``model``: the harmful set against the
-        harmless and benign ones, and the model's answers against its refusals of all three."""
+        """LLM-VA's probes of every attention and MLP output on ``model`` (as ``iteration`` earlier
+        rounds left it): the harmful set against the harmless and benign ones, and the model's answers
+        against its refusals of all three."""
         sets, position = settings.directional.sets, settings.directional.position
         prompts = self.prompts(sets)
-        key = self.alignment_key(prompts, sets, position)
+        key = self.alignment_key(prompts, settings, iteration)
         self._alignment_keys.add(key)
         directory = self.directory / key[:12]
         path = directory / "alignment.safetensors"
@@ -244,14 +262,31 @@ class DirectionalEdits:
             projections = configured_edits(self.directions(model, tokenizer, settings), edit)
             factors = projection_factors(weight, residual_writers(model, edit.embedding), projections)
         if edit.align_scale:
-            found = self.alignment(model, tokenizer, settings)
-            names = [f"{name}.weight" for name in sublayer_names(model)]
+            factors = stacked(factors, self.aligned(settings, model, tokenizer, weight))
+        return factors
+
+    def aligned(
+        self,
+        settings: PipelineConfig,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        weight: Callable[[str], torch.Tensor],
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """align's rounds: each probes ``model`` patched with the earlier rounds' rewrites (restored
+        from ``weight`` afterwards) and rewrites the weights they left."""
+        edit = settings.directional
+        names = [f"{name}.weight" for name in sublayer_names(model)]
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for iteration in range(edit.align_iterations):
+            deltas = {name: low_rank_delta(*pair) for name, pair in factors.items()}
+            with patched(model, deltas, weight):
+                found = self.alignment(model, tokenizer, settings, iteration)
+
+            def edited(name: str, deltas=deltas) -> torch.Tensor:
+                return weight(name).float() + deltas[name] if name in deltas else weight(name).float()
+
             chosen = chosen_sublayers(found, min(edit.align_sublayers, len(names)))
-            aligned = alignment_factors(weight, {i: names[i] for i in chosen}, found, edit.align_scale)
-            for name, (rows, columns) in aligned.items():
-                if name in factors:
-                    rows, columns = torch.cat([factors[name][0], rows]), torch.cat([factors[name][1], columns])
-                factors[name] = (rows, columns)
+            factors = stacked(factors, alignment_factors(edited, {i: names[i] for i in chosen}, found, edit.align_scale))
         return factors
 
     def deltas(self, settings: PipelineConfig, model, tokenizer, weight) -> dict[str, torch.Tensor]:
@@ -262,8 +297,9 @@ class DirectionalEdits:
         """The keys of the stages the settings' edits read."""
         edit, sets = settings.directional, settings.directional.sets
         prompts = self.prompts(sets)
+        rounds = edit.align_iterations if edit.align_scale else 0
         return [*([self.key(prompts, sets)] if edit.ablate_scale or edit.add_scale else []),
-                *([self.alignment_key(prompts, sets, edit.position)] if edit.align_scale else [])]  # fmt: skip
+                *(self.alignment_key(prompts, settings, iteration) for iteration in range(rounds))]  # fmt: skip
 
     def seconds(self, settings: PipelineConfig) -> float:
         """Wall time the settings' directions and probes took when they were computed (0: not yet)."""

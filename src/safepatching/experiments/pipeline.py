@@ -146,10 +146,10 @@ def derive_score_merge(stages: Stages, say: StageLines, pairs, model_dir: Path) 
         return
     patches = []
     for label, direction in (("safety", config.derive.unlearning), ("over_safety", "descent")):
-        data = stages.training_pairs(label, pairs)
+        data = stages.patches.training_pairs(label, pairs)
         objective = "NPO" if direction == "npo" else f"gradient {direction}"
         say(f"derive {label}", f"{objective} on {len(data)} pairs ({derive_plan(config)})")
-        patch = stages.derive_one(data, label, direction)
+        patch = stages.patches.derive_one(data, label, direction)
         say.reused(f"derive_{label}")
         say.note(stop_message(patch.info))
         patches.append(patch)
@@ -159,7 +159,7 @@ def derive_score_merge(stages: Stages, say: StageLines, pairs, model_dir: Path) 
         say("importance", f"SNIP scores |w * dL/dw| of each patched model on {scored} pairs")
     else:
         say("importance", f"not needed by merge method {config.merge.method}")
-    scores = stages.importance(pairs, safety, over_safety)
+    scores = stages.patches.importance(pairs, safety, over_safety)
     say.reused("importance_safety", "importance_over_safety")
     stages.backbone.model()  # training is over: the one backbone copy drops to the compute dtype before the merge
     say("merge", f"{merge_plan(config)} -> {model_dir}")

@@ -21,12 +21,12 @@ from safepatching.report.results import read_jsonl, write_jsonl
 from safepatching.storage.cache import cached
 
 if TYPE_CHECKING:
-    from safepatching.experiments.stages import Stages
+    from safepatching.experiments.patch_stages import PatchStages
 
 log = logging.getLogger(__name__)
 
 
-def over_safety_replies(stages: Stages, pairs: list[Example]) -> list[Example]:
+def over_safety_replies(stages: PatchStages, pairs: list[Example]) -> list[Example]:
     """The over-safety prompts with generated, judged and cached (over_safety_replies/) replies."""
     directory = stages.out / "over_safety_replies"
     config, backbone = stages.config, stages.backbone
@@ -90,7 +90,7 @@ def usable_replies(rows: list[dict[str, Any]], judge: str) -> list[Example]:
     return kept
 
 
-def own_reply_pairs(stages: Stages, pairs: list[Example]) -> list[Example]:
+def own_reply_pairs(stages: PatchStages, pairs: list[Example]) -> list[Example]:
     """The harmful questions SNIP scores, each with the backbone's own greedy reply (generated under
     autocast from the float32 weights importance holds anyway, and cached under own_replies/)."""
     directory = stages.out / "own_replies"

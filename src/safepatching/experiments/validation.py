@@ -27,7 +27,7 @@ from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.metrics import mean_token_kl, percent, reference_logprobs
 from safepatching.experiments.backbone import Backbone
 from safepatching.experiments.directional import DirectionalEdits
-from safepatching.experiments.stages import Stages
+from safepatching.experiments.patch_stages import PatchStages
 from safepatching.experiments.training_data import TrainingData
 from safepatching.method.dense import patched
 from safepatching.method.directions import edit_counts
@@ -207,7 +207,7 @@ class ValidationScorer:
         scores_dir = None
         if settings.importance != self.config.importance:
             scores_dir = sweep_dir(Path(settings.output_dir), cache_identity(settings.importance))
-        run = self.stages(settings, shared_patches=Path(self.config.output_dir))
+        run = self.patch_stages(settings, shared_patches=Path(self.config.output_dir))
         if MERGE_METHODS[settings.merge.method].needs_importance:
             safety, over_safety = run.derive(self.train)
             return safety, over_safety, run.importance(self.train, safety, over_safety, scores_dir)
@@ -215,17 +215,13 @@ class ValidationScorer:
         # so the config's own stands in for one derived under these settings.
         safety = run.derive_one(self.train, "safety", settings.derive.unlearning)
         if settings.merge.beta == 0:
-            run = self.stages(self.config)
+            run = self.patch_stages(self.config)
         return safety, run.derive_over_safety(self.train), (None, None)
 
-    def stages(self, settings: PipelineConfig, shared_patches: Path | None = None) -> Stages:
-        """A candidate's stages: a view over the study's master and data (nothing loaded or read)."""
-        return Stages(
-            settings,
-            progress=self.progress,
-            backbone=self.study_backbone,
-            data=self.data,
-            shared_patches=shared_patches,
+    def patch_stages(self, settings: PipelineConfig, shared_patches: Path | None = None) -> PatchStages:
+        """A candidate's patch stages over the study's master, data and judges (nothing loaded or read)."""
+        return PatchStages.over(
+            settings, self.study_backbone, self.data, self.judges, progress=self.progress, shared_patches=shared_patches
         )
 
     @contextmanager
