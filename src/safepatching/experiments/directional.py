@@ -46,6 +46,8 @@ from safepatching.method.directions import (
 from safepatching.storage.cache import cached, fingerprint, stage_record
 from safepatching.storage.files import load_tensors, save_tensors, write_json
 
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # per writer: rows [rank, out], columns [rank, in]
+WeightOf = Callable[[str], torch.Tensor]  # a float32 weight by name
 MIN_PROMPTS = 16  # fewer leave a direction (and a probe's held-out quarter) to noise
 SETS = ("harmful", "harmless", "benign")
 
@@ -120,9 +122,7 @@ def directions_of(activations: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     }
 
 
-def stacked(
-    first: dict[str, tuple[torch.Tensor, torch.Tensor]], second: dict[str, tuple[torch.Tensor, torch.Tensor]]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def stacked(first: Factors, second: Factors) -> Factors:
     """Two edits' low-rank factors as one: a writer both change stores their ranks side by side."""
     both = dict(first)
     for name, (rows, columns) in second.items():
@@ -247,17 +247,11 @@ class DirectionalEdits:
 
         return cached(directory, key, produce, lambda: load_tensors(path), self.meter, "alignment")
 
-    def factors(
-        self,
-        settings: PipelineConfig,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        weight: Callable[[str], torch.Tensor],
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def factors(self, settings: PipelineConfig, model: PreTrainedModel, tokenizer, weight: WeightOf) -> Factors:
         """The settings' edits as low-rank factors per writer (none when they are off), from the
         float32 weights ``weight`` gives by name; a writer two edits change stacks their ranks."""
         edit = settings.directional
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        factors: Factors = {}
         if edit.ablate_scale or edit.add_scale:
             projections = configured_edits(self.directions(model, tokenizer, settings), edit)
             factors = projection_factors(weight, residual_writers(model, edit.embedding), projections)
@@ -265,18 +259,12 @@ class DirectionalEdits:
             factors = stacked(factors, self.aligned(settings, model, tokenizer, weight))
         return factors
 
-    def aligned(
-        self,
-        settings: PipelineConfig,
-        model: PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase,
-        weight: Callable[[str], torch.Tensor],
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def aligned(self, settings: PipelineConfig, model: PreTrainedModel, tokenizer, weight: WeightOf) -> Factors:
         """align's rounds: each probes ``model`` patched with the earlier rounds' rewrites (restored
         from ``weight`` afterwards) and rewrites the weights they left."""
         edit = settings.directional
         names = [f"{name}.weight" for name in sublayer_names(model)]
-        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        factors: Factors = {}
         for iteration in range(edit.align_iterations):
             deltas = {name: low_rank_delta(*pair) for name, pair in factors.items()}
             with patched(model, deltas, weight):
