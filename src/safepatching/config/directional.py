@@ -86,12 +86,9 @@ class DirectionalConfig(StrictModel):
         "would also change every logit)",
     )
     align_scale: float = Field(
-        0.0,
-        ge=0,
-        le=2,
-        json_schema_extra=ADDED_LATER,
+        0.0, ge=0, le=2, json_schema_extra=ADDED_LATER,
         description="share of LLM-VA's answer-to-benign rewrite applied (0: off, 1: the paper's rewrite)",
-    )
+    )  # fmt: skip
     align_sublayers: int = Field(
         8,
         ge=1,

@@ -79,6 +79,11 @@ _TASK_ARITHMETIC_FULL = {"method": "task_arithmetic", "retention": 1.0}
 _NO_PATCH = {"method": "task_arithmetic", "alpha": 0.0, "beta": 0.0, "retention": 1.0}  # nothing derived
 
 
+def edit_only(description: str, scale: str) -> BenchMethod:
+    """A row that merges no patch and applies one directional edit at full ``scale``."""
+    return BenchMethod(description=description, merge=dict(_NO_PATCH), directional={scale: 1.0})
+
+
 BENCH_METHODS: dict[str, BenchMethod] = {
     "backbone": BenchMethod(kind="backbone", description="the untouched backbone"),
     "safepatching": BenchMethod(description="SafePatching with the pipeline's merge settings"),
@@ -120,21 +125,13 @@ BENCH_METHODS: dict[str, BenchMethod] = {
         over_safety_patch="benign",
         merge=dict(_TASK_ARITHMETIC_FULL),
     ),
-    "directional-ablate": BenchMethod(
-        description="directional: the false-refusal direction, less its refusal part, ablated from every writer",
-        merge=dict(_NO_PATCH),
-        directional={"ablate_scale": 1.0},
+    "directional-ablate": edit_only(
+        "directional: the false-refusal direction, less its refusal part, ablated from every writer", "ablate_scale"
     ),
-    "directional-align": BenchMethod(
-        description="directional: LLM-VA's rewrite of the answer direction to the benign one in chosen sublayers",
-        merge=dict(_NO_PATCH),
-        directional={"align_scale": 1.0},
+    "directional-align": edit_only(
+        "directional: LLM-VA's rewrite of the answer direction to the benign one in chosen sublayers", "align_scale"
     ),
-    "directional-add": BenchMethod(
-        description="directional (control): the refusal direction amplified in every writer",
-        merge=dict(_NO_PATCH),
-        directional={"add_scale": 1.0},
-    ),
+    "directional-add": edit_only("directional (control): the refusal direction amplified in every writer", "add_scale"),
     "safepatching-directional": BenchMethod(
         description="SafePatching's two patches plus the false-refusal ablation",
         directional={"ablate_scale": 1.0},
