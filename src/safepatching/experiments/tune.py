@@ -63,6 +63,7 @@ ADDED_SINCE_FIRST_STUDIES = {
     "": {"harmful_train_judge"},
     "importance": {"loss_on", "own_reply_tokens"},
     "derive": {"unlearning"},
+    "directional": {"align_iterations"},
 }
 
 
