@@ -2,14 +2,15 @@
 
 import json
 
+import optuna
 import pytest
 import yaml
 
-from safepatching.config.experiments import TuneConfig
+from safepatching.config.experiments import SearchRange, TuneConfig
 from safepatching.config.loading import build_config
 from safepatching.config.settings import PipelineConfig
 from safepatching.experiments import tune as tune_module
-from safepatching.experiments.tune import run_tune
+from safepatching.experiments.tune import distribution, grid_points, queue_grid_point, requeue_interrupted, run_tune
 
 
 def tune_settings(pipeline, model_dir, root, **tune):
@@ -132,6 +133,7 @@ def test_an_interrupted_study_resumes_to_the_same_front_and_trials_add_on(
         ({"tune": {"space": {"eval.max_new_tokens": {"low": 1, "high": 9}}}}, "unknown knob"),
         ({"tune": {"space": {"merge.top_a": {"low": 1, "high": 200}}}}, "less than or equal to 100"),
         ({"tune": {"max_kl": 0}}, "tune.max_kl"),
+        ({"tune": {"sampler": "grid"}}, "sampler grid cannot enumerate merge.alpha"),
         (
             {"validation": {"benign": {"overlap": {"source": "builtin:benign-but-scary", "split": "train[1:4]"}}}},
             "reported benign set",
@@ -221,3 +223,28 @@ def test_separation_reads_the_front_against_the_backbone():
         "separates": False,
     }
     assert tune_module.separation([], base)["benign_at_no_safety_loss"] is None
+
+
+def test_a_grid_study_tries_each_point_once_in_order_and_an_interrupted_one_again_first():
+    space = {
+        "directional.align_iterations": SearchRange(low=1, high=3, integer=True),
+        "merge.top_a": SearchRange(choices=[10, 30]),
+    }
+    points = grid_points(space)
+    assert points[:3] == [
+        {"directional.align_iterations": 1, "merge.top_a": 10},
+        {"directional.align_iterations": 1, "merge.top_a": 30},
+        {"directional.align_iterations": 2, "merge.top_a": 10},
+    ]
+    assert len(points) == 6
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    distributions = {knob: distribution(search) for knob, search in space.items()}
+    tried = []
+    assert queue_grid_point(study, space)
+    killed = study.ask(distributions)  # left running, as a killed run leaves it
+    assert requeue_interrupted(study) == 1
+    while queue_grid_point(study, space):
+        trial = study.ask(distributions)
+        tried.append(trial.params)
+        study.tell(trial, [0.0, 0.0])
+    assert tried == points and killed.params == points[0]

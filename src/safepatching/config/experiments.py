@@ -406,7 +406,11 @@ class SearchSettings(StrictModel):
     """How a study searches and chooses, whatever its knobs: shared by `tune` and the tuned bench."""
 
     trials: int = Field(24, ge=1, description="trials in the study (`--trials N` adds N more)")
-    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna's multi-objective TPE, or random search")
+    sampler: Literal["tpe", "random", "grid"] = Field(
+        "tpe",
+        description="Optuna's multi-objective TPE, random search, or grid: every combination of choices and "
+        "integer ranges in order, each once (the study stops early when the grid is done)",
+    )
     seed: int = Field(0, description="the sampler's seed")
     max_kl: float = Field(0.05, gt=0, description="constraint: KL to the backbone per token on the harmless prompts")
     max_looping: float = Field(2.0, ge=0, le=100, description="constraint: looping replies (%) on validation prompts")
@@ -439,10 +443,12 @@ class SearchSettings(StrictModel):
     )
 
 
-def check_knobs(space: dict[str, SearchRange]) -> None:
-    for knob in space:
+def check_knobs(space: dict[str, SearchRange], sampler: str) -> None:
+    for knob, search in space.items():
         if not knob.startswith(TUNABLE_SECTIONS):
             raise ValueError(f"unknown knob {knob!r}: tune {', '.join(s + '*' for s in TUNABLE_SECTIONS)} settings")
+        if sampler == "grid" and search.choices is None and not search.integer:
+            raise ValueError(f"sampler grid cannot enumerate {knob}: give it choices or integer: true")
 
 
 class TuneSettings(SearchSettings):
@@ -455,7 +461,7 @@ class TuneSettings(SearchSettings):
 
     @model_validator(mode="after")
     def _known_knobs(self) -> TuneSettings:
-        check_knobs(self.space)
+        check_knobs(self.space, self.sampler)
         return self
 
 
@@ -529,14 +535,13 @@ class BenchTuning(SearchSettings):
     def _drop_nulled_rows(cls, spaces: Any) -> Any:
         return {k: v for k, v in spaces.items() if v is not None} if isinstance(spaces, dict) else spaces
 
-    @field_validator("spaces")
-    @classmethod
-    def _known_knobs(cls, spaces: dict[str, dict[str, SearchRange]]) -> dict[str, dict[str, SearchRange]]:
-        for name, space in spaces.items():
+    @model_validator(mode="after")
+    def _known_knobs(self) -> BenchTuning:
+        for name, space in self.spaces.items():
             if not space:
-                raise ValueError(f"{name}: give at least one knob")
-            check_knobs(space)
-        return spaces
+                raise ValueError(f"spaces.{name}: give at least one knob")
+            check_knobs(space, self.sampler)
+        return self
 
 
 BenchConfig.model_rebuild()

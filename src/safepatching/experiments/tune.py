@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import time
@@ -115,13 +116,35 @@ def distribution(search: SearchRange) -> BaseDistribution:
 
 
 def sampler_for(settings: TuneSettings, finished: int) -> optuna.samplers.BaseSampler:
-    """A sampler seeded from the number of finished trials (see the module doc)."""
+    """A sampler seeded from the number of finished trials (see the module doc); a grid study's
+    trials are queued (`queue_grid_point`), so its sampler never draws."""
     seed = settings.seed + finished
     return (
-        optuna.samplers.RandomSampler(seed=seed)
-        if settings.sampler == "random"
-        else optuna.samplers.TPESampler(seed=seed)
+        optuna.samplers.TPESampler(seed=seed)
+        if settings.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=seed)
     )
+
+
+def grid_points(space: dict[str, SearchRange]) -> list[dict[str, Any]]:
+    """Every combination of a grid study's knobs: choices as listed, integer ranges ascending."""
+    values = [
+        search.choices if search.choices is not None else list(range(int(search.low), int(search.high) + 1))
+        for search in space.values()
+    ]
+    return [dict(zip(space, combination, strict=True)) for combination in itertools.product(*values)]
+
+
+def queue_grid_point(study: optuna.Study, space: dict[str, SearchRange]) -> bool:
+    """Queue the first grid point no trial has had (one a kill interrupted is queued already);
+    False when none is left."""
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return True
+    seen = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(deepcopy=False)}
+    point = next((p for p in grid_points(space) if json.dumps(p, sort_keys=True) not in seen), None)
+    if point is not None:
+        study.enqueue_trial(point)
+    return point is not None
 
 
 def open_study(config: TuneConfig, new_study: bool, compute_dtype: str) -> optuna.Study:
@@ -335,6 +358,9 @@ class Tuner:
         done = len(finished(self.study))
         bar = tqdm(total=target, initial=min(done, target), desc="tune", unit="trial", disable=not self.progress)
         while done < target:
+            if self.settings.sampler == "grid" and not queue_grid_point(self.study, self.settings.space):
+                log.info("every grid point is tried: the study stops at %d trials", done)
+                break
             self.study.sampler = sampler_for(self.settings, done)
             trial = self.study.ask(self.distributions)
             try:
