@@ -2,8 +2,8 @@
 
 On one backbone (the reference by default) the ablation edit of the shipped directions (layer
 ``--layer``, scale 1, lambda 1) is merged alone into a model folder, then exported twice: with its
-factors (format 2: factors plus the entries rounding does not invert) and, as the peer, without
-them (format 1: every changed entry stored). The low-rank patch is then applied to the base and
+factors (format 3: factors, one revert step per entry where rounding need not invert, and the
+entries no step mends) and, as the peer, without them (format 1: every changed entry stored). The low-rank patch is then applied to the base and
 reverted, and both results are compared bit for bit with the edited model and the base.
 
 Last line: ``ratio: X`` with X = low-rank patch bytes / sparse patch bytes.
@@ -61,6 +61,7 @@ def main() -> None:
             "revert": same_bits(WeightFolder(root / "reverted"), WeightFolder(base)),
         }
     inexact = sum(r["exact"] for r in low_rank["tensors"].values())
+    steps = sum(r.get("revert_steps", 0) for r in low_rank["tensors"].values())
     result = {
         "model": args.model,
         "layer": args.layer,
@@ -68,6 +69,7 @@ def main() -> None:
         "changed_entries": low_rank["changed_entries"],
         "inexact_entries": inexact,
         "inexact_fraction": round(inexact / max(low_rank["changed_entries"], 1), 4),
+        "revert_steps": steps,
         "low_rank_patch_bytes": low_rank["patch_bytes"],
         "sparse_patch_bytes": sparse["patch_bytes"],
         "model_bytes": low_rank["model_bytes"],

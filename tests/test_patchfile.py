@@ -8,10 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from safepatching.patchfile.low_rank import apply_low_rank, from_ordinals, ordinals, revert_low_rank
 from safepatching.patchfile.sparse import (
     PatchMismatchError,
+    SparseDelta,
     apply_delta,
     apply_patches,
+    diff_low_rank,
     diff_tensor,
     export_patch,
     inspect_patch,
@@ -148,3 +151,45 @@ def test_a_repeat_apply_to_unchanged_files_reuses_the_base_hashes(
     with pytest.raises(PatchMismatchError):  # the base is hashed again (here by the stub, which matches nothing)
         apply_patches([tmp_path / "patch"], base, tmp_path / "third", progress=False)
     assert hashed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_low_rank_change_reverts_exactly_with_one_step_per_ambiguous_entry_and_few_exact_entries(dtype):
+    generator = torch.Generator().manual_seed(0)
+    before = (0.02 * torch.randn(300, 500, generator=generator)).to(dtype)
+    before[0, :5] = torch.tensor([0.0, -0.0, 1e-9, -1e-9, 3.0])  # zeros, values the product swamps
+    factors = (0.01 * torch.randn(2, 300, generator=generator), 0.02 * torch.randn(2, 500, generator=generator))
+    after = apply_low_rank(before, factors)
+    change = diff_low_rank(before, after, factors)
+    assert torch.equal(bits(apply_delta(before.clone(), change, 1)), bits(after))
+    assert torch.equal(bits(apply_delta(after.clone(), change, -1)), bits(before))
+    plain = revert_low_rank(after, factors, None)  # what format 2 reverted to before its exact entries
+    wrong = int((bits(plain) != bits(before)).sum())
+    near, far = change.revert_steps
+    assert wrong > 100 and near.numel() >= wrong  # every wrong entry is ambiguous
+    assert change.exact_index.numel() == 0  # a pure low-rank change: every entry is mended by a step
+    assert far.numel() == int((near == -128).sum()) >= 2  # the values the product swamps are far away
+
+
+def test_a_format_2_low_rank_change_without_steps_still_reverts_by_its_exact_entries():
+    generator = torch.Generator().manual_seed(1)
+    before = 0.02 * torch.randn(64, 80, generator=generator)
+    factors = (0.01 * torch.randn(1, 64, generator=generator), 0.02 * torch.randn(1, 80, generator=generator))
+    after = apply_low_rank(before, factors)
+    wrong = torch.nonzero((bits(revert_low_rank(after, factors, None)) != bits(before)).reshape(-1)).reshape(-1)
+    flat_before, flat_after = before.reshape(-1), after.reshape(-1)
+    empty = torch.empty(0, dtype=torch.int32)
+    old = SparseDelta(empty, torch.empty(0), wrong.int(), flat_before[wrong], flat_after[wrong], factors)
+    assert wrong.numel() > 0
+    assert torch.equal(bits(apply_delta(after.clone(), old, -1)), bits(before))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_value_ordinals_count_the_dtypes_values_in_order_across_zero(dtype):
+    values = torch.tensor([-2.5, -1e-3, -0.0, 0.0, 1e-3, 1.0, 3e4]).to(dtype)
+    places = ordinals(values)
+    assert torch.all(places[1:] > places[:-1]) and places[2:4].tolist() == [-1, 0]
+    assert torch.equal(bits(from_ordinals(places, dtype)), bits(values))
+    if dtype == torch.float32:  # one place up is the next representable value (nextafter is float-only)
+        up = values[4:]
+        assert torch.equal(from_ordinals(places[4:] + 1, dtype), torch.nextafter(up, torch.full_like(up, 1e9)))

@@ -32,7 +32,14 @@ from safepatching import __version__
 from safepatching.errors import SafePatchingError
 from safepatching.method.dense import is_dense_patch
 from safepatching.method.geometry import region_geometry
-from safepatching.patchfile.low_rank import Factors, apply_low_rank, bit_pattern, inexact_entries
+from safepatching.patchfile.low_rank import (
+    Factors,
+    RevertSteps,
+    apply_low_rank,
+    bit_pattern,
+    low_rank_change,
+    revert_low_rank,
+)
 from safepatching.storage.files import EDIT_FACTORS_FILE, atomic_dir, load_factors, read_json, save_tensors, write_json
 from safepatching.storage.shards import (
     DTYPE_CODES,
@@ -48,7 +55,7 @@ from safepatching.storage.shards import (
 
 PATCH_FORMAT = "safepatching-sparse-patch"
 PATCH_FORMAT_VERSION = 1
-LOW_RANK_FORMAT_VERSION = 2  # a patch with low-rank entries, which a version-1 reader would misapply
+LOW_RANK_FORMAT_VERSION = 3  # low-rank entries with revert steps; 2: without steps (still read)
 VALUES_FILE = "patch.safetensors"
 META_FILE = "patch.json"
 INT32_LIMIT = 2**31 - 1
@@ -68,6 +75,7 @@ class SparseDelta:
     before: torch.Tensor
     after: torch.Tensor
     factors: Factors | None = None  # a low-rank change (then index and delta are empty)
+    revert_steps: RevertSteps | None = None  # its ambiguous entries' steps (low_rank.py; None: format 2)
 
     @property
     def changed(self) -> int:
@@ -98,19 +106,24 @@ def diff_tensor(before: torch.Tensor, after: torch.Tensor) -> SparseDelta | None
 
 
 def diff_low_rank(before: torch.Tensor, after: torch.Tensor, factors: Factors) -> SparseDelta:
-    """A low-rank change with the entries it does not reproduce exactly kept as before/after values."""
-    changed = inexact_entries(before, after, factors)
+    """A low-rank change: its factors, its revert steps and the entries they do not reproduce exactly,
+    kept as before/after values; checked by reverting it."""
+    steps, changed = low_rank_change(before, after, factors)
     index_dtype = torch.int32 if before.numel() <= INT32_LIMIT else torch.int64
     flat_before, flat_after = before.reshape(-1), after.reshape(-1)
     empty = torch.empty(0, dtype=index_dtype)
-    return SparseDelta(empty, torch.empty(0, dtype=before.dtype), changed.to(index_dtype), flat_before[changed],
-                       flat_after[changed], factors)  # fmt: skip
+    difference = SparseDelta(empty, torch.empty(0, dtype=before.dtype), changed.to(index_dtype),
+                             flat_before[changed], flat_after[changed], factors, steps)  # fmt: skip
+    if not torch.equal(bit_pattern(apply_delta(after.clone(), difference, -1)), bit_pattern(before)):
+        raise PatchMismatchError("a low-rank change does not revert exactly.", "report this as a bug")
+    return difference
 
 
 def apply_delta(values: torch.Tensor, sparse: SparseDelta, sign: int = 1) -> torch.Tensor:
     """Add (sign 1) or subtract (sign -1) the patch in place; exact entries take after/before values."""
     if sparse.factors is not None:
-        values.copy_(apply_low_rank(values, sparse.factors, sign))
+        factors, steps = sparse.factors, sparse.revert_steps
+        values.copy_(apply_low_rank(values, factors) if sign > 0 else revert_low_rank(values, factors, steps))
     flat = values.view(-1)
     index = sparse.index.long()
     flat[index] = flat[index] + sparse.delta if sign > 0 else flat[index] - sparse.delta
@@ -181,6 +194,7 @@ def export_patch(
                 if difference.factors is not None:  # the change in full, from the factors
                     full = (new.double() - old.double()).reshape(-1)
                     records[name].update(low_rank=int(difference.factors[0].shape[0]), changed=int(torch.count_nonzero(full)),
+                                         revert_steps=difference.revert_steps[0].numel(),
                                          delta_l2=float(full.norm()), delta_max_abs=float(full.abs().max()))  # fmt: skip
             bar.update(info.nbytes)
     tensors = {}
@@ -193,6 +207,7 @@ def export_patch(
             tensors[f"{name}/after"] = difference.after
         if difference.factors is not None:
             tensors[f"{name}/low_rank_rows"], tensors[f"{name}/low_rank_columns"] = difference.factors
+            tensors[f"{name}/revert_steps"], tensors[f"{name}/far_steps"] = difference.revert_steps
     meta = {
         "format": PATCH_FORMAT,
         "format_version": LOW_RANK_FORMAT_VERSION if factors else PATCH_FORMAT_VERSION,
@@ -234,6 +249,9 @@ class SparsePatch:
             self.values[f"{name}/before"] if exact else torch.empty(0, dtype=dtype),
             self.values[f"{name}/after"] if exact else torch.empty(0, dtype=dtype),
             (self.values[f"{name}/low_rank_rows"], self.values[f"{name}/low_rank_columns"]) if low_rank else None,
+            (self.values[f"{name}/revert_steps"], self.values[f"{name}/far_steps"])
+            if f"{name}/revert_steps" in self.values.infos
+            else None,
         )
 
 
