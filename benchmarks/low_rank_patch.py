@@ -3,8 +3,9 @@
 On one backbone (the reference by default) the ablation edit of the shipped directions (layer
 ``--layer``, scale 1, lambda 1) is merged alone into a model folder, then exported twice: with its
 factors (format 3: factors, one revert step per entry where rounding need not invert, and the
-entries no step mends) and, as the peer, without them (format 1: every changed entry stored). The low-rank patch is then applied to the base and
-reverted, and both results are compared bit for bit with the edited model and the base.
+entries no step mends) and, as the peer, without them (format 1: every changed entry stored). The
+low-rank patch is then applied to the base and reverted, and both results are compared bit for bit
+with the edited model and the base.
 
 Last line: ``ratio: X`` with X = low-rank patch bytes / sparse patch bytes.
 """

@@ -37,9 +37,9 @@ def ordinals(values: torch.Tensor) -> torch.Tensor:
 
 
 def from_ordinals(places: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    sign = -(2 ** (8 * torch.empty(0, dtype=dtype).element_size() - 1))  # the sign bit, as a negative int64
-    bits = torch.where(places < 0, (-places - 1) | sign, places)
-    return bits.to(bit_pattern(torch.empty(0, dtype=dtype)).dtype).view(dtype)
+    width = torch.finfo(dtype).bits
+    bits = torch.where(places < 0, (-places - 1) | -(2 ** (width - 1)), places)  # the sign bit, as an int64
+    return bits.to({16: torch.int16, 32: torch.int32, 64: torch.int64}[width]).view(dtype)
 
 
 def shifted(values: torch.Tensor, low: torch.Tensor, sign: int) -> torch.Tensor:
