@@ -103,3 +103,20 @@ def test_a_patch_on_a_bf16_copy_rounds_the_float32_sum_once():
         assert torch.equal(low.weight, (base + delta).to(torch.bfloat16))
         assert not torch.equal(low.weight, (before.float() + delta).to(torch.bfloat16))  # not rounded twice
     assert torch.equal(low.weight, before)
+
+
+def test_a_master_cast_to_the_compute_dtype_computes_as_a_model_loaded_in_it(tiny_model_dir):
+    from safepatching.experiments.backbone import Backbone
+
+    loading = ModelLoading(compute_dtype="bfloat16")
+    fresh, tokenizer = load_model(str(tiny_model_dir), loading=loading)
+    backbone = Backbone(str(tiny_model_dir), loading, ["q_proj"])
+    copy_of_master = backbone.generating_copy()  # a bf16 copy beside the float32 master
+    master_cast, _ = backbone.model()  # the master itself, cast in place once training is over
+    ids = tokenizer("a longer prompt so that the rotary positions reach beyond the first few", return_tensors="pt")
+    with torch.no_grad():
+        expected = fresh(**ids).logits
+        for model in (copy_of_master, master_cast):
+            assert next(model.parameters()).dtype == torch.bfloat16
+            assert model.model.rotary_emb.inv_freq.dtype == torch.float32  # Module.to would round it
+            assert torch.equal(model(**ids).logits, expected)

@@ -21,7 +21,7 @@ from safepatching.method.dense import holds_base
 from safepatching.method.memory import ModelSize, check_training_fits, is_target
 from safepatching.method.objectives import autocast
 from safepatching.models.loading import check_model_source, load_model, weights_folder
-from safepatching.models.precision import DTYPES, hold_output_layer_in
+from safepatching.models.precision import DTYPES, cast_weights, hold_output_layer_in
 from safepatching.storage.cache import stage_meter
 from safepatching.storage.files import read_json
 from safepatching.storage.shards import WeightFolder
@@ -63,7 +63,7 @@ class Backbone:
         if self._model is not None and (self.given or next(self._model.parameters()).dtype == dtype):
             return self._model, self._tokenizer
         if self._model is not None and not training:
-            self._model.to(dtype)
+            cast_weights(self._model, dtype)
             return self._model, self._tokenizer
         self._model = None  # a float32 copy is loaded afresh rather than widened from rounded weights
         with stage_meter(self.meter, "load_backbone"):
@@ -85,7 +85,7 @@ class Backbone:
         if self._generating is None:
             master, _ = self.model(training=True)
             dtype = DTYPES[self.compute_dtype]
-            self._generating = master if dtype == torch.float32 else copy.deepcopy(master).to(dtype)
+            self._generating = master if dtype == torch.float32 else cast_weights(copy.deepcopy(master), dtype)
         return self._generating
 
     def generating_base(self):

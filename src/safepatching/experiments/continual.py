@@ -31,7 +31,7 @@ from safepatching.experiments.stages import Stages
 from safepatching.method.dense import add_deltas
 from safepatching.method.merger import PatchMerger
 from safepatching.models.loading import load_model
-from safepatching.models.precision import DTYPES, resolved
+from safepatching.models.precision import DTYPES, cast_weights, resolved
 from safepatching.report.plots import plot_rounds
 from safepatching.report.results import read_jsonl, result_header, save_eval
 from safepatching.report.statistics import continual_outcomes
@@ -96,7 +96,7 @@ class Continual:
         pipeline = self.config.pipeline
         dtype = DTYPES[self.loading.compute_dtype]
         if next(model.parameters()).dtype != dtype:
-            model = copy.deepcopy(model).to(dtype)
+            model = cast_weights(copy.deepcopy(model), dtype)
         metrics, records = evaluate_model(
             model,
             self.tokenizer,
