@@ -8,7 +8,7 @@ from safepatching.experiments.stages import Stages
 from safepatching.method.dense import holds_base, load_dense_patch, patched, save_dense_patch
 from safepatching.method.derive import derive_patch, make_loader, target_parameter_names
 from safepatching.method.importance import snip_scores
-from safepatching.method.objectives import npo_loss, response_logprobs, response_nll
+from safepatching.method.objectives import npo_losses, response_logprobs, response_nll
 from safepatching.models.loading import load_model
 
 FAST = {"learning_rate": 5e-3, "max_steps": 4, "batch_size": 2, "max_length": 64}
@@ -36,7 +36,7 @@ def test_npo_starts_at_its_closed_form_and_raises_the_nll(tiny_model_dir, harmfu
     model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     loader = make_loader(tokenizer, harmful_pairs, 64, len(harmful_pairs), seed=0, shuffle=False, reference=model)
     batch = next(iter(loader))
-    loss, nll = npo_loss(model, batch, beta=0.1)
+    (loss,), (nll,) = npo_losses(model, batch, beta=0.1, batch_size=len(harmful_pairs))
     # at the reference point the log-ratio is 0, so the loss is (2/beta) log 2 and its gradient is
     # exactly the gradient of the mean negative sequence log-probability (gradient ascent's direction)
     assert float(loss) == pytest.approx(20 * torch.log(torch.tensor(2.0)).item(), rel=1e-5)

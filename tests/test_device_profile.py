@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from safepatching.config.settings import DeriveConfig, ModelLoading
+from safepatching.data.sources import Example
 from safepatching.method.derive import derive_patch
 from safepatching.method.device_profile import derivation_profile
 from safepatching.method.memory import GIB, ModelSize
@@ -23,6 +24,16 @@ def gpu(free_gib: float) -> DeviceMemory:
 def test_on_a_cpu_the_profile_keeps_the_memory_savings():
     profile = derivation_profile(DeriveConfig(), SIZE, DeviceMemory("cpu", "a cpu", 20 * GIB, 24 * GIB))
     assert (profile.recompute_activations, profile.logit_rows, profile.optimizer) == (True, LOGIT_ROWS, "per_tensor")
+    assert profile.batches_per_pass == 1
+
+
+@pytest.mark.parametrize(("free_gib", "passes"), [(70, 8), (30, 2), (24, 1)])
+def test_a_gpu_puts_as_many_of_a_steps_batches_in_one_pass_as_its_free_memory_holds(free_gib, passes):
+    # masters and AdamW state take 20.1 GiB, each batch of 4 x 128 tokens keeps 2.7 GiB, 2 GiB stay spare
+    eight_batches = DeriveConfig(batch_size=4, gradient_accumulation_steps=8, max_length=128, recompute_activations=False)
+    assert derivation_profile(eight_batches, SIZE, gpu(free_gib)).batches_per_pass == passes
+    three = eight_batches.model_copy(update={"gradient_accumulation_steps": 3})  # only 1 or 3 fill a step evenly
+    assert derivation_profile(three, SIZE, gpu(30)).batches_per_pass == 1
 
 
 def test_on_a_gpu_with_room_nothing_is_recomputed_and_adamw_is_fused():
@@ -41,9 +52,33 @@ def test_a_gpu_too_small_to_keep_the_activations_recomputes_them_and_says_why(ca
 
 @pytest.mark.parametrize("memory", [gpu(70), DeviceMemory("cpu", "a cpu", 20 * GIB, 24 * GIB)], ids=["gpu", "cpu"])
 def test_a_forced_setting_wins_over_the_profile(memory):
-    forced = DeriveConfig(recompute_activations=memory.kind == "cuda", logit_rows=64, optimizer="foreach")
+    forced = DeriveConfig(recompute_activations=memory.kind == "cuda", logit_rows=64, optimizer="foreach",
+                          batches_per_pass=2)  # fmt: skip
     profile = derivation_profile(forced, SIZE, memory)
-    assert (profile.recompute_activations, profile.logit_rows, profile.optimizer) == (memory.kind == "cuda", 64, "foreach")
+    chosen = (profile.recompute_activations, profile.logit_rows, profile.optimizer, profile.batches_per_pass)
+    assert chosen == (memory.kind == "cuda", 64, "foreach", 2)
+
+
+def test_batches_per_pass_must_divide_the_accumulation_steps():
+    with pytest.raises(ValueError, match="batches_per_pass=3 does not divide"):
+        DeriveConfig(gradient_accumulation_steps=4, batches_per_pass=3)
+
+
+@pytest.mark.parametrize("direction", ["descent", "npo"])
+def test_batches_sharing_a_pass_give_the_patch_of_batches_accumulated_one_by_one(tiny_model_dir, harmful_pairs, direction):
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(compute_dtype="float32"), training=True)
+    pairs = harmful_pairs + [Example(p.prompt + " Now.", p.response + " Done.") for p in harmful_pairs]
+    settings = DeriveConfig(max_steps=3, batch_size=2, gradient_accumulation_steps=2, max_length=48, learning_rate=5e-3)
+    patches = [
+        derive_patch(model, tokenizer, pairs, direction, settings.model_copy(update={"batches_per_pass": passes}),
+                     progress=False)  # fmt: skip
+        for passes in (1, 2)
+    ]
+    assert patches[1].info["device_profile"]["batches_per_pass"] == 2
+    torch.testing.assert_close(patches[0].info["nll_history"], patches[1].info["nll_history"], rtol=1e-5, atol=1e-6)
+    assert max(float(delta.abs().max()) for delta in patches[0].deltas.values()) > 1e-4  # training moved the weights
+    for name, delta in patches[0].deltas.items():
+        torch.testing.assert_close(patches[1].deltas[name], delta, rtol=1e-4, atol=1e-6)
 
 
 def test_logits_in_one_pass_give_the_chunked_loss_and_gradients(tiny_model_dir, harmful_pairs):
@@ -67,5 +102,5 @@ def test_the_patch_records_the_profile_it_was_derived_with(tiny_model_dir, harmf
     settings = DeriveConfig(max_steps=1, batch_size=2, max_length=48, target_modules=["q_proj"], optimizer="foreach")
     patch = derive_patch(model, tokenizer, harmful_pairs, "ascent", settings, progress=False)
     assert patch.info["device_profile"] == {"device": "cpu", "recompute_activations": True, "logit_rows": LOGIT_ROWS,
-                                            "optimizer": "foreach", "reasons": []}  # fmt: skip
+                                            "optimizer": "foreach", "batches_per_pass": 1, "reasons": []}  # fmt: skip
     assert device_memory().kind == "cpu" and device_memory().total_bytes > 0

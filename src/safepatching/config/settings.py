@@ -122,6 +122,13 @@ class DeriveConfig(StrictModel):
         description="response positions projected onto the vocabulary at a time, each chunk recomputed in the "
         "backward pass; 0: all in one pass, kept. auto: 128 on a CPU, 0 on a GPU",
     )
+    batches_per_pass: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto",
+        json_schema_extra=RUN_OPTION,
+        description="batches of one optimizer step that go through the model in one forward pass (it must divide "
+        "gradient_accumulation_steps); each batch's loss is still its own mean, so the patch is the same. auto: 1 "
+        "on a CPU; on a GPU as many as fit in its free memory",
+    )
     optimizer: Literal["auto", "per_tensor", "foreach", "fused"] = Field(
         "auto",
         json_schema_extra=RUN_OPTION,
@@ -145,6 +152,15 @@ class DeriveConfig(StrictModel):
         json_schema_extra=RUN_OPTION,
         description="save a resumable checkpoint when this long has passed since the last (0: never)",
     )
+
+    @model_validator(mode="after")
+    def _passes_fill_steps(self) -> DeriveConfig:
+        if self.batches_per_pass != "auto" and self.gradient_accumulation_steps % self.batches_per_pass:
+            raise ValueError(
+                f"derive.batches_per_pass={self.batches_per_pass} does not divide "
+                f"derive.gradient_accumulation_steps={self.gradient_accumulation_steps}"
+            )
+        return self
 
 
 class ImportanceConfig(StrictModel):

@@ -63,7 +63,7 @@ STUDY_SETTINGS_SINCE_FIRST_STUDIES = {"fixed", "merges"}
 ADDED_SINCE_FIRST_STUDIES = {
     "": {"harmful_train_judge"},
     "importance": {"loss_on", "own_reply_tokens"},
-    "derive": {"unlearning"},
+    "derive": {"unlearning", "batches_per_pass"},
     "directional": {"align_iterations"},
 }
 

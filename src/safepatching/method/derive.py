@@ -36,7 +36,7 @@ from safepatching.errors import TrainingError
 from safepatching.method.dense import DensePatch, holds_base
 from safepatching.method.device_profile import derivation_profile
 from safepatching.method.memory import ModelSize, is_target
-from safepatching.method.objectives import autocast, logit_rows, npo_loss, response_logprobs, response_nll
+from safepatching.method.objectives import autocast, logit_rows, npo_losses, response_logprobs, response_nlls
 from safepatching.models.device import device_memory
 from safepatching.models.precision import DTYPES
 from safepatching.storage.cache import fingerprint, release_memory
@@ -207,6 +207,9 @@ def derive_patch(
     require_float32_masters(model, names)
     mixed = DTYPES[compute_dtype]
     original = _original_weights(model, names, base)
+    device = next(model.parameters()).device
+    profile = derivation_profile(settings, ModelSize.of_model(model, names), device_memory(device))
+    passes = profile.batches_per_pass
     key = fingerprint(
         direction,
         cache_identity(settings),
@@ -214,24 +217,23 @@ def derive_patch(
         pairs_digest(pairs),
         tensor_digest(original(names[0])),
         compute_dtype,
+        *([f"batches_per_pass={passes}"] if passes > 1 else []),  # a checkpoint's position counts passes
     )
-    loader = make_loader(
+    loader = make_loader(  # a pass's rows are its batches in order: the shuffle does not depend on the size
         tokenizer,
         pairs,
         settings.max_length,
-        settings.batch_size,
+        settings.batch_size * passes,
         seed,
         shuffle=True,
         reference=model if direction == "npo" else None,  # still untouched here
         compute_dtype=mixed,
     )
-    device = next(model.parameters()).device
-    profile = derivation_profile(settings, ModelSize.of_model(model, names), device_memory(device))
     trainable = _prepare_trainable(model, names, settings)
     if profile.recompute_activations:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     accelerator = Accelerator(  # training runs where the model is (load_model puts it on the GPU)
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps // passes,
         cpu=device.type == "cpu",
     )
     optimizer = torch.optim.AdamW(  # per_tensor: no transient copy of every trainable weight
@@ -243,7 +245,7 @@ def derive_patch(
     )
     wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
     checkpointer = Checkpointer(checkpoint_dir, key, settings)
-    steps_per_epoch = math.ceil(len(loader) / settings.gradient_accumulation_steps)
+    steps_per_epoch = math.ceil(len(loader) / (settings.gradient_accumulation_steps // passes))
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
     stop_reason = "max_steps" if settings.max_steps else "epochs"
     overshoot_dropped = False
@@ -263,19 +265,20 @@ def derive_patch(
                     if position < state.batches_done:
                         continue
                     with accelerator.accumulate(wrapped):
-                        with autocast(wrapped, mixed):
+                        with autocast(wrapped, mixed):  # one loss and NLL per batch in the pass
                             if direction == "npo":
-                                loss, nll = npo_loss(wrapped, batch, settings.npo_beta)
+                                losses, nlls = npo_losses(wrapped, batch, settings.npo_beta, settings.batch_size)
                             else:
-                                nll = response_nll(wrapped, batch)
-                                loss = -nll if direction == "ascent" else nll
-                        if not torch.isfinite(nll):
+                                nlls = response_nlls(wrapped, batch, settings.batch_size)
+                                losses = -nlls if direction == "ascent" else nlls
+                        if not torch.isfinite(nlls).all():
                             raise TrainingError(
-                                f"the response NLL became {nll.item()} at step {len(history) + 1} ({direction}).",
+                                f"the response NLL became {nlls.max().item()} at step {len(history) + 1} "
+                                f"({direction}).",
                                 "lower derive.learning_rate or derive.ascent_max_nll_increase",
                             )
-                        accelerator.backward(loss)
-                        step_losses.append(nll.detach())
+                        accelerator.backward(losses.sum() / passes)  # as if each batch had its own pass
+                        step_losses.extend(nlls.detach().unbind())
                         if accelerator.sync_gradients:
                             step_nll = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
                             step_losses.clear()

@@ -4,8 +4,9 @@ On a CPU, memory is what runs out and the defaults save it: activations recomput
 pass, response logits projected 128 rows at a time (each chunk recomputed too) and AdamW one tensor
 at a time. On a GPU those savings cost far more time than they save (the reference derivation ran
 at 0.39x the Hugging Face Trainer on an H200), so there the logits go in one pass, AdamW is fused,
-and activations are recomputed only when the model would not fit in the device's free memory
-without. A setting given explicitly always wins over the profile.
+activations are recomputed only when the model would not fit in the device's free memory without,
+and as many of a step's accumulated batches as fit in that memory go through the model in one
+pass (small batches leave a GPU idle). A setting given explicitly always wins over the profile.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class DerivationProfile:
     recompute_activations: bool
     logit_rows: int  # 0: every response row in one pass
     optimizer: str
+    batches_per_pass: int = 1  # accumulated batches that share a forward pass
     reasons: tuple[str, ...] = ()
 
     def record(self) -> dict:
@@ -51,6 +53,20 @@ def derivation_profile(derive: DeriveConfig, size: ModelSize, memory: DeviceMemo
                 )
     logit_rows = derive.logit_rows if derive.logit_rows != "auto" else (0 if cuda else LOGIT_ROWS)
     optimizer = derive.optimizer if derive.optimizer != "auto" else ("fused" if cuda else "per_tensor")
+    passes = derive.batches_per_pass
+    if passes == "auto":
+        passes = _batches_that_fit(derive, size, memory, recompute) if cuda else 1
     for reason in reasons:
         log.warning(reason)
-    return DerivationProfile(memory.kind, recompute, logit_rows, optimizer, tuple(reasons))
+    if passes > 1:
+        log.info("derivation puts %d batches of %d pairs in each forward pass", passes, derive.batch_size)
+    return DerivationProfile(memory.kind, recompute, logit_rows, optimizer, passes, tuple(reasons))
+
+
+def _batches_that_fit(derive: DeriveConfig, size: ModelSize, memory: DeviceMemory, recompute: bool) -> int:
+    """The most of a step's batches (a divisor of the accumulation steps, so every optimizer step
+    sees the same batches) whose pass fits in the device's free memory; at least one."""
+    steps = derive.gradient_accumulation_steps
+    room = memory.free_bytes - DEVICE_SPARE_BYTES
+    fitting = [n for n in range(1, steps + 1) if steps % n == 0 and derivation_bytes(size, derive, recompute, n) <= room]
+    return max(fitting, default=1)

@@ -63,17 +63,20 @@ def activation_bytes(size: ModelSize, tokens: int, recompute: bool) -> int:
     return 4 * tokens * kept
 
 
-def derivation_bytes(size: ModelSize, derive: DeriveConfig, recompute: bool) -> int:
-    """Masters, what training adds per target weight, and the activations a batch keeps."""
+def derivation_bytes(size: ModelSize, derive: DeriveConfig, recompute: bool, batches_per_pass: int = 1) -> int:
+    """Masters, what training adds per target weight, and the activations a forward pass keeps."""
     trained = (4 if derive.method == "lora" else 12) * size.target_params
-    return 4 * size.total_params + trained + activation_bytes(size, derive.batch_size * derive.max_length, recompute)
+    tokens = batches_per_pass * derive.batch_size * derive.max_length
+    return 4 * size.total_params + trained + activation_bytes(size, tokens, recompute)
 
 
 def training_bytes(size: ModelSize, derive: DeriveConfig, importance: ImportanceConfig) -> int:
     """The machine memory derivation and scoring need; on a CPU activations are recomputed unless
     ``derive.recompute_activations`` is false."""
     masters = 4 * size.total_params
-    derivation = derivation_bytes(size, derive, recompute=derive.recompute_activations is not False)
+    passes = derive.batches_per_pass if derive.batches_per_pass != "auto" else 1  # auto is 1 on a CPU
+    recompute = derive.recompute_activations is not False
+    derivation = derivation_bytes(size, derive, recompute, batches_per_pass=passes)
     scoring = (
         masters
         + 4 * size.target_params

@@ -112,9 +112,22 @@ def response_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     return per_position.sum(-1), scored.sum(-1)
 
 
-def npo_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The NPO loss of a batch and its mean response NLL per token (for logging and the stop rule)."""
+def response_nlls(model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+    """The mean NLL per response token of each run of ``batch_size`` rows: the loss of every batch
+    that shares this forward pass, each as ``response_nll`` gives it alone."""
+    token_logprobs, scored = response_token_logprobs(model, batch)
+    tokens = [int(rows.sum()) for rows in scored.sum(-1).split(batch_size)]
+    return -torch.stack([part.mean() for part in token_logprobs.split(tokens)])
+
+
+def npo_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The NPO loss and the mean response NLL per token (for logging and the stop rule) of each run
+    of ``batch_size`` rows, as ``response_nlls`` splits them."""
     logprobs, counts = response_logprobs(model, batch)
     reference = batch["reference_logprobs"].to(logprobs.device)  # a no-op for batches already there
-    loss = -(2.0 / beta) * torch.nn.functional.logsigmoid(-beta * (logprobs - reference)).mean()
-    return loss, -logprobs.sum() / counts.sum()
+    terms = -(2.0 / beta) * torch.nn.functional.logsigmoid(-beta * (logprobs - reference))
+    losses = torch.stack([part.mean() for part in terms.split(batch_size)])
+    parts = zip(logprobs.split(batch_size), counts.split(batch_size), strict=True)
+    return losses, torch.stack([-part.sum() / count.sum() for part, count in parts])
