@@ -7,6 +7,8 @@ autocast (``bf16=True``), as a user of it would. Training tokens per second coun
 the pairs processed.
 
 Last line: ``speedup: X vs_trainer: Y`` with X = default / float32 and Y = default / Trainer.
+``--profile`` also prints where the default derivation's time goes (``torch.profiler``, the ops
+with the most self time over its steps), before the last lines.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also profile the default derivation")
     args = parser.parse_args()
     config = PipelineConfig(model=args.model)
     settings = config.derive.model_copy(update={"max_steps": args.steps})
@@ -81,6 +84,10 @@ def main() -> None:
     fp32_seconds = ours(model, tokenizer, pairs, settings, "float32")
     default_seconds = ours(model, tokenizer, pairs, settings, default_dtype)
     trainer_seconds = with_trainer(model, tokenizer, pairs, settings)
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
+            ours(model, tokenizer, pairs, settings, default_dtype)
+        print(profiled.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     print(
         f"model: {args.model}; {args.steps} optimizer steps of batch {settings.batch_size} x "
         f"{settings.gradient_accumulation_steps} accumulation, max_length {settings.max_length} "
