@@ -8,9 +8,9 @@ Run here, where pip works and the backbones are cached (``safepatching demo`` fe
 It writes ``.gpu/<backbone>/`` (each backbone's config and tokenizer files; the check builds random
 weights from them; the tokenizer travels gzipped) and ``.whl/`` (wheels, for Python 3.12 on
 x86-64, of this project's dependencies that the machine's image lacks, at the versions installed
-here; lm-eval, which only the utility tasks import and the check skips, stays behind). ``--image-packages`` is a text
-file naming the image's packages (any separators); by default the "Packages:" line of the device
-library's KINDS.md. transformers, accelerate and peft travel even when the image has them: their
+here; lm-eval, which only the utility tasks import and the check skips, stays behind).
+``--image-packages`` is a text file naming the image's packages (any separators); by default the
+"Packages:" line of the device library's KINDS.md. transformers, accelerate and peft travel even when the image has them: their
 versions decide what this project's code can call. Last line: the ``carry`` list for the run.
 """
 
@@ -109,9 +109,7 @@ def main() -> None:
     shutil.rmtree(wheels, ignore_errors=True)
     for name, version in sorted(carried.items()):
         download(name, version, wheels)
-    size = sum(path.stat().st_size for path in (ROOT / ".gpu").rglob("*")) + sum(
-        path.stat().st_size for path in wheels.iterdir()
-    )
+    size = sum(path.stat().st_size for path in [*(ROOT / ".gpu").rglob("*"), *wheels.iterdir()] if path.is_file())
     print(f"wheels: {', '.join(f'{n}=={v}' for n, v in sorted(carried.items()))}")
     print(f"carried size: {size / 2**20:.1f} MiB")
     if size > CARRY_LIMIT:

@@ -116,7 +116,8 @@ def response_nlls(model: torch.nn.Module, batch: dict[str, torch.Tensor], batch_
     """The mean NLL per response token of each run of ``batch_size`` rows: the loss of every batch
     that shares this forward pass, each as ``response_nll`` gives it alone."""
     token_logprobs, scored = response_token_logprobs(model, batch)
-    tokens = [int(rows.sum()) for rows in scored.sum(-1).split(batch_size)]
+    per_row = scored.sum(-1).tolist()  # one device sync per pass, not one per batch
+    tokens = [sum(per_row[start : start + batch_size]) for start in range(0, len(per_row), batch_size)]
     return -torch.stack([part.mean() for part in token_logprobs.split(tokens)])
 
 
