@@ -1,6 +1,8 @@
 """The device profile on a CPU machine: a made-up GPU's memory decides activation recomputation, a
 forced setting wins, and the CPU keeps today's choices (and so today's patches, bit for bit)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -104,3 +106,35 @@ def test_the_patch_records_the_profile_it_was_derived_with(tiny_model_dir, harmf
     assert patch.info["device_profile"] == {"device": "cpu", "recompute_activations": True, "logit_rows": LOGIT_ROWS,
                                             "optimizer": "foreach", "batches_per_pass": 1, "reasons": []}  # fmt: skip
     assert device_memory().kind == "cpu" and device_memory().total_bytes > 0
+
+
+def test_under_autocast_the_chunked_logits_cast_the_output_head_once(tiny_model_dir, harmful_pairs):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from safepatching.data.chat import collate, encode_pair
+    from safepatching.method.objectives import autocast
+
+    class HeadCasts(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.count = shape, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            to_bf16 = func is torch.ops.aten._to_copy.default and (kwargs or {}).get("dtype") == torch.bfloat16
+            if to_bf16 and tuple(args[0].shape) == self.shape:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
+    batch = collate([encode_pair(tokenizer, e.prompt, e.response, 64) for e in harmful_pairs[:3]], tokenizer.pad_token_id)
+    casts = HeadCasts(tuple(model.lm_head.weight.shape))
+    losses = []
+    for rows in (2, 0):
+        model.zero_grad()
+        with logit_rows(rows), autocast(model, torch.bfloat16), casts if rows else contextlib.nullcontext():
+            loss = response_nll(model, batch)
+            loss.backward()
+        losses.append((loss.detach(), model.lm_head.weight.grad.clone()))
+    assert casts.count == 1  # not once per 2-row chunk and again in each chunk's recomputation
+    assert torch.allclose(losses[0][0], losses[1][0], atol=1e-2)
+    assert torch.allclose(losses[0][1], losses[1][1], atol=1e-2)

@@ -75,8 +75,10 @@ def _target_logprobs(rows: torch.Tensor, targets: torch.Tensor, projection) -> t
     gradients, a chunk's logits are recomputed in the backward pass rather than kept: a
     vocabulary-wide float32 row per response token was the largest part of a training step's memory."""
 
+    project = _cast_once(projection, rows.device.type)
+
     def chunk(part: torch.Tensor, part_targets: torch.Tensor) -> torch.Tensor:
-        logits = part if projection is None else projection(part)
+        logits = part if project is None else project(part)
         return -F.cross_entropy(logits.float(), part_targets, reduction="none")
 
     per_chunk = _logit_rows.get()
@@ -88,6 +90,18 @@ def _target_logprobs(rows: torch.Tensor, targets: torch.Tensor, projection) -> t
         for part, part_targets in zip(rows.split(per_chunk), targets.split(per_chunk), strict=True)
     ]
     return torch.cat(parts) if parts else rows.new_zeros(0, dtype=torch.float32)
+
+
+def _cast_once(projection, device: str):
+    """The output projection with its weight cast to the autocast dtype once for all chunks. Autocast
+    (which keeps no cast cache, see ``autocast``) would otherwise copy the vocabulary-wide weight
+    again for each chunk and for each chunk's recomputation."""
+    if not isinstance(projection, torch.nn.Linear) or not torch.is_autocast_enabled(device):
+        return projection
+    dtype = torch.get_autocast_dtype(device)
+    weight = projection.weight.to(dtype)
+    bias = None if projection.bias is None else projection.bias.to(dtype)
+    return lambda part: F.linear(part, weight, bias)
 
 
 def response_token_logprobs(
