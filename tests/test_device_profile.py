@@ -83,18 +83,29 @@ def test_batches_sharing_a_pass_give_the_patch_of_batches_accumulated_one_by_one
         torch.testing.assert_close(patches[1].deltas[name], delta, rtol=1e-4, atol=1e-6)
 
 
-def test_logits_in_one_pass_give_the_chunked_loss_and_gradients(tiny_model_dir, harmful_pairs):
+def model_and_batch(tiny_model_dir, harmful_pairs):
     from safepatching.data.chat import collate, encode_pair
 
     model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
     batch = collate([encode_pair(tokenizer, e.prompt, e.response, 64) for e in harmful_pairs[:3]], tokenizer.pad_token_id)
-    results = []
-    for rows in (2, 0):  # 2 rows at a time (many chunks, recomputed) and all in one pass
-        model.zero_grad()
-        with logit_rows(rows):
-            loss = response_nll(model, batch)
+    return model, batch
+
+
+def loss_and_head_gradient(model, batch, *contexts):
+    """The response NLL and the output head's gradient, computed with ``contexts`` entered."""
+    model.zero_grad()
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        loss = response_nll(model, batch)
         loss.backward()
-        results.append((loss.detach(), model.lm_head.weight.grad.clone()))
+    return loss.detach(), model.lm_head.weight.grad.clone()
+
+
+def test_logits_in_one_pass_give_the_chunked_loss_and_gradients(tiny_model_dir, harmful_pairs):
+    model, batch = model_and_batch(tiny_model_dir, harmful_pairs)
+    # 2 rows at a time (many chunks, recomputed) and all in one pass
+    results = [loss_and_head_gradient(model, batch, logit_rows(rows)) for rows in (2, 0)]
     assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
 
@@ -111,7 +122,6 @@ def test_the_patch_records_the_profile_it_was_derived_with(tiny_model_dir, harmf
 def test_under_autocast_the_chunked_logits_cast_the_output_head_once(tiny_model_dir, harmful_pairs):
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from safepatching.data.chat import collate, encode_pair
     from safepatching.method.objectives import autocast
 
     class HeadCasts(TorchDispatchMode):
@@ -125,16 +135,10 @@ def test_under_autocast_the_chunked_logits_cast_the_output_head_once(tiny_model_
                 self.count += 1
             return func(*args, **(kwargs or {}))
 
-    model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(), training=True)
-    batch = collate([encode_pair(tokenizer, e.prompt, e.response, 64) for e in harmful_pairs[:3]], tokenizer.pad_token_id)
+    model, batch = model_and_batch(tiny_model_dir, harmful_pairs)
     casts = HeadCasts(tuple(model.lm_head.weight.shape))
-    losses = []
-    for rows in (2, 0):
-        model.zero_grad()
-        with logit_rows(rows), autocast(model, torch.bfloat16), casts if rows else contextlib.nullcontext():
-            loss = response_nll(model, batch)
-            loss.backward()
-        losses.append((loss.detach(), model.lm_head.weight.grad.clone()))
+    chunked = loss_and_head_gradient(model, batch, logit_rows(2), autocast(model, torch.bfloat16), casts)
+    whole = loss_and_head_gradient(model, batch, logit_rows(0), autocast(model, torch.bfloat16))
     assert casts.count == 1  # not once per 2-row chunk and again in each chunk's recomputation
-    assert torch.allclose(losses[0][0], losses[1][0], atol=1e-2)
-    assert torch.allclose(losses[0][1], losses[1][1], atol=1e-2)
+    assert torch.allclose(chunked[0], whole[0], atol=1e-2)
+    assert torch.allclose(chunked[1], whole[1], atol=1e-2)

@@ -96,7 +96,7 @@ def _cast_once(projection, device: str):
     """The output projection with its weight cast to the autocast dtype once for all chunks. Autocast
     (which keeps no cast cache, see ``autocast``) would otherwise copy the vocabulary-wide weight
     again for each chunk and for each chunk's recomputation."""
-    if not isinstance(projection, torch.nn.Linear) or not torch.is_autocast_enabled(device):
+    if type(projection) is not torch.nn.Linear or not torch.is_autocast_enabled(device):  # a subclass may project otherwise
         return projection
     dtype = torch.get_autocast_dtype(device)
     weight = projection.weight.to(dtype)
