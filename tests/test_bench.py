@@ -16,7 +16,7 @@ from safepatching.config.loading import build_config
 from safepatching.config.settings import ModelLoading
 from safepatching.data.sources import load_examples
 from safepatching.errors import ConfigError
-from safepatching.experiments.bench import Bench, depends_on_seed, summarise
+from safepatching.experiments.bench import Bench, depends_on_seed, inference_cost, summarise
 from safepatching.method.dense import add_deltas, load_dense_patch
 from safepatching.method.derive import derive_patch
 from safepatching.method.regions import TopRegion, difference_sets
@@ -145,6 +145,24 @@ def test_bench_recomputes_the_cells_a_changed_merge_setting_shapes(bench_run, tm
     after = {name: cell.stat().st_mtime_ns for name, cell in cells.items()}
     # β shapes the task-arithmetic merge; the backbone, ROSE and SafeDecoding (expert: GA) do not use it
     assert [name for name in before if before[name] != after[name]] == ["task-arithmetic"]
+    # a recomputed cell is timed in this run, the reused backbone in the first: their costs are not compared
+    cost = {name: row["columns"]["inference cost (× backbone)"]["mean"]
+            for name, row in json.loads((tmp_path / "results/tiny.json").read_text())["methods"].items()}  # fmt: skip
+    assert cost["backbone"] == 1.0 and cost["task-arithmetic"] is None
+    assert cost["rose"] > 0 and cost["safedecoding"] > 0
+    assert "reused from another run" in (tmp_path / "results/tiny.md").read_text()
+
+
+def test_inference_cost_compares_only_cells_timed_in_one_run():
+    def cell(run, seconds):
+        return {"generation": {"seconds_per_token": seconds}, **({"timed_in": run} if run else {})}
+
+    backbone = cell("a", 0.02)
+    assert inference_cost(cell("a", 0.03), backbone) == pytest.approx(1.5)
+    assert inference_cost(cell("b", 0.03), backbone) is None
+    assert inference_cost(cell(None, 0.03), backbone) is None
+    old = cell(None, 0.02)  # saved before runs were recorded: only itself is comparable
+    assert inference_cost(old, old) == 1.0 and inference_cost(cell(None, 0.03), old) is None
 
 
 def test_bench_methods_merge_what_they_say(bench_run):

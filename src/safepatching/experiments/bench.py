@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import uuid
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -105,6 +106,7 @@ class Bench:
     config: BenchConfig
     progress: bool = True
     console: Console = field(default_factory=lambda: Console(stderr=True, highlight=False))
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # which invocation timed a cell
 
     def __post_init__(self) -> None:
         pipeline = self.config.pipeline.model_copy(update={"output_dir": self.config.work_dir})
@@ -302,7 +304,7 @@ class Bench:
         else:
             metrics, records = self.decoding_cell(name, seed, common)
         derive_seconds = 0.0 if name in self.chosen else self.derive_seconds(method)  # a study's time is its own
-        metrics = {**metrics, **extra, "derive_seconds": derive_seconds}
+        metrics = {**metrics, **extra, "derive_seconds": derive_seconds, "timed_in": self.run_id}
         save_eval(directory, metrics, records)
         return metrics
 
@@ -395,18 +397,25 @@ def method_row(
     method = config.method(name)
     per_seed = [table_columns(cell, config.harmful_label, config.benign_label) for cell in cells]
     columns = {column: summarise([c.get(column) for c in per_seed]) for column in per_seed[0]}
-    backbone_cost = backbone["generation"]["seconds_per_token"]
     columns["derive + importance (s)"] = summarise([cell["derive_seconds"] for cell in cells])
     columns["merge (s)"] = summarise([cell["merge_seconds"] for cell in cells])
-    columns["inference cost (× backbone)"] = summarise(
-        [cell["generation"]["seconds_per_token"] / backbone_cost for cell in cells]
-    )
+    columns["inference cost (× backbone)"] = summarise([inference_cost(cell, backbone) for cell in cells])
     if method.kind == "decoding":
         for column in ("MMLU (%) ↑", "GSM8K (%) ↑", "KL (nats/token) ↓"):
             columns[column] = summarise([NOT_MEASURED])
     return {"description": method.description, "seeds": seeds, "columns": columns,
             "jailbreaks": {family: summarise([c["jailbreak_harmful_response_rate"].get(family) for c in cells])
                            for family in cells[0].get("jailbreak_harmful_response_rate", {})}}  # fmt: skip
+
+
+def inference_cost(cell: dict[str, Any], backbone: dict[str, Any]) -> float | None:
+    """Generation time per token against the backbone's, only when both were timed in one run: a cell
+    reused from an earlier run carries that run's host speed, which may differ by more than the
+    methods do. Cells saved before runs were recorded are not compared either."""
+    run = backbone.get("timed_in")
+    if cell != backbone and (run is None or cell.get("timed_in") != run):
+        return NOT_MEASURED
+    return cell["generation"]["seconds_per_token"] / backbone["generation"]["seconds_per_token"]
 
 
 def bench_result(

@@ -247,7 +247,9 @@ def bench_markdown(result: dict[str, Any]) -> str:
         "seed and are evaluated once. Patches and importance are derived once (seed "
         f"{result['config']['pipeline']['seed']}) and shared by all rows (a tuned row uses the patches its study "
         "derived for its chosen training knobs). — : not measured (decoding-time",
-        "methods change generation only, so KL, MMLU and GSM8K would repeat the backbone's).",
+        "methods change generation only, so KL, MMLU and GSM8K would repeat the backbone's). Inference cost",
+        "is compared only for cells timed in the same run as the backbone's (— : reused from another run,",
+        "whose host speed may differ by more than the methods do).",
         "",
         *dominance_markdown(result),
         *tuning_markdown(rows),
