@@ -12,6 +12,8 @@ with the most self time over its steps) and the share of the float32 derivation'
 matrix products, with the speedup that making only them faster by the hardware's ratio allows
 (Amdahl's law), before the last lines. ``--set derive.KEY=VALUE`` (repeatable) changes the
 derivation settings all three runs use, e.g. ``--set derive.recompute_activations=false``.
+``--repeats N`` times each of the three N times, in an order that rotates every round so that a
+shared host's drift falls on all of them, and reports each one's median.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 from generation_throughput import matmul_flops
@@ -87,12 +90,25 @@ def matmul_share(averages) -> float:
     return sum(event.self_cpu_time_total for event in averages if event.key in MATMUL_OPS) / total
 
 
+def interleaved_times(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each run's times over ``repeats`` rounds; round r starts at the r-th run, so no run is always
+    first (cold) or always after the same neighbour."""
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        for offset in range(len(names)):
+            name = names[(round_index + offset) % len(names)]
+            times[name].append(runs[name]())
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="also profile the float32 and default derivations")
     parser.add_argument("--set", action="append", default=[], metavar="derive.KEY=VALUE", help="change a setting")
+    parser.add_argument("--repeats", type=int, default=1, help="time each run this many times (median)")
     args = parser.parse_args()
     config = build_config(overrides={**parse_overrides(args.set), "model": args.model})
     assert isinstance(config, PipelineConfig)
@@ -103,9 +119,13 @@ def main() -> None:
     tokens = args.steps * settings.gradient_accumulation_steps * settings.batch_size * statistics.fmean(lengths)
     default_dtype = resolve_dtype(ModelLoading().compute_dtype)
 
-    fp32_seconds = ours(model, tokenizer, pairs, settings, "float32")
-    default_seconds = ours(model, tokenizer, pairs, settings, default_dtype)
-    trainer_seconds = with_trainer(model, tokenizer, pairs, settings)
+    runs = {
+        "float32": lambda: ours(model, tokenizer, pairs, settings, "float32"),
+        "default": lambda: ours(model, tokenizer, pairs, settings, default_dtype),
+        "trainer": lambda: with_trainer(model, tokenizer, pairs, settings),
+    }
+    times = interleaved_times(runs, args.repeats)
+    fp32_seconds, default_seconds, trainer_seconds = (statistics.median(times[name]) for name in runs)
     if args.profile:
         fp32_table = profiled_ops(lambda: ours(model, tokenizer, pairs, settings, "float32"))
         default_table = profiled_ops(lambda: ours(model, tokenizer, pairs, settings, default_dtype))
@@ -121,6 +141,8 @@ def main() -> None:
         ("Hugging Face Trainer (bf16=True)", trainer_seconds),
     ):
         print(f"{label}: {tokens / seconds:.1f} tokens/s ({seconds:.1f} s)")
+    if args.repeats > 1:
+        print("seconds per repeat: " + "; ".join(f"{name} {', '.join(f'{t:.1f}' for t in times[name])}" for name in runs))
     bf16_flops, fp32_flops = matmul_flops(torch.bfloat16), matmul_flops(torch.float32)
     print(
         f"matmul (512x896 @ 896x4864): bf16 {bf16_flops / 1e9:.0f} GFLOP/s, float32 {fp32_flops / 1e9:.0f} GFLOP/s "
