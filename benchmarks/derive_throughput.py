@@ -23,9 +23,11 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from generation_throughput import matmul_flops
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainingArguments
 
 from safepatching.config.loading import build_config, parse_overrides
@@ -69,9 +71,16 @@ def with_trainer(model, tokenizer, pairs, settings: DeriveConfig) -> float:
             train_dataset=encoded,
             data_collator=lambda batch: collate(batch, tokenizer.pad_token_id),
         )
+        before = Path(out) / "before.safetensors"  # on disk: a second copy may not fit beside the optimizer
+        save_file({name: param.detach() for name, param in model.named_parameters() if name in names}, before)
         started = time.perf_counter()
         trainer.train()
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        del trainer
+        with torch.no_grad():  # Trainer trains in place; every run starts from the same weights
+            for name, weight in load_file(before).items():
+                model.get_parameter(name).copy_(weight)
+        return seconds
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
