@@ -136,8 +136,7 @@ def main() -> None:
     times = interleaved_times(runs, args.repeats)
     fp32_seconds, default_seconds, trainer_seconds = (statistics.median(times[name]) for name in runs)
     if args.profile:
-        fp32_table = profiled_ops(lambda: ours(model, tokenizer, pairs, settings, "float32"))
-        default_table = profiled_ops(lambda: ours(model, tokenizer, pairs, settings, default_dtype))
+        fp32_table, default_table = profiled_ops(runs["float32"]), profiled_ops(runs["default"])
         print(default_table.table(sort_by="self_cpu_time_total", row_limit=12))
     print(
         f"model: {args.model}; {args.steps} optimizer steps of batch {settings.batch_size} x "
