@@ -50,6 +50,88 @@ def use_vllm(settings: EvalConfig, model_source: str | None) -> bool:
     return possible and vllm_available()
 
 
+def reply_generator(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: EvalConfig,
+    loading: ModelLoading,
+    model_source: str | None,
+    progress: bool,
+    label: str,
+) -> Generator:
+    """vLLM where it can serve the model (see use_vllm), else the decoding the settings name."""
+    if use_vllm(settings, model_source):
+        folder = str(weights_folder(model_source, loading=loading))
+        return VLLMGenerator(
+            folder, tokenizer, resolve_dtype(loading.compute_dtype), settings.vllm_gpu_memory_utilization, progress
+        )
+    expert = None
+    if settings.decoding.method == "safedecoding":
+        expert, _ = load_model(settings.decoding.expert_model, loading=loading)
+    return make_generator(
+        model, tokenizer, settings.decoding, settings.batch_size, progress, f"generate ({label})", expert
+    )
+
+
+class SuiteRun:
+    """What one run of the suite records: each prompt set's judged replies and labels, and where the time
+    went (each part's wall time; generation's time and tokens apart, for the cost columns)."""
+
+    def __init__(self, generator: Generator, label: str):
+        self.generator, self.label = generator, label
+        self.records: list[dict[str, Any]] = []
+        self.labels: dict[str, list[str]] = {}
+        self.part_seconds: dict[str, float] = {}
+        self.generation_seconds, self.generation_tokens = 0.0, 0
+        self.unparsed = 0
+        self.loops: list[bool] = []
+
+    def timed(self, part: str, work, *args):
+        """Run one part of the suite and record its wall time, so users see where the time goes."""
+        started = time.perf_counter()
+        result = work(*args)
+        self.part_seconds[part] = round(time.perf_counter() - started, 1)
+        return result
+
+    def refusals(self, set_name: str, requests: list[str], prompts: list[str], judge, judge_name: str, max_new: int):
+        """Generate replies to ``prompts`` (``requests``, wrapped or not), judge them against the
+        requests and record them; whether each reply refused."""
+        started = time.perf_counter()
+        tokens_before = self.generator.generated_tokens
+        self.generator.desc = f"generate ({self.label}: {set_name})"
+        responses = self.generator.generate(prompts, max_new)
+        self.generation_seconds += time.perf_counter() - started
+        self.generation_tokens += self.generator.generated_tokens - tokens_before
+        verdicts = judge_all(judge, requests, responses)
+        self.part_seconds[set_name] = round(time.perf_counter() - started, 1)
+        self.labels[set_name] = [v.label for v in verdicts]
+        self.unparsed += sum(not v.parsed for v in verdicts)
+        looped = [looping(r) for r in responses]
+        self.loops.extend(looped)
+        self.records.extend(
+            {
+                "set": set_name,
+                "prompt": p,
+                "request": q,
+                "response": r,
+                "refusal": v.refusal,
+                "label": v.label,
+                "judge": judge_name,
+                "judge_parsed": v.parsed,
+                "looping": loop,
+            }  # fmt: skip
+            for q, p, r, v, loop in zip(requests, prompts, responses, verdicts, looped, strict=True)
+        )
+        return [v.refusal for v in verdicts]
+
+    def generation(self) -> dict[str, Any]:
+        return {
+            "seconds": round(self.generation_seconds, 2),
+            "tokens": self.generation_tokens,
+            "seconds_per_token": self.generation_seconds / max(self.generation_tokens, 1),
+        }
+
+
 def evaluate_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -75,76 +157,25 @@ def evaluate_model(
     """
     judges = Judges(settings, data_dir, loading=loading)
     judge, refusal_judge = judges.harmful, judges.refusal
-    if generator is None and use_vllm(settings, model_source):
-        folder = str(weights_folder(model_source, loading=loading))
-        generator = VLLMGenerator(
-            folder, tokenizer, resolve_dtype(loading.compute_dtype), settings.vllm_gpu_memory_utilization, progress
-        )
     if generator is None:
-        expert = None
-        if settings.decoding.method == "safedecoding":
-            expert, _ = load_model(settings.decoding.expert_model, loading=loading)
-        generator = make_generator(
-            model, tokenizer, settings.decoding, settings.batch_size, progress, f"generate ({label})", expert
-        )
+        generator = reply_generator(model, tokenizer, settings, loading, model_source, progress, label)
     started = time.perf_counter()
-    records: list[dict[str, Any]] = []
+    replies = SuiteRun(generator, label)
     flags: dict[str, list[bool]] = {}
-    labels: dict[str, list[str]] = {}
-    part_seconds: dict[str, float] = {}
-    generation = {"seconds": 0.0, "tokens": 0}
-    unparsed = 0
-    loops: list[bool] = []
-
-    def timed(part: str, work, *args):
-        """Run one part of the suite and record its wall time, so users see where the time goes."""
-        part_started = time.perf_counter()
-        result = work(*args)
-        part_seconds[part] = round(time.perf_counter() - part_started, 1)
-        return result
-
-    def judged(set_name: str, requests: list[str], prompts: list[str], set_judge, set_judge_name, max_new):
-        nonlocal unparsed
-        part_started = time.perf_counter()
-        tokens_before = generator.generated_tokens
-        generator.desc = f"generate ({label}: {set_name})"
-        responses = generator.generate(prompts, max_new)
-        generation["seconds"] += time.perf_counter() - part_started
-        generation["tokens"] += generator.generated_tokens - tokens_before
-        verdicts = judge_all(set_judge, requests, responses)
-        part_seconds[set_name] = round(time.perf_counter() - part_started, 1)
-        labels[set_name] = [v.label for v in verdicts]
-        unparsed += sum(not v.parsed for v in verdicts)
-        looped = [looping(r) for r in responses]
-        loops.extend(looped)
-        records.extend(
-            {
-                "set": set_name,
-                "prompt": p,
-                "request": q,
-                "response": r,
-                "refusal": v.refusal,
-                "label": v.label,
-                "judge": set_judge_name,
-                "judge_parsed": v.parsed,
-                "looping": loop,
-            }  # fmt: skip
-            for q, p, r, v, loop in zip(requests, prompts, responses, verdicts, looped, strict=True)
-        )
-        return [v.refusal for v in verdicts]
-
     for set_name, examples, set_judge, name, max_new in (
         ("harmful", sets.harmful, judge, settings.judge, settings.max_new_tokens),
         ("benign", sets.benign, refusal_judge, settings.refusal_judge, settings.max_new_tokens),
         ("harmless", sets.harmless, refusal_judge, settings.refusal_judge, settings.kl_max_new_tokens),
     ):
         requests = [e.prompt for e in examples]
-        flags[set_name] = judged(set_name, requests, requests, set_judge, name, max_new)
+        flags[set_name] = replies.refusals(set_name, requests, requests, set_judge, name, max_new)
     by_category = rates_by_category(sets.harmful, flags["harmful"], category_column(settings.harmful))
     by_benchmark = {}
     for name, examples in sets.safety.items():
         requests = [e.prompt for e in examples]
-        refusals = judged(f"safety/{name}", requests, requests, judge, settings.judge, settings.max_new_tokens)
+        refusals = replies.refusals(
+            f"safety/{name}", requests, requests, judge, settings.judge, settings.max_new_tokens
+        )
         by_benchmark[name] = {
             "harmful_response_rate": 100.0 - percent(refusals),
             "by_category": rates_by_category(examples, refusals, category_column(settings.safety_benchmarks.get(name))),
@@ -154,13 +185,15 @@ def evaluate_model(
     for name, examples in sets.over_safety.items():
         requests = [e.prompt for e in examples]
         set_name = f"over_safety/{name}"
-        judged(set_name, requests, requests, refusal_judge, settings.refusal_judge, settings.max_new_tokens)
-        over_safety[name] = {**refusal_breakdown(labels[set_name]), "count": len(examples)}
+        replies.refusals(set_name, requests, requests, refusal_judge, settings.refusal_judge, settings.max_new_tokens)
+        over_safety[name] = {**refusal_breakdown(replies.labels[set_name]), "count": len(examples)}
     jailbreak_rates = {}
     for family in settings.jailbreaks:
         requests = [e.prompt for e in sets.harmful[: settings.jailbreak_max_examples]]
         wrapped = wrap_prompts(requests, family, data_dir, settings.jailbreak_seed)
-        refusals = judged(f"jailbreak/{family}", requests, wrapped, judge, settings.judge, settings.max_new_tokens)
+        refusals = replies.refusals(
+            f"jailbreak/{family}", requests, wrapped, judge, settings.judge, settings.max_new_tokens
+        )
         jailbreak_rates[family] = 100.0 - percent(refusals)
     metrics: dict[str, Any] = {
         "harmful_refusal_rate": percent(flags["harmful"]),
@@ -168,7 +201,7 @@ def evaluate_model(
         "benign_refusal_rate": percent(flags["benign"]),
         **{
             f"benign_{key}": value
-            for key, value in refusal_breakdown(labels["benign"]).items()
+            for key, value in refusal_breakdown(replies.labels["benign"]).items()
             if key != "refusal_rate"
         },
         "harmless_refusal_rate": percent(flags["harmless"]),
@@ -176,27 +209,28 @@ def evaluate_model(
         "jailbreak_harmful_response_rate": jailbreak_rates,
         "safety_benchmarks": by_benchmark,
         "over_safety_benchmarks": over_safety,
-        "judge_unparsed": unparsed,
-        "looping_reply_rate": percent(loops),
+        "judge_unparsed": replies.unparsed,
+        "looping_reply_rate": percent(replies.loops),
         "kl_to_reference": None,
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
     }
     if settings.utility.enabled:
-        metrics.update(timed("utility", evaluate_utility, model, tokenizer, settings.utility, data_dir, progress))
+        utility = replies.timed("utility", evaluate_utility, model, tokenizer, settings.utility, data_dir, progress)
+        metrics.update(utility)
     if sets.perplexity:
-        metrics["response_perplexity"] = timed("perplexity", response_perplexity, model, tokenizer, sets.perplexity)
+        metrics["response_perplexity"] = replies.timed(
+            "perplexity", response_perplexity, model, tokenizer, sets.perplexity
+        )
     if reference is not None and reference_harmless is not None:
         prompts = [e.prompt for e in sets.harmless]
-        metrics["kl_to_reference"] = timed("kl", mean_token_kl, model, reference, tokenizer, prompts, reference_harmless)
-    metrics["part_seconds"] = part_seconds
-    metrics["generation"] = {
-        "seconds": round(generation["seconds"], 2),
-        "tokens": generation["tokens"],
-        "seconds_per_token": generation["seconds"] / max(generation["tokens"], 1),
-    }
+        metrics["kl_to_reference"] = replies.timed(
+            "kl", mean_token_kl, model, reference, tokenizer, prompts, reference_harmless
+        )
+    metrics["part_seconds"] = replies.part_seconds
+    metrics["generation"] = replies.generation()
     metrics["compute_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
-    return metrics, records
+    return metrics, replies.records
 
 
 def harmless_responses(records: list[dict[str, Any]]) -> list[str]:

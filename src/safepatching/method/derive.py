@@ -34,7 +34,7 @@ from safepatching.data.chat import collate, encode_pair, encode_question
 from safepatching.data.sources import Example
 from safepatching.errors import TrainingError
 from safepatching.method.dense import DensePatch, holds_base
-from safepatching.method.device_profile import derivation_profile
+from safepatching.method.device_profile import DerivationProfile, derivation_profile
 from safepatching.method.memory import ModelSize, is_target
 from safepatching.method.objectives import autocast, logit_rows, npo_losses, response_logprobs, response_nlls
 from safepatching.models.device import device_memory
@@ -229,21 +229,7 @@ def derive_patch(
         reference=model if direction == "npo" else None,  # still untouched here
         compute_dtype=mixed,
     )
-    trainable = _prepare_trainable(model, names, settings)
-    if profile.recompute_activations:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    accelerator = Accelerator(  # training runs where the model is (load_model puts it on the GPU)
-        gradient_accumulation_steps=settings.gradient_accumulation_steps // passes,
-        cpu=device.type == "cpu",
-    )
-    optimizer = torch.optim.AdamW(  # per_tensor: no transient copy of every trainable weight
-        [p for p in trainable.parameters() if p.requires_grad],
-        lr=settings.learning_rate,
-        weight_decay=0.0,
-        foreach=profile.optimizer == "foreach",
-        fused=profile.optimizer == "fused" or None,
-    )
-    wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
+    accelerator, wrapped, optimizer, loader = _training_setup(model, names, settings, profile, loader)
     checkpointer = Checkpointer(checkpoint_dir, key, settings)
     steps_per_epoch = math.ceil(len(loader) / (settings.gradient_accumulation_steps // passes))
     total_steps = settings.max_steps or settings.epochs * steps_per_epoch
@@ -265,28 +251,14 @@ def derive_patch(
                     if position < state.batches_done:
                         continue
                     with accelerator.accumulate(wrapped):
-                        with autocast(wrapped, mixed):  # one loss and NLL per batch in the pass
-                            if direction == "npo":
-                                losses, nlls = npo_losses(wrapped, batch, settings.npo_beta, settings.batch_size)
-                            else:
-                                nlls = response_nlls(wrapped, batch, settings.batch_size)
-                                losses = -nlls if direction == "ascent" else nlls
-                        if not torch.isfinite(nlls).all():
-                            raise TrainingError(
-                                f"the response NLL became {nlls.max().item()} at step {len(history) + 1} "
-                                f"({direction}).",
-                                "lower derive.learning_rate or derive.ascent_max_nll_increase",
-                            )
+                        losses, nlls = _batch_losses(wrapped, batch, direction, settings, mixed, len(history) + 1)
                         accelerator.backward(losses.sum() / passes)  # as if each batch had its own pass
                         step_losses.extend(nlls.detach().unbind())
                         if accelerator.sync_gradients:
                             step_nll = accelerator.reduce(torch.stack(step_losses).mean(), "mean").item()
                             step_losses.clear()
                             history.append(step_nll)
-                            if direction in UNLEARNING and step_nll > history[0] + settings.ascent_max_nll_increase:
-                                stop_reason = "nll_ceiling"
-                            elif direction == "descent" and step_nll < settings.descent_nll_floor:
-                                stop_reason = "nll_floor"
+                            stop_reason = _early_stop(direction, history, settings) or stop_reason
                             accelerator.clip_grad_norm_(wrapped.parameters(), settings.max_grad_norm)
                         overshoot_dropped = stop_reason == "nll_ceiling" and settings.ascent_stop == "before_overshoot"
                         if not overshoot_dropped:
@@ -329,6 +301,61 @@ def derive_patch(
         "pairs_sha256": pairs_digest(pairs),
     }
     return DensePatch(deltas, info)
+
+
+def _training_setup(
+    model: PreTrainedModel,
+    names: list[str],
+    settings: DeriveConfig,
+    profile: DerivationProfile,
+    loader: DataLoader,
+) -> tuple[Accelerator, torch.nn.Module, torch.optim.Optimizer, DataLoader]:
+    """The trainable model, its optimizer and the loader, prepared by accelerate where the model is
+    (load_model puts it on the GPU), with the profile's recomputation and optimizer."""
+    trainable = _prepare_trainable(model, names, settings)
+    if profile.recompute_activations:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    accelerator = Accelerator(
+        gradient_accumulation_steps=settings.gradient_accumulation_steps // profile.batches_per_pass,
+        cpu=next(model.parameters()).device.type == "cpu",
+    )
+    optimizer = torch.optim.AdamW(  # per_tensor: no transient copy of every trainable weight
+        [p for p in trainable.parameters() if p.requires_grad],
+        lr=settings.learning_rate,
+        weight_decay=0.0,
+        foreach=profile.optimizer == "foreach",
+        fused=profile.optimizer == "fused" or None,
+    )
+    wrapped, optimizer, loader = accelerator.prepare(trainable, optimizer, loader)
+    return accelerator, wrapped, optimizer, loader
+
+
+def _batch_losses(
+    model: torch.nn.Module, batch: dict, direction: Direction, settings: DeriveConfig, mixed: torch.dtype, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One loss and response NLL per batch in the pass (under autocast); a non-finite NLL stops training."""
+    with autocast(model, mixed):
+        if direction == "npo":
+            losses, nlls = npo_losses(model, batch, settings.npo_beta, settings.batch_size)
+        else:
+            nlls = response_nlls(model, batch, settings.batch_size)
+            losses = -nlls if direction == "ascent" else nlls
+    if not torch.isfinite(nlls).all():
+        raise TrainingError(
+            f"the response NLL became {nlls.max().item()} at step {step} ({direction}).",
+            "lower derive.learning_rate or derive.ascent_max_nll_increase",
+        )
+    return losses, nlls
+
+
+def _early_stop(direction: Direction, history: list[float], settings: DeriveConfig) -> str | None:
+    """Why training stops after the latest step's NLL, if it does: unlearning past its ceiling above
+    the first step's NLL, descent under its floor."""
+    if direction in UNLEARNING and history[-1] > history[0] + settings.ascent_max_nll_increase:
+        return "nll_ceiling"
+    if direction == "descent" and history[-1] < settings.descent_nll_floor:
+        return "nll_floor"
+    return None
 
 
 def _original_weights(
