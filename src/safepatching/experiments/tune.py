@@ -468,26 +468,7 @@ def run_tune(
         groups = {"harmful": tuner.harmful_names, "benign": tuner.benign_names}
         backbone_final = tuner.backbone("final")
         screened_front = tuner.front()
-        judged = screened_front
-        if settings.final_judging == "chosen":  # the rule picks on the short budget; only its point is re-judged
-            judged = sorted(screened_front, key=lambda t: tuner.trade_off(*t.values), reverse=True)[:1]
-        front = []
-        for trial in sorted(judged, key=lambda t: t.number):
-            final = tuner.final(trial)
-            front.append(
-                {
-                    "trial": trial.number,
-                    "params": trial.params,
-                    "screen": screen_outcome(trial),
-                    "final": {**final, **with_intervals(final, groups, backbone_final)},
-                }
-            )
-        feasible_final = [p for p in front if tuner.feasible_at_full_budget(p["final"])]
-        chosen = max(
-            feasible_final,
-            key=lambda p: tuner.trade_off(p["final"]["harmful"]["refusal"], p["final"]["benign"]["refusal"], "final"),
-            default=None,
-        )
+        front = judged_front(tuner, screened_front, groups, backbone_final)
         seconds = study.user_attrs.get("seconds", 0.0) + time.perf_counter() - started
         study.set_user_attr("seconds", round(seconds, 1))
         result = {
@@ -514,20 +495,52 @@ def run_tune(
             "agreement": agreement(
                 [(p["screen"], p["final"]) for p in front] + [(tuner.backbone("screen"), backbone_final)]
             ),
-            "chosen": None,
         }
-        if chosen is not None:
-            result["chosen"] = {
-                "trial": chosen["trial"],
-                "params": chosen["params"],
-                "trade_off": round(
-                    tuner.trade_off(chosen["final"]["harmful"]["refusal"], chosen["final"]["benign"]["refusal"], "final"), 1
-                ),
-                "config": str(write_chosen_config(config, tuner.candidate(chosen["params"]), chosen["trial"], command)),
-                "geometry": tuner.geometry(study.trials[chosen["trial"]]),
-            }
+        result["chosen"] = chosen_point(tuner, front, command)
         write_tune_results(config, result)
         return result
+
+
+def judged_front(
+    tuner: Tuner, screened_front: list[FrozenTrial], groups: dict[str, list[str]], backbone_final: dict
+) -> list[dict[str, Any]]:
+    """The screened front's points re-judged on the full budget, with intervals and tests against the
+    backbone; with ``final_judging: chosen`` only the point the rule picks on the short budget."""
+    judged = screened_front
+    if tuner.config.tune.final_judging == "chosen":
+        judged = sorted(screened_front, key=lambda t: tuner.trade_off(*t.values), reverse=True)[:1]
+    front = []
+    for trial in sorted(judged, key=lambda t: t.number):
+        final = tuner.final(trial)
+        front.append(
+            {
+                "trial": trial.number,
+                "params": trial.params,
+                "screen": screen_outcome(trial),
+                "final": {**final, **with_intervals(final, groups, backbone_final)},
+            }
+        )
+    return front
+
+
+def chosen_point(tuner: Tuner, front: list[dict[str, Any]], command: str) -> dict[str, Any] | None:
+    """The rule's pick among the front's points that are feasible at the full budget, its config
+    written beside the results; None when no point is feasible."""
+
+    def final_trade_off(point: dict[str, Any]) -> float:
+        return tuner.trade_off(point["final"]["harmful"]["refusal"], point["final"]["benign"]["refusal"], "final")
+
+    feasible = [p for p in front if tuner.feasible_at_full_budget(p["final"])]
+    chosen = max(feasible, key=final_trade_off, default=None)
+    if chosen is None:
+        return None
+    return {
+        "trial": chosen["trial"],
+        "params": chosen["params"],
+        "trade_off": round(final_trade_off(chosen), 1),
+        "config": str(write_chosen_config(tuner.config, tuner.candidate(chosen["params"]), chosen["trial"], command)),
+        "geometry": tuner.geometry(tuner.study.trials[chosen["trial"]]),
+    }
 
 
 def trial_row(trial: FrozenTrial) -> dict[str, Any]:

@@ -179,35 +179,9 @@ def export_patch(
             difference = diff_low_rank(old, new, factors[name]) if name in factors else diff_tensor(old, new)
             if difference is not None:
                 sparse[name] = difference
-                where = torch.cat([difference.index.long(), difference.exact_index.long()])
-                change = new.reshape(-1)[where].double() - old.reshape(-1)[where].double()
-                records[name] = {
-                    "dtype": DTYPE_CODES[old.dtype],
-                    "shape": list(old.shape),
-                    "changed": difference.changed,
-                    "exact": difference.exact_index.numel(),
-                    "before": before_digests[name][2],
-                    "after": after_digests[name][2],
-                    "delta_l2": float(change.norm()) if where.numel() else 0.0,
-                    "delta_max_abs": float(change.abs().max()) if where.numel() else 0.0,
-                }
-                if difference.factors is not None:  # the change in full, from the factors
-                    full = (new.double() - old.double()).reshape(-1)
-                    records[name].update(low_rank=int(difference.factors[0].shape[0]), changed=int(torch.count_nonzero(full)),
-                                         revert_steps=difference.revert_steps[0].numel(),
-                                         delta_l2=float(full.norm()), delta_max_abs=float(full.abs().max()))  # fmt: skip
+                records[name] = _change_record(old, new, difference, before_digests[name][2], after_digests[name][2])
             bar.update(info.nbytes)
-    tensors = {}
-    for name, difference in sparse.items():
-        tensors[f"{name}/index"] = difference.index
-        tensors[f"{name}/delta"] = difference.delta
-        if difference.exact_index.numel():
-            tensors[f"{name}/exact_index"] = difference.exact_index
-            tensors[f"{name}/before"] = difference.before
-            tensors[f"{name}/after"] = difference.after
-        if difference.factors is not None:
-            tensors[f"{name}/low_rank_rows"], tensors[f"{name}/low_rank_columns"] = difference.factors
-            tensors[f"{name}/revert_steps"], tensors[f"{name}/far_steps"] = difference.revert_steps
+    tensors = {key: value for name, difference in sparse.items() for key, value in _stored(name, difference)}
     meta = {
         "format": PATCH_FORMAT,
         "format_version": LOW_RANK_FORMAT_VERSION if factors else PATCH_FORMAT_VERSION,
@@ -226,6 +200,55 @@ def export_patch(
         meta["patch_bytes"] = (staging / VALUES_FILE).stat().st_size
         write_json(staging / META_FILE, meta)
     return meta
+
+
+def _change_record(
+    old: torch.Tensor, new: torch.Tensor, difference: SparseDelta, before: str, after: str
+) -> dict[str, Any]:
+    """The metadata of one changed tensor: its dtype and shape, its digests ``before`` and ``after``,
+    and the size of the change (in full, from the factors, for a low-rank entry)."""
+    where = torch.cat([difference.index.long(), difference.exact_index.long()])
+    change = new.reshape(-1)[where].double() - old.reshape(-1)[where].double()
+    record = {
+        "dtype": DTYPE_CODES[old.dtype],
+        "shape": list(old.shape),
+        "changed": difference.changed,
+        "exact": difference.exact_index.numel(),
+        "before": before,
+        "after": after,
+        "delta_l2": float(change.norm()) if where.numel() else 0.0,
+        "delta_max_abs": float(change.abs().max()) if where.numel() else 0.0,
+    }
+    if difference.factors is not None:
+        full = (new.double() - old.double()).reshape(-1)
+        record.update(
+            low_rank=int(difference.factors[0].shape[0]),
+            changed=int(torch.count_nonzero(full)),
+            revert_steps=difference.revert_steps[0].numel(),
+            delta_l2=float(full.norm()),
+            delta_max_abs=float(full.abs().max()),
+        )
+    return record
+
+
+def _stored(name: str, difference: SparseDelta) -> list[tuple[str, torch.Tensor]]:
+    """One changed tensor's entries in the values file, under its name."""
+    stored = [(f"{name}/index", difference.index), (f"{name}/delta", difference.delta)]
+    if difference.exact_index.numel():
+        stored += [
+            (f"{name}/exact_index", difference.exact_index),
+            (f"{name}/before", difference.before),
+            (f"{name}/after", difference.after),
+        ]
+    if difference.factors is not None:
+        (rows, columns), (revert, far) = difference.factors, difference.revert_steps
+        stored += [
+            (f"{name}/low_rank_rows", rows),
+            (f"{name}/low_rank_columns", columns),
+            (f"{name}/revert_steps", revert),
+            (f"{name}/far_steps", far),
+        ]
+    return stored
 
 
 # -- reading ----------------------------------------------------------------------------------------

@@ -421,13 +421,18 @@ def separation_text(separation: dict[str, Any], backbone: dict[str, Any]) -> str
 
 
 def tune_markdown(result: dict[str, Any]) -> str:
+    return "\n".join(_tune_header(result) + _tune_front(result) + _tune_trials(result)) + "\n"
+
+
+def _tune_header(result: dict[str, Any]) -> list[str]:
+    """What was tuned, on which validation prompts, under which objectives and constraints."""
     settings = result["settings"]
     limit = settings.get("max_harmless_refusal")  # studies before it have none
     harmless_limit = "" if limit is None else f", refusal of the harmless prompts <= {limit} %"
     drop = settings.get("max_harmful_drop")
     harmless_limit += "" if drop is None else f", harmful refusal at most {drop} points below the backbone's"
     sizes = ", ".join(f"{name} {size}" for name, size in result["validation_sizes"].items())
-    lines = [
+    return [
         f"# Tuning {result['model']} ({result['compute_dtype']})",
         "",
         f"command: `{result['command']}`; wall time {result['wall_seconds'] / 60:.0f} min on this machine, all "
@@ -445,6 +450,12 @@ def tune_markdown(result: dict[str, Any]) -> str:
         )
         + f" judged again with {settings['final_max_new_tokens']}.",
         "",
+    ]
+
+
+def _tune_front(result: dict[str, Any]) -> list[str]:
+    """The front judged with the full budget against the backbone, and the point chosen from it."""
+    lines = [
         "## Front, judged with the full budget (refusal %, 95 % Wilson interval, McNemar p vs the backbone)",
         "",
         "| trial | knobs | harmful refusal ↑ | p | benign refusal ↓ | p | looping % | KL |",
@@ -488,7 +499,13 @@ def tune_markdown(result: dict[str, Any]) -> str:
         lines.append(
             "No trial met the constraints: nothing was chosen. Widen the space or relax tune.max_kl / tune.max_looping."
         )
-    lines += [
+    return lines
+
+
+def _tune_trials(result: dict[str, Any]) -> list[str]:
+    """Every trial's short-budget outcome (and its error when it failed)."""
+    limit = result["settings"].get("max_harmless_refusal")
+    lines = [
         "",
         "## Every trial (short budget)",
         "",
@@ -511,4 +528,4 @@ def tune_markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {row['trial']} | {row['state']} | {knobs_text(row['params'])} | {row.get('error', '')} | | | | | |"
             )
-    return "\n".join(lines) + "\n"
+    return lines
