@@ -160,7 +160,7 @@ def evaluate_model(
     if generator is None:
         generator = reply_generator(model, tokenizer, settings, loading, model_source, progress, label)
     started = time.perf_counter()
-    replies = SuiteRun(generator, label)
+    suite = SuiteRun(generator, label)
     flags: dict[str, list[bool]] = {}
     for set_name, examples, set_judge, name, max_new in (
         ("harmful", sets.harmful, judge, settings.judge, settings.max_new_tokens),
@@ -168,12 +168,12 @@ def evaluate_model(
         ("harmless", sets.harmless, refusal_judge, settings.refusal_judge, settings.kl_max_new_tokens),
     ):
         requests = [e.prompt for e in examples]
-        flags[set_name] = replies.refusals(set_name, requests, requests, set_judge, name, max_new)
+        flags[set_name] = suite.refusals(set_name, requests, requests, set_judge, name, max_new)
     by_category = rates_by_category(sets.harmful, flags["harmful"], category_column(settings.harmful))
     by_benchmark = {}
     for name, examples in sets.safety.items():
         requests = [e.prompt for e in examples]
-        refusals = replies.refusals(
+        refusals = suite.refusals(
             f"safety/{name}", requests, requests, judge, settings.judge, settings.max_new_tokens
         )
         by_benchmark[name] = {
@@ -185,13 +185,13 @@ def evaluate_model(
     for name, examples in sets.over_safety.items():
         requests = [e.prompt for e in examples]
         set_name = f"over_safety/{name}"
-        replies.refusals(set_name, requests, requests, refusal_judge, settings.refusal_judge, settings.max_new_tokens)
-        over_safety[name] = {**refusal_breakdown(replies.labels[set_name]), "count": len(examples)}
+        suite.refusals(set_name, requests, requests, refusal_judge, settings.refusal_judge, settings.max_new_tokens)
+        over_safety[name] = {**refusal_breakdown(suite.labels[set_name]), "count": len(examples)}
     jailbreak_rates = {}
     for family in settings.jailbreaks:
         requests = [e.prompt for e in sets.harmful[: settings.jailbreak_max_examples]]
         wrapped = wrap_prompts(requests, family, data_dir, settings.jailbreak_seed)
-        refusals = replies.refusals(
+        refusals = suite.refusals(
             f"jailbreak/{family}", requests, wrapped, judge, settings.judge, settings.max_new_tokens
         )
         jailbreak_rates[family] = 100.0 - percent(refusals)
@@ -201,7 +201,7 @@ def evaluate_model(
         "benign_refusal_rate": percent(flags["benign"]),
         **{
             f"benign_{key}": value
-            for key, value in refusal_breakdown(replies.labels["benign"]).items()
+            for key, value in refusal_breakdown(suite.labels["benign"]).items()
             if key != "refusal_rate"
         },
         "harmless_refusal_rate": percent(flags["harmless"]),
@@ -209,28 +209,28 @@ def evaluate_model(
         "jailbreak_harmful_response_rate": jailbreak_rates,
         "safety_benchmarks": by_benchmark,
         "over_safety_benchmarks": over_safety,
-        "judge_unparsed": replies.unparsed,
-        "looping_reply_rate": percent(replies.loops),
+        "judge_unparsed": suite.unparsed,
+        "looping_reply_rate": percent(suite.loops),
         "kl_to_reference": None,
         "counts": {"harmful": len(sets.harmful), "benign": len(sets.benign), "harmless": len(sets.harmless)},
     }
     if settings.utility.enabled:
-        utility = replies.timed("utility", evaluate_utility, model, tokenizer, settings.utility, data_dir, progress)
+        utility = suite.timed("utility", evaluate_utility, model, tokenizer, settings.utility, data_dir, progress)
         metrics.update(utility)
     if sets.perplexity:
-        metrics["response_perplexity"] = replies.timed(
+        metrics["response_perplexity"] = suite.timed(
             "perplexity", response_perplexity, model, tokenizer, sets.perplexity
         )
     if reference is not None and reference_harmless is not None:
         prompts = [e.prompt for e in sets.harmless]
-        metrics["kl_to_reference"] = replies.timed(
+        metrics["kl_to_reference"] = suite.timed(
             "kl", mean_token_kl, model, reference, tokenizer, prompts, reference_harmless
         )
-    metrics["part_seconds"] = replies.part_seconds
-    metrics["generation"] = replies.generation()
+    metrics["part_seconds"] = suite.part_seconds
+    metrics["generation"] = suite.generation()
     metrics["compute_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
-    return metrics, replies.records
+    return metrics, suite.records
 
 
 def harmless_responses(records: list[dict[str, Any]]) -> list[str]:

@@ -207,8 +207,6 @@ def _change_record(
 ) -> dict[str, Any]:
     """The metadata of one changed tensor: its dtype and shape, its digests ``before`` and ``after``,
     and the size of the change (in full, from the factors, for a low-rank entry)."""
-    where = torch.cat([difference.index.long(), difference.exact_index.long()])
-    change = new.reshape(-1)[where].double() - old.reshape(-1)[where].double()
     record = {
         "dtype": DTYPE_CODES[old.dtype],
         "shape": list(old.shape),
@@ -216,17 +214,22 @@ def _change_record(
         "exact": difference.exact_index.numel(),
         "before": before,
         "after": after,
-        "delta_l2": float(change.norm()) if where.numel() else 0.0,
-        "delta_max_abs": float(change.abs().max()) if where.numel() else 0.0,
     }
-    if difference.factors is not None:
+    if difference.factors is None:
+        where = torch.cat([difference.index.long(), difference.exact_index.long()])
+        change = new.reshape(-1)[where].double() - old.reshape(-1)[where].double()
+        record.update(
+            delta_l2=float(change.norm()) if where.numel() else 0.0,
+            delta_max_abs=float(change.abs().max()) if where.numel() else 0.0,
+        )
+    else:
         full = (new.double() - old.double()).reshape(-1)
         record.update(
-            low_rank=int(difference.factors[0].shape[0]),
             changed=int(torch.count_nonzero(full)),
-            revert_steps=difference.revert_steps[0].numel(),
             delta_l2=float(full.norm()),
             delta_max_abs=float(full.abs().max()),
+            low_rank=int(difference.factors[0].shape[0]),
+            revert_steps=difference.revert_steps[0].numel(),
         )
     return record
 
