@@ -170,27 +170,28 @@ def test_bench_methods_merge_what_they_say(bench_run):
     config = build_config(path, model=BenchConfig, quick=True)
     bench = Bench(config, progress=False)
     bench.prepare()
-    ascent, descent = bench.patches["ascent"], bench.patches["descent"]
+    ascent, descent = bench.shared.patches["ascent"], bench.shared.patches["descent"]
     ga, _, _ = bench.merged_deltas("ga", 0)
     npo, _, _ = bench.merged_deltas("npo", 0)
     ta, _, _ = bench.merged_deltas("task-arithmetic", 0)
     over_only, _, _ = bench.merged_deltas("over-safety-only", 1)
-    scores_s, scores_o = bench.scores
+    scores_s, scores_o = bench.shared.scores
     region_s, region_o = TopRegion(dict(scores_s), 20, "global"), TopRegion(dict(scores_o), 20, "global")
     beta = config.pipeline.merge.beta
     for name in ascent.deltas:
         assert torch.equal(ga[name], ascent.deltas[name].float())
-        assert torch.equal(npo[name], bench.patches["npo"].deltas[name].float())
+        assert torch.equal(npo[name], bench.shared.patches["npo"].deltas[name].float())
         assert torch.allclose(ta[name], ascent.deltas[name] + beta * descent.deltas[name])
         _, only_o = difference_sets(region_s.mask(name), region_o.mask(name))
         assert not over_only[name][~only_o].any()  # nothing outside M_o
     assert not torch.equal(ga[name], npo[name])
-    benign = bench.patches["benign"]
+    benign = bench.shared.patches["benign"]
     assert benign.info["num_pairs"] == 4 and benign.info["pairs_sha256"] != descent.info["pairs_sha256"]
     ta_benign, _, _ = bench.merged_deltas("task-arithmetic-benign-os", 0)
     for name in ascent.deltas:
         assert torch.allclose(ta_benign[name], ascent.deltas[name] + beta * benign.deltas[name])
-    assert bench.benign_scores[1] is not None and bench.derive_seconds(BENCH_METHODS["safepatching-benign-os"]) > 0
+    assert bench.shared.benign_scores[1] is not None
+    assert bench.derive_seconds(BENCH_METHODS["safepatching-benign-os"]) > 0
 
 
 def run_sweep(path, *args):

@@ -100,6 +100,35 @@ def summarise(values: list[float | None]) -> dict[str, Any]:
 
 
 @dataclass
+class SharedPatches:
+    """What a bench derives once for all its merge rows: the patches by kind (ascent, descent, npo,
+    benign), the importance scores of the descent and benign pairings, and the stage times."""
+
+    patches: dict[str, DensePatch] = field(default_factory=dict)
+    scores: tuple[Any, Any] = (None, None)
+    benign_scores: tuple[Any, Any] = (None, None)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def for_row(self, method: BenchMethod, needs_importance: bool) -> tuple[DensePatch, DensePatch, tuple[Any, Any]]:
+        """The safety patch, over-safety patch and importance scores a merge row merges."""
+        benign = method.over_safety_patch == "benign"
+        safety = self.patches["npo" if method.safety_patch == "npo" else "ascent"]
+        over_safety = self.patches["benign" if benign else "descent"]
+        scores = (self.benign_scores if benign else self.scores) if needs_importance else (None, None)
+        return safety, over_safety, scores
+
+    def seconds(self, method: BenchMethod, over_safety: bool, needs_importance: bool) -> float:
+        """Wall time of deriving the patches (and scores) the row merges, from the stage records."""
+        benign = method.over_safety_patch == "benign"
+        seconds = self.timings.get("npo" if method.safety_patch == "npo" else "safety", 0.0)
+        if over_safety:
+            seconds += self.timings.get("benign" if benign else "over_safety", 0.0)
+        if needs_importance:
+            seconds += self.timings.get("benign_importance" if benign else "importance", 0.0)
+        return seconds
+
+
+@dataclass
 class Bench:
     """The shared state of one bench run: backbone, patches, scores and the evaluation sets."""
 
@@ -113,10 +142,7 @@ class Bench:
         self.stages = Stages(pipeline, self.progress, self.console)
         self.pairs: list[Example] = self.stages.harmful_pairs()
         self.sets: EvalSets = self.stages.data.eval_sets(self.pairs)  # refuses overlap with the training pairs
-        self.patches: dict[str, DensePatch] = {}
-        self.scores: tuple[Any, Any] = (None, None)
-        self.benign_scores: tuple[Any, Any] = (None, None)
-        self.timings: dict[str, float] = {}
+        self.shared = SharedPatches()
         self.chosen: dict[str, PipelineConfig] = {}  # tuned rows: the point each study chose
         self.tuning: dict[str, dict[str, Any]] = {}  # tuned rows: what their study found
         self._scorer: ValidationScorer | None = None
@@ -141,22 +167,24 @@ class Bench:
         merges = [m for m in merges if self.config.merge_settings(m).merges_patches]  # edit-only rows derive nothing
         if not merges:
             return
-        self.patches["ascent"], self.patches["descent"] = self.stages.patches.derive(self.pairs)
+        shared, patches = self.shared, self.shared.patches
+        patches["ascent"], patches["descent"] = self.stages.patches.derive(self.pairs)
         if any(m.safety_patch == "npo" for m in merges):
-            self.patches["npo"] = self.stages.patches.derive_one(self.pairs, "npo", "npo")
+            patches["npo"] = self.stages.patches.derive_one(self.pairs, "npo", "npo")
         needs_importance = [m for m in merges if MERGE_METHODS[self.config.merge_settings(m).method].needs_importance]
         if needs_importance:
-            self.scores = self.stages.patches.importance(self.pairs, self.patches["ascent"], self.patches["descent"])
-        self.timings = {label: self.stages.patches.stage_seconds(f"patches/{label}") for label in ("safety", "over_safety", "npo")}
-        self.timings["importance"] = self.stages.patches.stage_seconds("importance")
+            shared.scores = self.stages.patches.importance(self.pairs, patches["ascent"], patches["descent"])
+        stage_seconds = self.stages.patches.stage_seconds
+        shared.timings = {label: stage_seconds(f"patches/{label}") for label in ("safety", "over_safety", "npo")}
+        shared.timings["importance"] = stage_seconds("importance")
         if any(m.over_safety_patch == "benign" for m in merges):
             benign = self.benign_stages
             benign.data.eval_sets(self.pairs)  # its prompts must not be evaluated on either
-            self.patches["benign"] = benign.patches.derive_over_safety(self.pairs)
+            patches["benign"] = benign.patches.derive_over_safety(self.pairs)
             if any(m.over_safety_patch == "benign" for m in needs_importance):
-                self.benign_scores = benign.patches.importance(self.pairs, self.patches["ascent"], self.patches["benign"])
-            self.timings["benign"] = benign.patches.stage_seconds("patches/over_safety")
-            self.timings["benign_importance"] = benign.patches.stage_seconds("importance")
+                shared.benign_scores = benign.patches.importance(self.pairs, patches["ascent"], patches["benign"])
+            shared.timings["benign"] = benign.patches.stage_seconds("patches/over_safety")
+            shared.timings["benign_importance"] = benign.patches.stage_seconds("importance")
 
     @cached_property
     def benign_stages(self) -> Stages:
@@ -182,13 +210,8 @@ class Bench:
         seconds = self.edits.seconds(row) if row.directional.active else 0.0
         if not settings.merges_patches:
             return seconds
-        benign = method.over_safety_patch == "benign"
-        seconds += self.timings.get("npo" if method.safety_patch == "npo" else "safety", 0.0)
-        if settings.beta != 0:
-            seconds += self.timings.get("benign" if benign else "over_safety", 0.0)
-        if MERGE_METHODS[settings.method].needs_importance:
-            seconds += self.timings.get("benign_importance" if benign else "importance", 0.0)
-        return seconds
+        needs_importance = MERGE_METHODS[settings.method].needs_importance
+        return seconds + self.shared.seconds(method, settings.beta != 0, needs_importance)
 
     # -- tuning --------------------------------------------------------------------------------------
     def tune(self, name: str, command: str) -> None:
@@ -237,14 +260,7 @@ class Bench:
         edits = self.edit_deltas(self.config.row_pipeline(method))
         if not settings.merges_patches:
             return edits, edit_counts(edits), time.perf_counter() - started
-        safety = self.patches["npo" if method.safety_patch == "npo" else "ascent"]
-        benign = method.over_safety_patch == "benign"
-        over_safety = self.patches["benign" if benign else "descent"]
-        scores = (
-            (self.benign_scores if benign else self.scores)
-            if MERGE_METHODS[settings.method].needs_importance
-            else (None, None)
-        )
+        safety, over_safety, scores = self.shared.for_row(method, MERGE_METHODS[settings.method].needs_importance)
         deltas, counts = PatchMerger(safety, over_safety, settings, seed, *scores, edits=edits).merge_all()
         return deltas, counts, time.perf_counter() - started
 
@@ -364,7 +380,7 @@ def run_bench(config: BenchConfig, command: str = "", progress: bool = True) -> 
             rows[name] = method_row(config, name, seeds, cells, backbone_metrics)
             if name in bench.tuning:
                 rows[name]["tuning"] = bench.tuning[name]
-            compute = sum(bench.timings.values()) + bench.edits.computed_seconds() + sum(cell_seconds.values())
+            compute = sum(bench.shared.timings.values()) + bench.edits.computed_seconds() + sum(cell_seconds.values())
             compute += tuning_seconds
             result = bench_result(config, command, rows, time.perf_counter() - started, compute, complete=False)
             write_bench_results(config, result)  # after every method: a crash keeps what is done
