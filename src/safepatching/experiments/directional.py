@@ -11,7 +11,7 @@ close to the backbone's (docs/method.md, "Directional patches").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -291,13 +291,15 @@ class DirectionalEdits:
 
     def seconds(self, settings: PipelineConfig) -> float:
         """Wall time the settings' directions and probes took when they were computed (0: not yet)."""
-        return sum(self.stage_seconds(key) for key in self.stage_keys(settings))
-
-    def stage_seconds(self, key: str) -> float:
-        return stage_record(self.directory / key[:12]).get("wall_seconds", 0.0)
+        return stages_wall_seconds(self.directory, self.stage_keys(settings))
 
     def computed_seconds(self) -> float:
         """Wall time of every direction and probe stage computed under this host's directory."""
         keys = {self.key(prompts, sets) for prompts, sets in self._prompts.values()} | self._alignment_keys
-        return sum(self.stage_seconds(key) for key in keys)
+        return stages_wall_seconds(self.directory, keys)
+
+
+def stages_wall_seconds(directory: Path, keys: Iterable[str]) -> float:
+    """The summed wall time the stages of ``keys`` under ``directory`` recorded (0 for one not yet run)."""
+    return sum(stage_record(directory / key[:12]).get("wall_seconds", 0.0) for key in keys)
 
