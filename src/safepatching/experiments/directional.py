@@ -43,7 +43,7 @@ from safepatching.method.directions import (
     residual_writers,
     sublayer_names,
 )
-from safepatching.storage.cache import cached, fingerprint, stage_record
+from safepatching.storage.cache import cached, fingerprint, recorded_wall_seconds
 from safepatching.storage.files import load_tensors, save_tensors, write_json
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # per writer: rows [rank, out], columns [rank, in]
@@ -301,5 +301,5 @@ class DirectionalEdits:
 
 def stages_wall_seconds(directory: Path, keys: Iterable[str]) -> float:
     """The summed wall time the stages of ``keys`` under ``directory`` recorded (0 for one not yet run)."""
-    return sum(stage_record(directory / key[:12]).get("wall_seconds", 0.0) for key in keys)
+    return sum(recorded_wall_seconds(directory / key[:12]) for key in keys)
 

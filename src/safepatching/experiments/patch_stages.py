@@ -23,7 +23,7 @@ from safepatching.method.dense import DensePatch, checkpoint_dir_for, load_dense
 from safepatching.method.derivations import DERIVATIONS, DerivationInputs
 from safepatching.method.importance import snip_scores
 from safepatching.method.merge_methods import MERGE_METHODS
-from safepatching.storage.cache import cached, stage_is_fresh, stage_meter, stage_record
+from safepatching.storage.cache import cached, recorded_wall_seconds, stage_is_fresh, stage_meter
 from safepatching.storage.files import link_dir, save_tensors
 from safepatching.storage.shards import LazyTensors
 
@@ -126,7 +126,7 @@ class PatchStages:
     def stage_seconds(self, stage: str) -> float:
         """Wall time the cached stage under ``stage`` (e.g. patches/safety, importance) took to compute
         (0 when it was never computed here)."""
-        return stage_record(self.out / stage).get("wall_seconds", 0.0)
+        return recorded_wall_seconds(self.out / stage)
 
     def score(self, pairs: list[Example], patch: DensePatch, label: str) -> dict[str, Any]:
         """SNIP importance of backbone + ``patch`` on the pairs (not cached: `importance` caches both)."""

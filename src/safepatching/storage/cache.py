@@ -111,6 +111,11 @@ def stage_record(directory: Path) -> dict[str, Any]:
     return read_json(stage) if stage.exists() else {}
 
 
+def recorded_wall_seconds(directory: Path) -> float:
+    """The wall time the stage in ``directory`` took to compute (0 when it never finished there)."""
+    return stage_record(directory).get("wall_seconds", 0.0)
+
+
 def cached(
     directory: Path,
     key: str,
