@@ -175,7 +175,7 @@ def test_bench_methods_merge_what_they_say(bench_run):
     npo, _, _ = bench.merged_deltas("npo", 0)
     ta, _, _ = bench.merged_deltas("task-arithmetic", 0)
     over_only, _, _ = bench.merged_deltas("over-safety-only", 1)
-    scores_s, scores_o = bench.shared.scores
+    scores_s, scores_o = bench.shared.scores["descent"]
     region_s, region_o = TopRegion(dict(scores_s), 20, "global"), TopRegion(dict(scores_o), 20, "global")
     beta = config.pipeline.merge.beta
     for name in ascent.deltas:
@@ -190,7 +190,7 @@ def test_bench_methods_merge_what_they_say(bench_run):
     ta_benign, _, _ = bench.merged_deltas("task-arithmetic-benign-os", 0)
     for name in ascent.deltas:
         assert torch.allclose(ta_benign[name], ascent.deltas[name] + beta * benign.deltas[name])
-    assert bench.shared.benign_scores[1] is not None
+    assert bench.shared.scores["benign"][1] is not None
     assert bench.derive_seconds(BENCH_METHODS["safepatching-benign-os"]) > 0
 
 

@@ -101,31 +101,35 @@ def summarise(values: list[float | None]) -> dict[str, Any]:
 
 @dataclass
 class SharedPatches:
-    """What a bench derives once for all its merge rows: the patches by kind (ascent, descent, npo,
-    benign), the importance scores of the descent and benign pairings, and the stage times."""
+    """What a bench derives once for all its merge rows, by patch kind (ascent, descent, npo,
+    benign): the patches, the importance scores of each over-safety kind's pairing with ascent, and
+    the wall time of each (importance under ``importance/<over-safety kind>``)."""
 
     patches: dict[str, DensePatch] = field(default_factory=dict)
-    scores: tuple[Any, Any] = (None, None)
-    benign_scores: tuple[Any, Any] = (None, None)
+    scores: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def kinds(method: BenchMethod) -> tuple[str, str]:
+        """The kinds of the safety and over-safety patches a merge row merges."""
+        return ("npo" if method.safety_patch == "npo" else "ascent",
+                "benign" if method.over_safety_patch == "benign" else "descent")  # fmt: skip
 
     def for_row(self, method: BenchMethod, needs_importance: bool) -> tuple[DensePatch, DensePatch, tuple[Any, Any]]:
         """The safety patch, over-safety patch and importance scores a merge row merges."""
-        benign = method.over_safety_patch == "benign"
-        safety = self.patches["npo" if method.safety_patch == "npo" else "ascent"]
-        over_safety = self.patches["benign" if benign else "descent"]
-        scores = (self.benign_scores if benign else self.scores) if needs_importance else (None, None)
-        return safety, over_safety, scores
+        safety, over_safety = self.kinds(method)
+        scores = self.scores.get(over_safety, (None, None)) if needs_importance else (None, None)
+        return self.patches[safety], self.patches[over_safety], scores
 
-    def seconds(self, method: BenchMethod, over_safety: bool, needs_importance: bool) -> float:
+    def seconds(self, method: BenchMethod, over_safety_merged: bool, needs_importance: bool) -> float:
         """Wall time of deriving the patches (and scores) the row merges, from the stage records."""
-        benign = method.over_safety_patch == "benign"
-        seconds = self.timings.get("npo" if method.safety_patch == "npo" else "safety", 0.0)
-        if over_safety:
-            seconds += self.timings.get("benign" if benign else "over_safety", 0.0)
+        safety, over_safety = self.kinds(method)
+        used = [safety]
+        if over_safety_merged:
+            used.append(over_safety)
         if needs_importance:
-            seconds += self.timings.get("benign_importance" if benign else "importance", 0.0)
-        return seconds
+            used.append(f"importance/{over_safety}")
+        return sum(self.timings.get(kind, 0.0) for kind in used)
 
 
 @dataclass
@@ -173,18 +177,18 @@ class Bench:
             patches["npo"] = self.stages.patches.derive_one(self.pairs, "npo", "npo")
         needs_importance = [m for m in merges if MERGE_METHODS[self.config.merge_settings(m).method].needs_importance]
         if needs_importance:
-            shared.scores = self.stages.patches.importance(self.pairs, patches["ascent"], patches["descent"])
-        stage_seconds = self.stages.patches.stage_seconds
-        shared.timings = {label: stage_seconds(f"patches/{label}") for label in ("safety", "over_safety", "npo")}
-        shared.timings["importance"] = stage_seconds("importance")
+            shared.scores["descent"] = self.stages.patches.importance(self.pairs, patches["ascent"], patches["descent"])
+        stage_of = {"ascent": "patches/safety", "descent": "patches/over_safety", "npo": "patches/npo",
+                    "importance/descent": "importance"}  # fmt: skip
+        shared.timings = {kind: self.stages.patches.stage_seconds(stage) for kind, stage in stage_of.items()}
         if any(m.over_safety_patch == "benign" for m in merges):
             benign = self.benign_stages
             benign.data.eval_sets(self.pairs)  # its prompts must not be evaluated on either
             patches["benign"] = benign.patches.derive_over_safety(self.pairs)
             if any(m.over_safety_patch == "benign" for m in needs_importance):
-                shared.benign_scores = benign.patches.importance(self.pairs, patches["ascent"], patches["benign"])
+                shared.scores["benign"] = benign.patches.importance(self.pairs, patches["ascent"], patches["benign"])
             shared.timings["benign"] = benign.patches.stage_seconds("patches/over_safety")
-            shared.timings["benign_importance"] = benign.patches.stage_seconds("importance")
+            shared.timings["importance/benign"] = benign.patches.stage_seconds("importance")
 
     @cached_property
     def benign_stages(self) -> Stages:
