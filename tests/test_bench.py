@@ -151,6 +151,14 @@ def test_bench_recomputes_the_cells_a_changed_merge_setting_shapes(bench_run, tm
     assert cost["backbone"] == 1.0 and cost["task-arithmetic"] is None
     assert cost["rose"] > 0 and cost["safedecoding"] > 0
     assert "reused from another run" in (tmp_path / "results/tiny.md").read_text()
+    # compute behind the table: the two patches these rows rest on and their cells, not the NPO,
+    # importance, benign-os or direction stages the first bench left in the shared work folder
+    rested_on = [json.loads((tmp_path / f"work/{s}/stage.json").read_text())["wall_seconds"]
+                 for s in ("patches/safety", "patches/over_safety")]  # fmt: skip
+    cell_seconds = [json.loads(cell.read_text()) for cell in cells.values()]
+    expected = sum(rested_on) + sum(c["merge_seconds"] + sum(c["part_seconds"].values()) for c in cell_seconds)
+    result = json.loads((tmp_path / "results/tiny.json").read_text())
+    assert result["compute_seconds"] == pytest.approx(expected, abs=0.2)
 
 
 def test_inference_cost_compares_only_cells_timed_in_one_run():

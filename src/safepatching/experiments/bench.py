@@ -180,7 +180,8 @@ class Bench:
             shared.scores["descent"] = self.stages.patches.importance(self.pairs, patches["ascent"], patches["descent"])
         stage_of = {"ascent": "patches/safety", "descent": "patches/over_safety", "npo": "patches/npo",
                     "importance/descent": "importance"}  # fmt: skip
-        shared.timings = {kind: self.stages.patches.stage_seconds(stage) for kind, stage in stage_of.items()}
+        derived = [*patches, *(f"importance/{kind}" for kind in shared.scores)]  # not a stale stage in work_dir
+        shared.timings = {kind: self.stages.patches.stage_seconds(stage_of[kind]) for kind in derived}
         if any(m.over_safety_patch == "benign" for m in merges):
             benign = self.benign_stages
             benign.data.eval_sets(self.pairs)  # its prompts must not be evaluated on either
@@ -188,7 +189,8 @@ class Bench:
             if any(m.over_safety_patch == "benign" for m in needs_importance):
                 shared.scores["benign"] = benign.patches.importance(self.pairs, patches["ascent"], patches["benign"])
             shared.timings["benign"] = benign.patches.stage_seconds("patches/over_safety")
-            shared.timings["importance/benign"] = benign.patches.stage_seconds("importance")
+            if "benign" in shared.scores:
+                shared.timings["importance/benign"] = benign.patches.stage_seconds("importance")
 
     @cached_property
     def benign_stages(self) -> Stages:
