@@ -171,26 +171,27 @@ class Bench:
         merges = [m for m in merges if self.config.merge_settings(m).merges_patches]  # edit-only rows derive nothing
         if not merges:
             return
-        shared, patches = self.shared, self.shared.patches
-        patches["ascent"], patches["descent"] = self.stages.patches.derive(self.pairs)
+        # each time is read beside its derivation: a stale stage an earlier bench left in work_dir is not counted
+        patches, scores, timings = self.shared.patches, self.shared.scores, self.shared.timings
+        main = self.stages.patches
+        patches["ascent"], patches["descent"] = main.derive(self.pairs)
+        timings["ascent"] = main.stage_seconds("patches/safety")
+        timings["descent"] = main.stage_seconds("patches/over_safety")
         if any(m.safety_patch == "npo" for m in merges):
-            patches["npo"] = self.stages.patches.derive_one(self.pairs, "npo", "npo")
+            patches["npo"] = main.derive_one(self.pairs, "npo", "npo")
+            timings["npo"] = main.stage_seconds("patches/npo")
         needs_importance = [m for m in merges if MERGE_METHODS[self.config.merge_settings(m).method].needs_importance]
         if needs_importance:
-            shared.scores["descent"] = self.stages.patches.importance(self.pairs, patches["ascent"], patches["descent"])
-        stage_of = {"ascent": "patches/safety", "descent": "patches/over_safety", "npo": "patches/npo",
-                    "importance/descent": "importance"}  # fmt: skip
-        derived = [*patches, *(f"importance/{kind}" for kind in shared.scores)]  # not a stale stage in work_dir
-        shared.timings = {kind: self.stages.patches.stage_seconds(stage_of[kind]) for kind in derived}
+            scores["descent"] = main.importance(self.pairs, patches["ascent"], patches["descent"])
+            timings["importance/descent"] = main.stage_seconds("importance")
         if any(m.over_safety_patch == "benign" for m in merges):
             benign = self.benign_stages
             benign.data.eval_sets(self.pairs)  # its prompts must not be evaluated on either
             patches["benign"] = benign.patches.derive_over_safety(self.pairs)
+            timings["benign"] = benign.patches.stage_seconds("patches/over_safety")
             if any(m.over_safety_patch == "benign" for m in needs_importance):
-                shared.scores["benign"] = benign.patches.importance(self.pairs, patches["ascent"], patches["benign"])
-            shared.timings["benign"] = benign.patches.stage_seconds("patches/over_safety")
-            if "benign" in shared.scores:
-                shared.timings["importance/benign"] = benign.patches.stage_seconds("importance")
+                scores["benign"] = benign.patches.importance(self.pairs, patches["ascent"], patches["benign"])
+                timings["importance/benign"] = benign.patches.stage_seconds("importance")
 
     @cached_property
     def benign_stages(self) -> Stages:
