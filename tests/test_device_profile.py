@@ -1,5 +1,6 @@
 """The device profile on a CPU machine: a made-up GPU's memory decides activation recomputation, a
-forced setting wins, and the CPU keeps today's choices (and so today's patches, bit for bit)."""
+forced setting wins, the CPU keeps today's choices (and so today's patches, bit for bit), and the
+GPU's choices, forced on the CPU, give the same patch as the CPU's."""
 
 import contextlib
 
@@ -66,17 +67,27 @@ def test_batches_per_pass_must_divide_the_accumulation_steps():
         DeriveConfig(gradient_accumulation_steps=4, batches_per_pass=3)
 
 
-@pytest.mark.parametrize("direction", ["descent", "npo"])
-def test_batches_sharing_a_pass_give_the_patch_of_batches_accumulated_one_by_one(tiny_model_dir, harmful_pairs, direction):
+GPU_CHOICES = {"recompute_activations": False, "logit_rows": 0, "optimizer": "fused", "batches_per_pass": 2}
+
+
+@pytest.mark.parametrize(
+    ("direction", "choices"),
+    [("descent", {"batches_per_pass": 2}), ("npo", {"batches_per_pass": 2}), ("ascent", GPU_CHOICES)],
+    ids=["descent-shared-pass", "npo-shared-pass", "ascent-every-gpu-choice"],
+)
+def test_the_gpu_profiles_choices_forced_on_a_cpu_give_the_cpu_profiles_patch(
+    tiny_model_dir, harmful_pairs, direction, choices
+):
+    # batches sharing a pass must equal batches accumulated one by one; kept activations, logits in one
+    # pass and fused AdamW must equal recomputation, 128-row chunks and AdamW one tensor at a time
     model, tokenizer = load_model(str(tiny_model_dir), loading=ModelLoading(compute_dtype="float32"), training=True)
     pairs = harmful_pairs + [Example(p.prompt + " Now.", p.response + " Done.") for p in harmful_pairs]
     settings = DeriveConfig(max_steps=3, batch_size=2, gradient_accumulation_steps=2, max_length=48, learning_rate=5e-3)
     patches = [
-        derive_patch(model, tokenizer, pairs, direction, settings.model_copy(update={"batches_per_pass": passes}),
-                     progress=False)  # fmt: skip
-        for passes in (1, 2)
+        derive_patch(model, tokenizer, pairs, direction, derive, progress=False)
+        for derive in (settings, settings.model_copy(update=choices))
     ]
-    assert patches[1].info["device_profile"]["batches_per_pass"] == 2
+    assert patches[1].info["device_profile"] == {**patches[0].info["device_profile"], **choices}
     torch.testing.assert_close(patches[0].info["nll_history"], patches[1].info["nll_history"], rtol=1e-5, atol=1e-6)
     assert max(float(delta.abs().max()) for delta in patches[0].deltas.values()) > 1e-4  # training moved the weights
     for name, delta in patches[0].deltas.items():
@@ -142,3 +153,4 @@ def test_under_autocast_the_chunked_logits_cast_the_output_head_once(tiny_model_
     assert casts.count == 1  # not once per 2-row chunk and again in each chunk's recomputation
     assert torch.allclose(chunked[0], whole[0], atol=1e-2)
     assert torch.allclose(chunked[1], whole[1], atol=1e-2)
+
