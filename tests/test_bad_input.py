@@ -209,12 +209,42 @@ def unknown_benchmark(tmp, model, _):
             "--no-progress"], "unknown benchmark 'nope'"  # fmt: skip
 
 
+judge_without_model = bad_setting("judge_without_model", "eval.refusal_judge=llama-guard", "needs a local judge model")
+
+
+def missing_judge_model(tmp, model, _):  # the evaluation's judge fails before the derivation, not after it
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    judge = ["--set", "eval.judge=harmbench-classifier", "--set", f"eval.judge_model={tmp / 'no-judge'}"]
+    return derive_args(model, data, tmp / "out", *judge), "no-judge does not exist"
+
+
+def judge_keywords_missing(tmp, model, _):
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    return derive_args(model, data, tmp / "out", "--data-dir", str(tmp), "--set", "eval.judge=gcg"), "refusal_keywords"
+
+
+def missing_expert(tmp, model, _):  # a run's SafeDecoding expert fails before its derivation, not after it
+    data = write_jsonl(tmp / "d.jsonl", PAIRS)
+    (tmp / "c.yaml").write_text(json.dumps({
+        "model": str(model), "output_dir": str(tmp / "out"), "derive": {"max_steps": 1, "max_length": 48},
+        "harmful_train": {"source": str(data), "response_column": "response"},
+        "eval": {"decoding": {"method": "safedecoding", "expert_model": str(tmp / "no-expert")}},
+    }))  # fmt: skip
+    return ["run", str(tmp / "c.yaml"), "--no-progress"], "no-expert does not exist"
+
+
+def missing_compared_model(tmp, model, _):  # named before the first model's evaluation, not after it
+    return ["eval", "--compare", str(model), str(tmp / "no-model"), "--out", str(tmp / "out"),
+            "--no-progress"], "no-model does not exist"  # fmt: skip
+
+
 CASES = [
     missing_file, unreadable_file, wrong_prompt_column, missing_response_column, empty_dataset, non_utf8_text,
     malformed_json_line, unknown_config_key, unknown_config_value, invalid_hyperparameter, invalid_percentage,
     unknown_merge_method, unknown_direction, bad_yaml, missing_model, pickle_only_model, remote_code_model,
     nan_during_ascent, truncated_safetensors, corrupted_safetensors, not_a_patch, mismatched_architecture,
-    wrong_fingerprint, revert_unpatched_model, existing_output_without_force, unknown_benchmark,
+    wrong_fingerprint, revert_unpatched_model, existing_output_without_force, unknown_benchmark, judge_without_model,
+    missing_judge_model, judge_keywords_missing, missing_expert, missing_compared_model,
 ]  # fmt: skip
 
 
@@ -283,7 +313,7 @@ def hub_unreachable(spec, timeout=None):
 
 
 @pytest.mark.parametrize("hub", ["offline", "unreachable", "no such model"])
-@pytest.mark.parametrize("command", ["demo", "derive"])
+@pytest.mark.parametrize("command", ["demo", "derive", "eval"])
 def test_an_unknown_model_fails_fast_naming_the_demo_models_and_leaves_nothing(
     hub, command, tmp_path, monkeypatch, capsys
 ):
@@ -296,11 +326,11 @@ def test_an_unknown_model_fails_fast_naming_the_demo_models_and_leaves_nothing(
     monkeypatch.setattr(huggingface_hub, "model_info", hub_unreachable if hub == "unreachable" else not_found_on_hub)
     monkeypatch.chdir(tmp_path)
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
-    args = (
-        ["demo", "--model", "no-such-model", "--no-progress"]
-        if command == "demo"
-        else derive_args("no-such-model", data, tmp_path / "out")
-    )
+    args = {
+        "demo": ["demo", "--model", "no-such-model", "--no-progress"],
+        "derive": derive_args("no-such-model", data, tmp_path / "out"),
+        "eval": ["eval", "--model", "no-such-model", "--out", str(tmp_path / "out"), "--no-progress"],
+    }[command]
     started = time.perf_counter()
     code, stderr = run_main(monkeypatch, capsys, args)
     assert time.perf_counter() - started < 10

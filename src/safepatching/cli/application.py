@@ -50,6 +50,7 @@ def _root(
     handler.addFilter(ShowOnce())
     level = logging.INFO if verbose or debug else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(message)s", handlers=[handler])
+    logging.getLogger("huggingface_hub").handlers.clear()  # its records also reach ours: each shows once
 
 
 # The commands in --help order, by group; "function:name" registers a function under another name.

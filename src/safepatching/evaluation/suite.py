@@ -26,7 +26,7 @@ from safepatching.evaluation.metrics import (
     response_perplexity,
 )
 from safepatching.evaluation.utility_tasks import evaluate_utility
-from safepatching.models.loading import load_model, weights_folder
+from safepatching.models.loading import check_model_source, load_model, weights_folder
 from safepatching.models.precision import resolve_dtype
 
 
@@ -48,6 +48,13 @@ def use_vllm(settings: EvalConfig, model_source: str | None) -> bool:
             )
         return True
     return possible and vllm_available()
+
+
+def check_expert(settings: EvalConfig) -> None:
+    """Refuse, before any work, a SafeDecoding expert that is neither a local model nor one the hub has,
+    so it fails at the start of a run and not when its evaluation begins."""
+    if settings.decoding.method == "safedecoding":
+        check_model_source(settings.decoding.expert_model)
 
 
 def reply_generator(

@@ -10,8 +10,9 @@ from rich.console import Console
 from safepatching import __version__
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import load_eval_sets
-from safepatching.evaluation.suite import evaluate_model, harmless_responses
-from safepatching.models.loading import load_model
+from safepatching.evaluation.judges.registry import Judges
+from safepatching.evaluation.suite import check_expert, evaluate_model, harmless_responses
+from safepatching.models.loading import check_model_source, load_model
 from safepatching.models.precision import resolved
 from safepatching.report.results import SUMMARY_SCHEMA_VERSION, save_eval
 from safepatching.report.statistics import compare_outcomes
@@ -27,8 +28,12 @@ def compare_models(
 ) -> dict[str, Any]:
     """Evaluate several models on the same sets; the first is the reference for KL. Not cached: a model
     named by its folder may have been rewritten since."""
-    sets = load_eval_sets(config.eval, config.data_dir)
+    for spec in dict.fromkeys(models):  # a bad name fails here, not after the models before it are evaluated
+        check_model_source(spec)
     loading = resolved(config.loading)  # one dtype for every model compared
+    Judges(config.eval, config.data_dir, loading=loading).check_evaluation_judges()
+    check_expert(config.eval)
+    sets = load_eval_sets(config.eval, config.data_dir)
     reference, tokenizer = load_model(models[0], loading=loading)
     results: dict[str, Any] = {}
     reference_records: list[dict[str, Any]] = []

@@ -20,6 +20,7 @@ from safepatching import __version__
 from safepatching.config.loading import dump_config
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import EvalSets
+from safepatching.evaluation.suite import check_expert
 from safepatching.experiments.compare import HARMFUL_SETS
 from safepatching.experiments.evaluation_stage import evaluate_before_after
 from safepatching.experiments.stages import Stages
@@ -216,5 +217,6 @@ def print_next_steps(console: Console, config: PipelineConfig, meter: dict[str, 
 def run_pipeline(config: PipelineConfig, progress: bool = True) -> RunResult:
     """Run SafePatching end to end for ``config`` and return where everything was written."""
     stages = Stages(config, progress)  # the settings are checked before the directory is taken
+    check_expert(config.eval)
     with directory_lock(stages.out):
         return run_stages(stages)

@@ -58,6 +58,7 @@ class Stages:
         self.loading = resolved(config.loading)  # a dtype this machine cannot run fast fails here
         self.meter: dict[str, Any] = {}
         self.judges = Judges(config.eval, config.data_dir, loading=self.loading)
+        self.judges.check_evaluation_judges()
         self.backbone = backbone or Backbone(config.model, self.loading, config.derive.target_modules, meter=self.meter)
         self.data = TrainingData(config, self.judges)
         self.keys = StageKeys(config, self.compute_dtype, self.data.harmful_pairs, base_state)

@@ -9,6 +9,7 @@ from safepatching.config.settings import EvalConfig, ModelLoading
 from safepatching.errors import ConfigError
 from safepatching.evaluation.judges.llm import LLMJudge
 from safepatching.evaluation.judges.rules import BUILTIN_JUDGES, Judge, Verdict
+from safepatching.models.loading import check_model_source
 
 
 def load_keyword_lists(data_dir: Path) -> dict[str, dict]:
@@ -65,18 +66,27 @@ class Judges:
         self._built: dict[str, Judge] = {}
 
     def check(self, name: str) -> None:
-        """Refuse, before any work, a judge this run could not build (nothing is loaded)."""
+        """Refuse, before any work, a judge this run could not build: its keyword list is read, its
+        model is found (or its hub id reached) but not loaded."""
         if name in BUILTIN_JUDGES:
             return
         if name in DATA_JUDGES:
             if self.data_dir is None:
                 raise ConfigError(f"judge {name!r} reads its keyword list from the data directory.", "pass --data-dir")
+            load_keyword_lists(self.data_dir)
             return
         if name in MODEL_JUDGES:
             if not self.settings.judge_model:
                 raise ConfigError(f"judge {name!r} needs a local judge model.", "set eval.judge_model to its folder")
+            check_model_source(self.settings.judge_model)
             return
         raise ConfigError(f"unknown judge {name!r}.", f"choose one of {judge_names()}")
+
+    def check_evaluation_judges(self) -> None:
+        """Refuse, before any work, the harmful-set or refusal judge the evaluation could not build, so a
+        bad judge fails at the start of a run and not after its derivation."""
+        for name in dict.fromkeys((self.settings.judge, self.settings.refusal_judge)):
+            self.check(name)
 
     def __call__(self, name: str) -> Judge:
         """A judge by name: a built-in rule, a published keyword list from the data directory, or a
