@@ -209,28 +209,41 @@ def unknown_benchmark(tmp, model, _):
             "--no-progress"], "unknown benchmark 'nope'"  # fmt: skip
 
 
-judge_without_model = bad_setting("judge_without_model", "eval.refusal_judge=llama-guard", "needs a local judge model")
-
-
-def missing_judge_model(tmp, model, _):  # the evaluation's judge fails before the derivation, not after it
-    data = write_jsonl(tmp / "d.jsonl", PAIRS)
-    judge = ["--set", "eval.judge=harmbench-classifier", "--set", f"eval.judge_model={tmp / 'no-judge'}"]
-    return derive_args(model, data, tmp / "out", *judge), "no-judge does not exist"
-
-
-def judge_keywords_missing(tmp, model, _):
-    data = write_jsonl(tmp / "d.jsonl", PAIRS)
-    return derive_args(model, data, tmp / "out", "--data-dir", str(tmp), "--set", "eval.judge=gcg"), "refusal_keywords"
-
-
-def missing_expert(tmp, model, _):  # a run's SafeDecoding expert fails before its derivation, not after it
+def run_args(tmp, model, evaluation: dict, *extra) -> list[str]:
+    """`run` of a one-step config on the tiny model whose eval section is ``evaluation``."""
     data = write_jsonl(tmp / "d.jsonl", PAIRS)
     (tmp / "c.yaml").write_text(json.dumps({
         "model": str(model), "output_dir": str(tmp / "out"), "derive": {"max_steps": 1, "max_length": 48},
-        "harmful_train": {"source": str(data), "response_column": "response"},
-        "eval": {"decoding": {"method": "safedecoding", "expert_model": str(tmp / "no-expert")}},
+        "harmful_train": {"source": str(data), "response_column": "response"}, "eval": evaluation,
     }))  # fmt: skip
-    return ["run", str(tmp / "c.yaml"), "--no-progress"], "no-expert does not exist"
+    return ["run", str(tmp / "c.yaml"), "--no-progress", *extra]
+
+
+# what the evaluation needs fails before the derivation, not after it
+def judge_without_model(tmp, model, _):
+    return run_args(tmp, model, {"refusal_judge": "llama-guard"}), "needs a local judge model"
+
+
+def missing_judge_model(tmp, model, _):
+    judge = {"judge": "harmbench-classifier", "judge_model": str(tmp / "no-judge")}
+    return run_args(tmp, model, judge), "no-judge does not exist"
+
+
+def judge_keywords_missing(tmp, model, _):
+    return run_args(tmp, model, {"judge": "gcg"}, "--data-dir", str(tmp)), "refusal_keywords"
+
+
+def jailbreak_templates_missing(tmp, model, _):
+    return run_args(tmp, model, {"jailbreaks": ["dan"]}, "--data-dir", str(tmp)), "no DAN templates"
+
+
+def utility_files_missing(tmp, model, _):
+    return run_args(tmp, model, {"utility": {"mmlu_examples": 5}}, "--data-dir", str(tmp)), "MMLU"
+
+
+def missing_expert(tmp, model, _):
+    expert = {"decoding": {"method": "safedecoding", "expert_model": str(tmp / "no-expert")}}
+    return run_args(tmp, model, expert), "no-expert does not exist"
 
 
 def missing_compared_model(tmp, model, _):  # named before the first model's evaluation, not after it
@@ -244,7 +257,8 @@ CASES = [
     unknown_merge_method, unknown_direction, bad_yaml, missing_model, pickle_only_model, remote_code_model,
     nan_during_ascent, truncated_safetensors, corrupted_safetensors, not_a_patch, mismatched_architecture,
     wrong_fingerprint, revert_unpatched_model, existing_output_without_force, unknown_benchmark, judge_without_model,
-    missing_judge_model, judge_keywords_missing, missing_expert, missing_compared_model,
+    missing_judge_model, judge_keywords_missing, jailbreak_templates_missing, utility_files_missing, missing_expert,
+    missing_compared_model,
 ]  # fmt: skip
 
 
@@ -299,6 +313,15 @@ def test_overlong_examples_are_truncated_with_one_warning(tmp_path, tiny_model_d
     cli.main()
     assert "2 of 2 pairs were cut at 48 tokens" in caplog.text
     assert "longer than derive.max_length=48 tokens are cut" in caplog.text
+    assert (tmp_path / "out" / "deltas.safetensors").exists()
+
+
+def test_derive_alone_does_not_check_the_evaluation_settings(tmp_path, tiny_model_dir, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    no_templates = ["--data-dir", str(tmp_path), "--set", "eval.jailbreaks=[dan]"]
+    args = derive_args(tiny_model_dir, data, tmp_path / "out", *no_templates)
+    monkeypatch.setattr(sys, "argv", ["safepatching", *args])
+    cli.main()  # the run would refuse this data directory (no jailbreak templates); a derivation has no use for them
     assert (tmp_path / "out" / "deltas.safetensors").exists()
 
 

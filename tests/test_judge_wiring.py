@@ -1,5 +1,6 @@
 """`run`, `sweep` and `tune` reach a model judge with the run's eval.judge_model and loading settings
-(a tiny random model judges: what is asserted is that the settings arrive, not the verdicts)."""
+(a tiny random model judges: what is asserted is that the settings arrive, not the verdicts), and a
+judge model that cannot be found is refused before any work."""
 
 import pytest
 import yaml
@@ -73,3 +74,25 @@ def test_tune_reaches_the_model_judge(tmp_path, tiny_model_dir, bench_pipeline, 
     }  # fmt: skip
     run_tune(build_config(overrides=settings, model=TuneConfig), "safepatching tune judged.yaml", progress=False)
     assert_reached(judge_calls, tiny_model_dir)
+
+
+def test_sweep_refuses_a_judge_model_it_cannot_find_before_any_work(
+    tmp_path, tiny_model_dir, bench_pipeline, monkeypatch
+):
+    from safepatching.errors import SafePatchingError
+    from safepatching.experiments import backbone
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the backbone was loaded: the judge was checked only when the replies were judged")
+
+    monkeypatch.setattr(backbone, "load_model", no_work)
+
+    settings = judged_pipeline(bench_pipeline, tiny_model_dir, tmp_path / "run")
+    settings["eval"]["judge_model"] = str(tmp_path / "no-judge")
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    request = SweepConfig(config=path, data_dir=tmp_path, harmful_split="train[6:9]", benign=[VALIDATION_BENIGN],
+                          vary=["merge.beta=0"], max_new_tokens=3)  # fmt: skip
+    with pytest.raises(SafePatchingError, match="no-judge does not exist"):
+        run_sweep(request)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.yaml"]  # no run, work or sweep folder

@@ -138,7 +138,7 @@ def merge(
 
     safety, over_safety = load_dense_patch(safety_patch), load_dense_patch(over_safety_patch)
     scores = [LazyTensors(p) if p else None for p in (safety_scores, over_safety_scores)]
-    counts = Stages(cfg, progress).merge(safety, over_safety, scores, out, refresh=True)
+    counts = Stages(cfg, progress, evaluates=False).merge(safety, over_safety, scores, out, refresh=True)
     err.print(f"patched model ({100 * counts['changed_fraction']:.2f}% of patchable entries changed) written to {out}")
 
 
@@ -149,4 +149,4 @@ def pipeline_stages(config, overrides, model, data, data_dir, out: Path, force: 
     refuse_existing(out, force)
     from safepatching.experiments.stages import Stages
 
-    return Stages(cfg, progress)
+    return Stages(cfg, progress, evaluates=False)  # derive and score: the eval settings are not used

@@ -14,7 +14,7 @@ from safepatching.data.eval_sets import EvalSets
 from safepatching.errors import SafePatchingError
 from safepatching.evaluation.decoding import make_generator
 from safepatching.evaluation.generation import Generator, VLLMGenerator, vllm_available
-from safepatching.evaluation.jailbreaks import wrap_prompts
+from safepatching.evaluation.jailbreaks import load_templates, wrap_prompts
 from safepatching.evaluation.judges.registry import Judges, judge_all
 from safepatching.evaluation.judges.rules import looping
 from safepatching.evaluation.metrics import (
@@ -25,7 +25,7 @@ from safepatching.evaluation.metrics import (
     refusal_breakdown,
     response_perplexity,
 )
-from safepatching.evaluation.utility_tasks import evaluate_utility
+from safepatching.evaluation.utility_tasks import evaluate_utility, utility_tasks
 from safepatching.models.loading import check_model_source, load_model, weights_folder
 from safepatching.models.precision import resolve_dtype
 
@@ -50,9 +50,19 @@ def use_vllm(settings: EvalConfig, model_source: str | None) -> bool:
     return possible and vllm_available()
 
 
+def check_evaluation(settings: EvalConfig, judges: Judges) -> None:
+    """Refuse, before any work, what evaluate_model would only fail on when it begins: a judge it
+    cannot build, a jailbreak family without its templates, utility tasks without their files."""
+    judges.check_evaluation_judges()
+    for family in settings.jailbreaks:
+        load_templates(family, judges.data_dir)
+    utility_tasks(settings.utility, judges.data_dir)
+
+
 def check_expert(settings: EvalConfig) -> None:
     """Refuse, before any work, a SafeDecoding expert that is neither a local model nor one the hub has,
-    so it fails at the start of a run and not when its evaluation begins."""
+    so it fails at the start of a run and not when its evaluation begins (apart from check_evaluation:
+    a bench names its experts by method instead)."""
     if settings.decoding.method == "safedecoding":
         check_model_source(settings.decoding.expert_model)
 

@@ -11,7 +11,7 @@ from safepatching import __version__
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import load_eval_sets
 from safepatching.evaluation.judges.registry import Judges
-from safepatching.evaluation.suite import check_expert, evaluate_model, harmless_responses
+from safepatching.evaluation.suite import check_evaluation, check_expert, evaluate_model, harmless_responses
 from safepatching.models.loading import check_model_source, load_model
 from safepatching.models.precision import resolved
 from safepatching.report.results import SUMMARY_SCHEMA_VERSION, save_eval
@@ -31,7 +31,7 @@ def compare_models(
     for spec in dict.fromkeys(models):  # a bad name fails here, not after the models before it are evaluated
         check_model_source(spec)
     loading = resolved(config.loading)  # one dtype for every model compared
-    Judges(config.eval, config.data_dir, loading=loading).check_evaluation_judges()
+    check_evaluation(config.eval, Judges(config.eval, config.data_dir, loading=loading))
     check_expert(config.eval)
     sets = load_eval_sets(config.eval, config.data_dir)
     reference, tokenizer = load_model(models[0], loading=loading)

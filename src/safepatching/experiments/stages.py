@@ -20,6 +20,7 @@ from rich.console import Console
 from safepatching.config.settings import PipelineConfig
 from safepatching.data.sources import Example
 from safepatching.evaluation.judges.registry import Judges
+from safepatching.evaluation.suite import check_evaluation
 from safepatching.experiments.backbone import Backbone
 from safepatching.experiments.directional import DirectionalEdits
 from safepatching.experiments.keys import StageKeys
@@ -48,17 +49,21 @@ class Stages:
         *,
         backbone: Backbone | None = None,
         base_state: str | None = None,
+        evaluates: bool = True,
     ):
         """``backbone`` is a host to share (continual PSA's working model) instead of one loading
         ``config.model``; ``base_state`` then names its weights when they are not the backbone's files
-        (the rounds already applied), so cached stages of other weights are not reused."""
+        (the rounds already applied), so cached stages of other weights are not reused. Unless the
+        caller never evaluates (``evaluates``: derive, score and merge alone), the evaluation settings
+        are checked here, so a bad judge or set fails before the derivation, not after it."""
         self.config, self.progress, self.base_state = config, progress, base_state
         self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.out = Path(config.output_dir)
         self.loading = resolved(config.loading)  # a dtype this machine cannot run fast fails here
         self.meter: dict[str, Any] = {}
         self.judges = Judges(config.eval, config.data_dir, loading=self.loading)
-        self.judges.check_evaluation_judges()
+        if evaluates:
+            check_evaluation(config.eval, self.judges)
         self.backbone = backbone or Backbone(config.model, self.loading, config.derive.target_modules, meter=self.meter)
         self.data = TrainingData(config, self.judges)
         self.keys = StageKeys(config, self.compute_dtype, self.data.harmful_pairs, base_state)

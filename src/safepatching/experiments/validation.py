@@ -93,6 +93,7 @@ class ValidationScorer:
         named = {s.name: s.examples for s in sets}
         loading = resolved(config.loading)
         self.judges = Judges(config.eval, config.data_dir, loading=loading)
+        self.judges.check_evaluation_judges()  # validation prompts are judged only: no jailbreaks, no utility
         held_out = named if config.drop_eval_overlap else None  # dropped from the pairs, else refused
         self.data = TrainingData(config, self.judges, held_out)
         self.train = self.data.harmful_pairs()
