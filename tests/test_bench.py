@@ -376,3 +376,18 @@ def test_continual_methods_take_their_own_settings(tmp_path):
     ]:
         with pytest.raises(ValidationError, match=message):
             ContinualConfig(rounds=[spec], settings=settings, methods=["ga", "npo"])
+
+
+def test_a_safedecoding_expert_named_by_a_missing_folder_is_refused_before_any_work(
+    tmp_path, tiny_model_dir, bench_pipeline
+):
+    from safepatching.errors import SafePatchingError
+    from safepatching.experiments.bench import run_bench
+
+    missing = {"kind": "decoding", "decoding": {"method": "safedecoding", "expert_model": str(tmp_path / "no-expert")}}
+    config = BenchConfig(name="tiny", pipeline=bench_pipeline(tiny_model_dir), methods=["backbone", "ga", "sd-folder"],
+                         custom_methods={"sd-folder": missing}, output_dir=tmp_path / "results",
+                         work_dir=tmp_path / "work")  # fmt: skip
+    with pytest.raises(SafePatchingError, match="no-expert does not exist"):
+        run_bench(config, progress=False)
+    assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from safepatching.config.settings import EvalConfig, ModelLoading
+from safepatching.config.settings import DecodingConfig, EvalConfig, ModelLoading
 from safepatching.data.eval_sets import EvalSets
 from safepatching.errors import SafePatchingError
 from safepatching.evaluation.decoding import make_generator
@@ -59,12 +59,12 @@ def check_evaluation(settings: EvalConfig, judges: Judges) -> None:
     utility_tasks(settings.utility, judges.data_dir)
 
 
-def check_expert(settings: EvalConfig) -> None:
+def check_expert(decoding: DecodingConfig) -> None:
     """Refuse, before any work, a SafeDecoding expert that is neither a local model nor one the hub has,
     so it fails at the start of a run and not when its evaluation begins (apart from check_evaluation:
-    a bench names its experts by method instead)."""
-    if settings.decoding.method == "safedecoding":
-        check_model_source(settings.decoding.expert_model)
+    a bench row may name a bench method as its expert instead)."""
+    if decoding.method == "safedecoding":
+        check_model_source(decoding.expert_model)
 
 
 def reply_generator(

@@ -28,7 +28,7 @@ from safepatching.config.settings import PipelineConfig
 from safepatching.data.eval_sets import EvalSets
 from safepatching.data.sources import Example, load_examples
 from safepatching.evaluation.decoding import make_generator
-from safepatching.evaluation.suite import evaluate_model, harmless_responses
+from safepatching.evaluation.suite import check_expert, evaluate_model, harmless_responses
 from safepatching.experiments.compare import HARMFUL_SETS
 from safepatching.experiments.directional import DirectionalEdits
 from safepatching.experiments.stages import Stages
@@ -144,6 +144,10 @@ class Bench:
     def __post_init__(self) -> None:
         pipeline = self.config.pipeline.model_copy(update={"output_dir": self.config.work_dir})
         self.stages = Stages(pipeline, self.progress, self.console)
+        for name in self.config.methods:  # an expert named by folder or hub id, not by a bench method
+            method = self.config.method(name)
+            if method.kind == "decoding" and self.config.expert_method(method) is None:
+                check_expert(self.config.decoding_settings(method))
         self.pairs: list[Example] = self.stages.harmful_pairs()
         self.sets: EvalSets = self.stages.data.eval_sets(self.pairs)  # refuses overlap with the training pairs
         self.shared = SharedPatches()

@@ -32,7 +32,7 @@ def compare_models(
         check_model_source(spec)
     loading = resolved(config.loading)  # one dtype for every model compared
     check_evaluation(config.eval, Judges(config.eval, config.data_dir, loading=loading))
-    check_expert(config.eval)
+    check_expert(config.eval.decoding)
     sets = load_eval_sets(config.eval, config.data_dir)
     reference, tokenizer = load_model(models[0], loading=loading)
     results: dict[str, Any] = {}

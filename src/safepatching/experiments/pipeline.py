@@ -217,6 +217,6 @@ def print_next_steps(console: Console, config: PipelineConfig, meter: dict[str, 
 def run_pipeline(config: PipelineConfig, progress: bool = True) -> RunResult:
     """Run SafePatching end to end for ``config`` and return where everything was written."""
     stages = Stages(config, progress)  # the settings are checked before the directory is taken
-    check_expert(config.eval)
+    check_expert(config.eval.decoding)
     with directory_lock(stages.out):
         return run_stages(stages)
