@@ -62,9 +62,9 @@ class Stages:
         self.loading = resolved(config.loading)  # a dtype this machine cannot run fast fails here
         self.meter: dict[str, Any] = {}
         self.judges = Judges(config.eval, config.data_dir, loading=self.loading)
-        if evaluates:
-            check_evaluation(config.eval, self.judges)
         self.backbone = backbone or Backbone(config.model, self.loading, config.derive.target_modules, meter=self.meter)
+        if evaluates:  # after the backbone's name: a bad model is named first
+            check_evaluation(config.eval, self.judges)
         self.data = TrainingData(config, self.judges)
         self.keys = StageKeys(config, self.compute_dtype, self.data.harmful_pairs, base_state)
         self.patches = PatchStages(config, self.backbone, self.data, self.judges, self.keys, progress, self.meter)
