@@ -1,6 +1,7 @@
 """`run`, `sweep` and `tune` reach a model judge with the run's eval.judge_model and loading settings
-(a tiny random model judges: what is asserted is that the settings arrive, not the verdicts), and a
-judge model that cannot be found is refused before any work."""
+(a tiny random model judges: what is asserted is that the settings arrive, not the verdicts); a run
+or a comparison loads it once for all the models it evaluates, and one that cannot be found is
+refused before any work."""
 
 import pytest
 import yaml
@@ -48,6 +49,18 @@ def test_run_reaches_the_model_judge(tmp_path, tiny_model_dir, bench_pipeline, j
     settings = judged_pipeline(bench_pipeline, tiny_model_dir, tmp_path / "run")
     run_pipeline(build_config(overrides=settings), progress=False)
     assert_reached(judge_calls, tiny_model_dir)
+    assert len(judge_calls) == 1  # loaded once for the backbone's evaluation and the patched model's
+
+
+def test_a_comparison_loads_the_model_judge_once_for_all_its_models(
+    tmp_path, tiny_model_dir, bench_pipeline, judge_calls
+):
+    from safepatching.experiments.compare import compare_models
+
+    settings = judged_pipeline(bench_pipeline, tiny_model_dir, tmp_path / "run")
+    compare_models([str(tiny_model_dir)] * 2, build_config(overrides=settings), tmp_path / "eval", progress=False)
+    assert_reached(judge_calls, tiny_model_dir)
+    assert len(judge_calls) == 1
 
 
 def test_sweep_reaches_the_model_judge(tmp_path, tiny_model_dir, bench_pipeline, judge_calls):

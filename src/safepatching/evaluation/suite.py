@@ -163,6 +163,7 @@ def evaluate_model(
     model_source: str | None = None,
     *,
     loading: ModelLoading,
+    judges: Judges | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Metrics and per-prompt records. KL needs the reference (a model, or its ``reference_logprobs``
     on the harmless prompts) and its harmless replies.
@@ -170,9 +171,10 @@ def evaluate_model(
     ``generator`` replaces plain greedy decoding of ``model`` (decoding-time defences); KL,
     perplexity and utility always score ``model`` itself. ``model_source`` names the model (demo name,
     folder, hub id) ``model``'s weights were loaded from unchanged, which lets the vLLM backend serve
-    it; ``loading`` is how that model, an expert or a judge model is loaded.
+    it; ``loading`` is how that model, an expert or a judge model is loaded. ``judges`` are the run's
+    (built from ``settings``), so a model judge is loaded once for every model the run evaluates.
     """
-    judges = Judges(settings, data_dir, loading=loading)
+    judges = judges or Judges(settings, data_dir, loading=loading)
     judge, refusal_judge = judges.harmful, judges.refusal
     if generator is None:
         generator = reply_generator(model, tokenizer, settings, loading, model_source, progress, label)

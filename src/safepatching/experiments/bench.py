@@ -312,6 +312,7 @@ class Bench:
             "progress": self.progress,
             "data_dir": self.config.pipeline.data_dir,
             "loading": self.stages.loading,
+            "judges": self.stages.judges,
         }
         if method.kind == "backbone":
             metrics, records = evaluate_model(model, tokenizer, self.sets, eval_settings, **common)

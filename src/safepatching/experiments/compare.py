@@ -31,7 +31,8 @@ def compare_models(
     for spec in dict.fromkeys(models):  # a bad name fails here, not after the models before it are evaluated
         check_model_source(spec)
     loading = resolved(config.loading)  # one dtype for every model compared
-    check_evaluation(config.eval, Judges(config.eval, config.data_dir, loading=loading))
+    judges = Judges(config.eval, config.data_dir, loading=loading)  # a model judge is loaded once for all
+    check_evaluation(config.eval, judges)
     check_expert(config.eval.decoding)
     sets = load_eval_sets(config.eval, config.data_dir)
     reference, tokenizer = load_model(models[0], loading=loading)
@@ -55,6 +56,7 @@ def compare_models(
                 data_dir=config.data_dir,
                 model_source=spec,
                 loading=loading,
+                judges=judges,
             )
             del model
         if index == 0:

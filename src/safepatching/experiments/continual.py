@@ -23,8 +23,9 @@ from safepatching.config.identity import cache_identity
 from safepatching.data.eval_sets import EvalSets, load_eval_sets
 from safepatching.data.overlap import assert_disjoint, drop_overlap
 from safepatching.data.sources import Example, load_examples
+from safepatching.evaluation.judges.registry import Judges
 from safepatching.evaluation.metrics import reference_logprobs
-from safepatching.evaluation.suite import evaluate_model, harmless_responses
+from safepatching.evaluation.suite import check_evaluation, evaluate_model, harmless_responses
 from safepatching.experiments.backbone import Backbone
 from safepatching.experiments.compare import HARMFUL_SETS
 from safepatching.experiments.stages import Stages
@@ -76,6 +77,8 @@ class Continual:
         self.sets = load_eval_sets(pipeline.eval, pipeline.data_dir)
         self.rounds = load_rounds(config, self.sets)
         self.loading = resolved(pipeline.loading)
+        self.judges = Judges(pipeline.eval, pipeline.data_dir, loading=self.loading)  # one for every round
+        check_evaluation(pipeline.eval, self.judges)
         self.work = Path(config.work_dir)
         self.tokenizer = None
         self.reference: list[torch.Tensor] | None = None  # the backbone's log-probabilities for KL
@@ -108,6 +111,7 @@ class Continual:
             progress=self.progress,
             data_dir=pipeline.data_dir,
             loading=self.loading,
+            judges=self.judges,
         )
         save_eval(directory, metrics, records)
         return metrics

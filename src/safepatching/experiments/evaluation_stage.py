@@ -23,7 +23,9 @@ def evaluate_before_after(stages: Stages, sets: EvalSets, model_dir: Path) -> tu
     """(backbone metrics, patched metrics) on ``sets``, written under eval/backbone and eval/patched."""
     eval_dir, config = stages.out / "eval", stages.config
     model, tokenizer = stages.backbone.model()
-    common = {"progress": stages.progress, "data_dir": config.data_dir, "loading": stages.loading}
+    common = {
+        "progress": stages.progress, "data_dir": config.data_dir, "loading": stages.loading, "judges": stages.judges
+    }  # one judge for both evaluations
 
     def backbone_eval():
         metrics, records = evaluate_model(
