@@ -207,7 +207,7 @@ class Bench:
                 "output_dir": self.config.work_dir / "benign-os",
             }
         )
-        return Stages(pipeline, self.progress, self.console)
+        return Stages(pipeline, self.progress, self.console, evaluates=False)  # derives only; cells use self.stages
 
     def derive_seconds(self, method: BenchMethod) -> float:
         """Derivation (and importance) wall time the method's patches took, from the stage records."""

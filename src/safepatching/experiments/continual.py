@@ -137,7 +137,8 @@ class Continual:
             for number, (spec, pairs) in enumerate(zip(self.config.rounds, self.rounds, strict=True), start=1):
                 directory = self.work / method / f"round-{number}"
                 settings = pipeline.model_copy(update={"harmful_train": spec, "output_dir": directory})
-                run = Stages(settings, self.progress, backbone=host, base_state=state)
+                # the rounds only derive and merge: their evaluation is ours, its settings checked at the start
+                run = Stages(settings, self.progress, backbone=host, base_state=state, evaluates=False)
                 add_deltas(working, round_deltas(run, method, pairs))
                 state = fingerprint(state, method, run.keys.merge())
                 rows[method].append(self.evaluate(directory / "eval", working, state, reference_harmless))

@@ -54,8 +54,9 @@ class Stages:
         """``backbone`` is a host to share (continual PSA's working model) instead of one loading
         ``config.model``; ``base_state`` then names its weights when they are not the backbone's files
         (the rounds already applied), so cached stages of other weights are not reused. Unless the
-        caller never evaluates (``evaluates``: derive, score and merge alone), the evaluation settings
-        are checked here, so a bad judge or set fails before the derivation, not after it."""
+        caller never evaluates through these stages (``evaluates``: derive, score and merge alone, a
+        continual round, a bench's benign-os patch), the evaluation settings are checked here, so a bad
+        judge or set fails before the derivation, not after it."""
         self.config, self.progress, self.base_state = config, progress, base_state
         self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.out = Path(config.output_dir)
